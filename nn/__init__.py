@@ -1,0 +1,1 @@
+"""nn: modules, layers, optimizers (work in progress, see issue 3)."""
