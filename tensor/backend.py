@@ -1,0 +1,94 @@
+"""Backends: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+The backend rule (DESIGN.md): op code is written once against the *array module*
+of its inputs, `xp = array_module(x)`, so the same forward/backward runs on
+`numpy.ndarray` and `cupy.ndarray`. This file is the only place that knows
+about CuPy; the only global state is the default device.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+_default_device = "cpu"
+_cupy: ModuleType | None = None
+
+
+def cupy_module() -> ModuleType:
+    """Import CuPy, or fail with a message that names the extra to install."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy  # noqa: F401
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise RuntimeError(
+                "device 'cuda' needs CuPy: pip install 'tinygrad-lm[cuda13]' "
+                "(or [cuda12] for a CUDA 12 driver)") from e
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # pragma: no cover
+            raise RuntimeError(f"device 'cuda': CuPy is installed but no NVIDIA GPU is usable ({e})") from e
+        if n == 0:  # pragma: no cover
+            raise RuntimeError("device 'cuda': CuPy is installed but no NVIDIA GPU was found")
+        _cupy = cupy
+    return _cupy
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports and sees at least one GPU."""
+    try:
+        cupy_module()
+        return True
+    except RuntimeError:
+        return False
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
+    return device
+
+
+def set_default_device(device: str) -> None:
+    """Set the device new tensors are created on when none is given ('cpu' or 'cuda')."""
+    global _default_device
+    check_device(device)
+    if device == "cuda":
+        cupy_module()
+    _default_device = device
+
+
+def get_default_device() -> str:
+    return _default_device
+
+
+def array_module(x: Any) -> ModuleType:
+    """numpy for NumPy arrays (and anything else), cupy for CuPy arrays."""
+    if type(x) is np.ndarray:
+        return np
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy
+    return np
+
+
+def device_of(x: Any) -> str:
+    return "cuda" if array_module(x) is not np else "cpu"
+
+
+def to_device(x: Any, device: str) -> Any:
+    """Move an array to `device`; returns it unchanged when already there."""
+    check_device(device)
+    if device == "cpu":
+        if _cupy is not None and isinstance(x, _cupy.ndarray):
+            return _cupy.asnumpy(x)
+        return x
+    cp = cupy_module()
+    return x if isinstance(x, cp.ndarray) else cp.asarray(x)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host NumPy copy (or view, for CPU arrays) of any backend's array."""
+    return to_device(x, "cpu")

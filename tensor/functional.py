@@ -1,0 +1,270 @@
+"""Fused ops: each is ONE node in the graph with a hand-derived backward (not
+composed from primitives), which saves memory and Python overhead.
+
+Half-precision inputs (float16/bfloat16) are computed in float32 where range
+matters (softmax, layer-norm statistics, losses) and cast back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tensor.backend import array_module
+from tensor.ops.indexing import scatter_add_rows
+from tensor.tensor import Function, Tensor, shape_str
+
+
+def _f32(x: Any) -> Any:
+    """float16/bfloat16 -> float32 for accumulation; other dtypes unchanged."""
+    return x.astype(np.float32) if x.dtype.itemsize < 4 and x.dtype.kind != "i" else x
+
+
+def _softmax(x: Any, axis: int) -> Any:
+    xp = array_module(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+class Softmax(Function):
+    """y = exp(x) / sum(exp(x)) along `axis`."""
+    # dx = y * (g - sum(g * y, axis))
+    def forward(self, x, axis=-1):
+        self.axis = axis
+        y = _softmax(_f32(x), axis).astype(x.dtype, copy=False)
+        self.save_for_backward(y)
+        return y
+
+    def backward(self, g):
+        y = self.saved[0]
+        return (y * (g - (g * y).sum(axis=self.axis, keepdims=True)),)
+
+
+class LogSoftmax(Function):
+    """y = x - logsumexp(x) along `axis`."""
+    # dx = g - softmax(x) * sum(g, axis)
+    def forward(self, x, axis=-1):
+        xp = array_module(x)
+        self.axis = axis
+        x32 = _f32(x)
+        shifted = x32 - x32.max(axis=axis, keepdims=True)
+        y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        y = y.astype(x.dtype, copy=False)
+        self.save_for_backward(y)
+        return y
+
+    def backward(self, g):
+        y = self.saved[0]
+        xp = array_module(y)
+        return (g - xp.exp(y) * g.sum(axis=self.axis, keepdims=True),)
+
+
+class CrossEntropy(Function):
+    """Mean over targets != ignore_index of -log softmax(logits)[target].
+
+    logits (..., C), targets int (...) -> scalar (float32 for half inputs).
+    """
+    # dlogits = (softmax(logits) - onehot(target)) * valid / n_valid
+    def forward(self, logits, targets, ignore_index=-100):
+        xp = array_module(logits)
+        C = logits.shape[-1]
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(f"cross_entropy: targets of shape {shape_str(targets)} do not match logits of shape "
+                             f"{shape_str(logits)} (expected {logits.shape[:-1]})")
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
+        x = _f32(logits).reshape(-1, C)
+        t = targets.reshape(-1)
+        valid = t != ignore_index
+        if bool(((t < 0) | (t >= C))[valid].any()):
+            raise IndexError(f"cross_entropy: a target is outside [0, {C}) (ignore_index={ignore_index})")
+        n_valid = int(valid.sum()) if xp is np else valid.sum()
+        t_safe = xp.where(valid, t, 0)
+        shifted = x - x.max(axis=1, keepdims=True)
+        sumexp = xp.exp(shifted).sum(axis=1, keepdims=True)
+        rows = xp.arange(x.shape[0])
+        nll = xp.log(sumexp[:, 0]) - shifted[rows, t_safe]
+        loss = (nll * valid).sum() / xp.maximum(n_valid, 1)
+        self.save_for_backward(shifted, sumexp, t_safe, valid, n_valid)
+        self.in_shape, self.in_dtype = logits.shape, logits.dtype
+        return loss.astype(np.float32 if logits.dtype.itemsize < 4 else logits.dtype)
+
+    def backward(self, g):
+        shifted, sumexp, t_safe, valid, n_valid = self.saved
+        xp = array_module(shifted)
+        p = xp.exp(shifted)
+        p /= sumexp
+        p[xp.arange(p.shape[0]), t_safe] -= 1.0
+        scale = g / xp.maximum(n_valid, 1)
+        p *= (valid * scale).astype(p.dtype)[:, None]
+        return p.reshape(self.in_shape).astype(self.in_dtype, copy=False), None
+
+
+class LayerNorm(Function):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis.
+    x (..., C), weight (C,) or None, bias (C,) or None."""
+    # xhat = (x-mu)*rstd;  dxhat = g*w;  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat))
+    # dw = sum(g*xhat), db = sum(g)  over all leading axes
+    def forward(self, x, weight=None, bias=None, eps=1e-5):
+        xp = array_module(x)
+        C = x.shape[-1]
+        for name, p in (("weight", weight), ("bias", bias)):
+            if p is not None and p.shape != (C,):
+                raise ValueError(f"layer_norm: {name} of shape {shape_str(p)} does not match the last axis of x "
+                                 f"{shape_str(x)} (expected ({C},))")
+        x32 = _f32(x)
+        mu = x32.mean(axis=-1, keepdims=True)
+        xc = x32 - mu
+        rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+        xhat = xc * rstd
+        self.save_for_backward(xhat, rstd, weight)
+        self.has_bias, self.in_dtype = bias is not None, x.dtype
+        y = xhat * weight if weight is not None else xhat
+        if bias is not None:
+            y = y + bias
+        return y.astype(x.dtype, copy=False)
+
+    def backward(self, g):
+        xhat, rstd, weight = self.saved
+        g32 = _f32(g)
+        lead = tuple(range(g.ndim - 1))
+        dxhat = g32 * weight if weight is not None else g32
+        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                     - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        dw = (g32 * xhat).sum(axis=lead).astype(weight.dtype) if weight is not None and self.needs_grad[1] else None
+        db = g32.sum(axis=lead).astype(g.dtype) if self.has_bias and self.needs_grad[2] else None
+        return dx.astype(self.in_dtype, copy=False), dw, db
+
+
+class Embedding(Function):
+    """out = weight[ids]: ids int (...), weight (V, C) -> (..., C)."""
+    # dweight[v] = sum of g over the positions where ids == v  (a scatter-add)
+    def forward(self, ids, weight):
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+        V = weight.shape[0]
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise IndexError(f"embedding: ids must lie in [0, {V}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        self.save_for_backward(ids)
+        self.V = V
+        return weight[ids]
+
+    def backward(self, g):
+        ids = self.saved[0]
+        C = g.shape[-1]
+        return None, scatter_add_rows(ids.reshape(-1), g.reshape(-1, C), self.V)
+
+
+class Dropout(Function):
+    """Zero each element with probability p and scale the rest by 1/(1-p) (training only)."""
+    # dx = g * mask / (1 - p)
+    def forward(self, x, p=0.5, generator=None):
+        xp = array_module(x)
+        rng = generator if generator is not None else xp.random
+        keep = rng.random(x.shape) >= p
+        mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
+        self.save_for_backward(mask)
+        return x * mask
+
+    def backward(self, g):
+        return (g * self.saved[0],)
+
+
+class Linear(Function):
+    """y = x @ W.T + b with x (..., in), W (out, in), b (out,) or None -> (..., out)."""
+    # dx = g @ W,  dW = g^T x (over all rows),  db = sum of g over rows
+    def forward(self, x, weight, bias=None):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: input of shape {shape_str(x)} has {x.shape[-1]} features, "
+                             f"weight of shape {shape_str(weight)} expects {weight.shape[1]}")
+        self.save_for_backward(x, weight)
+        self.has_bias = bias is not None
+        y = x @ weight.T
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, g):
+        x, w = self.saved
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g @ w) if self.needs_grad[0] else None
+        gw = (g2.T @ x.reshape(-1, x.shape[-1])) if self.needs_grad[1] else None
+        gb = g2.sum(axis=0) if self.has_bias and self.needs_grad[2] else None
+        return gx, gw, gb
+
+
+# ------------------------------------------------------------------ public functions
+def _arr(x: Any) -> Any:
+    return x.data if isinstance(x, Tensor) else x
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """Softmax along `axis`; same shape as x."""
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """Log-softmax along `axis`; same shape as x."""
+    return LogSoftmax.apply(x, axis=axis)
+
+
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+    """Mean negative log-likelihood. logits (..., C), targets int (...) -> scalar."""
+    t = _arr(targets)
+    if not hasattr(t, "shape"):
+        t = np.asarray(t)
+    xp = array_module(logits.data)
+    if array_module(t) is not xp:
+        t = xp.asarray(t)
+    return CrossEntropy.apply(logits, t, ignore_index=ignore_index)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Normalize over the last axis, then scale and shift. x (..., C); weight, bias (C,)."""
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+def embedding(ids: Any, weight: Tensor) -> Tensor:
+    """Rows of `weight` (V, C) picked by integer `ids` (...) -> (..., C)."""
+    ids = _arr(ids)
+    if not hasattr(ids, "shape"):
+        ids = np.asarray(ids)
+    xp = array_module(weight.data)
+    if array_module(ids) is not xp:
+        ids = xp.asarray(ids)
+    return Embedding.apply(ids, weight)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator: Any = None) -> Tensor:
+    """Inverted dropout. Identity when not training or p == 0. `generator` is a
+    `numpy.random.Generator` (or CuPy's) for reproducible masks."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    return Dropout.apply(x, p=p, generator=generator)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias. x (..., in), weight (out, in), bias (out,)."""
+    return Linear.apply(x, weight, bias)
+
+
+def relu(x: Tensor) -> Tensor:
+    return x.relu()
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU, tanh approximation."""
+    return x.gelu()
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return x.sigmoid()
+
+
+def tanh(x: Tensor) -> Tensor:
+    return x.tanh()
