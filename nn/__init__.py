@@ -1,1 +1,4 @@
-"""nn: modules, layers, optimizers (work in progress, see issue 3)."""
+"""nn: modules, layers, functional ops, optimizers, schedules."""
+from nn.module import Module, ModuleList, Parameter, Sequential
+
+__all__ = ["Module", "ModuleList", "Parameter", "Sequential"]
