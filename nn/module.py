@@ -57,13 +57,20 @@ class Module:
             yield m
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
-        """(dotted name, parameter) pairs; a parameter shared by two modules (weight tying) appears once."""
+        """(dotted name, parameter) pairs in attribute order, depth first. A parameter shared
+        by two modules (weight tying) appears once, under the name met first."""
         seen: set[int] = set()
-        for mod_name, mod in self.named_modules(prefix):
-            for name, value in vars(mod).items():
-                if isinstance(value, Parameter) and id(value) not in seen:
+        stack: list[tuple[str, Any]] = [(prefix, self)]
+        while stack:
+            name, value = stack.pop()
+            if isinstance(value, Parameter):
+                if id(value) not in seen:
                     seen.add(id(value))
-                    yield (f"{mod_name}.{name}" if mod_name else name), value
+                    yield name, value
+            else:  # a Module: visit its attributes in order
+                items = [(f"{name}.{k}" if name else k, v) for k, v in vars(value).items()
+                         if isinstance(v, (Parameter, Module))]
+                stack.extend(reversed(items))
 
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
