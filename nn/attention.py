@@ -1,0 +1,164 @@
+"""Scaled dot-product attention as ONE fused op with a hand-derived backward.
+
+    S = Q K^T / sqrt(D)           (B, H, Tq, Tk)
+    S = -inf where masked          (causal: key j > query i + (Tk - Tq); padding mask)
+    P = softmax(S)                 rows with every key masked give P = 0
+    Pd = dropout(P)                (training only)
+    O = Pd V                       (B, H, Tq, D)
+
+Backward (g = dL/dO):
+    dV = Pd^T g
+    dPd = g V^T ;  dP = dPd * dropout_mask / (1 - p)
+    dS = P * (dP - rowsum(dP * P)) / sqrt(D)
+    dQ = dS K ;  dK = dS^T Q
+
+Memory kept for backward per layer: Q, K, V (views of the input, no copy) and P,
+B*H*Tq*Tk elements in the compute dtype (float32 for half inputs), plus the dropout
+keep-mask (B*H*Tq*Tk bytes) when dropout is on. Nothing else: S, the exponentials
+and the masked scores are freed in forward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tensor.backend import array_module
+from tensor.functional import _f32
+from tensor.tensor import Function, Tensor, shape_str
+
+
+def allowed_keys(xp: Any, Tq: int, Tk: int, causal: bool, mask: Any) -> Any:
+    """Boolean (.., Tq, Tk) array of the keys each query may attend to, or None for all.
+
+    causal: query i sits at absolute position i + (Tk - Tq) and sees keys up to it.
+    mask: bool, True = attend; (B, Tk) for key padding, or anything broadcastable to (B, H, Tq, Tk).
+    """
+    allowed = xp.tri(Tq, Tk, k=Tk - Tq, dtype=bool) if causal else None
+    if mask is not None:
+        m = mask[:, None, None, :] if mask.ndim == 2 else mask
+        allowed = m if allowed is None else (allowed & m)
+    return allowed
+
+
+def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, generator: Any) -> tuple:
+    """The forward formulas above on raw arrays -> (O, P, keep-mask or None)."""
+    xp = array_module(q)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = _f32(q) @ _f32(k).swapaxes(-1, -2)
+    s *= scale
+    if allowed is not None:
+        s = xp.where(allowed, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: avoid inf - inf
+    s -= m
+    p = xp.exp(s, out=s)
+    denom = p.sum(axis=-1, keepdims=True)
+    p /= xp.where(denom == 0, 1.0, denom)
+    p = p.astype(q.dtype, copy=False)
+    keep = None
+    pd = p
+    if dropout_p > 0.0:
+        rng = generator if generator is not None else xp.random
+        keep = rng.random(p.shape) >= dropout_p
+        pd = p * keep * (1.0 / (1.0 - dropout_p))
+    return pd @ v, p, keep
+
+
+def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropout_p: float) -> tuple:
+    """The backward formulas above on raw arrays -> (dQ, dK, dV)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    pd = p if keep is None else p * keep * (1.0 / (1.0 - dropout_p))
+    dv = pd.swapaxes(-1, -2) @ g
+    dp = g @ v.swapaxes(-1, -2)
+    if keep is not None:
+        dp *= keep * (1.0 / (1.0 - dropout_p))
+    p32, dp32 = _f32(p), _f32(dp)
+    ds = p32 * (dp32 - (dp32 * p32).sum(axis=-1, keepdims=True))
+    ds *= scale
+    ds = ds.astype(q.dtype, copy=False)
+    return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+
+
+class ScaledDotProductAttention(Function):
+    """softmax(Q K^T / sqrt(D) + mask) V for q (B, H, Tq, D), k and v (B, H, Tk, D)."""
+    # dQ = dS K, dK = dS^T Q, dV = P^T g with dS = P * (dP - rowsum(dP * P)) / sqrt(D)   (module docstring)
+    def forward(self, q, k, v, mask=None, causal=True, dropout_p=0.0, generator=None):
+        if q.ndim < 2 or k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
+            raise ValueError(f"scaled_dot_product_attention: expected q (..., Tq, D), k and v (..., Tk, D); "
+                             f"got q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}")
+        if causal and q.shape[-2] > k.shape[-2]:
+            raise ValueError(f"scaled_dot_product_attention: causal needs Tq <= Tk, got q {shape_str(q)}, k {shape_str(k)}")
+        allowed = allowed_keys(array_module(q), q.shape[-2], k.shape[-2], causal, mask)
+        out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
+        self.save_for_backward(q, k, v, p, keep)
+        self.dropout_p = dropout_p
+        return out
+
+    def backward(self, g):
+        q, k, v, p, keep = self.saved
+        return attention_backward(g, q, k, v, p, keep, self.dropout_p) + (None,)
+
+
+class CausalAttentionQKV(Function):
+    """Multi-head attention straight from the fused projection: qkv (B, T, 3C) -> (B, T, C).
+
+    Splitting heads and merging them back happen inside the op, so the graph has one
+    node instead of a dozen reshapes and slices, and the backward writes dQKV in one buffer.
+    """
+    # dqkv = [dQ, dK, dV] with heads merged back; dQ, dK, dV as in ScaledDotProductAttention
+    def forward(self, qkv, n_head=1, mask=None, causal=True, dropout_p=0.0, generator=None):
+        B, T, C3 = qkv.shape
+        if C3 % (3 * n_head):
+            raise ValueError(f"attention: qkv of shape {shape_str(qkv)} does not split into 3 x {n_head} heads")
+        D = C3 // (3 * n_head)
+        heads = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D), a view
+        q, k, v = heads[0], heads[1], heads[2]
+        allowed = allowed_keys(array_module(qkv), T, T, causal, mask)
+        out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
+        self.save_for_backward(q, k, v, p, keep)
+        self.dropout_p, self.shape = dropout_p, (B, T, n_head, D)
+        return out.transpose(0, 2, 1, 3).reshape(B, T, n_head * D)
+
+    def backward(self, g):
+        q, k, v, p, keep = self.saved
+        B, T, H, D = self.shape
+        g = g.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+        dq, dk, dv = attention_backward(g, q, k, v, p, keep, self.dropout_p)
+        dqkv = array_module(g).empty((B, T, 3, H, D), dtype=g.dtype)
+        for i, d in enumerate((dq, dk, dv)):
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        return (dqkv.reshape(B, T, 3 * H * D),)
+
+
+def _mask_array(mask: Any, like: Tensor) -> Any:
+    if mask is None:
+        return None
+    m = mask.data if isinstance(mask, Tensor) else mask
+    xp = array_module(like.data)
+    m = xp.asarray(m)
+    if m.dtype != bool:
+        raise TypeError(f"attention mask must be boolean (True = attend), got dtype {m.dtype}")
+    return m
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask: Any = None,
+                                 dropout_p: float = 0.0, generator: Any = None) -> Tensor:
+    """Attention for q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, H, Tq, D).
+
+    causal: query i (at absolute position i + Tk - Tq) sees keys <= its position.
+    mask: bool, True = attend; (B, Tk) key padding, or broadcastable to (B, H, Tq, Tk).
+    Memory kept for backward: P, B*H*Tq*Tk elements (+ a bool mask with dropout); see module docstring.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    return ScaledDotProductAttention.apply(q, k, v, mask=_mask_array(mask, q), causal=causal,
+                                           dropout_p=dropout_p, generator=generator)
+
+
+def causal_attention_qkv(qkv: Tensor, n_head: int, mask: Any = None, dropout_p: float = 0.0,
+                         generator: Any = None) -> Tensor:
+    """Causal multi-head attention from a fused projection qkv (B, T, 3C) -> (B, T, C)."""
+    return CausalAttentionQKV.apply(qkv, n_head=n_head, mask=_mask_array(mask, qkv), causal=True,
+                                    dropout_p=dropout_p, generator=generator)

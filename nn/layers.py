@@ -1,0 +1,166 @@
+"""Layers: the pieces a GPT is made of. Shapes: B batch, T time, C channels."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+import tensor.functional as F
+from nn import init
+from nn.attention import causal_attention_qkv
+from nn.module import Module, Parameter
+from tensor.tensor import Tensor
+
+
+def _rng(rng: np.random.Generator | None) -> np.random.Generator:
+    return rng if rng is not None else np.random.default_rng()
+
+
+class Linear(Module):
+    """y = x @ W.T + b. x (..., in) -> (..., out); weight (out, in) as in PyTorch.
+    Init as PyTorch: U(-1/sqrt(in), 1/sqrt(in))."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 rng: np.random.Generator | None = None) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / math.sqrt(in_features)
+        r = _rng(rng)
+        self.weight = Parameter(r.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
+        self.bias = Parameter(r.uniform(-bound, bound, (out_features,)).astype(np.float32)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """Rows of a (num, dim) table picked by integer ids (...) -> (..., dim). Init N(0, 1)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rng: np.random.Generator | None = None) -> None:
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = Parameter(_rng(rng).standard_normal((num_embeddings, embedding_dim)).astype(np.float32))
+
+    def forward(self, ids: Any) -> Tensor:
+        return F.embedding(ids, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LayerNorm(Module):
+    """Normalise the last axis (size C) to mean 0, variance 1, then scale and shift."""
+
+    def __init__(self, ndim: int, eps: float = 1e-5, bias: bool = True) -> None:
+        self.ndim, self.eps = ndim, eps
+        self.weight = Parameter(np.ones(ndim, dtype=np.float32))
+        self.bias = Parameter(np.zeros(ndim, dtype=np.float32)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.ndim}, eps={self.eps}"
+
+
+class Dropout(Module):
+    """Inverted dropout with probability p, active in training mode only.
+    `generator` (a numpy/CuPy Generator) makes the masks reproducible."""
+
+    def __init__(self, p: float = 0.0, generator: Any = None) -> None:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p, self.generator = p, generator
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, self.training, self.generator)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class GELU(Module):
+    """GELU, tanh approximation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.gelu()
+
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention: one fused c_attn (C -> 3C), heads, c_proj (C -> C).
+
+    forward(x (B, T, C), mask=None) -> (B, T, C); mask (B, T) bool marks real (True)
+    vs padding (False) keys, for batches of prompts of different lengths.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 rng: np.random.Generator | None = None) -> None:
+        if n_embd % n_head:
+            raise ValueError(f"CausalSelfAttention: n_embd {n_embd} is not divisible by n_head {n_head}")
+        self.n_embd, self.n_head, self.dropout = n_embd, n_head, dropout
+        self.c_attn = Linear(n_embd, 3 * n_embd, bias=bias, rng=rng)
+        self.c_proj = Linear(n_embd, n_embd, bias=bias, rng=rng)
+        self.resid_dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Any = None) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        y = causal_attention_qkv(self.c_attn(x), self.n_head, mask=mask, dropout_p=p)
+        return self.resid_dropout(self.c_proj(y))
+
+    def extra_repr(self) -> str:
+        return f"n_head={self.n_head}"
+
+
+class MLP(Module):
+    """c_fc (C -> 4C), GELU, c_proj (4C -> C), dropout."""
+
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True,
+                 rng: np.random.Generator | None = None) -> None:
+        self.c_fc = Linear(n_embd, 4 * n_embd, bias=bias, rng=rng)
+        self.gelu = GELU()
+        self.c_proj = Linear(4 * n_embd, n_embd, bias=bias, rng=rng)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 rng: np.random.Generator | None = None) -> None:
+        self.ln_1 = LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, rng)
+        self.ln_2 = LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, dropout, bias, rng)
+
+    def forward(self, x: Tensor, mask: Any = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask=mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def sinusoidal_table(length: int, dim: int) -> np.ndarray:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(same); (length, dim) float32."""
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    freq = np.power(10000.0, -np.arange(0, dim, 2, dtype=np.float64) / dim)
+    pe = np.zeros((length, dim), dtype=np.float64)
+    pe[:, 0::2] = np.sin(pos * freq)
+    pe[:, 1::2] = np.cos(pos * freq)[:, : dim // 2]
+    return pe.astype(np.float32)
+
+
+class SinusoidalPositionalEncoding(Module):
+    """Fixed (not learned) positions of Vaswani et al. §3.5. forward(T, offset=0) -> (T, C)
+    constant tensor for positions offset .. offset+T-1. Holds a buffer, no parameters."""
+
+    def __init__(self, block_size: int, n_embd: int) -> None:
+        self.block_size = block_size
+        self.pe = Tensor(sinusoidal_table(block_size, n_embd))
+
+    def forward(self, T: int, offset: int = 0) -> Tensor:
+        if offset + T > self.block_size:
+            raise ValueError(f"SinusoidalPositionalEncoding: positions up to {offset + T} exceed block_size {self.block_size}")
+        return Tensor._make(self.pe.data[offset:offset + T], False)
