@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # command modules, in the order shown by --help
-COMMAND_MODULES = ["tinygrad_lm.tokenizer"]
+COMMAND_MODULES = ["tinygrad_lm.train", "tinygrad_lm.sample", "tinygrad_lm.tokenizer"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,118 @@
+"""The GPT: token embedding (x sqrt(C)) + sinusoidal positions, n_layer pre-LayerNorm
+blocks, a final LayerNorm and an lm_head tied to the token embedding (DESIGN.md).
+
+Parameter names and layouts are nanoGPT's, so `model.state_dict()` loads into a
+PyTorch nanoGPT-style model (see examples/export_to_pytorch.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+import tensor.functional as F
+from nn import Block, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, SinusoidalPositionalEncoding
+from nn.init import gpt_init_
+from tensor import backend
+from tensor.tensor import Tensor
+
+POS_ENCODINGS = ("sinusoidal", "learned")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    pos_encoding: str = "sinusoidal"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"GPTConfig: {name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"GPTConfig: pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+        if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
+            raise ValueError(f"GPTConfig: sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class Transformer(Module):
+    """The body: wte, (wpe), drop, h.0 .. h.{n_layer-1}, ln_f."""
+
+    def __init__(self, cfg: GPTConfig, rng: np.random.Generator) -> None:
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd, rng=rng)
+        if cfg.pos_encoding == "learned":
+            self.wpe = Embedding(cfg.block_size, cfg.n_embd, rng=rng)
+        self.drop = Dropout(cfg.dropout)
+        self.h = ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, rng) for _ in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+class GPT(Module):
+    """model(idx (B, T) ints, targets (B, T) ints or None) -> (logits (B, T, V), loss or None)."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0) -> None:
+        self.config = config
+        rng = np.random.default_rng(seed)
+        self.transformer = Transformer(config, rng)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, rng=rng)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        if config.pos_encoding == "sinusoidal":
+            self.pos = SinusoidalPositionalEncoding(config.block_size, config.n_embd)
+        gpt_init_(self, config.n_layer, rng)
+
+    def embed(self, idx: Any, offset: int = 0) -> Tensor:
+        """Token + position embeddings for idx (B, T) at positions offset.. -> (B, T, C)."""
+        cfg = self.config
+        T = idx.shape[1]
+        tok = self.transformer.wte(idx)
+        if cfg.pos_encoding == "sinusoidal":
+            x = tok * math.sqrt(cfg.n_embd) + self.pos(T, offset)
+        else:
+            xp = backend.array_module(self.transformer.wpe.weight.data)
+            x = tok + self.transformer.wpe(xp.arange(offset, offset + T))
+        return self.transformer.drop(x)
+
+    def forward(self, idx: Any, targets: Any = None, mask: Any = None) -> tuple[Tensor, Tensor | None]:
+        idx = idx.data if isinstance(idx, Tensor) else idx
+        if not hasattr(idx, "ndim"):
+            idx = np.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"GPT: idx must be (B, T) integers, got shape {idx.shape}")
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
+        xp = backend.array_module(self.transformer.wte.weight.data)
+        if backend.array_module(idx) is not xp:
+            idx = xp.asarray(idx)
+        x = self.embed(idx)
+        for block in self.transformer.h:
+            x = block(x, mask=mask)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab={c.vocab_size}, block={c.block_size}"

@@ -1,0 +1,462 @@
+"""Training: config (presets, TOML/JSON file, flags), the loop, evaluation,
+checkpoints with exact resume, and what the user sees (tqdm bar, JSONL log, PNG curve).
+
+    python -m tinygrad_lm train --preset shakespeare-char --max-iters 600 --out runs/demo
+    python -m tinygrad_lm train --resume runs/demo --max-iters 2000
+
+Resume is exact: the batch of step k is a pure function of (seed, k) (see data.py),
+and model, optimizer, schedule position and dropout RNG are all in the checkpoint,
+so N steps + resume + N steps == 2N steps straight, bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nn.lr_scheduler import WarmupCosine
+from nn.optim import AdamW
+from nn.serialization import load_model, load_optimizer, save_model, save_optimizer
+from nn.utils import clip_grad_norm_
+from tensor import backend
+from tensor.tensor import no_grad
+from tinygrad_lm import checkpoint as ckpt_io
+from tinygrad_lm.data import DEFAULT_CORPUS, TokenData, resolve_corpus, read_corpus, tokenize_to_cache
+from tinygrad_lm.model import GPT, GPTConfig
+from tinygrad_lm.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = DEFAULT_CORPUS
+    tokenizer: str = "char"          # "char", "bpe:VOCAB" (trained on the corpus, cached) or a tokenizer .json
+    val_fraction: float = 0.1
+    cache_dir: str = ".cache/tinygrad_lm"
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = True
+    pos_encoding: str = "sinusoidal"
+    # optimisation
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    # bookkeeping
+    seed: int = 1337
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 250
+    sample_tokens: int = 200
+    out: str = "runs/default"
+    device: str = "cpu"
+    precision: str = "fp32"
+    progress: bool = True
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
+                         n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, pos_encoding=self.pos_encoding)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # nanoGPT's CPU recipe for shakespeare_char (its README: val loss ~1.88), learned positions included
+    "shakespeare-char": dict(tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                             max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+                             dropout=0.0, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
+                             eval_iters=20, pos_encoding="learned"),
+    # the same model on a byte-level BPE vocabulary learned from the corpus
+    "shakespeare-bpe": dict(tokenizer="bpe:2048", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                            max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+                            dropout=0.0, beta2=0.99, eval_interval=250, eval_iters=20),
+}
+
+
+# ------------------------------------------------------------------ config from preset, file, flags
+def _field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = getattr(TrainConfig, name, None)
+    kind = type(default) if default is not None else str
+    if kind is bool and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name.replace('_', '-')}: expected true/false, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {value!r}") from None
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    if p.suffix == ".toml":
+        import tomllib
+        d = tomllib.loads(p.read_text())
+    elif p.suffix == ".json":
+        d = json.loads(p.read_text())
+    else:
+        raise ValueError(f"config file {p}: expected a .toml or .json file")
+    d = d.get("train", d)
+    unknown = set(d) - set(_field_types())
+    if unknown:
+        raise ValueError(f"config file {p}: unknown keys {sorted(unknown)}")
+    return d
+
+
+def make_config(preset: str | None = None, config_file: str | None = None, **overrides: Any) -> TrainConfig:
+    """preset < config file < explicit overrides (None values are ignored)."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config_file:
+        values.update(load_config_file(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - set(_field_types())
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}")
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+# ------------------------------------------------------------------ pieces
+def build_tokenizer(cfg: TrainConfig, files: list[Path]) -> Any:
+    spec = cfg.tokenizer
+    if spec == "char":
+        return CharTokenizer.train(read_corpus(files))
+    if spec.startswith("bpe:"):
+        vocab = int(spec.split(":", 1)[1])
+        from tinygrad_lm.data import corpus_key
+        cache = Path(cfg.cache_dir) / f"bpe-{vocab}-{corpus_key(files, {'bpe': vocab})}.json"
+        if cache.is_file():
+            return BPETokenizer.load(cache)
+        tok = BPETokenizer.train(read_corpus(files), vocab, special_tokens=("<|endoftext|>",))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(cache)
+        return tok
+    if Path(spec).is_file():
+        return load_tokenizer(spec)
+    raise ValueError(f"--tokenizer: expected 'char', 'bpe:VOCAB' or a tokenizer .json file, got {spec!r}")
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig) -> AdamW:
+    """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorm."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def make_schedule(cfg: TrainConfig) -> WarmupCosine:
+    return WarmupCosine(cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+
+
+def model_rng_state(model: GPT) -> Any:
+    return model.dropout_rng.bit_generator.state if getattr(model, "dropout_rng", None) is not None else None
+
+
+class Trainer:
+    """Holds the model, optimizer, data and counters; `run()` trains to cfg.max_iters."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, log: Callable[[str], None] = print,
+                 is_main: bool = True, comm: Any = None) -> None:
+        self.cfg, self.log, self.is_main, self.comm = cfg, log, is_main, comm
+        self.out = Path(cfg.out)
+        files = resolve_corpus(cfg.data)
+        self.resume_state = None
+        if resume:
+            ckpt = ckpt_io.resolve(resume)
+            self.resume_state = ckpt_io.read_state(ckpt)
+            self.tokenizer = load_tokenizer(ckpt / ckpt_io.TOKENIZER_FILE)
+        else:
+            self.tokenizer = build_tokenizer(cfg, files)
+        tokens = tokenize_to_cache(files, self.tokenizer, cfg.cache_dir)
+        self.data = TokenData(tokens, cfg.block_size, cfg.val_fraction)
+        mcfg = cfg.model_config(self.tokenizer.vocab_size)
+        if self.resume_state is not None:
+            saved = GPTConfig.from_dict(self.resume_state["model_config"])
+            if saved != mcfg:
+                diff = {k: (v, getattr(mcfg, k)) for k, v in saved.to_dict().items() if getattr(mcfg, k) != v}
+                raise ValueError(f"--resume: the checkpoint's model does not match this config "
+                                 f"(checkpoint vs now: {diff}); use the checkpoint's settings")
+        self.model = GPT(mcfg, seed=cfg.seed)
+        self.model.dropout_rng = np.random.default_rng([cfg.seed, 7])
+        for m in self.model.modules():
+            if hasattr(m, "generator") and m.generator is None:
+                m.generator = self.model.dropout_rng
+        if cfg.device != "cpu":
+            self.model.to(cfg.device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.schedule = make_schedule(cfg)
+        self.step = 0
+        self.best_val = math.inf
+        self.tokens_seen = 0
+        if self.resume_state is not None:
+            self._load(ckpt_io.resolve(resume))
+
+    # ---------------------------------------------------------------- checkpoint
+    def state(self) -> dict:
+        return {"format": 1, "step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                "model_config": self.model.config.to_dict(), "train_config": dataclasses.asdict(self.cfg),
+                "schedule": self.schedule.state_dict(), "dropout_rng": model_rng_state(self.model),
+                "data_position": {"seed": self.cfg.seed, "next_step": self.step},
+                "tokenizer": ckpt_io.TOKENIZER_FILE}
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+
+        def write(d: Path) -> None:
+            save_model(self.model, d / ckpt_io.MODEL_FILE)
+            save_optimizer(self.optimizer, d / ckpt_io.OPTIM_FILE)
+            self.tokenizer.save(d / ckpt_io.TOKENIZER_FILE)
+            ckpt_io.atomic_write_text(d / ckpt_io.STATE_FILE, json.dumps(self.state(), indent=1))
+        return ckpt_io.save(self.out, self.step, write)
+
+    def _load(self, ckpt: Path) -> None:
+        st = self.resume_state
+        try:
+            load_model(self.model, ckpt / ckpt_io.MODEL_FILE)
+            load_optimizer(self.optimizer, ckpt / ckpt_io.OPTIM_FILE)
+        except ckpt_io.CheckpointError:
+            raise
+        except Exception as e:
+            prev = [str(p) for p in ckpt_io.list_checkpoints(ckpt.parent) if p != ckpt]
+            hint = f"; an earlier checkpoint may still load: --resume {prev[-1]}" if prev else ""
+            raise ckpt_io.CheckpointError(f"cannot load checkpoint {ckpt}: {e}{hint}") from None
+        self.schedule.load_state_dict(st["schedule"])
+        if st.get("dropout_rng") is not None:
+            self.model.dropout_rng.bit_generator.state = st["dropout_rng"]
+        self.step, self.tokens_seen, self.best_val = st["step"], st["tokens_seen"], st["best_val"]
+
+    # ---------------------------------------------------------------- steps
+    def batch(self, split: str, step: int, batch_size: int, seed: int) -> tuple[Any, Any]:
+        x, y = self.data.get_batch(split, batch_size, seed, step)
+        if self.cfg.device != "cpu":
+            x, y = backend.to_device(x, self.cfg.device), backend.to_device(y, self.cfg.device)
+        return x, y
+
+    def micro_batches(self, step: int) -> list[tuple[Any, Any]]:
+        """This rank's micro-batches for `step`: the global batch (world x grad_accum x batch_size
+        rows) is drawn once, then cut, so k micro-batches == one batch k times larger."""
+        cfg = self.cfg
+        world = self.comm.size if self.comm is not None else 1
+        rank = self.comm.rank if self.comm is not None else 0
+        per_rank = cfg.batch_size * cfg.grad_accum
+        x, y = self.batch("train", step, per_rank * world, cfg.seed)
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        B = cfg.batch_size
+        return [(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B]) for i in range(cfg.grad_accum)]
+
+    def train_step(self) -> Any:
+        """One optimizer step; returns the mean loss of this rank's micro-batches (a 0-d array)."""
+        cfg = self.cfg
+        lr = self.schedule(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        total = None
+        for x, y in self.micro_batches(self.step):
+            _, loss = self.model(x, y)
+            (loss * (1.0 / cfg.grad_accum)).backward()
+            total = loss.data if total is None else total + loss.data
+        if self.comm is not None:
+            self.comm.allreduce_grads(self.model.parameters())
+        if cfg.grad_clip > 0:
+            clip_grad_norm_(self.model.parameters(), cfg.grad_clip, error_if_nonfinite=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.step += 1
+        self.tokens_seen += cfg.batch_size * cfg.grad_accum * cfg.block_size * (self.comm.size if self.comm else 1)
+        return total / cfg.grad_accum
+
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
+        self.model.eval()
+        out = {}
+        with no_grad():
+            for split in ("train", "val"):
+                losses = [float(self.model(*self.batch(split, i, self.cfg.batch_size, self.cfg.seed + 1))[1].item())
+                          for i in range(self.cfg.eval_iters)]
+                out[split] = float(np.mean(losses))
+        self.model.train()
+        return out
+
+    def sample_text(self, n_tokens: int, seed: int = 0) -> str:
+        from tinygrad_lm.sample import generate
+        start = np.asarray([[self.data.val[0]]], dtype=np.int64)
+        ids = generate(self.model, start, n_tokens, temperature=0.8, top_k=None, seed=seed)
+        return self.tokenizer.decode(backend.to_numpy(ids)[0].tolist())
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> int:
+        cfg = self.cfg
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log(f"model: {self.model.num_parameters():,} parameters ({cfg.n_layer} layers, {cfg.n_head} heads, "
+                     f"width {cfg.n_embd}, context {cfg.block_size}, vocab {self.tokenizer.vocab_size}); "
+                     f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
+            if self.step:
+                self.log(f"resumed at step {self.step}")
+        metrics = open(self.out / "metrics.jsonl", "a") if self.is_main else None
+        interrupted = {"flag": False}
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            interrupted["flag"] = True
+        old_handler = signal.signal(signal.SIGINT, on_sigint) if self.is_main or True else None
+        bar = _progress(self.step, cfg.max_iters, enabled=cfg.progress and self.is_main)
+        t_last, tokens_last = time.perf_counter(), self.tokens_seen
+        try:
+            while self.step < cfg.max_iters:
+                loss = self.train_step()
+                bar.update(1)
+                last = self.step == cfg.max_iters
+                if self.step % cfg.log_interval == 0 or last:
+                    lossf = float(backend.to_numpy(loss))  # the one device->host sync per log interval
+                    if not math.isfinite(lossf):
+                        self.log(f"error: loss is {lossf} at step {self.step}; stopping. "
+                                 f"The last good checkpoint is kept in {self.out}")
+                        return 3
+                    dt = time.perf_counter() - t_last
+                    tps = (self.tokens_seen - tokens_last) / max(dt, 1e-9)
+                    t_last, tokens_last = time.perf_counter(), self.tokens_seen
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                    if metrics:
+                        metrics.write(json.dumps({"step": self.step, "loss": lossf, "lr": lr, "tokens_per_s": tps}) + "\n")
+                        metrics.flush()
+                if self.step % cfg.eval_interval == 0 or last:
+                    ev = self.estimate_loss()
+                    self.best_val = min(self.best_val, ev["val"])
+                    if self.is_main:
+                        bar.write(f"step {self.step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} "
+                                  f"(best {self.best_val:.4f})")
+                        if cfg.sample_tokens > 0:
+                            bar.write("---- sample ----\n" + self.sample_text(cfg.sample_tokens) + "\n----------------")
+                        metrics.write(json.dumps({"step": self.step, "train_loss": ev["train"], "val_loss": ev["val"]}) + "\n")
+                        metrics.flush()
+                        plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+                if self.step % cfg.ckpt_interval == 0 or last:
+                    self.save_checkpoint()
+                if interrupted["flag"]:
+                    path = self.save_checkpoint()
+                    bar.write(f"interrupted at step {self.step}: checkpoint saved to {path}; "
+                              f"continue with --resume {self.out}")
+                    return 0
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+            signal.signal(signal.SIGINT, old_handler)
+        if self.is_main:
+            self.log(f"done: {self.step} steps, best val loss {self.best_val:.4f}, checkpoint in {self.out}")
+        return 0
+
+
+def plot_losses(metrics_path: Path, png: Path) -> bool:
+    """Train/val loss curves from the JSONL log into a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    ev = [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), lw=0.8, alpha=0.6, label="train (batch)")
+    if ev:
+        s, a, b = zip(*ev)
+        ax.plot(s, a, "o-", label="train (eval)")
+        ax.plot(s, b, "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return True
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def write(self, s: str) -> None: print(s, flush=True)
+    def close(self) -> None: ...
+
+
+def _progress(start: int, total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+
+# ------------------------------------------------------------------ CLI
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a GPT", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
+    p.add_argument("--config", help="a .toml or .json file of settings (flags override it)")
+    p.add_argument("--resume", metavar="DIR", help="continue a run from its checkpoint directory")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "out":
+            p.add_argument("--out", "--out-dir", dest="out", default=None, help="run directory (checkpoints, logs)")
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, default=None, metavar="true|false")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                           help=f"(default {f.default})")
+    p.set_defaults(func=cli_train)
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    try:
+        if args.resume and not args.preset and not args.config:
+            st = ckpt_io.read_state(ckpt_io.resolve(args.resume))
+            base = {k: v for k, v in st["train_config"].items() if k in _field_types()}
+            base.update({k: v for k, v in overrides.items() if v is not None})
+            if args.out is None:
+                base["out"] = str(args.resume) if (Path(args.resume) / "latest").exists() else st["train_config"]["out"]
+            cfg = make_config(None, None, **base)
+        else:
+            cfg = make_config(args.preset, args.config, **overrides)
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError, ckpt_io.CheckpointError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return trainer.run()
