@@ -32,6 +32,7 @@ import base64
 import glob
 import heapq
 import json
+import operator
 import os
 import sys
 import tempfile
@@ -147,12 +148,16 @@ def _atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
         raise
 
 
-def _check_ids_failed(ids: Sequence[int], size: int, valid) -> None:
-    """Raise a ValueError naming the first id that is not a token (called after a lookup failed)."""
+def _bad_id_error(ids: Sequence[int], size: int, valid) -> ValueError:
+    """A ValueError naming the first entry of `ids` that is not a token id (used after a lookup failed)."""
     for position, i in enumerate(ids):
+        try:
+            i = operator.index(i)
+        except TypeError:
+            return ValueError(f"token id {i!r} at position {position} is not an integer")
         if not (0 <= i < size) or not valid(i):
-            raise ValueError(f"token id {i} at position {position} is not in the vocabulary (size {size})")
-    raise ValueError("ids must be a sequence of ints")
+            return ValueError(f"token id {i} at position {position} is not in the vocabulary (size {size})")
+    return ValueError("ids must be a sequence of integers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,8 +451,7 @@ class BPETokenizer:
                 raise IndexError
             return b"".join(map(self._id_to_bytes.__getitem__, ids))
         except (IndexError, TypeError):
-            _check_ids_failed(ids, self.vocab_size, lambda i: self._id_to_bytes[i] is not None)
-            raise
+            raise _bad_id_error(ids, self.vocab_size, lambda i: self._id_to_bytes[i] is not None) from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode to text; byte sequences that are not valid UTF-8 become U+FFFD (never raises for that)."""
@@ -738,8 +742,7 @@ class CharTokenizer:
                 raise IndexError
             return "".join(map(self.chars.__getitem__, ids))
         except (IndexError, TypeError):
-            _check_ids_failed(ids, self.vocab_size, lambda i: True)
-            raise
+            raise _bad_id_error(ids, self.vocab_size, lambda i: True) from None
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """UTF-8 bytes of `decode(ids)`."""
@@ -861,7 +864,7 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 
 def _read_input(args: argparse.Namespace) -> str:
-    if args.text is not None:
+    if getattr(args, "text", None) is not None:
         return args.text
     if args.input and args.input != "-":
         with open(args.input, encoding="utf-8", newline="") as f:  # keep "\r\n" as it is
