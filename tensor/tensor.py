@@ -532,10 +532,10 @@ def _const(x: Any, like: Tensor) -> Any:
     """
     if isinstance(x, Tensor):
         return x
+    if isinstance(x, np.generic) or (hasattr(x, "ndim") and x.ndim == 0):
+        return x.item()  # before the float check: np.float64 is a float subclass but not a weak scalar
     if isinstance(x, (int, float, bool)):
         return x
-    if isinstance(x, np.generic) or (hasattr(x, "ndim") and x.ndim == 0):
-        return x.item()
     arr = x if hasattr(x, "shape") else np.asarray(x)
     if arr.dtype == np.float64 and not hasattr(x, "shape"):
         arr = arr.astype(like.dtype if like.dtype.kind == "f" else np.float32)

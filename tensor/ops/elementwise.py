@@ -73,7 +73,7 @@ class Pow(Function):
             ga = unbroadcast(g * b * a ** (b - 1), _shape(a))
         if self.needs_grad[1]:
             xp = array_module(out)
-            gb = unbroadcast(g * out * xp.log(a), _shape(b))
+            gb = unbroadcast(g * out * xp.log(xp.asarray(a, dtype=out.dtype)), _shape(b))  # a may be a Python scalar
         return ga, gb
 
 
