@@ -21,9 +21,11 @@ from tinygrad_lm.tokenizer import (
     load_tokenizer,
 )
 
-# deterministic hypothesis runs, no per-example deadline (first encodes fill caches)
+# Deterministic hypothesis runs, no per-example deadline (first encodes fill caches). These
+# properties are cheap, so they draw 3x the active profile's examples (300 under the default).
+N_EXAMPLES = settings.default.max_examples
 SETTINGS = settings(
-    derandomize=True, deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow]
+    derandomize=True, deadline=None, max_examples=3 * N_EXAMPLES, suppress_health_check=[HealthCheck.too_slow]
 )
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -217,7 +219,7 @@ def test_roundtrip_gpt2(tok_gpt2, s):
     assert tok_gpt2.decode(tok_gpt2.encode(s)) == s
 
 
-@settings(derandomize=True, deadline=None, max_examples=60)
+@settings(derandomize=True, deadline=None, max_examples=N_EXAMPLES)
 @given(st.lists(texts, max_size=6))
 def test_encode_batch_equals_map_encode(tok, batch):
     assert tok.encode_batch(batch) == [tok.encode(s) for s in batch]
