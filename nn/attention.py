@@ -162,3 +162,38 @@ def causal_attention_qkv(qkv: Tensor, n_head: int, mask: Any = None, dropout_p: 
     """Causal multi-head attention from a fused projection qkv (B, T, 3C) -> (B, T, C)."""
     return CausalAttentionQKV.apply(qkv, n_head=n_head, mask=_mask_array(mask, qkv), causal=True,
                                     dropout_p=dropout_p, generator=generator)
+
+
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding (inference only).
+
+    k, v: (B, H, max_len, D) preallocated; `length` positions are filled. `attend`
+    appends the new tokens' keys/values and attends their queries over everything cached,
+    so each decoding step runs only the new token through the layer.
+    """
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, like: Any) -> None:
+        xp = array_module(like)
+        self.k = xp.zeros((batch, n_head, max_len, head_dim), dtype=like.dtype)
+        self.v = xp.zeros_like(self.k)
+        self.length = 0
+
+    def attend(self, qkv: Tensor, n_head: int, mask: Any = None) -> Tensor:
+        """qkv (B, t, 3C) of the new tokens -> (B, t, C). mask: (B, >= length + t) bool key mask."""
+        from tensor.tensor import is_grad_enabled
+        if is_grad_enabled():
+            raise RuntimeError("KVCache.attend: the KV cache is for inference; run under `with no_grad():`")
+        x = qkv.data
+        B, t, C3 = x.shape
+        D = C3 // (3 * n_head)
+        L = self.length + t
+        if L > self.k.shape[2]:
+            raise ValueError(f"KVCache: {L} positions exceed the cache size {self.k.shape[2]}")
+        heads = x.reshape(B, t, 3, n_head, D).transpose(2, 0, 3, 1, 4)
+        self.k[:, :, self.length:L] = heads[1]
+        self.v[:, :, self.length:L] = heads[2]
+        self.length = L
+        m = None if mask is None else _mask_array(mask, qkv)[:, :L]
+        allowed = allowed_keys(array_module(x), t, L, True, m)
+        out, _, _ = attention_forward(heads[0], self.k[:, :, :L], self.v[:, :, :L], allowed, 0.0, None)
+        return Tensor._make(out.transpose(0, 2, 1, 3).reshape(B, t, n_head * D), False)

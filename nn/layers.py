@@ -104,7 +104,10 @@ class CausalSelfAttention(Module):
         self.c_proj = Linear(n_embd, n_embd, bias=bias, rng=rng)
         self.resid_dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Any = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Any = None, cache: Any = None) -> Tensor:
+        """cache: a KVCache for incremental decoding (inference), or None."""
+        if cache is not None:
+            return self.c_proj(cache.attend(self.c_attn(x), self.n_head, mask))
         p = self.dropout if self.training else 0.0
         y = causal_attention_qkv(self.c_attn(x), self.n_head, mask=mask, dropout_p=p)
         return self.resid_dropout(self.c_proj(y))
@@ -137,8 +140,8 @@ class Block(Module):
         self.ln_2 = LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias, rng)
 
-    def forward(self, x: Tensor, mask: Any = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask=mask)
+    def forward(self, x: Tensor, mask: Any = None, cache: Any = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask=mask, cache=cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -153,14 +156,16 @@ def sinusoidal_table(length: int, dim: int) -> np.ndarray:
 
 
 class SinusoidalPositionalEncoding(Module):
-    """Fixed (not learned) positions of Vaswani et al. §3.5. forward(T, offset=0) -> (T, C)
-    constant tensor for positions offset .. offset+T-1. Holds a buffer, no parameters."""
+    """Fixed (not learned) positions of Vaswani et al. §3.5. forward(positions) -> (..., C):
+    a constant tensor, rows of the table picked by integer positions (T,) or (B, T).
+    Holds a buffer, no parameters."""
 
     def __init__(self, block_size: int, n_embd: int) -> None:
         self.block_size = block_size
         self.pe = Tensor(sinusoidal_table(block_size, n_embd))
 
-    def forward(self, T: int, offset: int = 0) -> Tensor:
-        if offset + T > self.block_size:
-            raise ValueError(f"SinusoidalPositionalEncoding: positions up to {offset + T} exceed block_size {self.block_size}")
-        return Tensor._make(self.pe.data[offset:offset + T], False)
+    def forward(self, positions: Any) -> Tensor:
+        if positions.size and int(positions.max()) >= self.block_size:
+            raise ValueError(f"SinusoidalPositionalEncoding: position {int(positions.max())} is past "
+                             f"block_size {self.block_size}")
+        return Tensor._make(self.pe.data[positions], False)

@@ -82,19 +82,24 @@ class GPT(Module):
             self.pos = SinusoidalPositionalEncoding(config.block_size, config.n_embd)
         gpt_init_(self, config.n_layer, rng)
 
-    def embed(self, idx: Any, offset: int = 0) -> Tensor:
-        """Token + position embeddings for idx (B, T) at positions offset.. -> (B, T, C)."""
+    def embed(self, idx: Any, positions: Any) -> Tensor:
+        """Token + position embeddings: idx (B, T), positions (T,) or (B, T) ints -> (B, T, C)."""
         cfg = self.config
-        T = idx.shape[1]
         tok = self.transformer.wte(idx)
         if cfg.pos_encoding == "sinusoidal":
-            x = tok * math.sqrt(cfg.n_embd) + self.pos(T, offset)
+            x = tok * math.sqrt(cfg.n_embd) + self.pos(positions)
         else:
-            xp = backend.array_module(self.transformer.wpe.weight.data)
-            x = tok + self.transformer.wpe(xp.arange(offset, offset + T))
+            x = tok + self.transformer.wpe(positions)
         return self.transformer.drop(x)
 
-    def forward(self, idx: Any, targets: Any = None, mask: Any = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Any, targets: Any = None, mask: Any = None, positions: Any = None,
+                caches: list | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) ints -> logits (B, T, V) and the mean cross-entropy against targets (B, T).
+
+        mask (B, T_keys) bool: False marks padding keys (batched prompts of different lengths).
+        positions (T,) or (B, T): each token's position (default 0..T-1).
+        caches: one nn.attention.KVCache per layer for incremental decoding (inference only).
+        """
         idx = idx.data if isinstance(idx, Tensor) else idx
         if not hasattr(idx, "ndim"):
             idx = np.asarray(idx)
@@ -105,13 +110,26 @@ class GPT(Module):
         xp = backend.array_module(self.transformer.wte.weight.data)
         if backend.array_module(idx) is not xp:
             idx = xp.asarray(idx)
-        x = self.embed(idx)
-        for block in self.transformer.h:
-            x = block(x, mask=mask)
+        if positions is None:
+            start = caches[0].length if caches else 0
+            positions = xp.arange(start, start + idx.shape[1])
+        elif backend.array_module(positions) is not xp:
+            positions = xp.asarray(positions)
+        x = self.embed(idx, positions)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask=mask, cache=caches[i] if caches else None)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
+
+    def new_caches(self, batch: int, max_len: int | None = None) -> list:
+        """Empty KV caches (one per layer) for `batch` sequences of up to max_len (default block_size) tokens."""
+        from nn.attention import KVCache
+        cfg = self.config
+        like = self.transformer.wte.weight.data
+        return [KVCache(batch, cfg.n_head, max_len or cfg.block_size, cfg.n_embd // cfg.n_head, like)
+                for _ in range(cfg.n_layer)]
 
     def extra_repr(self) -> str:
         c = self.config

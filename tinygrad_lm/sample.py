@@ -1,59 +1,183 @@
-"""Sampling from a trained GPT (a first version: uncached; the KV-cached sampler replaces it)."""
+"""Sampling from a GPT: greedy, temperature, top-k, top-p, batched, streaming, KV-cached.
+
+    ids = generate(model, prompt_ids, 200, temperature=0.8, top_k=50, top_p=0.95, seed=0)
+    for step_tokens in stream(model, prompt_ids, 200): ...
+
+Order of the filters: logits / temperature -> keep the top_k -> keep the smallest set
+whose probability reaches top_p -> renormalise -> sample. temperature 0 is greedy.
+
+KV cache: each layer keeps the keys and values of the tokens seen so far in buffers
+preallocated to block_size, so every step runs only the new token through the model.
+Past block_size the window slides: each further step recomputes the model over the
+cropped window of the last block_size tokens (exactly what the uncached loop does), so
+the cache only speeds up the first block_size positions.
+
+Batches of prompts of different lengths are left-padded, with a key-padding mask so no
+token attends to padding, and per-row positions so each prompt starts at position 0:
+each row gets the same result as running its prompt alone.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-import tensor.functional as F
 from tensor import backend
 from tensor.tensor import no_grad
 
 
-def generate(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None) -> np.ndarray:
-    """Append max_new_tokens sampled tokens to idx (B, T) -> (B, T + max_new_tokens)."""
+# ------------------------------------------------------------------ the filters
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None = off), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def filtered_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> np.ndarray:
+    """logits (B, V) -> the sampling distribution (B, V) after temperature, top-k and top-p (float64)."""
+    z = logits.astype(np.float64) / temperature
+    V = z.shape[-1]
+    if top_k and top_k < V:
+        kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        before = np.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the tokens ranked above
+        drop_sorted = before >= top_p                      # the top token is always kept
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def pick(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
+         rng: np.random.Generator) -> np.ndarray:
+    """One token per row of logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    p = filtered_probs(logits, temperature, top_k, top_p)
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), p.shape[-1] - 1)
+
+
+# ------------------------------------------------------------------ prompts
+def _prompts(idx: Any, vocab_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """idx (B, T) array or a list of 1-D prompts -> (left-padded ids (B, T), pad counts (B,), ragged?)."""
+    if hasattr(idx, "ndim") and not isinstance(idx, list):
+        arr = np.asarray(backend.to_numpy(getattr(idx, "data", idx)))
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        rows, ragged = list(arr), False
+    else:
+        rows, ragged = [np.asarray(r) for r in idx], True
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("generate: empty prompt; give at least one token per row")
+    for r in rows:
+        if r.dtype.kind not in "iu":
+            raise TypeError(f"generate: prompt ids must be integers, got dtype {r.dtype}")
+        if int(r.min()) < 0 or int(r.max()) >= vocab_size:
+            raise ValueError(f"generate: prompt ids must lie in [0, {vocab_size}), got values in "
+                             f"[{int(r.min())}, {int(r.max())}]")
+    T = max(len(r) for r in rows)
+    pads = np.array([T - len(r) for r in rows])
+    ids = np.zeros((len(rows), T), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, pads[i]:] = r
+    return ids, pads, ragged
+
+
+def _window_inputs(seq: np.ndarray, pads: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last block_size columns of seq with their per-row positions and key mask."""
+    start = max(seq.shape[1] - block_size, 0)
+    cols = np.arange(start, seq.shape[1])
+    real = cols[None, :] >= pads[:, None]                     # (B, W)
+    positions = np.where(real, cols[None, :] - np.maximum(pads, start)[:, None], 0)
+    return seq[:, start:], positions, real
+
+
+# ------------------------------------------------------------------ generation
+def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
+           use_cache: bool = True) -> Iterator[np.ndarray]:
+    """Yield the next token of every row, (B,) ints, one step at a time. Rows that have
+    produced a stop token repeat it; the stream ends when every row has stopped."""
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    cfg = model.config
+    seq, pads, _ = _prompts(idx, cfg.vocab_size)
+    B = seq.shape[0]
     rng = np.random.default_rng(seed)
-    out = np.array(backend.to_numpy(idx), dtype=np.int64)
-    bs = model.config.block_size
+    stops = np.asarray(list(stop_tokens), dtype=np.int64)
+    done = np.zeros(B, dtype=bool)
+    finished_with = np.zeros(B, dtype=np.int64)
+    caches, fed = None, 0   # fed: columns of seq already inside the caches
     was_training = model.training
     model.eval()
-    with no_grad():
-        for _ in range(max_new_tokens):
-            logits, _ = model(out[:, -bs:])
-            last = backend.to_numpy(logits.data[:, -1, :]).astype(np.float64)
-            if temperature == 0:
-                nxt = last.argmax(axis=-1)
-            else:
-                z = last / temperature
-                if top_k is not None:
-                    kth = np.sort(z, axis=-1)[:, -min(top_k, z.shape[-1])][:, None]
-                    z = np.where(z < kth, -np.inf, z)
-                p = np.exp(z - z.max(axis=-1, keepdims=True))
-                p /= p.sum(axis=-1, keepdims=True)
-                nxt = np.array([rng.choice(p.shape[-1], p=row) for row in p])
-            out = np.concatenate([out, nxt[:, None]], axis=1)
-    model.train(was_training)
+    try:
+        with no_grad():
+            for _ in range(max_new_tokens):
+                if use_cache and seq.shape[1] <= cfg.block_size:
+                    if caches is None:
+                        caches = model.new_caches(B)
+                    _, positions, real = _window_inputs(seq, pads, cfg.block_size)
+                    logits, _ = model(seq[:, fed:], mask=real, positions=positions[:, fed:], caches=caches)
+                    fed = seq.shape[1]
+                else:  # no cache, or past block_size: recompute over the cropped window
+                    window, positions, real = _window_inputs(seq, pads, cfg.block_size)
+                    logits, _ = model(window, mask=real, positions=positions)
+                last = backend.to_numpy(logits.data[:, -1, :])
+                nxt = pick(last, temperature, top_k, top_p, rng)
+                nxt = np.where(done, finished_with, nxt)
+                newly = ~done & np.isin(nxt, stops)
+                finished_with[newly] = nxt[newly]
+                done |= newly
+                seq = np.concatenate([seq, nxt[:, None].astype(np.int64)], axis=1)
+                yield nxt
+                if done.all():
+                    break
+    finally:
+        model.train(was_training)
+
+
+def generate(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
+             use_cache: bool = True) -> Any:
+    """Sample up to max_new_tokens tokens after each prompt.
+
+    idx (B, T) ints -> (B, T + n) ints (a row that stopped early repeats its stop token);
+    a list of 1-D prompts of different lengths -> a list of 1-D arrays, each its prompt plus
+    its own tokens up to and including its stop token.
+    """
+    _, pads, ragged = _prompts(idx, model.config.vocab_size)
+    new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache))
+    new_arr = np.stack(new, axis=1) if new else np.zeros((len(pads), 0), dtype=np.int64)
+    if not ragged:
+        base = np.asarray(backend.to_numpy(getattr(idx, "data", idx)))
+        base = base[None, :] if base.ndim == 1 else base
+        return np.concatenate([base.astype(np.int64), new_arr], axis=1)
+    out = []
+    stop_set = set(int(s) for s in stop_tokens)
+    for prompt, row in zip(idx, new_arr):
+        row = row.tolist()
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+        out.append(np.concatenate([np.asarray(prompt, dtype=np.int64), np.asarray(row[:cut], dtype=np.int64)]))
     return out
 
 
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("sample", help="sample text from a checkpoint")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cli_sample)
-
-
+# ------------------------------------------------------------------ checkpoint + CLI
 def load_checkpoint_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) from a run or checkpoint directory."""
     from nn.serialization import load_model
     from tinygrad_lm import checkpoint as ckpt_io
     from tinygrad_lm.model import GPT, GPTConfig
@@ -62,25 +186,74 @@ def load_checkpoint_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
     st = ckpt_io.read_state(ckpt)
     tok_path = ckpt / ckpt_io.TOKENIZER_FILE
     if not tok_path.is_file():
-        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no tokenizer ({tok_path} is missing)")
+        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no tokenizer ({tok_path} is missing); "
+                                      "sampling needs it to turn the prompt into ids")
     model = GPT(GPTConfig.from_dict(st["model_config"]))
     load_model(model, ckpt / ckpt_io.MODEL_FILE)
     if device != "cpu":
         model.to(device)
-    return model, load_tokenizer(tok_path)
+    return model.eval(), load_tokenizer(tok_path)
+
+
+class _TextStream:
+    """Turns token ids into printable text incrementally (a UTF-8 character may span tokens)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok, self.pending = tokenizer, b""
+
+    def push(self, token: int) -> str:
+        self.pending += self.tok.decode_bytes([int(token)])
+        try:
+            text, self.pending = self.pending.decode("utf-8"), b""
+            return text
+        except UnicodeDecodeError as e:
+            if len(self.pending) - e.start >= 4:  # not a prefix of a character: replace it
+                text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
+                return text
+            text, self.pending = self.pending[:e.start].decode("utf-8"), self.pending[e.start:]
+            return text
+
+    def flush(self) -> str:
+        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
+        return text
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser("sample", help="sample text from a checkpoint, streaming to the terminal")
+    p.add_argument("--ckpt", required=True, help="run or checkpoint directory")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop at this token string (repeatable)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.set_defaults(func=cli_sample)
 
 
 def cli_sample(args: argparse.Namespace) -> int:
     from tinygrad_lm.checkpoint import CheckpointError
     try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         model, tok = load_checkpoint_model(args.ckpt, args.device)
-        ids = tok.encode(args.prompt)
-    except (CheckpointError, ValueError, KeyError) as e:
+        ids = tok.encode(args.prompt, allowed_special="all")
+        stops = [t for s in args.stop for t in tok.encode(s, allowed_special="all")[:1]]
+    except (CheckpointError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        out = generate(model, np.asarray([ids]), args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed)
-        print(tok.decode(out[0].tolist()))
-        print("-" * 40)
+        out = _TextStream(tok)
+        sys.stdout.write(args.prompt)
+        for nxt in stream(model, np.asarray([ids]), args.max_new_tokens, args.temperature, args.top_k,
+                          args.top_p, seed, stops, not args.no_cache):
+            sys.stdout.write(out.push(int(nxt[0])))
+            sys.stdout.flush()
+        sys.stdout.write(out.flush() + "\n" + "-" * 40 + "\n")
+        sys.stdout.flush()
     return 0
