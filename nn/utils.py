@@ -1,0 +1,56 @@
+"""Gradient utilities: global-norm gradient clipping."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+
+from tensor.backend import array_module
+from tensor.tensor import Tensor
+
+__all__ = ["clip_grad_norm_"]
+
+
+def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
+                    error_if_nonfinite: bool = True) -> float:
+    """Scale all gradients together so that their global L2 norm is at most `max_norm`.
+
+        norm = sqrt( sum over params p, elements i of grad_p[i]^2 )
+        if norm > max_norm:  grad_p <- grad_p * max_norm / (norm + 1e-6)   (in place, every p)
+
+    The sums of squares accumulate in float32 (float64 for float64 grads), whatever the grad
+    dtype. Parameters without a grad are ignored. Returns the norm before clipping, a float.
+
+    A non-finite norm (inf/nan in some grad) raises FloatingPointError naming the first
+    offending parameter; with error_if_nonfinite=False the grads are left untouched instead
+    and the non-finite norm is returned (the caller skips the step, as a loss scaler does).
+    """
+    if not max_norm >= 0:
+        raise ValueError(f"clip_grad_norm_: max_norm must be >= 0, got {max_norm}")
+    params = [params] if isinstance(params, Tensor) else list(params)
+    grads = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = []                                       # per-parameter sum of squares, 0-d arrays on the device
+    for _, g in grads:
+        acc = np.float64 if g.dtype == np.float64 else np.float32
+        flat = g.reshape(-1).astype(acc, copy=False)
+        sq.append(array_module(g).dot(flat, flat))
+    total = sq[0]
+    for s in sq[1:]:
+        total = total + s
+    norm = math.sqrt(float(total))                # one device -> host transfer
+    if not math.isfinite(norm):
+        if error_if_nonfinite:
+            bad = next((i, g) for (i, g), s in zip(grads, sq) if not math.isfinite(float(s)))
+            raise FloatingPointError(
+                f"clip_grad_norm_: the total gradient norm is {norm} (non-finite); first offending "
+                f"parameter: index {bad[0]}, shape {tuple(bad[1].shape)}. Gradients left unchanged. "
+                "Pass error_if_nonfinite=False to get the norm back and skip the step yourself.")
+        return norm
+    if norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for _, g in grads:
+            g *= coef
+    return norm
