@@ -93,13 +93,15 @@ class CausalSelfAttention(Module):
 
     forward(x (B, T, C), mask=None) -> (B, T, C); mask (B, T) bool marks real (True)
     vs padding (False) keys, for batches of prompts of different lengths.
+    `generator` (as in Dropout) draws the attention-dropout masks; the trainer sets it,
+    like every Dropout's, so that a resumed run draws the same masks.
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, generator: Any = None) -> None:
         if n_embd % n_head:
             raise ValueError(f"CausalSelfAttention: n_embd {n_embd} is not divisible by n_head {n_head}")
-        self.n_embd, self.n_head, self.dropout = n_embd, n_head, dropout
+        self.n_embd, self.n_head, self.dropout, self.generator = n_embd, n_head, dropout, generator
         self.c_attn = Linear(n_embd, 3 * n_embd, bias=bias, rng=rng)
         self.c_proj = Linear(n_embd, n_embd, bias=bias, rng=rng)
         self.resid_dropout = Dropout(dropout)
@@ -109,7 +111,7 @@ class CausalSelfAttention(Module):
         if cache is not None:
             return self.c_proj(cache.attend(self.c_attn(x), self.n_head, mask))
         p = self.dropout if self.training else 0.0
-        y = causal_attention_qkv(self.c_attn(x), self.n_head, mask=mask, dropout_p=p)
+        y = causal_attention_qkv(self.c_attn(x), self.n_head, mask=mask, dropout_p=p, generator=self.generator)
         return self.resid_dropout(self.c_proj(y))
 
     def extra_repr(self) -> str:
