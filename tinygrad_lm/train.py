@@ -27,6 +27,7 @@ import numpy as np
 from nn.lr_scheduler import WarmupCosine
 from nn.optim import AdamW
 from nn.serialization import load_model, load_optimizer, save_model, save_optimizer
+from nn.distributed import World, init as init_world, run_or_abort
 from nn.utils import clip_grad_norm_
 from tensor import backend
 from tensor.tensor import no_grad
@@ -183,12 +184,18 @@ def model_rng_state(model: GPT) -> Any:
     return model.dropout_rng.bit_generator.state if getattr(model, "dropout_rng", None) is not None else None
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss or the gradient norm became inf/nan; the step was not applied."""
+
+
 class Trainer:
     """Holds the model, optimizer, data and counters; `run()` trains to cfg.max_iters."""
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, log: Callable[[str], None] = print,
-                 is_main: bool = True, comm: Any = None) -> None:
-        self.cfg, self.log, self.is_main, self.comm = cfg, log, is_main, comm
+                 world: World | None = None) -> None:
+        self.cfg, self.log = cfg, log
+        self.world = world if world is not None else World()
+        self.is_main = self.world.is_main
         self.out = Path(cfg.out)
         files = resolve_corpus(cfg.data)
         self.resume_state = None
@@ -214,6 +221,7 @@ class Trainer:
                 m.generator = self.model.dropout_rng
         if cfg.device != "cpu":
             self.model.to(cfg.device)
+        self.world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = make_schedule(cfg)
         self.step = 0
@@ -268,8 +276,7 @@ class Trainer:
         """This rank's micro-batches for `step`: the global batch (world x grad_accum x batch_size
         rows) is drawn once, then cut, so k micro-batches == one batch k times larger."""
         cfg = self.cfg
-        world = self.comm.size if self.comm is not None else 1
-        rank = self.comm.rank if self.comm is not None else 0
+        world, rank = self.world.size, self.world.rank
         per_rank = cfg.batch_size * cfg.grad_accum
         x, y = self.batch("train", step, per_rank * world, cfg.seed)
         x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
@@ -288,14 +295,15 @@ class Trainer:
             _, loss = self.model(x, y)
             (loss * (1.0 / cfg.grad_accum)).backward()
             total = loss.data if total is None else total + loss.data
-        if self.comm is not None:
-            self.comm.allreduce_grads(self.model.parameters())
+        self.world.allreduce_grads(self.model.parameters())  # average over ranks (no-op for one process)
         if cfg.grad_clip > 0:
-            clip_grad_norm_(self.model.parameters(), cfg.grad_clip, error_if_nonfinite=False)
+            norm = clip_grad_norm_(self.model.parameters(), cfg.grad_clip, error_if_nonfinite=False)
+            if not math.isfinite(norm):  # never apply a non-finite update
+                raise NonFiniteLoss(f"gradient norm is {norm} at step {self.step + 1}")
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1
-        self.tokens_seen += cfg.batch_size * cfg.grad_accum * cfg.block_size * (self.comm.size if self.comm else 1)
+        self.tokens_seen += cfg.batch_size * cfg.grad_accum * cfg.block_size * self.world.size
         return total / cfg.grad_accum
 
     def estimate_loss(self) -> dict[str, float]:
@@ -331,19 +339,26 @@ class Trainer:
 
         def on_sigint(signum: int, frame: Any) -> None:
             interrupted["flag"] = True
-        old_handler = signal.signal(signal.SIGINT, on_sigint) if self.is_main or True else None
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
         bar = _progress(self.step, cfg.max_iters, enabled=cfg.progress and self.is_main)
         t_last, tokens_last = time.perf_counter(), self.tokens_seen
         try:
             while self.step < cfg.max_iters:
-                loss = self.train_step()
+                try:
+                    loss = self.train_step()
+                except NonFiniteLoss as e:
+                    if self.is_main:
+                        self.log(f"error: {e}; stopping. The last good checkpoint is kept in {self.out}")
+                    return 3
                 bar.update(1)
                 last = self.step == cfg.max_iters
-                if self.step % cfg.log_interval == 0 or last:
-                    lossf = float(backend.to_numpy(loss))  # the one device->host sync per log interval
+                if self.step % cfg.log_interval == 0 or self.step % cfg.ckpt_interval == 0 or last:
+                    # the one device->host sync per log interval; the mean over ranks
+                    lossf = self.world.allreduce_mean(float(backend.to_numpy(loss)))
                     if not math.isfinite(lossf):
-                        self.log(f"error: loss is {lossf} at step {self.step}; stopping. "
-                                 f"The last good checkpoint is kept in {self.out}")
+                        if self.is_main:
+                            self.log(f"error: loss is {lossf} at step {self.step}; stopping. "
+                                     f"The last good checkpoint is kept in {self.out}")
                         return 3
                     dt = time.perf_counter() - t_last
                     tps = (self.tokens_seen - tokens_last) / max(dt, 1e-9)
@@ -366,10 +381,11 @@ class Trainer:
                         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
                 if self.step % cfg.ckpt_interval == 0 or last:
                     self.save_checkpoint()
-                if interrupted["flag"]:
-                    path = self.save_checkpoint()
-                    bar.write(f"interrupted at step {self.step}: checkpoint saved to {path}; "
-                              f"continue with --resume {self.out}")
+                if self.world.any(interrupted["flag"]):  # every rank stops at the same step
+                    self.save_checkpoint()
+                    if self.is_main:
+                        bar.write(f"interrupted at step {self.step}: checkpoint saved; "
+                                  f"continue with --resume {self.out}")
                     return 0
         finally:
             bar.close()
@@ -446,6 +462,13 @@ def add_cli(sub: Any) -> None:
 def cli_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
+        world = init_world()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log = print if world.is_main else (lambda s: None)
+
+    def build() -> Trainer:
         if args.resume and not args.preset and not args.config:
             st = ckpt_io.read_state(ckpt_io.resolve(args.resume))
             base = {k: v for k, v in st["train_config"].items() if k in _field_types()}
@@ -455,8 +478,13 @@ def cli_train(args: argparse.Namespace) -> int:
             cfg = make_config(None, None, **base)
         else:
             cfg = make_config(args.preset, args.config, **overrides)
-        trainer = Trainer(cfg, resume=args.resume)
+        if not world.is_main:
+            cfg.progress = False
+        return Trainer(cfg, resume=args.resume, log=log, world=world)
+
+    try:
+        trainer = build()
     except (ValueError, FileNotFoundError, ckpt_io.CheckpointError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # every rank fails the same way: no hang
         return 2
-    return trainer.run()
+    return run_or_abort(world, trainer.run)

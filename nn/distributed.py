@@ -1,0 +1,230 @@
+"""Data parallelism over MPI (mpi4py).
+
+Every rank holds the whole model. Each step, every rank computes gradients on its own
+slice of the global batch, then the gradients are averaged with `Allreduce`, so every
+rank applies the same update and the weights stay identical:
+
+    grad = (1/N) * sum over ranks of grad_rank
+
+Gradients travel in a few large, flat, contiguous buffers ("buckets", `bucket_mb` each),
+never as pickled per-parameter messages: one Allreduce per bucket.
+
+Without mpi4py, or as a single process, `init()` returns a `World` of size 1 whose
+methods do nothing, so the same training code runs unchanged.
+
+GPU arrays (CuPy) are staged through host memory unless the environment variable
+TINYGRAD_LM_CUDA_AWARE_MPI=1 says the MPI library is CUDA-aware, in which case device
+buffers are handed to MPI directly.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tensor import backend
+
+MPI_EXTRA_HELP = "MPI support needs mpi4py and an MPI library: pip install 'tinygrad-lm[mpi]'"
+
+
+def _mpi() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise RuntimeError(MPI_EXTRA_HELP) from e
+    return MPI
+
+
+def launched_under_mpi() -> bool:
+    """True when an MPI launcher started this process with more than one rank."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS"):
+        v = os.environ.get(var)
+        if v is not None and v.isdigit() and int(v) > 1:
+            return True
+    return False
+
+
+class World:
+    """A single process: rank 0 of 1. All collective operations are no-ops."""
+
+    rank, size, local_rank = 0, 1, 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast_parameters(self, params: Sequence[Any]) -> None:
+        pass
+
+    def allreduce_grads(self, params: Sequence[Any]) -> None:
+        pass
+
+    def allreduce_mean(self, value: float) -> float:
+        return float(value)
+
+    def any(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, code: int = 1) -> None:
+        sys.exit(code)
+
+
+class MPIWorld(World):
+    """N ranks over an mpi4py communicator (COMM_WORLD by default).
+
+    reduce_dtype: None (all-reduce in the gradients' dtype) or "float16" to halve the
+    bytes on the wire (summed in float32 on arrival by a custom MPI op).
+    """
+
+    def __init__(self, comm: Any = None, bucket_mb: float = 25.0, reduce_dtype: str | None = None) -> None:
+        self.MPI = _mpi()
+        self.comm = comm if comm is not None else self.MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        self.local_rank = local.Get_rank()
+        local.Free()
+        self.bucket_bytes = int(bucket_mb * 2 ** 20)
+        if reduce_dtype not in (None, "float16"):
+            raise ValueError(f"reduce_dtype must be None or 'float16', got {reduce_dtype!r}")
+        self.reduce_dtype = reduce_dtype
+        self.cuda_aware = os.environ.get("TINYGRAD_LM_CUDA_AWARE_MPI") == "1"
+        self._buckets: list[tuple[list[int], Any]] | None = None
+        self._layout_key: tuple | None = None
+        self._fp16_sum = None
+        self.bytes_reduced = 0
+        self.seconds_reducing = 0.0
+
+    # ------------------------------------------------------------ buckets
+    def _plan(self, params: Sequence[Any]) -> list[tuple[list[int], Any]]:
+        """Group parameters (in order) into buckets of about bucket_bytes; one flat buffer each."""
+        key = tuple((p.shape, str(p.dtype), p.device) for p in params)
+        if self._buckets is not None and key == self._layout_key:
+            return self._buckets
+        buckets, current, nbytes = [], [], 0
+        for i, p in enumerate(params):
+            if current and (nbytes + p.data.nbytes > self.bucket_bytes or p.dtype != params[current[0]].dtype):
+                buckets.append(current)
+                current, nbytes = [], 0
+            current.append(i)
+            nbytes += p.data.nbytes
+        if current:
+            buckets.append(current)
+        planned = []
+        for idx in buckets:
+            n = sum(params[i].size for i in idx)
+            dev = params[idx[0]].device if self.cuda_aware else "cpu"
+            xp = backend.array_module(backend.to_device(np.zeros(0), dev))
+            planned.append((idx, xp.empty(n, dtype=params[idx[0]].dtype)))
+        self._buckets, self._layout_key = planned, key
+        return planned
+
+    def allreduce_grads(self, params: Sequence[Any]) -> None:
+        """Average every parameter's .grad over the ranks, in place (a missing grad counts as zero)."""
+        import time
+        t0 = time.perf_counter()
+        params = list(params)
+        for idx, buf in self._plan(params):
+            offset = 0
+            for i in idx:  # pack
+                p = params[i]
+                n = p.size
+                if p.grad is None:
+                    buf[offset:offset + n] = 0
+                else:
+                    buf[offset:offset + n] = backend.to_device(p.grad, backend.device_of(buf)).reshape(-1)
+                offset += n
+            self._allreduce_inplace(buf)
+            buf *= 1.0 / self.size
+            offset = 0
+            for i in idx:  # unpack
+                p = params[i]
+                n = p.size
+                p.grad = backend.to_device(buf[offset:offset + n], p.device).reshape(p.shape).copy()
+                offset += n
+            self.bytes_reduced += buf.nbytes
+        self.seconds_reducing += time.perf_counter() - t0
+
+    def _allreduce_inplace(self, buf: Any) -> None:
+        MPI = self.MPI
+        if self.reduce_dtype == "float16" and buf.dtype != np.float16:
+            half = buf.astype(np.float16)
+            self.comm.Allreduce(MPI.IN_PLACE, [half.view(np.uint16), MPI.UNSIGNED_SHORT], op=self._float16_sum())
+            buf[...] = half
+            return
+        if backend.device_of(buf) == "cuda":
+            backend.cupy_module().cuda.get_current_stream().synchronize()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    def _float16_sum(self) -> Any:
+        """An MPI op that sums float16 payloads (sent as uint16) in float32."""
+        if self._fp16_sum is None:
+            def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+                a = np.frombuffer(inbuf, dtype=np.float16)
+                b = np.frombuffer(inoutbuf, dtype=np.float16)
+                b[...] = (a.astype(np.float32) + b.astype(np.float32)).astype(np.float16)
+            self._fp16_sum = self.MPI.Op.Create(add, commute=True)
+        return self._fp16_sum
+
+    # ------------------------------------------------------------ small collectives
+    def broadcast_parameters(self, params: Sequence[Any]) -> None:
+        """Copy rank 0's parameter values to every rank (one flat buffer per bucket)."""
+        params = list(params)
+        for idx, buf in self._plan(params):
+            offset = 0
+            for i in idx:
+                n = params[i].size
+                buf[offset:offset + n] = backend.to_device(params[i].data, backend.device_of(buf)).reshape(-1)
+                offset += n
+            self.comm.Bcast(buf, root=0)
+            offset = 0
+            for i in idx:
+                p = params[i]
+                n = p.size
+                p.data = backend.to_device(buf[offset:offset + n], p.device).reshape(p.shape).copy()
+                p._version += 1
+                offset += n
+
+    def allreduce_mean(self, value: float) -> float:
+        return self.comm.allreduce(float(value), op=self.MPI.SUM) / self.size
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.comm.allreduce(int(bool(flag)), op=self.MPI.MAX))
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """End the whole job (every rank) now."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def init(bucket_mb: float = 25.0, reduce_dtype: str | None = None) -> World:
+    """The MPI world when an MPI launcher started several ranks, else a single-process World
+    (mpi4py is not even imported then). Under mpiexec without mpi4py: an error naming the extra."""
+    if not launched_under_mpi():
+        return World()
+    return MPIWorld(bucket_mb=bucket_mb, reduce_dtype=reduce_dtype)
+
+
+def run_or_abort(world: World, fn: Callable[[], int]) -> int:
+    """Run fn(); if it raises on any rank, print the error and abort the whole job
+    (MPI_Abort) so no other rank hangs waiting in a collective."""
+    try:
+        return fn()
+    except SystemExit:
+        raise
+    except BaseException:
+        if world.size == 1:
+            raise
+        sys.stderr.write(f"[rank {world.rank}] fatal error, aborting all {world.size} ranks:\n")
+        traceback.print_exc()
+        world.abort(1)
+        return 1
