@@ -115,7 +115,16 @@ class Function:
                 arrays.append(t.data)
             else:
                 arrays.append(t)
-        out = Tensor._make(fn.forward(*arrays, **kwargs), False)
+        try:
+            data = fn.forward(*arrays, **kwargs)
+        except ValueError as e:  # NumPy's broadcast error names neither the op nor which operand
+            if "could not be broadcast" not in str(e):
+                raise
+            raise ValueError(f"{fn.name}: shapes {', '.join(shape_str(a) for a in arrays if hasattr(a, 'shape'))} "
+                             f"do not broadcast together") from e
+        if isinstance(data, np.generic):  # NumPy returns scalars from full reductions and 0-d ufuncs
+            data = np.asarray(data)
+        out = Tensor._make(data, False)
         if _grad_enabled and cls.differentiable:
             needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
             if any(needs):
@@ -356,6 +365,7 @@ class Tensor:
                 raise RuntimeError(f"backward: gradient of shape {gradient.shape} does not match "
                                    f"output of shape {self.shape}")
         grads: dict[int, Any] = {id(self): gradient}
+        shared = {id(gradient)}  # arrays a leaf's .grad must not alias (the caller's, another leaf's)
         for t in reversed(self._topological_order()):
             g = grads.pop(id(t), None)
             if g is None:
@@ -364,7 +374,10 @@ class Tensor:
             if fn is None:  # a leaf: accumulate
                 if g.dtype != t.data.dtype:
                     g = g.astype(t.data.dtype)
+                elif t.grad is None and (g.base is not None or id(g) in shared or isinstance(g, np.generic)):
+                    g = xp.array(g)  # an owned, writable array: optimizers and clipping update .grad in place
                 t.grad = g if t.grad is None else t.grad + g
+                shared.add(id(t.grad))
                 continue
             if fn.saved is None:
                 raise RuntimeError(f"{fn.name}.backward: the graph was already freed by an earlier "

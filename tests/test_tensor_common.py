@@ -152,8 +152,12 @@ def check_case(op: str, case: Case) -> None:
     out = fn(*ins)
     assert op in graph_ops(out), f"{case.label} does not record {op} (graph: {sorted(graph_ops(out))})"
     assert out.dtype == np.float64, f"{case.label}: float64 inputs gave a {out.dtype} output"
+    assert type(out.data) is np.ndarray, f"{case.label}: data is a {type(out.data).__name__}, not an ndarray"
     assert gradcheck(fn, ins)
     ref = [t.grad for t in ins]
+    for t, r in zip(ins, rg):  # .grad: an owned, writable ndarray (optimizers update it in place)
+        if r:
+            assert type(t.grad) is np.ndarray and t.grad.flags.writeable and t.grad.base is None, case.label
 
     if not case.low_precision:
         return
