@@ -57,8 +57,17 @@ def resolve(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"no checkpoint at {p}: expected {p / 'latest'} or {p / STATE_FILE}")
 
 
+def _step_of(d: Path) -> int:
+    try:
+        return int(d.name[len("step-"):])
+    except ValueError:
+        return -1
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(d for d in run_dir.glob("step-*") if d.is_dir() and not d.name.endswith(".tmp"))
+    """Complete checkpoint directories, oldest first by step number (names grow past 6 digits)."""
+    found = (d for d in run_dir.glob("step-*") if d.is_dir() and not d.name.endswith(".tmp") and _step_of(d) >= 0)
+    return sorted(found, key=_step_of)
 
 
 def save(run_dir: str | os.PathLike, step: int, write_files: Any, keep: int = 2) -> Path:
