@@ -69,7 +69,11 @@ def pick(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float
         return logits.argmax(axis=-1)
     p = filtered_probs(logits, temperature, top_k, top_p)
     u = rng.random((p.shape[0], 1))
-    return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), p.shape[-1] - 1)
+    # the first token whose cumulative probability exceeds u (strictly: a token of probability 0
+    # never is, even for u = 0); when rounding leaves the total below u, the last token kept
+    chosen = (np.cumsum(p, axis=-1) <= u).sum(axis=-1)
+    last_kept = p.shape[-1] - 1 - (p[:, ::-1] > 0).argmax(axis=-1)
+    return np.minimum(chosen, last_kept)
 
 
 # ------------------------------------------------------------------ prompts
@@ -242,6 +246,7 @@ def cli_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         model, tok = load_checkpoint_model(args.ckpt, args.device)
         ids = tok.encode(args.prompt, allowed_special="all")
+        _prompts([ids], model.config.vocab_size)  # empty prompt, ids past the model's vocabulary
         stops = [t for s in args.stop for t in tok.encode(s, allowed_special="all")[:1]]
     except (CheckpointError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
