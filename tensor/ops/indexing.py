@@ -9,16 +9,35 @@ from tensor.backend import array_module
 from tensor.tensor import Function, Tensor, _const, shape_str, unbroadcast
 
 
+# ids that occur more than this many times are summed with one one-hot GEMM;
+# the others in at most this many vectorized rounds (see scatter_add_rows)
+HEAVY_COUNT = 16
+
+
 def scatter_add_rows(index: Any, src: Any, num_rows: int) -> Any:
     """out[index[i]] += src[i] for every i, duplicates summed; out has num_rows rows.
 
-    index: int array (N,), src: (N, *rest) -> (num_rows, *rest). No Python loop.
-    On the CPU this sorts the indices and sums each run with `np.add.reduceat`,
-    which measured faster than `np.add.at` (see benchmarks/bench_scatter_add.py).
+    index: int array (N,) with values in [0, num_rows); src: (N, *rest) -> (num_rows, *rest).
+    No per-element Python loop. On the CPU (NumPy has no fast scatter-add of rows):
+    sort the ids so equal ids form runs, then
+      * ids occurring more than HEAVY_COUNT times: one GEMM, onehot(ids) (H, n) @ src (n, C),
+        accumulated in at least float32;
+      * the rest in rounds k = 0, 1, ...: round k adds the k-th occurrence of every id
+        that has one, a fancy-indexed `out[rows] += src[...]` whose rows are distinct.
+    benchmarks/bench_scatter_add.py (RESULTS.md, "Autograd core (issue 2)"), float32, 2 cores,
+    microseconds, N ids x V rows x C columns:
+        N     V     C    np.add.at  sort+reduceat  bincount  onehot GEMM  this
+        768   65    128     591        104           192        102        ~110
+        4096  65    384    9296       4779          5526       1017       ~1000
+        4096  4096  128    3316       3157          1731      26381        ~800
+        4096  4096  384    9684      14447         10027      48278       ~1900
+    (np.add.reduceat along axis 0 runs one inner loop per (run, column): slow for many short
+    runs; the one-hot GEMM costs V*N*C: fastest for a small vocabulary, hopeless for a large one.)
     """
     xp = array_module(src)
     out = xp.zeros((num_rows,) + src.shape[1:], dtype=src.dtype)
-    if index.size == 0:
+    n = index.shape[0]
+    if n == 0:
         return out
     if xp is not np:
         xp.add.at(out, index, src)  # CuPy's add.at is an atomic-add kernel
@@ -26,7 +45,24 @@ def scatter_add_rows(index: Any, src: Any, num_rows: int) -> Any:
     order = np.argsort(index, kind="stable")
     sorted_idx = index[order]
     starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
-    out[sorted_idx[starts]] = np.add.reduceat(src[order], starts, axis=0)
+    counts = np.diff(np.r_[starts, n])
+    rows = sorted_idx[starts]
+    heavy = counts > HEAVY_COUNT
+    if heavy.any():
+        in_heavy = np.repeat(heavy, counts)  # per sorted position
+        h = int(heavy.sum())
+        which = np.repeat(np.arange(h), counts[heavy])  # 0..h-1 per heavy element
+        acc = np.result_type(src.dtype, np.float32)
+        onehot = (which == np.arange(h)[:, None]).astype(acc)  # (h, n_heavy)
+        part = onehot @ src[order[in_heavy]].reshape(len(which), -1).astype(acc, copy=False)
+        out[rows[heavy]] = part.reshape((h,) + src.shape[1:])
+        light = ~heavy
+        rows, starts, counts = rows[light], starts[light], counts[light]
+    if len(rows):
+        out[rows] = src[order[starts]]
+        for k in range(1, int(counts.max())):
+            more = counts > k
+            out[rows[more]] += src[order[starts[more] + k]]
     return out
 
 
