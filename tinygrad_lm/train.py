@@ -76,6 +76,15 @@ class TrainConfig:
     precision: str = "fp32"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                     "ckpt_interval"):
+            if int(getattr(self, name)) < 1:  # (an interval of 0 would be a division by zero mid-run)
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "sample_tokens", "lr", "min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
                          n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, pos_encoding=self.pos_encoding)
@@ -334,10 +343,13 @@ class Trainer:
                      f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
             if self.step:
                 self.log(f"resumed at step {self.step}")
+            truncate_metrics(self.out / "metrics.jsonl", self.step)
         metrics = open(self.out / "metrics.jsonl", "a") if self.is_main else None
         interrupted = {"flag": False}
 
         def on_sigint(signum: int, frame: Any) -> None:
+            if interrupted["flag"]:  # a second Ctrl-C: stop now (the last checkpoint is intact)
+                raise KeyboardInterrupt
             interrupted["flag"] = True
         old_handler = signal.signal(signal.SIGINT, on_sigint)
         bar = _progress(self.step, cfg.max_iters, enabled=cfg.progress and self.is_main)
@@ -379,10 +391,12 @@ class Trainer:
                         metrics.write(json.dumps({"step": self.step, "train_loss": ev["train"], "val_loss": ev["val"]}) + "\n")
                         metrics.flush()
                         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
-                if self.step % cfg.ckpt_interval == 0 or last:
+                saved = self.step % cfg.ckpt_interval == 0 or last
+                if saved:
                     self.save_checkpoint()
                 if self.world.any(interrupted["flag"]):  # every rank stops at the same step
-                    self.save_checkpoint()
+                    if not saved:
+                        self.save_checkpoint()
                     if self.is_main:
                         bar.write(f"interrupted at step {self.step}: checkpoint saved; "
                                   f"continue with --resume {self.out}")
@@ -395,6 +409,23 @@ class Trainer:
         if self.is_main:
             self.log(f"done: {self.step} steps, best val loss {self.best_val:.4f}, checkpoint in {self.out}")
         return 0
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the log rows after `step` (the step a run starts or resumes at): rows written
+    after the checkpoint by a run that then crashed, or by an earlier run in the same folder."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+            pass
+    if len(keep) != len(lines):
+        ckpt_io.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def plot_losses(metrics_path: Path, png: Path) -> bool:
