@@ -71,6 +71,8 @@ def array_module(x: Any) -> ModuleType:
         return np
     if _cupy is not None and isinstance(x, _cupy.ndarray):
         return _cupy
+    if type(x).__module__.startswith("cupy"):  # a CuPy array made before we imported CuPy
+        return cupy_module()
     return np
 
 
@@ -82,8 +84,8 @@ def to_device(x: Any, device: str) -> Any:
     """Move an array to `device`; returns it unchanged when already there."""
     check_device(device)
     if device == "cpu":
-        if _cupy is not None and isinstance(x, _cupy.ndarray):
-            return _cupy.asnumpy(x)
+        if array_module(x) is not np:
+            return device_to_host(x)
         return x
     cp = cupy_module()
     return x if isinstance(x, cp.ndarray) else cp.asarray(x)
@@ -92,3 +94,10 @@ def to_device(x: Any, device: str) -> Any:
 def to_numpy(x: Any) -> np.ndarray:
     """A host NumPy copy (or view, for CPU arrays) of any backend's array."""
     return to_device(x, "cpu")
+
+
+# Every device->host copy goes through this one function, so tests can count them
+# (a training step on the GPU should synchronise only when it logs the loss).
+def device_to_host(x: Any) -> np.ndarray:
+    """Copy a CuPy array to the host (this waits for the GPU)."""
+    return cupy_module().asnumpy(x)
