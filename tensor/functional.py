@@ -78,7 +78,9 @@ class CrossEntropy(Function):
         x = _f32(logits).reshape(-1, C)
         t = targets.reshape(-1)
         valid = t != ignore_index
-        if bool(((t < 0) | (t >= C))[valid].any()):
+        # range check on the host only: on the GPU it would cost a synchronisation every step
+        # (GPT.forward checks its targets on the host before they move to the device)
+        if xp is np and bool(((t < 0) | (t >= C))[valid].any()):
             raise IndexError(f"cross_entropy: a target is outside [0, {C}) (ignore_index={ignore_index})")
         n_valid = int(valid.sum()) if xp is np else valid.sum()
         t_safe = xp.where(valid, t, 0)
@@ -145,7 +147,7 @@ class Embedding(Function):
         if ids.dtype.kind not in "iu":
             raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
         V = weight.shape[0]
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        if ids.size and array_module(ids) is np and (int(ids.min()) < 0 or int(ids.max()) >= V):  # host only
             raise IndexError(f"embedding: ids must lie in [0, {V}), got values in "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         self.save_for_backward(ids)

@@ -108,8 +108,16 @@ class GPT(Module):
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"GPT: sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
         xp = backend.array_module(self.transformer.wte.weight.data)
+        V = self.config.vocab_size
+        for name, ids in (("idx", idx), ("targets", targets)):
+            if ids is not None and backend.array_module(ids) is np and ids.size and (ids.min() < 0 or ids.max() >= V):
+                if name == "targets" and ids.min() == -100 and ids.max() < V:
+                    continue  # ignore_index
+                raise ValueError(f"GPT: {name} must lie in [0, {V}), got values in [{ids.min()}, {ids.max()}]")
         if backend.array_module(idx) is not xp:
             idx = xp.asarray(idx)
+        if targets is not None and backend.array_module(targets) is not xp:
+            targets = xp.asarray(targets)
         if positions is None:
             start = caches[0].length if caches else 0
             positions = xp.arange(start, start + idx.shape[1])
