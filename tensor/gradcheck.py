@@ -85,6 +85,7 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: float = 
             numeric = numeric_grad(f_dev, host, eps)
             t.data[...] = backend.to_device(host, t.device)
         err = np.abs(analytic - numeric) - (atol + rtol * np.abs(numeric))
+        err = np.where(np.isnan(err), np.inf, err)  # a NaN on either side is a failure, not a silent pass
         if err.size and err.max() > 0:
             worst = np.unravel_index(int(np.argmax(err)), err.shape)
             a, n = float(analytic[worst]), float(numeric[worst])

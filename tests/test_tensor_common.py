@@ -9,8 +9,9 @@ cover `tensor.all_ops()`, so a new op cannot slip in without a property test.
 The property (`check_case`), for every drawn case:
   1. float64: the op really is in the recorded graph, and `tensor.gradcheck` (central differences)
      agrees with backward for every input; every input receives a gradient of its own shape and dtype.
-  2. float32: the same computation stays float32 in the forward and in every gradient, and the float32
-     gradients agree (loosely) with the float64 ones just verified against finite differences.
+  2. float32 or float16 (drawn): the same computation keeps that dtype in the forward and in every
+     gradient, and its gradients agree (loosely) with the float64 ones just verified against finite
+     differences.
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ class Case:
     fn: Callable[..., Tensor]
     arrays: Sequence[np.ndarray]
     requires_grad: Sequence[bool] | None = None  # default: every input
-    low_precision: bool = True  # also run the float32 check
+    low_precision: bool = True  # also run the float32/float16 check
     extra: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -143,7 +144,10 @@ def _probed(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return lambda *ts: fn(*[Probe.apply(t) for t in ts])
 
 
-def check_case(op: str, case: Case) -> None:
+LOW_TOL = {np.float32: (1e-3, 1e-4), np.float16: (3e-2, 3e-2)}  # (rtol, atol relative to the largest gradient)
+
+
+def check_case(op: str, case: Case, low: Any = np.float32) -> None:
     rg = tuple(case.requires_grad) if case.requires_grad is not None else (True,) * len(case.arrays)
     fn = _probed(case.fn)
 
@@ -161,18 +165,20 @@ def check_case(op: str, case: Case) -> None:
 
     if not case.low_precision:
         return
-    # float32: dtype kept everywhere, gradients close to the verified float64 ones
-    ins32 = [Tensor(np.array(a, dtype=np.float32), requires_grad=r) for a, r in zip(case.arrays, rg)]
+    # float32 (or float16): dtype kept everywhere, gradients close to the verified float64 ones
+    ins32 = [Tensor(np.array(a, dtype=low), requires_grad=r) for a, r in zip(case.arrays, rg)]
     out32 = fn(*ins32)
-    assert out32.dtype == np.float32, f"{case.label}: float32 inputs gave a {out32.dtype} output"
+    expect = case.extra.get("out_dtype", {}).get(low, low)  # losses of half inputs are float32
+    assert out32.dtype == expect, f"{case.label}: {np.dtype(low)} inputs gave a {out32.dtype} output"
     v = np.random.default_rng(0).standard_normal(out32.shape) if out32.shape else 1.0  # gradcheck's v
-    out32.backward(np.asarray(v, dtype=np.float32))
+    out32.backward(np.asarray(v, dtype=out32.dtype))
+    rtol, atol = LOW_TOL[low]
     for t, r, g64 in zip(ins32, rg, ref):
         if not r:
             continue
-        assert t.grad is not None and t.grad.dtype == np.float32 and t.grad.shape == t.shape
+        assert t.grad is not None and t.grad.dtype == low and t.grad.shape == t.shape
         scale = max(1.0, float(np.abs(g64).max(initial=0.0)))
-        np.testing.assert_allclose(t.grad, g64, rtol=1e-3, atol=1e-4 * scale, err_msg=case.label)
+        np.testing.assert_allclose(t.grad.astype(np.float64), g64, rtol=rtol, atol=atol * scale, err_msg=case.label)
 
 
 def grad_property(cases: dict) -> Callable:
@@ -180,7 +186,8 @@ def grad_property(cases: dict) -> Callable:
     @pytest.mark.parametrize("op", sorted(cases))
     @given(data=st.data())
     def test_gradients(op: str, data: st.DataObject) -> None:
-        check_case(op, data.draw(cases[op], label="case"))
+        case = data.draw(cases[op], label="case")
+        check_case(op, case, data.draw(st.sampled_from([np.float32, np.float16]), label="low precision dtype"))
     return test_gradients
 
 

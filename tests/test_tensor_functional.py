@@ -23,6 +23,9 @@ def softmax_case(draw, log: bool) -> Case:
     return Case(f"{f.__name__}(tensor{shape}, axis={axis})", lambda t: f(t, axis=axis), [x])
 
 
+HALF_LOSS = {"out_dtype": {np.float16: np.float32}}  # losses of half-precision logits are float32
+
+
 @st.composite
 def cross_entropy_case(draw) -> Case:
     lead = draw(shapes(min_dims=0, max_dims=2, max_side=3, max_size=6))
@@ -37,9 +40,9 @@ def cross_entropy_case(draw) -> Case:
     tg = Tensor(targets) if as_tensor else targets
     if ignore == -100 and draw(st.booleans()):
         return Case(f"cross_entropy(logits{logits.shape}, targets={targets.tolist()})",
-                    lambda t: F.cross_entropy(t, tg), [logits])
+                    lambda t: F.cross_entropy(t, tg), [logits], extra=HALF_LOSS)
     return Case(f"cross_entropy(logits{logits.shape}, targets={targets.tolist()}, ignore_index={ignore})",
-                lambda t: F.cross_entropy(t, tg, ignore_index=ignore), [logits])
+                lambda t: F.cross_entropy(t, tg, ignore_index=ignore), [logits], extra=HALF_LOSS)
 
 
 @st.composite

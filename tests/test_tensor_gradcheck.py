@@ -116,3 +116,24 @@ def test_readme_example():
     F.cross_entropy(x32 @ w32, targets).backward()
     assert x32.grad.dtype == np.float32 and w32.grad.dtype == np.float32
     np.testing.assert_allclose(x32.grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
+class NanGrad(Function):
+    """y = 2x whose backward returns NaN at element 1."""
+    # d(2x)/dx = 2
+    def forward(self, x):
+        return 2.0 * x
+
+    def backward(self, g):
+        out = 2.0 * g
+        out[1] = np.nan
+        return (out,)
+
+
+def test_gradcheck_fails_on_nan_gradient():
+    x = Tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
+    with pytest.raises(GradcheckError, match="at index \\(1,\\)") as info:
+        gradcheck(lambda t: NanGrad.apply(t), [x])
+    assert np.isnan(info.value.analytic) and info.value.index == (1,)
+    with pytest.raises(GradcheckError):  # NaN in the function itself: numeric is NaN
+        gradcheck(lambda t: (t - 2.0).sqrt(), [x])
