@@ -305,3 +305,42 @@ def test_config_dict_round_trip_and_unknown_keys():
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="n_embed"):
         GPTConfig.from_dict({**cfg.to_dict(), "n_embed": 3})
+
+
+# ------------------------------------------------------------------ PyTorch export (optional)
+def load_export_example():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "export_to_pytorch.py"
+    spec = importlib.util.spec_from_file_location("export_to_pytorch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("pos_encoding", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_export_to_pytorch_loads_into_nanogpt_and_logits_match(tmp_path, pos_encoding, bias):
+    torch = pytest.importorskip("torch")
+    ex = load_export_example()
+    cfg = GPTConfig(vocab_size=23, block_size=10, n_layer=2, n_head=2, n_embd=16, bias=bias, pos_encoding=pos_encoding)
+    ours = GPT(cfg, seed=1)
+    rng = np.random.default_rng(2)
+    ours.load_state_dict({k: (v + 0.2 * rng.standard_normal(v.shape)).astype(np.float32)
+                          for k, v in ours.state_dict().items()})
+    sd = ex.to_torch_state_dict(ours)
+    names = [n for n, _ in expected_names_and_shapes(23, 10, 2, 16, bias, pos_encoding == "learned")]
+    assert sorted(sd) == sorted(names + ["lm_head.weight"])
+    assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    path = tmp_path / "gpt.pt"
+    torch.save(sd, path)
+    theirs = ex.NanoGPT(cfg)
+    missing, unexpected = theirs.load_state_dict(torch.load(path, weights_only=True), strict=False)
+    assert missing == [] and unexpected == []
+    assert theirs.lm_head.weight is theirs.transformer.wte.weight
+    idx = rng.integers(0, 23, size=(3, 10))
+    a = ours(idx)[0].numpy()
+    with torch.no_grad():
+        b = theirs(torch.from_numpy(idx)).numpy()
+    assert np.abs(a).max() > 1.0   # non-trivial logits, so agreement means something
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -424,3 +424,19 @@ cache_dir = "{(tmp_path / "cache").as_posix()}"
     assert st["step"] == 3
     r = cli("--resume", "runs/t", "--n-embd", "32", "--max-iters", "4", cwd=tmp_path)
     assert r.returncode != 0 and "n_embd" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_example_reads_a_training_checkpoint(tmp_path, corpus):
+    torch = pytest.importorskip("torch")
+    t, _ = quiet_trainer(config(tmp_path, corpus, max_iters=3, pos_encoding="learned"))
+    assert t.run() == 0
+    out = tmp_path / "gpt.pt"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "export_to_pytorch.py"),
+                        "--checkpoint", str(tmp_path / "run"), "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "max |logit difference|" in r.stdout
+    sd = torch.load(out, weights_only=True)
+    for k, v in weights(t).items():
+        assert np.array_equal(sd[k].numpy(), v), k
+    assert np.array_equal(sd["lm_head.weight"].numpy(), weights(t)["transformer.wte.weight"])
