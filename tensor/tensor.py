@@ -104,6 +104,7 @@ class Function:
         """Run the op on Tensors (or constants) and record it in grad mode."""
         fn = cls()
         arrays = []
+        needs = []  # which inputs want a gradient (collected here: one pass over the inputs)
         first = None
         for t in inputs:
             if isinstance(t, Tensor):
@@ -113,8 +114,10 @@ class Function:
                     raise RuntimeError(f"{fn.name}: inputs are on different devices "
                                        f"({first.device} and {t.device}); move them with .to()")
                 arrays.append(t.data)
+                needs.append(t.requires_grad)
             else:
                 arrays.append(t)
+                needs.append(False)
         try:
             data = fn.forward(*arrays, **kwargs)
         except ValueError as e:  # NumPy's broadcast error names neither the op nor which operand
@@ -125,15 +128,13 @@ class Function:
         if isinstance(data, np.generic):  # NumPy returns scalars from full reductions and 0-d ufuncs
             data = np.asarray(data)
         out = Tensor._make(data, False)
-        if _grad_enabled and cls.differentiable:
-            needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
-            if any(needs):
-                fn.inputs = inputs
-                fn.needs_grad = needs
-                if fn.saved:
-                    fn.versions = tuple(t._version if isinstance(t, Tensor) else 0 for t in inputs)
-                out.requires_grad = True
-                out._ctx = fn
+        if _grad_enabled and cls.differentiable and any(needs):
+            fn.inputs = inputs
+            fn.needs_grad = tuple(needs)
+            if fn.saved:
+                fn.versions = tuple(t._version if isinstance(t, Tensor) else 0 for t in inputs)
+            out.requires_grad = True
+            out._ctx = fn
         return out
 
     def check_versions(self, out: "Tensor") -> None:
@@ -389,6 +390,8 @@ class Tensor:
                 fn.release()
             for inp, ig, need in zip(fn.inputs, in_grads, fn.needs_grad):
                 if need and ig is not None:
+                    if ig.dtype != inp.data.dtype:  # e.g. an fp32 residual grad flowing into an fp16 branch
+                        ig = ig.astype(inp.data.dtype)
                     k = id(inp)
                     prev = grads.get(k)
                     grads[k] = ig if prev is None else prev + ig
