@@ -266,6 +266,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, 
     assert all(np.isfinite(v).all() for v in weights(r).values())
 
 
+def test_huge_learning_rate_is_caught(tmp_path, corpus):
+    t, msgs = quiet_trainer(config(tmp_path, corpus, max_iters=20, lr=1e30, min_lr=1e30, warmup_iters=0,
+                                   ckpt_interval=1, grad_clip=0.0))
+    with np.errstate(all="ignore"):
+        rc = t.run()
+    assert rc != 0
+    assert any(f"at step {t.step + 1}" in m or f"at step {t.step}" in m for m in msgs if "nan" in m or "inf" in m), msgs
+    ck = ckpt_io.resolve(tmp_path / "run")
+    from safetensors.numpy import load_file
+    assert all(np.isfinite(v).all() for v in load_file(str(ck / "model.safetensors")).values())
+
+
 # ------------------------------------------------------------------ SIGINT
 def test_sigint_saves_a_checkpoint_and_returns_zero(tmp_path, corpus, monkeypatch):
     real = Trainer.train_step
@@ -424,6 +436,12 @@ cache_dir = "{(tmp_path / "cache").as_posix()}"
     assert st["step"] == 3
     r = cli("--resume", "runs/t", "--n-embd", "32", "--max-iters", "4", cwd=tmp_path)
     assert r.returncode != 0 and "n_embd" in r.stderr and "Traceback" not in r.stderr
+    # resuming from a checkpoint directory, from another working directory, continues in that run
+    (tmp_path / "elsewhere").mkdir()
+    r = cli("--resume", "../runs/t/step-000003", "--max-iters", "4", cwd=tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs" / "t" / "latest").read_text().strip() == "step-000004"
+    assert not (tmp_path / "elsewhere" / "runs").exists()
 
 
 def test_export_example_reads_a_training_checkpoint(tmp_path, corpus):

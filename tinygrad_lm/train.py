@@ -27,6 +27,7 @@ import numpy as np
 from nn.lr_scheduler import WarmupCosine
 from nn.optim import AdamW
 from nn.serialization import load_model, load_optimizer, save_model, save_optimizer
+from nn.amp import LossScaler, autocast_
 from nn.distributed import World, init as init_world, run_or_abort
 from nn.utils import clip_grad_norm_
 from tensor import backend
@@ -230,10 +231,15 @@ class Trainer:
                 m.generator = self.model.dropout_rng
         if cfg.device != "cpu":
             self.model.to(cfg.device)
+        autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
+        self.scaler = LossScaler(enabled=cfg.precision == "fp16")  # bf16 has float32's range: no scaling
         self.world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = make_schedule(cfg)
         self.step = 0
+        self.first_bad_step: Any = -1  # GPU: a device scalar, the first step with a non-finite grad norm
+        if cfg.device != "cpu":
+            self.first_bad_step = backend.to_device(np.asarray(-1), cfg.device)
         self.best_val = math.inf
         self.tokens_seen = 0
         if self.resume_state is not None:
@@ -243,7 +249,7 @@ class Trainer:
     def state(self) -> dict:
         return {"format": 1, "step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                 "model_config": self.model.config.to_dict(), "train_config": dataclasses.asdict(self.cfg),
-                "schedule": self.schedule.state_dict(), "dropout_rng": model_rng_state(self.model),
+                "schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(), "dropout_rng": model_rng_state(self.model),
                 "data_position": {"seed": self.cfg.seed, "next_step": self.step},
                 "tokenizer": ckpt_io.TOKENIZER_FILE}
 
@@ -270,6 +276,8 @@ class Trainer:
             hint = f"; an earlier checkpoint may still load: --resume {prev[-1]}" if prev else ""
             raise ckpt_io.CheckpointError(f"cannot load checkpoint {ckpt}: {e}{hint}") from None
         self.schedule.load_state_dict(st["schedule"])
+        if "loss_scaler" in st:
+            self.scaler.load_state_dict(st["loss_scaler"])
         if st.get("dropout_rng") is not None:
             self.model.dropout_rng.bit_generator.state = st["dropout_rng"]
         self.step, self.tokens_seen, self.best_val = st["step"], st["tokens_seen"], st["best_val"]
@@ -293,7 +301,12 @@ class Trainer:
         return [(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B]) for i in range(cfg.grad_accum)]
 
     def train_step(self) -> Any:
-        """One optimizer step; returns the mean loss of this rank's micro-batches (a 0-d array)."""
+        """One optimizer step; returns the mean loss of this rank's micro-batches (a 0-d array).
+
+        On the GPU nothing here waits for the device (except the fp16 loss scaler's
+        overflow check, as in PyTorch): the gradient norm stays on the device and is
+        checked with the loss at log and checkpoint steps (`check_finite`).
+        """
         cfg = self.cfg
         lr = self.schedule(self.step)
         for g in self.optimizer.param_groups:
@@ -302,18 +315,38 @@ class Trainer:
         total = None
         for x, y in self.micro_batches(self.step):
             _, loss = self.model(x, y)
-            (loss * (1.0 / cfg.grad_accum)).backward()
+            self.scaler.scale(loss * (1.0 / cfg.grad_accum)).backward()
             total = loss.data if total is None else total + loss.data
-        self.world.allreduce_grads(self.model.parameters())  # average over ranks (no-op for one process)
-        if cfg.grad_clip > 0:
-            norm = clip_grad_norm_(self.model.parameters(), cfg.grad_clip, error_if_nonfinite=False)
-            if not math.isfinite(norm):  # never apply a non-finite update
-                raise NonFiniteLoss(f"gradient norm is {norm} at step {self.step + 1}")
-        self.optimizer.step()
+        params = self.model.parameters()
+        self.world.allreduce_grads(params)  # average over ranks (no-op for one process)
+        if self.scaler.unscale_(params):  # fp16: skip the step when a gradient overflowed
+            if cfg.grad_clip > 0:
+                on_host = cfg.device == "cpu"
+                norm = clip_grad_norm_(params, cfg.grad_clip, error_if_nonfinite=False, sync=on_host)
+                if on_host and not math.isfinite(norm):  # never apply a non-finite update
+                    raise NonFiniteLoss(f"gradient norm is {norm} at step {self.step + 1}")
+                if not on_host:
+                    xp = backend.array_module(norm)
+                    bad = ~xp.isfinite(norm)
+                    self.first_bad_step = xp.where((self.first_bad_step < 0) & bad, self.step + 1, self.first_bad_step)
+            self.optimizer.step()
+        self.scaler.update()
         self.optimizer.zero_grad()
         self.step += 1
         self.tokens_seen += cfg.batch_size * cfg.grad_accum * cfg.block_size * self.world.size
         return total / cfg.grad_accum
+
+    def check_finite(self, loss: Any) -> float:
+        """Synchronise once: the loss averaged over ranks, after checking that no step since
+        the last check had a non-finite gradient norm (GPU) -> NonFiniteLoss naming the step."""
+        lossf = self.world.allreduce_mean(float(backend.to_numpy(loss)))
+        if not isinstance(self.first_bad_step, int):
+            bad = int(backend.to_numpy(self.first_bad_step))
+            if bad >= 0:
+                raise NonFiniteLoss(f"gradient norm became non-finite at step {bad}")
+        if not math.isfinite(lossf):
+            raise NonFiniteLoss(f"loss is {lossf} at step {self.step}")
+        return lossf
 
     def estimate_loss(self) -> dict[str, float]:
         """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
@@ -366,11 +399,11 @@ class Trainer:
                 last = self.step == cfg.max_iters
                 if self.step % cfg.log_interval == 0 or self.step % cfg.ckpt_interval == 0 or last:
                     # the one device->host sync per log interval; the mean over ranks
-                    lossf = self.world.allreduce_mean(float(backend.to_numpy(loss)))
-                    if not math.isfinite(lossf):
+                    try:
+                        lossf = self.check_finite(loss)
+                    except NonFiniteLoss as e:
                         if self.is_main:
-                            self.log(f"error: loss is {lossf} at step {self.step}; stopping. "
-                                     f"The last good checkpoint is kept in {self.out}")
+                            self.log(f"error: {e}; stopping. The last good checkpoint is kept in {self.out}")
                         return 3
                     dt = time.perf_counter() - t_last
                     tps = (self.tokens_seen - tokens_last) / max(dt, 1e-9)
@@ -501,11 +534,12 @@ def cli_train(args: argparse.Namespace) -> int:
 
     def build() -> Trainer:
         if args.resume and not args.preset and not args.config:
-            st = ckpt_io.read_state(ckpt_io.resolve(args.resume))
+            ckpt = ckpt_io.resolve(args.resume)
+            st = ckpt_io.read_state(ckpt)
             base = {k: v for k, v in st["train_config"].items() if k in _field_types()}
             base.update({k: v for k, v in overrides.items() if v is not None})
-            if args.out is None:
-                base["out"] = str(args.resume) if (Path(args.resume) / "latest").exists() else st["train_config"]["out"]
+            if args.out is None:  # the run the checkpoint lives in (the saved `out` may be relative to another cwd)
+                base["out"] = str(ckpt.parent) if (ckpt.parent / "latest").exists() else st["train_config"]["out"]
             cfg = make_config(None, None, **base)
         else:
             cfg = make_config(args.preset, args.config, **overrides)
