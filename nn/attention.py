@@ -195,6 +195,7 @@ class KVCache:
         self.v[:, :, self.length:L] = heads[2]
         self.length = L
         m = None if mask is None else _mask_array(mask, qkv)[:, :L]
-        allowed = allowed_keys(array_module(x), t, L, True, m)
+        # one new token sits after every cached key: only padding can hide a key from it
+        allowed = allowed_keys(array_module(x), t, L, t > 1, m)
         out, _, _ = attention_forward(heads[0], self.k[:, :, :L], self.v[:, :, :L], allowed, 0.0, None)
         return Tensor._make(out.transpose(0, 2, 1, 3).reshape(B, t, n_head * D), False)

@@ -125,6 +125,7 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
     stops = np.asarray(list(stop_tokens), dtype=np.int64)
     done = np.zeros(B, dtype=bool)
     finished_with = np.zeros(B, dtype=np.int64)
+    padded = bool(pads.any())  # without padding no key mask is needed (saves a masking pass per layer)
     caches, fed = None, 0   # fed: columns of seq already inside the caches
     was_training = model.training
     model.eval()
@@ -135,11 +136,12 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
                     if caches is None:
                         caches = model.new_caches(B)
                     _, positions, real = _window_inputs(seq, pads, cfg.block_size)
-                    logits, _ = model(seq[:, fed:], mask=real, positions=positions[:, fed:], caches=caches)
+                    logits, _ = model(seq[:, fed:], mask=real if padded else None, positions=positions[:, fed:],
+                                      caches=caches)
                     fed = seq.shape[1]
                 else:  # no cache, or past block_size: recompute over the cropped window
                     window, positions, real = _window_inputs(seq, pads, cfg.block_size)
-                    logits, _ = model(window, mask=real, positions=positions)
+                    logits, _ = model(window, mask=real if padded else None, positions=positions)
                 last = backend.to_numpy(logits.data[:, -1, :])
                 nxt = pick(last, temperature, top_k, top_p, rng)
                 nxt = np.where(done, finished_with, nxt)
