@@ -47,7 +47,7 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     """The forward formulas above on raw arrays -> (O, P, keep-mask or None)."""
     xp = array_module(q)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s = _f32(q) @ _f32(k).swapaxes(-1, -2)
+    s = _f32(q @ k.swapaxes(-1, -2))  # the GEMM in the input dtype, softmax in float32
     s *= scale
     if allowed is not None:
         s = xp.where(allowed, s, -np.inf)
@@ -64,7 +64,8 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
         rng = generator if generator is not None else xp.random
         keep = rng.random(p.shape) >= dropout_p
         pd = p * keep * (1.0 / (1.0 - dropout_p))
-    return pd @ v, p, keep
+    out = pd @ v
+    return (out if out.dtype == q.dtype else out.astype(q.dtype)), p, keep
 
 
 def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropout_p: float) -> tuple:

@@ -29,8 +29,14 @@ class Linear(Module):
         self.weight = Parameter(r.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
         self.bias = Parameter(r.uniform(-bound, bound, (out_features,)).astype(np.float32)) if bias else None
 
+    compute_dtype: Any = None  # set by nn.amp.autocast_ for mixed precision
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        cd = self.compute_dtype
+        if cd is None:
+            return F.linear(x, self.weight, self.bias)
+        # mixed precision: a low-precision GEMM; the float32 weights stay the master copy
+        return F.linear(x.astype(cd), self.weight.astype(cd), None if self.bias is None else self.bias.astype(cd))
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"

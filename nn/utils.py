@@ -13,7 +13,7 @@ __all__ = ["clip_grad_norm_"]
 
 
 def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
-                    error_if_nonfinite: bool = True) -> float:
+                    error_if_nonfinite: bool = True, sync: bool = True) -> Any:
     """Scale all gradients together so that their global L2 norm is at most `max_norm`.
 
         norm = sqrt( sum over params p, elements i of grad_p[i]^2 )
@@ -25,6 +25,11 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     A non-finite norm (inf/nan in some grad) raises FloatingPointError naming the first
     offending parameter; with error_if_nonfinite=False the grads are left untouched instead
     and the non-finite norm is returned (the caller skips the step, as a loss scaler does).
+
+    sync=False never waits for the device: the norm comes back as a 0-d array on the
+    grads' device, the clipping factor min(1, max_norm / (norm + 1e-6)) is applied on the
+    device (grads untouched when the norm is not finite) and no error is raised; the caller
+    checks the norm when it synchronises anyway (a GPU training loop, at log steps).
     """
     if not max_norm >= 0:
         raise ValueError(f"clip_grad_norm_: max_norm must be >= 0, got {max_norm}")
@@ -40,6 +45,13 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     total = sq[0]
     for s in sq[1:]:
         total = total + s
+    if not sync:
+        xp = array_module(total)
+        dnorm = xp.sqrt(total)
+        coef = xp.where(xp.isfinite(dnorm), xp.minimum(max_norm / (dnorm + 1e-6), 1.0), 1.0)
+        for _, g in grads:
+            g *= coef.astype(g.dtype)
+        return dnorm
     norm = math.sqrt(float(total))                # one device -> host transfer
     if not math.isfinite(norm):
         if error_if_nonfinite:

@@ -185,6 +185,8 @@ class Linear(Function):
         self.save_for_backward(x, weight)
         self.has_bias = bias is not None
         y = x @ weight.T
+        if y.dtype != x.dtype:  # ml_dtypes' bfloat16 GEMM returns float32: round back
+            y = y.astype(x.dtype)
         if bias is not None:
             y += bias
         return y

@@ -27,7 +27,7 @@ import numpy as np
 from nn.lr_scheduler import WarmupCosine
 from nn.optim import AdamW
 from nn.serialization import load_model, load_optimizer, save_model, save_optimizer
-from nn.amp import LossScaler, autocast_
+from nn.amp import PRECISIONS, LossScaler, autocast_
 from nn.distributed import World, init as init_world, run_or_abort
 from nn.utils import clip_grad_norm_
 from tensor import backend
@@ -85,6 +85,10 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "sample_tokens", "lr", "min_lr", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be 'cpu' or 'cuda', got {self.device!r}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
