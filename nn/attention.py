@@ -43,9 +43,20 @@ def allowed_keys(xp: Any, Tq: int, Tk: int, causal: bool, mask: Any) -> Any:
     return allowed
 
 
+def _gemm_dtype(x: Any) -> Any:
+    """The dtype to run attention's batched GEMMs in: x's, except bfloat16 on CuPy
+    (CuPy 14 has no batched bfloat16 GEMM), which runs in float32."""
+    if x.dtype.name == "bfloat16" and array_module(x) is not np:
+        return np.dtype(np.float32)
+    return x.dtype
+
+
 def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, generator: Any) -> tuple:
     """The forward formulas above on raw arrays -> (O, P, keep-mask or None)."""
     xp = array_module(q)
+    in_dtype, work = q.dtype, _gemm_dtype(q)
+    if work != in_dtype:
+        q, k, v = q.astype(work), k.astype(work), v.astype(work)
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = _f32(q @ k.swapaxes(-1, -2))  # the GEMM in the input dtype, softmax in float32
     s *= scale
@@ -65,12 +76,15 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
         keep = rng.random(p.shape) >= dropout_p
         pd = p * keep * (1.0 / (1.0 - dropout_p))
     out = pd @ v
-    return (out if out.dtype == q.dtype else out.astype(q.dtype)), p, keep
+    return (out if out.dtype == in_dtype else out.astype(in_dtype)), p, keep
 
 
 def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropout_p: float) -> tuple:
     """The backward formulas above on raw arrays -> (dQ, dK, dV)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    work = _gemm_dtype(q)
+    if work != q.dtype:
+        g, q, k, v = g.astype(work), q.astype(work), k.astype(work), v.astype(work)
     pd = p if keep is None else p * keep * (1.0 / (1.0 - dropout_p))
     dv = pd.swapaxes(-1, -2) @ g
     dp = g @ v.swapaxes(-1, -2)

@@ -1,0 +1,116 @@
+"""GPU (CuPy) checks: skipped cleanly without CuPy or a GPU; run for real on the device machine."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensor import Tensor, backend, gradcheck
+import tensor.functional as F
+
+pytestmark = pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and an NVIDIA GPU")
+
+
+def tiny_gpt(seed: int = 0, pos: str = "sinusoidal"):
+    from tinygrad_lm.model import GPT, GPTConfig
+    return GPT(GPTConfig(vocab_size=31, block_size=16, n_layer=2, n_head=2, n_embd=16, pos_encoding=pos), seed=seed)
+
+
+def test_tensor_lives_on_the_gpu_and_comes_back() -> None:
+    x = Tensor(np.arange(6.0).reshape(2, 3), device="cuda", requires_grad=True)
+    assert x.device == "cuda"
+    y = (x * 2).sum()
+    y.backward()
+    assert backend.device_of(x.grad) == "cuda"
+    np.testing.assert_allclose(backend.to_numpy(x.grad), 2.0)
+    assert x.to("cpu").device == "cpu"
+
+
+def test_mixing_devices_is_an_error_naming_both() -> None:
+    a = Tensor(np.ones(3), device="cuda")
+    b = Tensor(np.ones(3))
+    with pytest.raises(RuntimeError, match="cuda.*cpu|cpu.*cuda"):
+        a + b
+
+
+@pytest.mark.parametrize("name", ["matmul", "softmax", "log_softmax", "cross_entropy", "layer_norm", "embedding",
+                                  "gelu", "max", "getitem", "attention"])
+def test_gradcheck_float64_on_gpu(name: str) -> None:
+    from nn.functional import scaled_dot_product_attention
+    rng = np.random.default_rng(0)
+    g = lambda *s: Tensor(rng.standard_normal(s), device="cuda", requires_grad=True)  # noqa: E731
+    t = np.array([0, 3, 1])
+    ids = np.array([[0, 2, 2], [1, 0, 3]])
+    cases = {
+        "matmul": (lambda a, b: a @ b, [g(2, 3, 4), g(4, 5)]),
+        "softmax": (lambda a: F.softmax(a), [g(3, 5)]),
+        "log_softmax": (lambda a: F.log_softmax(a, axis=0), [g(3, 5)]),
+        "cross_entropy": (lambda a: F.cross_entropy(a, t), [g(3, 5)]),
+        "layer_norm": (lambda a, w, b: F.layer_norm(a, w, b), [g(2, 3, 6), g(6), g(6)]),
+        "embedding": (lambda w: F.embedding(ids, w), [g(4, 3)]),
+        "gelu": (lambda a: a.gelu(), [g(4, 4)]),
+        "max": (lambda a: a.max(axis=1), [g(3, 4)]),
+        "getitem": (lambda a: a[np.array([0, 2, 0])], [g(3, 4)]),
+        "attention": (lambda q, k, v: scaled_dot_product_attention(q, k, v), [g(1, 2, 4, 3), g(1, 2, 4, 3), g(1, 2, 4, 3)]),
+    }
+    fn, inputs = cases[name]
+    assert gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "learned"])
+def test_cpu_and_gpu_give_the_same_loss_and_grads(pos: str) -> None:
+    idx = np.random.default_rng(1).integers(0, 31, (3, 13))
+    cpu, gpu = tiny_gpt(pos=pos), tiny_gpt(pos=pos).to("cuda")
+    _, lc = cpu(idx[:, :-1], idx[:, 1:])
+    _, lg = gpu(idx[:, :-1], idx[:, 1:])
+    lc.backward()
+    lg.backward()
+    assert lg.device == "cuda"
+    np.testing.assert_allclose(lg.item(), lc.item(), rtol=1e-5)
+    for (n, pc), (_, pg) in zip(cpu.named_parameters(), gpu.named_parameters()):
+        np.testing.assert_allclose(backend.to_numpy(pg.grad), pc.grad, rtol=1e-3, atol=1e-5, err_msg=n)
+
+
+def test_training_step_on_gpu_syncs_only_at_log_steps(tmp_path, monkeypatch) -> None:
+    from tinygrad_lm.train import Trainer, make_config
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    cfg = make_config(None, None, data=str(corpus), n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=4,
+                      max_iters=5, sample_tokens=0, progress=False, out=str(tmp_path / "run"), device="cuda",
+                      cache_dir=str(tmp_path / "cache"))
+    tr = Trainer(cfg, log=lambda s: None)
+    tr.train_step()  # warm-up (allocations, plan)
+    calls = []
+    real = backend.device_to_host
+    monkeypatch.setattr(backend, "device_to_host", lambda x: calls.append(x.shape) or real(x))
+    import cupy
+    real_get = cupy.ndarray.get
+    losses = [tr.train_step() for _ in range(3)]
+    assert calls == [], f"a training step copied to the host: {calls}"
+    lossf = tr.check_finite(losses[-1])  # the one sync, at a log step
+    assert np.isfinite(lossf) and len(calls) >= 1
+    assert all(backend.device_of(p.data) == "cuda" for p in tr.model.parameters())
+    for st in tr.optimizer.state.values():
+        assert all(backend.device_of(v) == "cuda" for v in st.values() if hasattr(v, "shape"))
+
+
+def test_sampler_on_gpu_matches_cpu() -> None:
+    from tinygrad_lm.sample import generate
+    prompt = np.array([[1, 2, 3]])
+    a = generate(tiny_gpt(), prompt, 20, temperature=0)
+    b = generate(tiny_gpt().to("cuda"), prompt, 20, temperature=0)
+    assert (a == b).all()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_step_on_gpu(precision: str) -> None:
+    from nn.amp import autocast_
+    idx = np.random.default_rng(2).integers(0, 31, (4, 13))
+    ref, m = tiny_gpt(), autocast_(tiny_gpt().to("cuda"), precision)
+    _, l32 = ref(idx[:, :-1], idx[:, 1:])
+    logits, l = m(idx[:, :-1], idx[:, 1:])
+    l.backward()
+    assert str(logits.dtype) in ("float16", "bfloat16")
+    assert l.dtype == np.float32
+    np.testing.assert_allclose(l.item(), l32.item(), rtol=2e-2)
+    for p in m.parameters():
+        assert p.dtype == np.float32 and p.grad.dtype == np.float32
