@@ -1,0 +1,140 @@
+"""The backward-pass exercises: the checker fails on every stub, passes on every
+reference solution, and explains a wrong answer (which input, where, expected vs got, a hint)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tensor.exercises import CURRICULUM, check, diagnose, exercise_names
+from tensor.exercises.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+STUBS = ROOT / "examples" / "exercises"
+SOLUTIONS = STUBS / "solutions"
+
+
+def test_curriculum_is_complete() -> None:
+    assert len(CURRICULUM) >= 15
+    assert exercise_names(STUBS) == CURRICULUM
+    assert exercise_names(SOLUTIONS) == CURRICULUM
+
+
+@pytest.mark.parametrize("name", CURRICULUM)
+def test_checker_fails_on_the_stub(name: str) -> None:
+    r = check(name, STUBS, examples=5)
+    assert r.status == "not started", r.message
+    assert "not started yet" in r.message and f"{name}.py" in r.message
+
+
+@pytest.mark.parametrize("name", CURRICULUM)
+def test_checker_passes_on_the_solution(name: str) -> None:
+    r = check(name, SOLUTIONS)
+    assert r.solved, r.message
+    assert r.examples >= 20  # Hypothesis really drew many examples
+
+
+def _without_backward_bodies(path: Path) -> str:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "backward":
+            node.body = []
+    return ast.dump(tree)
+
+
+@pytest.mark.parametrize("name", CURRICULUM)
+def test_stub_and_solution_differ_only_in_backward(name: str) -> None:
+    assert _without_backward_bodies(STUBS / f"{name}.py") == _without_backward_bodies(SOLUTIONS / f"{name}.py")
+    stub = (STUBS / f"{name}.py").read_text()
+    assert 'raise NotImplementedError("TODO' in stub and "# ---- TODO" in stub
+
+
+def _mutant(tmp_path: Path, name: str, old: str, new: str) -> Path:
+    text = (SOLUTIONS / f"{name}.py").read_text()
+    assert old in text
+    (tmp_path / f"{name}.py").write_text(text.replace(old, new))
+    return tmp_path
+
+
+def test_forgotten_broadcast_reduction_gets_the_broadcast_hint(tmp_path: Path) -> None:
+    d = _mutant(tmp_path, "broadcast_add", "return reduce_to(g, self.shape_a), reduce_to(g, self.shape_b)",
+                "return reduce_to(g, self.shape_a), g")
+    r = check("broadcast_add", d)
+    assert r.status == "wrong" and r.kind == "shape"
+    assert "the gradient for 'b' has shape" in r.message
+    assert "did you reduce over the broadcast axes?" in r.message
+
+
+def test_sign_error_names_input_index_values_and_hint(tmp_path: Path) -> None:
+    d = _mutant(tmp_path, "div", "return g / b, -g * a / (b * b)", "return g / b, g * a / (b * b)")
+    r = check("div", d)
+    assert r.status == "wrong" and r.kind == "sign"
+    det = r.details
+    assert det["input"] == "b" and det["got"] == pytest.approx(-det["expected"], rel=1e-3)
+    assert f"input 'b'" in r.message and f"at index {det['index']}" in r.message
+    assert "expected" in r.message and "(numeric)" in r.message and "got" in r.message
+    assert "sign error?" in r.message and "hint: d(1/b)/db = -1/b^2" in r.message
+
+
+def test_missing_mean_is_a_shape_dependent_factor(tmp_path: Path) -> None:
+    d = _mutant(tmp_path, "cross_entropy", "return d * (g / len(targets)), None", "return d * g, None")
+    r = check("cross_entropy", d)
+    assert r.kind == "factor" and "1/N?" in r.message and "divide by N" in r.message
+
+
+def test_ties_are_diagnosed_as_partial(tmp_path: Path) -> None:
+    d = _mutant(tmp_path, "max", "winners /= winners.sum(axis=-1, keepdims=True)  # ties share equally", "pass")
+    r = check("max", d)
+    assert r.kind == "partial" and "tie" in r.message
+
+
+def test_missing_gradient_and_wrong_count(tmp_path: Path) -> None:
+    d = _mutant(tmp_path, "mul", "return g * b, g * a", "return g * b, None")
+    r = check("mul", d)
+    assert r.kind == "none" and "returned None for input 'b'" in r.message
+    d = _mutant(tmp_path, "mul", "return g * b, g * a", "return (g * b,)")
+    r = check("mul", d)
+    assert "returned 1 gradient(s) but the op has 2 input(s)" in r.message
+
+
+def test_an_exception_in_backward_is_reported_with_its_line(tmp_path: Path) -> None:
+    d = _mutant(tmp_path, "matmul", "da = g @ b.T", "da = g @ b")
+    r = check("matmul", d)
+    assert r.status in ("error", "wrong")
+    assert "matmul.py" in r.message
+
+
+def test_diagnose_kinds() -> None:
+    import numpy as np
+    n = np.array([1.0, -2.0, 3.0])
+    assert diagnose(-n, n)[0] == "sign"
+    assert diagnose(2 * n, n)[0] == "factor" and "factor of 2" in diagnose(2 * n, n)[1]
+    assert diagnose(0.5 * n, n)[0] == "factor" and "missing a factor" not in diagnose(0.5 * n, n)[1]
+    assert diagnose(np.zeros(3), n)[0] == "zero"
+    assert diagnose(np.array([1.0, -2.0, 0.0]), n)[0] == "partial"
+    assert diagnose(np.array([np.nan, 0, 0]), n)[0] == "nan"
+
+
+def test_cli_list_check_show_and_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    assert main(["--dir", str(SOLUTIONS), "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(CURRICULUM)}/{len(CURRICULUM)} solved" in out and "[x] solved   softmax" in out
+    assert main(["list"]) == 0  # the stubs of this checkout
+    out = capsys.readouterr().out
+    assert f"0/{len(CURRICULUM)} solved" in out and "[ ] not yet  softmax" in out
+    assert main(["check", "softmax"]) == 1
+    assert "not started yet" in capsys.readouterr().out
+    assert main(["check", "softmax", "--dir", str(SOLUTIONS)]) == 0
+    assert "solved" in capsys.readouterr().out
+    assert main(["show", "layer_norm"]) == 0
+    assert "Derive" in capsys.readouterr().out
+    assert main(["check", "nope"]) == 1
+    assert "no exercise 'nope'" in capsys.readouterr().out
+    assert main(["--dir", str(tmp_path / "missing"), "list"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_env_var_points_the_checker_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TINYGRAD_EXERCISES_DIR", str(SOLUTIONS))
+    assert check("gelu").solved
