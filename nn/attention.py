@@ -25,9 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from tensor import kernels
 from tensor.backend import array_module
 from tensor.functional import _f32
 from tensor.tensor import Function, Tensor, shape_str
+
+
+CAUSAL = "causal"  # `allowed` marker: a plain causal mask, which the fused GPU softmax builds itself
 
 
 def allowed_keys(xp: Any, Tq: int, Tk: int, causal: bool, mask: Any) -> Any:
@@ -58,6 +62,13 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     if work != in_dtype:
         q, k, v = q.astype(work), k.astype(work), v.astype(work)
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if allowed is CAUSAL and dropout_p == 0.0 and kernels.usable(q, contiguous=False):  # GPU: fused masked softmax
+        s = q @ k.swapaxes(-1, -2)
+        p = kernels.causal_softmax(xp.ascontiguousarray(s), scale, q.dtype)
+        out = p @ v
+        return (out if out.dtype == in_dtype else out.astype(in_dtype)), p, None
+    if allowed is CAUSAL:
+        allowed = allowed_keys(xp, q.shape[-2], k.shape[-2], True, None)
     s = _f32(q @ k.swapaxes(-1, -2))  # the GEMM in the input dtype, softmax in float32
     s *= scale
     if allowed is not None:
@@ -90,10 +101,13 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
     dp = g @ v.swapaxes(-1, -2)
     if keep is not None:
         dp *= keep * (1.0 / (1.0 - dropout_p))
-    p32, dp32 = _f32(p), _f32(dp)
-    ds = p32 * (dp32 - (dp32 * p32).sum(axis=-1, keepdims=True))
-    ds *= scale
-    ds = ds.astype(q.dtype, copy=False)
+    if kernels.usable(p, dp):  # GPU: one fused kernel, the same formula
+        ds = kernels.softmax_backward(p, dp, scale).astype(q.dtype, copy=False)
+    else:
+        p32, dp32 = _f32(p), _f32(dp)
+        ds = p32 * (dp32 - (dp32 * p32).sum(axis=-1, keepdims=True))
+        ds *= scale
+        ds = ds.astype(q.dtype, copy=False)
     return ds @ k, ds.swapaxes(-1, -2) @ q, dv
 
 
@@ -106,7 +120,7 @@ class ScaledDotProductAttention(Function):
                              f"got q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}")
         if causal and q.shape[-2] > k.shape[-2]:
             raise ValueError(f"scaled_dot_product_attention: causal needs Tq <= Tk, got q {shape_str(q)}, k {shape_str(k)}")
-        allowed = allowed_keys(array_module(q), q.shape[-2], k.shape[-2], causal, mask)
+        allowed = CAUSAL if causal and mask is None else allowed_keys(array_module(q), q.shape[-2], k.shape[-2], causal, mask)
         out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
         self.save_for_backward(q, k, v, p, keep)
         self.dropout_p = dropout_p
@@ -131,7 +145,7 @@ class CausalAttentionQKV(Function):
         D = C3 // (3 * n_head)
         heads = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D), a view
         q, k, v = heads[0], heads[1], heads[2]
-        allowed = allowed_keys(array_module(qkv), T, T, causal, mask)
+        allowed = CAUSAL if causal and mask is None else allowed_keys(array_module(qkv), T, T, causal, mask)
         out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
         self.save_for_backward(q, k, v, p, keep)
         self.dropout_p, self.shape = dropout_p, (B, T, n_head, D)

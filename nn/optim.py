@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from tensor import backend
+from tensor import kernels
 from tensor.backend import array_module
 from tensor.tensor import Tensor
 
@@ -312,8 +313,12 @@ def _adam_step(xp: Any, p: Any, g: Any, m: Any, v: Any, t: int, lr: float, beta1
         p <- p - lr * m_hat / (sqrt(v_hat) + eps)
 
     computed as p -= (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), PyTorch's order.
-    Uses one scratch array the size of p.
+    Uses one scratch array the size of p. On the GPU the whole update is one fused kernel
+    (tensor/kernels.py: adam_step, the same formulas).
     """
+    if kernels.usable(p, g, m, v) and g.dtype == p.dtype:
+        kernels.adam_step(p, g, m, v, lr, beta1, beta2, eps, t)
+        return
     tmp = xp.empty_like(p)
     xp.multiply(g, 1.0 - beta1, out=tmp)
     m *= beta1

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from tensor import kernels
 from tensor.backend import array_module
 from tensor.ops.indexing import scatter_add_rows
 from tensor.tensor import Function, Tensor, shape_str
@@ -83,6 +84,13 @@ class CrossEntropy(Function):
         if xp is np and bool(((t < 0) | (t >= C))[valid].any()):
             raise IndexError(f"cross_entropy: a target is outside [0, {C}) (ignore_index={ignore_index})")
         n_valid = int(valid.sum()) if xp is np else valid.sum()
+        self.in_shape, self.in_dtype, self.ignore_index = logits.shape, logits.dtype, ignore_index
+        out_dtype = np.float32 if logits.dtype.itemsize < 4 else logits.dtype
+        if kernels.usable(logits):  # GPU: one kernel per pass (tensor/kernels.py), same formulas
+            x = logits.reshape(-1, C)
+            lse, nll = kernels.cross_entropy_forward(x, t, ignore_index)
+            self.save_for_backward(x, t, lse, n_valid, None)
+            return (nll.sum() / xp.maximum(n_valid, 1)).astype(out_dtype)
         t_safe = xp.where(valid, t, 0)
         shifted = x - x.max(axis=1, keepdims=True)
         sumexp = xp.exp(shifted).sum(axis=1, keepdims=True)
@@ -90,10 +98,14 @@ class CrossEntropy(Function):
         nll = xp.log(sumexp[:, 0]) - shifted[rows, t_safe]
         loss = (nll * valid).sum() / xp.maximum(n_valid, 1)
         self.save_for_backward(shifted, sumexp, t_safe, valid, n_valid)
-        self.in_shape, self.in_dtype = logits.shape, logits.dtype
-        return loss.astype(np.float32 if logits.dtype.itemsize < 4 else logits.dtype)
+        return loss.astype(out_dtype)
 
     def backward(self, g):
+        if self.saved[-1] is None:  # the fused GPU path
+            x, t, lse, n_valid, _ = self.saved
+            scale = g.astype(np.float32) / array_module(x).maximum(n_valid, 1)
+            dx = kernels.cross_entropy_backward(x, t, lse, scale, self.ignore_index)
+            return dx.reshape(self.in_shape), None
         shifted, sumexp, t_safe, valid, n_valid = self.saved
         xp = array_module(shifted)
         p = xp.exp(shifted)
@@ -116,19 +128,37 @@ class LayerNorm(Function):
             if p is not None and p.shape != (C,):
                 raise ValueError(f"layer_norm: {name} of shape {shape_str(p)} does not match the last axis of x "
                                  f"{shape_str(x)} (expected ({C},))")
+        self.has_bias, self.in_dtype = bias is not None, x.dtype
+        same = all(p is None or p.dtype == x.dtype for p in (weight, bias))
+        if same and kernels.usable(x, weight, bias):  # GPU: one fused kernel (tensor/kernels.py)
+            y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps)
+            self.save_for_backward(x, mean, rstd, weight, "fused")
+            return y
         x32 = _f32(x)
         mu = x32.mean(axis=-1, keepdims=True)
         xc = x32 - mu
         rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
         xhat = xc * rstd
         self.save_for_backward(xhat, rstd, weight)
-        self.has_bias, self.in_dtype = bias is not None, x.dtype
         y = xhat * weight if weight is not None else xhat
         if bias is not None:
             y = y + bias
         return y.astype(x.dtype, copy=False)
 
     def backward(self, g):
+        if len(self.saved) == 5:  # the fused GPU path
+            x, mean, rstd, weight, _ = self.saved
+            xp = array_module(x)
+            g = xp.ascontiguousarray(g)
+            dx = kernels.layer_norm_backward(x, weight, g, mean, rstd)
+            lead = tuple(range(g.ndim - 1))
+            dw = db = None
+            if weight is not None and self.needs_grad[1]:
+                xhat = (x.reshape(-1, x.shape[-1]) - mean[:, None]) * rstd[:, None]
+                dw = (g.reshape(xhat.shape) * xhat).sum(axis=0).astype(weight.dtype)
+            if self.has_bias and self.needs_grad[2]:
+                db = g.sum(axis=lead).astype(g.dtype)
+            return dx, dw, db
         xhat, rstd, weight = self.saved
         g32 = _f32(g)
         lead = tuple(range(g.ndim - 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tensor import kernels
 from tensor.backend import array_module
 from tensor.tensor import Function, unbroadcast
 
@@ -160,6 +161,9 @@ class Gelu(Function):
     """GELU, tanh approximation: y = 0.5 a (1 + tanh(k (a + 0.044715 a^3))), k = sqrt(2/pi)."""
     # dy/da = 0.5 (1 + t) + 0.5 a (1 - t^2) k (1 + 3*0.044715 a^2),  t = tanh(k (a + 0.044715 a^3))
     def forward(self, a):
+        if kernels.usable(a):  # GPU: the same formula as one fused kernel (tensor/kernels.py)
+            self.save_for_backward(a, None)
+            return kernels.gelu_forward(a)
         xp = array_module(a)
         t = xp.tanh(GELU_K * (a + 0.044715 * a * a * a))
         self.save_for_backward(a, t)
@@ -167,6 +171,8 @@ class Gelu(Function):
 
     def backward(self, g):
         a, t = self.saved
+        if t is None:
+            return (kernels.gelu_backward(a, array_module(g).ascontiguousarray(g)),)
         da = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_K * (1.0 + 3 * 0.044715 * a * a)
         return (g * da,)
 

@@ -1,0 +1,318 @@
+"""Fused CUDA kernels (through CuPy) for the hottest ops on the GPU.
+
+The array-API code inside each op is the readable reference and the CPU path. On the
+GPU, a chain of array calls launches one kernel per call and writes a temporary each
+time; these kernels do the whole formula in one pass over memory:
+
+    gelu_forward / gelu_backward     GELU (tanh approximation) and its derivative
+    layer_norm_forward / _backward   per-row mean, 1/std, normalise, scale+shift (and dx)
+    causal_softmax / softmax_backward  attention's masked softmax and its backward
+    cross_entropy_forward / _backward  per-row log-sum-exp, NLL, and softmax - onehot
+    adam_step                        the whole (decoupled) Adam update of one parameter
+
+Each formula is the same as the reference op's (see the op's comment). `usable(x)` says
+whether a kernel applies (a CuPy float16/float32/float64 array and TINYGRAD_LM_FUSED
+not set to 0); callers fall back to the reference otherwise. Row kernels use one thread
+block per row and block-wide reductions; statistics are accumulated in float32 (double
+for float64 data).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+
+from tensor import backend
+
+_FLOATS = ("float16", "float32", "float64")
+
+
+def usable(*arrays: Any, contiguous: bool = True) -> bool:
+    """True when every array is a (contiguous, unless told otherwise) CuPy float16/32/64
+    array and fusion is on."""
+    if os.environ.get("TINYGRAD_LM_FUSED", "1") == "0":
+        return False
+    for a in arrays:
+        if a is None:
+            continue
+        if backend.array_module(a) is np or a.dtype.name not in _FLOATS or (contiguous and not a.flags.c_contiguous):
+            return False
+    return True
+
+
+def _cp() -> Any:
+    return backend.cupy_module()
+
+
+# ----------------------------------------------------------------------------- elementwise
+@functools.lru_cache(maxsize=None)
+def _elementwise(name: str) -> Any:
+    cp = _cp()
+    k = 0.7978845608028654  # sqrt(2/pi)
+    if name == "gelu_fwd":
+        # y = 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
+        return cp.ElementwiseKernel("T x", "T y", f"""
+            double xd = (double)x; double t = tanh({k} * (xd + 0.044715 * xd * xd * xd));
+            y = (T)(0.5 * xd * (1.0 + t));""", "tglm_gelu_fwd")
+    if name == "gelu_bwd":
+        # dx = g (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3*0.044715 x^2))
+        return cp.ElementwiseKernel("T x, T g", "T dx", f"""
+            double xd = (double)x; double t = tanh({k} * (xd + 0.044715 * xd * xd * xd));
+            double d = 0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * {k} * (1.0 + 3.0 * 0.044715 * xd * xd);
+            dx = (T)((double)g * d);""", "tglm_gelu_bwd")
+    if name == "adam":
+        # m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p = p*decay - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+        return cp.ElementwiseKernel(
+            "T g, float64 lr, float64 b1, float64 b2, float64 eps, float64 bc1, float64 sqrt_bc2, float64 decay",
+            "T p, T m, T v", """
+            double gd = (double)g;
+            double md = b1 * (double)m + (1.0 - b1) * gd;
+            double vd = b2 * (double)v + (1.0 - b2) * gd * gd;
+            m = (T)md; v = (T)vd;
+            p = (T)((double)p * decay - (lr / bc1) * md / (sqrt(vd) / sqrt_bc2 + eps));""", "tglm_adam")
+    raise KeyError(name)
+
+
+def gelu_forward(x: Any) -> Any:
+    return _elementwise("gelu_fwd")(x)
+
+
+def gelu_backward(x: Any, g: Any) -> Any:
+    return _elementwise("gelu_bwd")(x, g)
+
+
+def adam_step(p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float, eps: float,
+              step: int, decay: float = 1.0) -> None:
+    """In place: the Adam moments and p <- p * decay - lr * m_hat / (sqrt(v_hat) + eps)."""
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    _elementwise("adam")(g, lr, beta1, beta2, eps, bc1, bc2 ** 0.5, decay, p, m, v)
+
+
+# ----------------------------------------------------------------------------- row kernels
+_ROW_COMMON = r"""
+#include <cuda_fp16.h>
+template <typename A>
+__device__ A block_sum(A x, A* shared) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffff, x, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    A total = 0;
+    int nw = (blockDim.x + 31) >> 5;
+    for (int i = 0; i < nw; ++i) total += shared[i];
+    return total;
+}
+template <typename A>
+__device__ A block_max(A x, A* shared) {
+    for (int o = 16; o > 0; o >>= 1) { A y = __shfl_down_sync(0xffffffff, x, o); x = y > x ? y : x; }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    A total = shared[0];
+    int nw = (blockDim.x + 31) >> 5;
+    for (int i = 1; i < nw; ++i) total = shared[i] > total ? shared[i] : total;
+    return total;
+}
+"""
+
+_ROW_KERNELS = r"""
+// LayerNorm forward over rows of length C: xhat = (x - mean) * rstd; y = xhat * w + b
+template <typename T, typename A>
+__global__ void ln_fwd(const T* x, const T* w, const T* b, T* y, A* mean_out, A* rstd_out, int C, A eps,
+                       int has_w, int has_b) {
+    __shared__ A sh[32];
+    const T* xr = x + (long long)blockIdx.x * C;
+    T* yr = y + (long long)blockIdx.x * C;
+    A s = 0;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) s += (A)xr[j];
+    A mean = block_sum(s, sh) / C;
+    A q = 0;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) { A d = (A)xr[j] - mean; q += d * d; }
+    A rstd = rsqrt(block_sum(q, sh) / C + eps);
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        A v = ((A)xr[j] - mean) * rstd;
+        if (has_w) v *= (A)w[j];
+        if (has_b) v += (A)b[j];
+        yr[j] = (T)v;
+    }
+    if (threadIdx.x == 0) { mean_out[blockIdx.x] = mean; rstd_out[blockIdx.x] = rstd; }
+}
+
+// LayerNorm backward: dxhat = g*w; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat))
+template <typename T, typename A>
+__global__ void ln_bwd(const T* x, const T* w, const T* g, const A* mean_in, const A* rstd_in, T* dx, int C,
+                       int has_w) {
+    __shared__ A sh[32];
+    long long off = (long long)blockIdx.x * C;
+    A mean = mean_in[blockIdx.x], rstd = rstd_in[blockIdx.x];
+    A s1 = 0, s2 = 0;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        A xh = ((A)x[off + j] - mean) * rstd;
+        A dxh = (A)g[off + j] * (has_w ? (A)w[j] : (A)1);
+        s1 += dxh; s2 += dxh * xh;
+    }
+    A m1 = block_sum(s1, sh) / C;
+    A m2 = block_sum(s2, sh) / C;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        A xh = ((A)x[off + j] - mean) * rstd;
+        A dxh = (A)g[off + j] * (has_w ? (A)w[j] : (A)1);
+        dx[off + j] = (T)(rstd * (dxh - m1 - xh * m2));
+    }
+}
+
+// causal softmax of scores s (rows of Tk; row r is query r % Tq at position r % Tq + Tk - Tq):
+// p_j = exp(scale*s_j - max) / sum over allowed keys; masked keys get 0
+template <typename S, typename P>
+__global__ void causal_softmax(const S* s, P* p, int Tq, int Tk, float scale) {
+    __shared__ float sh[32];
+    long long off = (long long)blockIdx.x * Tk;
+    int last = (int)(blockIdx.x % Tq) + Tk - Tq;  // the last key this query may see
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, scale * (float)s[off + j]);
+    m = block_max(m, sh);
+    float z = 0;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) z += __expf(scale * (float)s[off + j] - m);
+    z = block_sum(z, sh);
+    float inv = 1.0f / z;
+    for (int j = threadIdx.x; j < Tk; j += blockDim.x)
+        p[off + j] = (P)(j <= last ? __expf(scale * (float)s[off + j] - m) * inv : 0.0f);
+}
+
+// softmax backward: ds_j = scale * p_j * (dp_j - sum_k dp_k p_k)
+template <typename P>
+__global__ void softmax_bwd(const P* p, const P* dp, P* ds, int Tk, float scale) {
+    __shared__ float sh[32];
+    long long off = (long long)blockIdx.x * Tk;
+    float s = 0;
+    for (int j = threadIdx.x; j < Tk; j += blockDim.x) s += (float)p[off + j] * (float)dp[off + j];
+    s = block_sum(s, sh);
+    for (int j = threadIdx.x; j < Tk; j += blockDim.x)
+        ds[off + j] = (P)(scale * (float)p[off + j] * ((float)dp[off + j] - s));
+}
+
+// cross-entropy forward per row: lse = log sum exp(x); nll = lse - x[t] (0 where t == ignore)
+template <typename T>
+__global__ void ce_fwd(const T* x, const long long* t, float* lse_out, float* nll_out, int C, long long ignore) {
+    __shared__ float sh[32];
+    long long off = (long long)blockIdx.x * C;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) m = fmaxf(m, (float)x[off + j]);
+    m = block_max(m, sh);
+    float z = 0;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) z += __expf((float)x[off + j] - m);
+    z = block_sum(z, sh);
+    if (threadIdx.x == 0) {
+        float lse = m + __logf(z);
+        long long ti = t[blockIdx.x];
+        lse_out[blockIdx.x] = lse;
+        nll_out[blockIdx.x] = (ti == ignore) ? 0.0f : lse - (float)x[off + ti];
+    }
+}
+
+// cross-entropy backward: dx_j = (exp(x_j - lse) - [j == t]) * scale, 0 for ignored rows
+template <typename T>
+__global__ void ce_bwd(const T* x, const long long* t, const float* lse, const float* scale, T* dx, int C,
+                       long long ignore) {
+    long long off = (long long)blockIdx.x * C;
+    long long ti = t[blockIdx.x];
+    float sc = (ti == ignore) ? 0.0f : scale[0];
+    float l = lse[blockIdx.x];
+    for (int j = threadIdx.x; j < C; j += blockDim.x)
+        dx[off + j] = (T)((__expf((float)x[off + j] - l) - (j == ti ? 1.0f : 0.0f)) * sc);
+}
+"""
+
+_CTYPE = {"float16": "__half", "float32": "float", "float64": "double"}
+_ACC = {"float16": "float", "float32": "float", "float64": "double"}
+
+
+@functools.lru_cache(maxsize=None)
+def _module() -> Any:
+    cp = _cp()
+    names = []
+    for t in _FLOATS:
+        c, a = _CTYPE[t], _ACC[t]
+        names += [f"ln_fwd<{c},{a}>", f"ln_bwd<{c},{a}>", f"softmax_bwd<{c}>", f"ce_fwd<{c}>", f"ce_bwd<{c}>"]
+        for p in _FLOATS:
+            names.append(f"causal_softmax<{c},{_CTYPE[p]}>")
+    return cp.RawModule(code=_ROW_COMMON + _ROW_KERNELS, options=("--std=c++14",), name_expressions=names)
+
+
+def _kernel(expr: str) -> Any:
+    return _module().get_function(expr)
+
+
+def _threads(n: int) -> int:
+    return int(min(256, max(32, 1 << (max(n, 1) - 1).bit_length())))
+
+
+def layer_norm_forward(x: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, Any]:
+    """x (..., C) -> (y like x, mean (rows,), rstd (rows,)) with statistics in float32 (double for float64)."""
+    cp = _cp()
+    C = x.shape[-1]
+    rows = x.size // C
+    acc = np.float64 if x.dtype == np.float64 else np.float32
+    y = cp.empty_like(x)
+    mean, rstd = cp.empty(rows, dtype=acc), cp.empty(rows, dtype=acc)
+    t = x.dtype.name
+    _kernel(f"ln_fwd<{_CTYPE[t]},{_ACC[t]}>")(
+        (rows,), (_threads(C),),
+        (x, w if w is not None else x, b if b is not None else x, y, mean, rstd, np.int32(C),
+         acc(eps), np.int32(w is not None), np.int32(b is not None)))
+    return y, mean, rstd
+
+
+def layer_norm_backward(x: Any, w: Any, g: Any, mean: Any, rstd: Any) -> Any:
+    cp = _cp()
+    C = x.shape[-1]
+    rows = x.size // C
+    dx = cp.empty_like(x)
+    t = x.dtype.name
+    _kernel(f"ln_bwd<{_CTYPE[t]},{_ACC[t]}>")(
+        (rows,), (_threads(C),), (x, w if w is not None else x, g, mean, rstd, dx, np.int32(C), np.int32(w is not None)))
+    return dx
+
+
+def causal_softmax(s: Any, scale: float, out_dtype: Any) -> Any:
+    """s (..., Tq, Tk) raw scores -> causal softmax(scale * s) in out_dtype."""
+    cp = _cp()
+    Tq, Tk = s.shape[-2], s.shape[-1]
+    p = cp.empty(s.shape, dtype=out_dtype)
+    _kernel(f"causal_softmax<{_CTYPE[s.dtype.name]},{_CTYPE[np.dtype(out_dtype).name]}>")(
+        (s.size // Tk,), (_threads(Tk),), (s, p, np.int32(Tq), np.int32(Tk), np.float32(scale)))
+    return p
+
+
+def softmax_backward(p: Any, dp: Any, scale: float) -> Any:
+    """ds = scale * p * (dp - rowsum(dp * p)), rows along the last axis."""
+    cp = _cp()
+    Tk = p.shape[-1]
+    ds = cp.empty_like(p)
+    _kernel(f"softmax_bwd<{_CTYPE[p.dtype.name]}>")((p.size // Tk,), (_threads(Tk),),
+                                                     (p, dp.astype(p.dtype, copy=False), ds, np.int32(Tk), np.float32(scale)))
+    return ds
+
+
+def cross_entropy_forward(x: Any, t: Any, ignore_index: int) -> tuple[Any, Any]:
+    """x (N, C), t (N,) int64 -> (lse (N,) float32, nll (N,) float32 with 0 for ignored rows)."""
+    cp = _cp()
+    N, C = x.shape
+    lse, nll = cp.empty(N, dtype=np.float32), cp.empty(N, dtype=np.float32)
+    _kernel(f"ce_fwd<{_CTYPE[x.dtype.name]}>")((N,), (_threads(C),),
+                                              (x, t.astype(np.int64, copy=False), lse, nll, np.int32(C), np.int64(ignore_index)))
+    return lse, nll
+
+
+def cross_entropy_backward(x: Any, t: Any, lse: Any, scale: Any, ignore_index: int) -> Any:
+    """dx = (softmax(x) - onehot(t)) * scale per row (0 for ignored rows); scale a 1-element float32 array."""
+    cp = _cp()
+    N, C = x.shape
+    dx = cp.empty_like(x)
+    _kernel(f"ce_bwd<{_CTYPE[x.dtype.name]}>")((N,), (_threads(C),),
+                                              (x, t.astype(np.int64, copy=False), lse, scale.astype(np.float32).reshape(1),
+                                               dx, np.int32(C), np.int64(ignore_index)))
+    return dx
