@@ -114,3 +114,51 @@ def test_mixed_precision_step_on_gpu(precision: str) -> None:
     np.testing.assert_allclose(l.item(), l32.item(), rtol=2e-2)
     for p in m.parameters():
         assert p.dtype == np.float32 and p.grad.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_fused_kernels_match_the_reference_ops(dtype: str, monkeypatch) -> None:
+    """Each fused kernel against the readable array-API path (TINYGRAD_LM_FUSED=0)."""
+    from nn.functional import causal_attention_qkv
+    rng = np.random.default_rng(3)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == "float16" else dict(rtol=1e-4, atol=1e-5)
+    shapes = {"x": (2, 5, 8), "w": (8,), "qkv": (2, 5, 24), "logits": (6, 11)}
+    host = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    targets = np.array([0, 3, -100, 10, 2, 2])
+
+    def run() -> dict:
+        t = {k: Tensor(v.astype(dtype), device="cuda", requires_grad=True) for k, v in host.items()}
+        outs = {
+            "gelu": t["x"].gelu(),
+            "layer_norm": F.layer_norm(t["x"], t["w"], t["w"] * 0.5),
+            "attention": causal_attention_qkv(t["qkv"], n_head=2),
+            "cross_entropy": F.cross_entropy(t["logits"], targets),
+        }
+        total = sum(((o.astype(np.float32) * 1.3) ** 2).sum() for o in outs.values())
+        total.backward()
+        res = {k: backend.to_numpy(o.data).astype(np.float64) for k, o in outs.items()}
+        res.update({f"grad_{k}": backend.to_numpy(v.grad).astype(np.float64) for k, v in t.items()})
+        return res
+
+    fused = run()
+    monkeypatch.setenv("TINYGRAD_LM_FUSED", "0")
+    ref = run()
+    for k in ref:
+        np.testing.assert_allclose(fused[k], ref[k], err_msg=k, **tol)
+
+
+def test_fused_adam_matches_reference(monkeypatch) -> None:
+    from nn import Parameter
+    from nn.optim import AdamW
+
+    def run() -> np.ndarray:
+        p = Parameter(np.linspace(-1, 1, 12).reshape(3, 4), device="cuda")
+        opt = AdamW([p], lr=0.1, weight_decay=0.1)
+        for i in range(3):
+            p.grad = p.data * (i + 1) - 0.3
+            opt.step()
+        return backend.to_numpy(p.data)
+
+    fused = run()
+    monkeypatch.setenv("TINYGRAD_LM_FUSED", "0")
+    np.testing.assert_allclose(fused, run(), rtol=1e-10, atol=1e-12)
