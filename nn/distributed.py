@@ -228,3 +228,133 @@ def run_or_abort(world: World, fn: Callable[[], int]) -> int:
         traceback.print_exc()
         world.abort(1)
         return 1
+
+
+class ZeRO1:
+    """ZeRO stage 1: the optimizer state is sharded across the ranks.
+
+    Each parameter group is viewed as one flat vector of n elements, cut into N equal
+    shards (the last padded). Rank r owns shard r: the optimizer moments for its slice of
+    the parameters, so optimizer memory per rank is 1/N. (The slice itself is copied from
+    the model's parameters at every step, so they stay the one source of truth.)
+
+        step():  reduce-scatter the gradients  -> rank r holds the summed grads of shard r
+                 divide by N (the average), clip by the global norm (one small allreduce)
+                 update shard r with the inner optimizer (AdamW, ...)
+                 all-gather the shards         -> every rank holds all updated parameters
+
+    With the same inner optimizer this gives the same weights as plain data parallelism
+    (allreduce + full update) up to float32 round-off in the gradient sums.
+
+    groups: like an optimizer's parameter groups ({"params": [...], "weight_decay": ...});
+    make_inner(groups) builds the inner optimizer over the shard parameters.
+    """
+
+    def __init__(self, world: World, groups: list[dict], make_inner: Callable[[list[dict]], Any]) -> None:
+        from nn.module import Parameter
+        self.world = world
+        self.groups = [dict(g, params=list(g["params"])) for g in groups]
+        N, r = world.size, world.rank
+        self.layout = []  # per group: (params, n, shard size)
+        inner_groups = []
+        for g in self.groups:
+            ps = g["params"]
+            n = sum(p.size for p in ps)
+            S = -(-n // N)
+            flat = np.zeros(S * N, dtype=np.float32)
+            flat[:n] = np.concatenate([backend.to_numpy(p.data).reshape(-1) for p in ps]) if ps else []
+            shard = Parameter(flat[r * S:(r + 1) * S].copy())
+            self.layout.append((ps, n, S, shard))
+            inner_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [shard]})
+        self.inner = make_inner(inner_groups)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    def zero_grad(self) -> None:
+        for ps, _, _, shard in self.layout:
+            shard.grad = None
+            for p in ps:
+                p.grad = None
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state held by this rank (the moments of its shard)."""
+        return sum(v.nbytes for st in self.inner.state.values() for v in st.values() if hasattr(v, "nbytes"))
+
+    def step(self, max_norm: float = 0.0) -> float:
+        """Reduce-scatter, clip, update the own shard, all-gather. Returns the global grad norm."""
+        N = self.world.size
+        sq = 0.0
+        for ps, n, S, shard in self.layout:
+            full = np.zeros(S * N, dtype=np.float32)
+            offset = 0
+            for p in ps:
+                if p.grad is not None:
+                    full[offset:offset + p.size] = backend.to_numpy(p.grad).reshape(-1)
+                offset += p.size
+            mine = self._reduce_scatter(full, S) / N
+            shard.grad = mine
+            sq += float(np.dot(mine, mine))
+        norm = float(np.sqrt(self.world.allreduce_mean(sq) * N))  # sum of the shards' squares
+        if not np.isfinite(norm):
+            return norm
+        if max_norm > 0 and norm > max_norm:
+            for *_, shard in self.layout:
+                shard.grad *= max_norm / (norm + 1e-6)
+        r = self.world.rank
+        for ps, n, S, shard in self.layout:  # the parameters are the truth (e.g. just loaded from a checkpoint)
+            flat = np.zeros(S * N, dtype=np.float32)
+            flat[:n] = np.concatenate([backend.to_numpy(p.data).reshape(-1) for p in ps]) if ps else []
+            shard.data[...] = flat[r * S:(r + 1) * S]
+        self.inner.step()
+        for ps, n, S, shard in self.layout:
+            full = self._all_gather(shard.data, S)
+            offset = 0
+            for p in ps:
+                p.data = backend.to_device(full[offset:offset + p.size].reshape(p.shape).astype(p.dtype), p.device)
+                p._version += 1
+                offset += p.size
+        return norm
+
+    def _reduce_scatter(self, full: np.ndarray, S: int) -> np.ndarray:
+        if self.world.size == 1:
+            return full.copy()
+        out = np.empty(S, dtype=full.dtype)
+        self.world.comm.Reduce_scatter_block(full, out, op=self.world.MPI.SUM)
+        return out
+
+    def _all_gather(self, shard: np.ndarray, S: int) -> np.ndarray:
+        if self.world.size == 1:
+            return shard.copy()
+        full = np.empty(S * self.world.size, dtype=shard.dtype)
+        self.world.comm.Allgather(np.ascontiguousarray(shard), full)
+        return full
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """A collective (every rank must call it): the moments gathered into full flat arrays,
+        so a checkpoint does not depend on the number of ranks."""
+        sd = self.inner.state_dict()
+        arrays = {}
+        for name, arr in sd["arrays"].items():  # "state.<group>.<moment>" -> whole-group flat array
+            _, S, _ = self._shard_of(int(name.split(".")[1]))
+            arrays["zero." + name] = self._all_gather(np.asarray(arr, dtype=np.float32).reshape(-1), S)
+        return {"meta": {"zero1": True, "inner": sd["meta"]}, "arrays": arrays}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if not sd["meta"].get("zero1"):
+            raise ValueError("ZeRO1.load_state_dict: this optimizer state was not saved by ZeRO1")
+        r = self.world.rank
+        arrays = {}
+        for name, arr in sd["arrays"].items():
+            inner_name = name[len("zero."):]
+            _, S, n = self._shard_of(int(inner_name.split(".")[1]))
+            flat = np.zeros(S * self.world.size, dtype=np.float32)
+            flat[:n] = np.asarray(arr).reshape(-1)[:n]
+            arrays[inner_name] = flat[r * S:(r + 1) * S].copy()
+        self.inner.load_state_dict({"meta": sd["meta"]["inner"], "arrays": arrays})
+
+    def _shard_of(self, index: int) -> tuple:
+        ps, n, S, shard = self.layout[index]
+        return shard, S, n

@@ -99,3 +99,34 @@ def test_cli_resume_under_mpi_continues_exactly(tmp_path: Path, corpus: str) -> 
     b, _ = load_safetensors(tmp_path / "b" / "step-000008" / "model.safetensors")
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_zero1_equals_plain_data_parallelism_with_half_the_optimizer_memory(tmp_path: Path, corpus: str) -> None:
+    steps, b = 4, 3
+    plain = run_mpi(2, [str(WORKER), "train", str(tmp_path / "plain"), corpus, str(steps), str(b)])
+    zero = run_mpi(2, [str(WORKER), "zero", str(tmp_path / "zero"), corpus, str(steps), str(b)])
+    assert plain.returncode == 0 and zero.returncode == 0, plain.stderr + zero.stderr
+    a, z = dict(np.load(tmp_path / "plain" / "weights.npz")), dict(np.load(tmp_path / "zero" / "weights.npz"))
+    for k in a:
+        np.testing.assert_allclose(z[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    c = [json.loads((tmp_path / "zero" / f"checksums.{r}.json").read_text()) for r in (0, 1)]
+    assert c[0]["sums"] == c[1]["sums"]  # all-gather leaves every rank with the same weights
+    full = json.loads((tmp_path / "plain" / "checksums.0.json").read_text())["optimizer_bytes"]
+    for r in (0, 1):
+        assert c[r]["optimizer_bytes"] <= full / 2 + 64  # half the moments per rank (plus padding)
+
+
+def test_cli_resume_with_zero1_continues_exactly(tmp_path: Path, corpus: str) -> None:
+    common = ["-m", "tinygrad_lm", "train", "--data", corpus, "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+              "--block-size", "8", "--batch-size", "2", "--eval-iters", "1", "--sample-tokens", "0",
+              "--progress", "false", "--warmup-iters", "2", "--lr-decay-iters", "8", "--eval-interval", "4",
+              "--ckpt-interval", "4", "--zero", "1", "--cache-dir", str(tmp_path / "cache")]
+    assert run_mpi(2, common + ["--max-iters", "8", "--out", str(tmp_path / "a")]).returncode == 0
+    assert run_mpi(2, common + ["--max-iters", "4", "--out", str(tmp_path / "b")]).returncode == 0
+    second = run_mpi(2, ["-m", "tinygrad_lm", "train", "--resume", str(tmp_path / "b"), "--max-iters", "8"])
+    assert second.returncode == 0, second.stderr
+    from nn.serialization import load_safetensors
+    a, _ = load_safetensors(tmp_path / "a" / "step-000008" / "model.safetensors")
+    b, _ = load_safetensors(tmp_path / "b" / "step-000008" / "model.safetensors")
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k

@@ -28,7 +28,7 @@ from nn.lr_scheduler import WarmupCosine
 from nn.optim import AdamW
 from nn.serialization import load_model, load_optimizer, save_model, save_optimizer
 from nn.amp import PRECISIONS, LossScaler, autocast_
-from nn.distributed import World, init as init_world, run_or_abort
+from nn.distributed import World, ZeRO1, init as init_world, run_or_abort
 from nn.utils import clip_grad_norm_
 from tensor import backend
 from tensor.tensor import no_grad
@@ -75,6 +75,7 @@ class TrainConfig:
     out: str = "runs/default"
     device: str = "cpu"
     precision: str = "fp32"
+    zero: int = 0                    # 1: ZeRO stage 1, optimizer state sharded over the MPI ranks
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -85,6 +86,10 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "sample_tokens", "lr", "min_lr", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.zero not in (0, 1):
+            raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
+        if self.zero and self.precision == "fp16":
+            raise ValueError("--zero 1 does not support --precision fp16 (its loss scaler); use bf16 or fp32")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.device not in ("cpu", "cuda"):
@@ -182,11 +187,14 @@ def build_tokenizer(cfg: TrainConfig, files: list[Path]) -> Any:
     raise ValueError(f"--tokenizer: expected 'char', 'bpe:VOCAB' or a tokenizer .json file, got {spec!r}")
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig) -> AdamW:
-    """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorm."""
+def make_optimizer(model: GPT, cfg: TrainConfig, world: World | None = None) -> Any:
+    """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorm.
+    With cfg.zero == 1 the AdamW state is sharded over the ranks (nn.distributed.ZeRO1)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.zero:
+        return ZeRO1(world or World(), groups, lambda gs: AdamW(gs, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)))
     return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -196,6 +204,16 @@ def make_schedule(cfg: TrainConfig) -> WarmupCosine:
 
 def model_rng_state(model: GPT) -> Any:
     return model.dropout_rng.bit_generator.state if getattr(model, "dropout_rng", None) is not None else None
+
+
+class _Frozen:
+    """An already-gathered optimizer state, in the shape save_optimizer expects."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -238,7 +256,7 @@ class Trainer:
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")  # bf16 has float32's range: no scaling
         self.world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(self.model, cfg, self.world)
         self.schedule = make_schedule(cfg)
         self.step = 0
         self.first_bad_step: Any = -1  # GPU: a device scalar, the first step with a non-finite grad norm
@@ -258,12 +276,14 @@ class Trainer:
                 "tokenizer": ckpt_io.TOKENIZER_FILE}
 
     def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint (every rank calls this: ZeRO gathers its shards first)."""
+        optimizer_state = self.optimizer.state_dict() if self.cfg.zero else None
         if not self.is_main:
             return None
 
         def write(d: Path) -> None:
             save_model(self.model, d / ckpt_io.MODEL_FILE)
-            save_optimizer(self.optimizer, d / ckpt_io.OPTIM_FILE)
+            save_optimizer(_Frozen(optimizer_state) if self.cfg.zero else self.optimizer, d / ckpt_io.OPTIM_FILE)
             self.tokenizer.save(d / ckpt_io.TOKENIZER_FILE)
             ckpt_io.atomic_write_text(d / ckpt_io.STATE_FILE, json.dumps(self.state(), indent=1))
         return ckpt_io.save(self.out, self.step, write)
@@ -322,8 +342,13 @@ class Trainer:
             self.scaler.scale(loss * (1.0 / cfg.grad_accum)).backward()
             total = loss.data if total is None else total + loss.data
         params = self.model.parameters()
-        self.world.allreduce_grads(params)  # average over ranks (no-op for one process)
-        if self.scaler.unscale_(params):  # fp16: skip the step when a gradient overflowed
+        if cfg.zero:  # reduce-scatter, clip, update this rank's shard, all-gather
+            norm = self.optimizer.step(cfg.grad_clip)
+            if not math.isfinite(norm):
+                raise NonFiniteLoss(f"gradient norm is {norm} at step {self.step + 1}")
+        else:
+            self.world.allreduce_grads(params)  # average over ranks (no-op for one process)
+        if not cfg.zero and self.scaler.unscale_(params):  # fp16: skip the step when a gradient overflowed
             if cfg.grad_clip > 0:
                 on_host = cfg.device == "cpu"
                 norm = clip_grad_norm_(params, cfg.grad_clip, error_if_nonfinite=False, sync=on_host)

@@ -3,6 +3,8 @@
 MODE train: a few training steps of a tiny GPT; each rank records a checksum of its
              weights after every step, rank 0 saves the final weights to OUT/weights.npz.
 MODE fail:   like train, but rank 1 raises at step 2 (the job must end, not hang).
+MODE zero:   like train, with ZeRO-1 (optimizer state sharded); also records the
+             optimizer-state bytes each rank holds.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from nn.distributed import init, run_or_abort
 from tinygrad_lm.train import Trainer, make_config
 
 
-def tiny_config(corpus: str, out: str, batch_size: int, steps: int) -> object:
-    return make_config(None, None, data=corpus, tokenizer="char", n_layer=1, n_head=2, n_embd=16, block_size=8,
+def tiny_config(corpus: str, out: str, batch_size: int, steps: int, zero: int = 0) -> object:
+    return make_config(None, None, zero=zero, data=corpus, tokenizer="char", n_layer=1, n_head=2, n_embd=16, block_size=8,
                        batch_size=batch_size, max_iters=steps, warmup_iters=2, lr_decay_iters=steps, lr=1e-2,
                        eval_interval=10 ** 6, ckpt_interval=10 ** 6, log_interval=10 ** 6, sample_tokens=0,
                        progress=False, out=out, cache_dir=str(Path(out) / "cache"), seed=5)
@@ -27,7 +29,8 @@ def main() -> int:
     mode, out, corpus = sys.argv[1], sys.argv[2], sys.argv[3]
     steps, batch = int(sys.argv[4]), int(sys.argv[5])
     world = init()
-    trainer = Trainer(tiny_config(corpus, out, batch, steps), world=world, log=lambda s: None)
+    trainer = Trainer(tiny_config(corpus, out, batch, steps, zero=int(mode == "zero")), world=world,
+                      log=lambda s: None)
 
     def work() -> int:
         sums = []
@@ -36,7 +39,11 @@ def main() -> int:
                 raise RuntimeError("injected failure on rank 1")
             trainer.train_step()
             sums.append(float(sum(np.asarray(p.data, dtype=np.float64).sum() for p in trainer.model.parameters())))
-        Path(out, f"checksums.{world.rank}.json").write_text(json.dumps({"size": world.size, "sums": sums}))
+        opt = trainer.optimizer
+        opt_bytes = opt.optimizer_state_bytes() if hasattr(opt, "optimizer_state_bytes") else sum(
+            v.nbytes for st in opt.state.values() for v in st.values() if hasattr(v, "nbytes"))
+        Path(out, f"checksums.{world.rank}.json").write_text(json.dumps({"size": world.size, "sums": sums,
+                                                                          "optimizer_bytes": opt_bytes}))
         if world.rank == 0:
             np.savez(Path(out, "weights.npz"), **trainer.model.state_dict())
         return 0
