@@ -1,0 +1,399 @@
+"""Training throughput (issues 4, 7): tokens/s of one full training step, ours vs PyTorch.
+
+Same architecture (our GPT and the PyTorch twin `NanoGPT` of examples/export_to_pytorch.py,
+learned positions, tied lm_head), same initial weights (ours, copied into the twin), the
+same batches (windows of tinyshakespeare, a pure function of (seed, step)), the same
+recipe: AdamW lr 1e-3, betas (0.9, 0.99), eps 1e-8, weight decay 0.1 on 2-D weights only,
+gradient clipping at global norm 1.0.
+
+One step = forward + loss + backward + clip + AdamW step + zero_grad. Ours runs the pieces
+the Trainer runs (nn.amp.autocast_, LossScaler for fp16, clip_grad_norm_ with sync=False
+on the GPU, nn.optim.AdamW); PyTorch runs eager mode (no torch.compile) with
+torch.autocast(dtype=bfloat16/float16) for bf16/fp16, torch.amp.GradScaler for fp16, and
+AdamW as nanoGPT configures it (fused=True on CUDA, the default foreach on the CPU).
+
+Each implementation x precision runs in its OWN subprocess, so peak memory (RSS, and on
+CUDA the GPU memory: CuPy's pool high-water total_bytes() / torch.cuda.max_memory_reserved())
+belongs to one implementation. The parent alternates them (ours, torch, ours, torch, ...)
+so drift of a shared machine hits both alike, and reports the ratios ours / torch.
+tokens/s = batch * block / (median time of a timed step); on CUDA every timed step ends
+with a device synchronisation. On CUDA the fp32 ours-worker also times our KV-cached sampler
+(tinygrad_lm.sample.generate, greedy, 256 new tokens from a one-token prompt, batch 1 and 8)
+on the trained model, in float32 as `python -m tinygrad_lm sample` runs it.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_train.py --config shakespeare-char
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_train.py --config gpt-medium --steps 4
+    python benchmarks/bench_train.py --device cuda --config gpt-medium --precisions fp32,bf16,fp16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import _common as C  # noqa: F401  (puts the repository root on sys.path)
+import numpy as np
+
+CONFIGS = {
+    # nanoGPT's CPU recipe for shakespeare_char
+    "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_cpu=12, batch_cuda=12),
+    # nanoGPT's GPU shakespeare_char model ("baby GPT", 10.7M parameters)
+    "gpt-medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_cpu=16, batch_cuda=64),
+}
+VOCAB = 65  # tinyshakespeare's characters
+HYPER = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
+
+
+def model_config(name: str):
+    from tinygrad_lm.model import GPTConfig
+    c = CONFIGS[name]
+    return GPTConfig(vocab_size=VOCAB, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                     n_embd=c["n_embd"], dropout=0.0, bias=True, pos_encoding="learned")
+
+
+# ------------------------------------------------------------------ data
+def token_ids(data: str | None) -> np.ndarray:
+    """tinyshakespeare as char ids (vocab 65); random ids when the file is missing."""
+    if data and os.path.isfile(data):
+        text = open(data, encoding="utf-8").read()
+        chars = sorted(set(text))
+        if len(chars) == VOCAB:
+            lut = {ch: i for i, ch in enumerate(chars)}
+            return np.array([lut[ch] for ch in text], dtype=np.int64)
+    return np.random.default_rng(0).integers(0, VOCAB, 1_000_000, dtype=np.int64)
+
+
+def batches(ids: np.ndarray, n: int, batch: int, block: int, seed: int = 1337) -> list:
+    """n batches (x, y) of (batch, block) int64; batch k is a pure function of (seed, k)."""
+    out = []
+    for k in range(n):
+        starts = np.random.default_rng([seed, k]).integers(0, len(ids) - block - 1, size=batch)
+        w = np.stack([ids[s:s + block + 1] for s in starts])
+        out.append((w[:, :-1].copy(), w[:, 1:].copy()))
+    return out
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def current_rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+# ------------------------------------------------------------------ workers
+def worker_ours(a: argparse.Namespace) -> dict:
+    from nn.amp import LossScaler, autocast_
+    from nn.optim import AdamW
+    from nn.utils import clip_grad_norm_
+    from tensor import backend
+    from tinygrad_lm.model import GPT
+
+    C.set_threads(a.threads)
+    rss_import = current_rss_mib()
+    cfg = model_config(a.config)
+    model = GPT(cfg, seed=0)
+    w = np.load(a.weights)
+    model.load_state_dict({k: w[k] for k in w.files}, strict=True)
+    del w
+    cuda = a.device == "cuda"
+    if cuda:
+        cp = backend.cupy_module()
+        model.to("cuda")
+        sync = cp.cuda.Device().synchronize
+    else:
+        def sync() -> None: ...
+    autocast_(model, a.precision)
+    scaler = LossScaler(enabled=a.precision == "fp16")
+    params = model.parameters()
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = AdamW([{"params": decay, "weight_decay": HYPER["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"])
+    data = batches(token_ids(a.data), a.warmup + a.steps, a.batch_size, cfg.block_size)
+    if cuda:
+        data = [(backend.to_device(x, "cuda"), backend.to_device(y, "cuda")) for x, y in data]
+    model.train()
+
+    def step(x, y):
+        _, loss = model(x, y)
+        scaler.scale(loss).backward()
+        if scaler.unscale_(params):  # fp16: False (step skipped) after an overflow
+            clip_grad_norm_(params, HYPER["grad_clip"], error_if_nonfinite=False, sync=not cuda)
+            opt.step()
+        scaler.update()
+        opt.zero_grad()
+        return loss
+
+    times, losses = [], []
+    for i, (x, y) in enumerate(data):
+        sync()
+        t0 = time.perf_counter()
+        loss = step(x, y)
+        sync()
+        dt = time.perf_counter() - t0
+        losses.append(loss.data)  # kept on the device; read after the run
+        if i >= a.warmup:
+            times.append(dt)
+    losses = [float(backend.to_numpy(v)) for v in losses]
+    res = {"step_times_s": times, "losses": losses, "rss_after_import_mib": rss_import,
+           "optimizer": "nn.optim.AdamW (per-parameter)"}
+    if a.precision == "fp16":
+        res["loss_scale_final"] = scaler.scale_value
+        res["skipped_steps"] = scaler.skipped_steps
+    if cuda:
+        pool = cp.get_default_memory_pool()
+        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+        res["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        res["cupy"] = cp.__version__
+        res["gpu_pool_total_mib"] = pool.total_bytes() / 2**20   # the pool only grows: the high-water mark
+        res["gpu_pool_used_mib_at_end"] = pool.used_bytes() / 2**20
+        if a.decode_tokens > 0 and a.precision == "fp32":  # the sampler as `python -m tinygrad_lm sample` runs it
+            try:
+                res["decode"] = decode_ours(model, cfg, a.decode_tokens, a.decode_batches, sync)
+            except Exception as e:  # keep the training numbers
+                res["decode"] = {"error": f"{type(e).__name__}: {e}"}
+            res["gpu_pool_total_mib_after_decode"] = pool.total_bytes() / 2**20
+    return res
+
+
+def decode_ours(model, cfg, n: int, batch_sizes: list, sync) -> dict:
+    """Greedy KV-cached decoding of n tokens after a one-token prompt (best of 3)."""
+    from tinygrad_lm.sample import generate
+    # with a one-token prompt every step stays inside the KV cache when n <= block_size; past it
+    # the sampler recomputes the cropped window each step (see tinygrad_lm/sample.py)
+    out = {"new_tokens": n, "prompt_tokens": 1, "block_size": cfg.block_size, "all_steps_cached": n <= cfg.block_size}
+    rng = np.random.default_rng(0)
+    for B in batch_sizes:
+        prompt = rng.integers(0, cfg.vocab_size, (B, 1))
+        generate(model, prompt, 8, temperature=0, use_cache=True)  # warm-up (kernel compilation)
+        best = float("inf")
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            generate(model, prompt, n, temperature=0, use_cache=True)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        out[f"batch_{B}_tok_s"] = B * n / best
+    return out
+
+
+def worker_torch(a: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as TF
+    C.set_threads(a.threads)  # NumPy's BLAS and torch.set_num_threads
+    rss_import = current_rss_mib()
+    sys.path.insert(0, os.path.join(C._ROOT, "examples"))
+    from export_to_pytorch import NanoGPT
+
+    cfg = model_config(a.config)
+    dev = torch.device(a.device)
+    model = NanoGPT(cfg)
+    w = np.load(a.weights)
+    sd = {k: torch.from_numpy(np.ascontiguousarray(w[k])) for k in w.files}
+    del w
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"twin state_dict mismatch: missing {missing}, unexpected {unexpected}")
+    del sd
+    model.to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    fused = a.device == "cuda"  # nanoGPT: fused AdamW on CUDA
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": HYPER["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], **({"fused": True} if fused else {}))
+    low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]
+    scaler = torch.amp.GradScaler(a.device, enabled=a.precision == "fp16")
+    data = batches(token_ids(a.data), a.warmup + a.steps, a.batch_size, cfg.block_size)
+    data = [(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)) for x, y in data]
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(x, y):
+        with torch.autocast(a.device, dtype=low or torch.bfloat16, enabled=low is not None):
+            logits = model(x)
+            loss = TF.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["grad_clip"])
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    times, losses = [], []
+    for i, (x, y) in enumerate(data):
+        sync()
+        t0 = time.perf_counter()
+        loss = step(x, y)
+        sync()
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        if i >= a.warmup:
+            times.append(dt)
+    res = {"step_times_s": times, "losses": [float(v) for v in losses], "rss_after_import_mib": rss_import,
+           "optimizer": "torch.optim.AdamW " + ("fused" if fused else "foreach (default)"),
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "torch_blas": torch_blas_info(torch)}
+    if a.precision == "fp16":
+        res["loss_scale_final"] = float(scaler.get_scale())
+    if a.device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name()
+        res["gpu_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+        res["gpu_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return res
+
+
+def torch_blas_info(torch) -> dict:
+    """Which BLAS / CPU kernels the torch build uses (from torch.__config__.show())."""
+    import re
+    show = torch.__config__.show()
+    info = dict(re.findall(r"\b(BLAS_INFO|LAPACK_INFO|USE_MKLDNN|USE_OPENMP)=([^,\s]+)", show))
+    cap = re.search(r"CPU capability usage: (\S+)", show)
+    if cap:
+        info["cpu_capability"] = cap.group(1)
+    return info
+
+
+def run_worker(a: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    res = worker_ours(a) if a.worker == "ours" else worker_torch(a)
+    cfg = model_config(a.config)
+    tokens = a.batch_size * cfg.block_size
+    med = statistics.median(res["step_times_s"])
+    res.update({"impl": a.worker, "precision": a.precision, "device": a.device, "tokens_per_step": tokens,
+                "median_step_s": med, "min_step_s": min(res["step_times_s"]), "tokens_per_s": tokens / med,
+                "peak_rss_mib": rss_mib(), "worker_wall_s": time.perf_counter() - t0,
+                "loadavg_1m_at_end": round(os.getloadavg()[0], 2)})
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ------------------------------------------------------------------ parent
+def spawn(a: argparse.Namespace, impl: str, precision: str, weights: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--precision", precision,
+           "--device", a.device, "--config", a.config, "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--threads", str(a.threads), "--weights", weights, "--data", a.data or "",
+           "--decode-tokens", str(a.decode_tokens), "--decode-batches", ",".join(map(str, a.decode_batches))]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        return {"impl": impl, "precision": precision, "error": f"exit {p.returncode}: {p.stderr.strip()[-2000:]}"}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="shakespeare-char")
+    ap.add_argument("--precisions", default="fp32", help="comma-separated from fp32,bf16,fp16")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the config's batch for the device")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--repeats", type=int, default=2, help="ours, torch, ours, torch, ... per precision")
+    ap.add_argument("--impls", default="ours,torch")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--decode-tokens", type=int, default=256, help="CUDA: our KV-cached sampler (0 = skip)")
+    ap.add_argument("--decode-batches", default="1,8")
+    ap.add_argument("--out", help="also write the JSON here")
+    # internal: one worker
+    ap.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--weights", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.batch_size is None:
+        a.batch_size = CONFIGS[a.config]["batch_cuda" if a.device == "cuda" else "batch_cpu"]
+    a.decode_batches = [int(b) for b in str(a.decode_batches).split(",") if b]
+    if a.device != "cuda" and not a.worker:
+        a.decode_tokens = 0
+    if a.worker:
+        run_worker(a)
+        return
+
+    precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
+    for p in precisions:
+        if p not in ("fp32", "bf16", "fp16"):
+            ap.error(f"unknown precision {p!r}")
+    impls = [i.strip() for i in a.impls.split(",") if i.strip()]
+    from tinygrad_lm.model import GPT
+    C.set_threads(a.threads)  # (the workers set their own; this one only makes machine_info say so)
+    cfg = model_config(a.config)
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "init.npz")
+        model = GPT(cfg, seed=0)
+        np.savez(weights, **model.state_dict())
+        n_params = model.num_parameters()
+        del model
+        runs: list = []
+        for rep in range(a.repeats):
+            for prec in precisions:
+                for impl in impls:
+                    r = spawn(a, impl, prec, weights)
+                    r["repeat"] = rep
+                    runs.append(r)
+                    msg = r.get("error") or f"{r['tokens_per_s']:,.0f} tok/s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+                    print(f"[{rep}] {impl} {prec}: {msg}", file=sys.stderr, flush=True)
+
+    summary: dict = {}
+    for prec in precisions:
+        row: dict = {}
+        for impl in impls:
+            ok = [r for r in runs if r["impl"] == impl and r["precision"] == prec and "error" not in r]
+            if not ok:
+                continue
+            row[impl] = {"tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in ok],
+                         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in ok), 1),
+                         "peak_rss_mib": round(max(r["peak_rss_mib"] for r in ok), 1),
+                         "loss_first": round(ok[0]["losses"][0], 4), "loss_last": round(ok[0]["losses"][-1], 4)}
+            for key in ("gpu_pool_total_mib", "gpu_max_reserved_mib"):
+                if key in ok[0]:
+                    row[impl][key] = round(max(r[key] for r in ok), 1)
+            if "decode" in ok[0]:
+                row[impl]["decode"] = ok[0]["decode"]
+        if "ours" in row and "torch" in row:
+            o = [r for r in runs if r["impl"] == "ours" and r["precision"] == prec and "error" not in r]
+            t = [r for r in runs if r["impl"] == "torch" and r["precision"] == prec and "error" not in r]
+            # pairwise ratios: each ours run against the torch run next to it
+            pair = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(o, t)]
+            row["ratio_ours_over_torch_tokens_per_s"] = round(row["ours"]["tokens_per_s"] / row["torch"]["tokens_per_s"], 3)
+            row["ratio_pairwise"] = [round(v, 3) for v in pair]
+            row["ratio_ours_over_torch_peak_rss"] = round(row["ours"]["peak_rss_mib"] / row["torch"]["peak_rss_mib"], 3)
+            if "gpu_pool_total_mib" in row["ours"] and "gpu_max_reserved_mib" in row["torch"]:
+                row["ratio_ours_over_torch_gpu_mem"] = round(
+                    row["ours"]["gpu_pool_total_mib"] / row["torch"]["gpu_max_reserved_mib"], 3)
+        summary[prec] = row
+
+    out = {"benchmark": "bench_train", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+           "machine": C.machine_info(a.threads), "loadavg_at_start": [round(v, 2) for v in load_start],
+           "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
+           "config": {"name": a.config, **cfg.to_dict(), "batch_size": a.batch_size, "params": n_params,
+                      "tokens_per_step": a.batch_size * cfg.block_size, **{k: v for k, v in HYPER.items()}},
+           "device": a.device, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,
+           "order": "for each repeat, for each precision: " + ", ".join(impls),
+           "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1)}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    C.emit(out)
+
+
+if __name__ == "__main__":
+    main()
