@@ -125,7 +125,8 @@ class MPIWorld(World):
         return planned
 
     def allreduce_grads(self, params: Sequence[Any]) -> None:
-        """Average every parameter's .grad over the ranks, in place (a missing grad counts as zero)."""
+        """Average every parameter's .grad over the ranks (a missing grad counts as zero).
+        Afterwards each .grad is a view into its bucket, valid until the next call."""
         import time
         t0 = time.perf_counter()
         params = list(params)
@@ -142,10 +143,10 @@ class MPIWorld(World):
             self._allreduce_inplace(buf)
             buf *= 1.0 / self.size
             offset = 0
-            for i in idx:  # unpack
+            for i in idx:  # unpack: each grad becomes a view of the bucket (no copy on the host)
                 p = params[i]
                 n = p.size
-                p.grad = backend.to_device(buf[offset:offset + n], p.device).reshape(p.shape).copy()
+                p.grad = backend.to_device(buf[offset:offset + n], p.device).reshape(p.shape)
                 offset += n
             self.bytes_reduced += buf.nbytes
         self.seconds_reducing += time.perf_counter() - t0
