@@ -222,11 +222,15 @@ def run_or_abort(world: World, fn: Callable[[], int]) -> int:
         return fn()
     except SystemExit:
         raise
-    except BaseException:
+    except BaseException as e:
         if world.size == 1:
             raise
-        sys.stderr.write(f"[rank {world.rank}] fatal error, aborting all {world.size} ranks:\n")
-        traceback.print_exc()
+        import time
+        # one write, the error first: the launcher may drop output once the job aborts
+        sys.stderr.write(f"[rank {world.rank}] fatal error: {type(e).__name__}: {e}; aborting all {world.size} ranks\n"
+                         + "".join(traceback.format_exception(e)))
+        sys.stderr.flush()
+        time.sleep(0.5)  # let mpiexec forward it
         world.abort(1)
         return 1
 
