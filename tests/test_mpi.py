@@ -130,3 +130,11 @@ def test_cli_resume_with_zero1_continues_exactly(tmp_path: Path, corpus: str) ->
     b, _ = load_safetensors(tmp_path / "b" / "step-000008" / "model.safetensors")
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_bucketed_allreduce_averages_exactly_and_in_float16(dtype: str) -> None:
+    r = run_mpi(2, [str(WORKER.parent / "allreduce_worker.py"), dtype])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"OK {dtype}" in r.stdout
+    assert int(r.stdout.split("buckets=")[1].split()[0]) > 1

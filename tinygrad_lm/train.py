@@ -76,6 +76,7 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "fp32"
     zero: int = 0                    # 1: ZeRO stage 1, optimizer state sharded over the MPI ranks
+    allreduce_dtype: str = "float32"  # "float16" halves the bytes of the gradient all-reduce
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "sample_tokens", "lr", "min_lr", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.allreduce_dtype not in ("float32", "float16"):
+            raise ValueError(f"--allreduce-dtype must be float32 or float16, got {self.allreduce_dtype!r}")
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
         if self.zero and self.precision == "fp16":
@@ -227,6 +230,8 @@ class Trainer:
                  world: World | None = None) -> None:
         self.cfg, self.log = cfg, log
         self.world = world if world is not None else World()
+        if cfg.allreduce_dtype != "float32":
+            self.world.reduce_dtype = cfg.allreduce_dtype
         self.is_main = self.world.is_main
         self.out = Path(cfg.out)
         files = resolve_corpus(cfg.data)
