@@ -27,7 +27,7 @@ import numpy as np
 
 from tensor import kernels
 from tensor.backend import array_module
-from tensor.functional import _f32
+from tensor.functional import _f32, uniform
 from tensor.tensor import Function, Tensor, shape_str
 
 
@@ -83,8 +83,7 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     keep = None
     pd = p
     if dropout_p > 0.0:
-        rng = generator if generator is not None else xp.random
-        keep = rng.random(p.shape) >= dropout_p
+        keep = uniform(generator, p.shape, p) >= dropout_p
         pd = p * keep * (1.0 / (1.0 - dropout_p))
     out = pd @ v
     return (out if out.dtype == in_dtype else out.astype(in_dtype)), p, keep

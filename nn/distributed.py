@@ -12,9 +12,14 @@ never as pickled per-parameter messages: one Allreduce per bucket.
 Without mpi4py, or as a single process, `init()` returns a `World` of size 1 whose
 methods do nothing, so the same training code runs unchanged.
 
-GPU arrays (CuPy) are staged through host memory unless the environment variable
-TINYGRAD_LM_CUDA_AWARE_MPI=1 says the MPI library is CUDA-aware, in which case device
-buffers are handed to MPI directly.
+GPU training (one rank per GPU, `world.use_cuda()` picks GPU local_rank % count) moves
+gradients by the first transport that applies:
+  * "nccl": NCCL through `cupy.cuda.nccl`, device buffers, when every local rank has a GPU
+    of its own (NCCL refuses two ranks on one GPU). NCCL_NVLS_ENABLE=0 is set.
+  * "mpi-cuda-aware": device buffers handed to MPI, when TINYGRAD_LM_CUDA_AWARE_MPI=1 says
+    the MPI library is CUDA-aware (there is no portable way to ask it).
+  * "mpi-host": staged through host memory (always works, e.g. two ranks sharing one GPU).
+`world.transport` says which one is in use.
 """
 from __future__ import annotations
 
@@ -87,13 +92,15 @@ class MPIWorld(World):
         self.comm = comm if comm is not None else self.MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
-        self.local_rank = local.Get_rank()
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.bucket_bytes = int(bucket_mb * 2 ** 20)
         if reduce_dtype not in (None, "float16"):
             raise ValueError(f"reduce_dtype must be None or 'float16', got {reduce_dtype!r}")
         self.reduce_dtype = reduce_dtype
-        self.cuda_aware = os.environ.get("TINYGRAD_LM_CUDA_AWARE_MPI") == "1"
+        self.transport = "mpi-cuda-aware" if os.environ.get("TINYGRAD_LM_CUDA_AWARE_MPI") == "1" else "mpi-host"
+        self.nccl: Any = None
+        self.local_size = 1
         self._buckets: list[tuple[list[int], Any]] | None = None
         self._layout_key: tuple | None = None
         self._fp16_sum = None
@@ -118,7 +125,7 @@ class MPIWorld(World):
         planned = []
         for idx in buckets:
             n = sum(params[i].size for i in idx)
-            dev = params[idx[0]].device if self.cuda_aware else "cpu"
+            dev = params[idx[0]].device if self.transport != "mpi-host" else "cpu"
             xp = backend.array_module(backend.to_device(np.zeros(0), dev))
             planned.append((idx, xp.empty(n, dtype=params[idx[0]].dtype)))
         self._buckets, self._layout_key = planned, key
@@ -151,8 +158,38 @@ class MPIWorld(World):
             self.bytes_reduced += buf.nbytes
         self.seconds_reducing += time.perf_counter() - t0
 
+    def use_cuda(self) -> str:
+        """Select this rank's GPU (local rank mod the GPU count) and the gradient transport."""
+        cp = backend.cupy_module()
+        n_gpus = cp.cuda.runtime.getDeviceCount()
+        cp.cuda.Device(self.local_rank % n_gpus).use()
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
+        if self.local_size <= n_gpus and os.environ.get("TINYGRAD_LM_NCCL", "1") != "0":
+            try:
+                from cupy.cuda import nccl
+                uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
+                self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+                self.transport = "nccl"
+            except Exception as e:  # no NCCL in this CuPy build: fall back to MPI
+                sys.stderr.write(f"[rank {self.rank}] NCCL unavailable ({e}); using {self.transport}\n")
+        self._buckets = None
+        return self.transport
+
+    def _nccl_dtype(self, dtype: Any) -> int:
+        from cupy.cuda import nccl
+        return {"float32": nccl.NCCL_FLOAT32, "float16": nccl.NCCL_FLOAT16, "float64": nccl.NCCL_FLOAT64}[dtype.name]
+
     def _allreduce_inplace(self, buf: Any) -> None:
         MPI = self.MPI
+        if self.nccl is not None and backend.device_of(buf) == "cuda":
+            from cupy.cuda import nccl
+            work = buf.astype(np.float16) if self.reduce_dtype == "float16" else buf
+            stream = backend.cupy_module().cuda.get_current_stream()
+            self.nccl.allReduce(work.data.ptr, work.data.ptr, work.size, self._nccl_dtype(work.dtype), nccl.NCCL_SUM,
+                                stream.ptr)
+            if work is not buf:
+                buf[...] = work
+            return
         if self.reduce_dtype == "float16" and buf.dtype != np.float16:
             half = buf.astype(np.float16)
             self.comm.Allreduce(MPI.IN_PLACE, [half.view(np.uint16), MPI.UNSIGNED_SHORT], op=self._float16_sum())
@@ -182,7 +219,13 @@ class MPIWorld(World):
                 n = params[i].size
                 buf[offset:offset + n] = backend.to_device(params[i].data, backend.device_of(buf)).reshape(-1)
                 offset += n
-            self.comm.Bcast(buf, root=0)
+            if self.nccl is not None and backend.device_of(buf) == "cuda":
+                self.nccl.bcast(buf.data.ptr, buf.size, self._nccl_dtype(buf.dtype), 0,
+                                backend.cupy_module().cuda.get_current_stream().ptr)
+            else:
+                if backend.device_of(buf) == "cuda":
+                    backend.cupy_module().cuda.get_current_stream().synchronize()
+                self.comm.Bcast(buf, root=0)
             offset = 0
             for i in idx:
                 p = params[i]

@@ -22,6 +22,16 @@ def _f32(x: Any) -> Any:
     return x.astype(np.float32) if x.dtype.itemsize < 4 and x.dtype.kind != "i" else x
 
 
+def uniform(generator: Any, shape: tuple, like: Any) -> Any:
+    """U[0, 1) samples on `like`'s device. A NumPy Generator also serves GPU tensors (drawn on
+    the host, then copied), so dropout masks follow one checkpointable stream on any device."""
+    xp = array_module(like)
+    if generator is None:
+        return xp.random.random(shape)
+    u = generator.random(shape, dtype=np.float32)
+    return xp.asarray(u) if array_module(u) is not xp else u
+
+
 def _softmax(x: Any, axis: int) -> Any:
     xp = array_module(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
@@ -195,8 +205,7 @@ class Dropout(Function):
     # dx = g * mask / (1 - p)
     def forward(self, x, p=0.5, generator=None):
         xp = array_module(x)
-        rng = generator if generator is not None else xp.random
-        keep = rng.random(x.shape) >= p
+        keep = uniform(generator, x.shape, x) >= p
         mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
         self.save_for_backward(mask)
         return x * mask

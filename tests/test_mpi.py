@@ -138,3 +138,30 @@ def test_bucketed_allreduce_averages_exactly_and_in_float16(dtype: str) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"OK {dtype}" in r.stdout
     assert int(r.stdout.split("buckets=")[1].split()[0]) > 1
+
+
+def test_two_ranks_on_gpu_equal_one_gpu_with_double_batch(tmp_path: Path, corpus: str) -> None:
+    """One MPI rank per GPU (here: two ranks sharing the one GPU, so gradients are staged through
+    the host; with a GPU each they would go through NCCL)."""
+    from tensor import backend
+    if not backend.cuda_available():
+        pytest.skip("needs CuPy and an NVIDIA GPU")
+    steps, b = 4, 3
+    out = tmp_path / "gpu"
+    r = run_mpi(2, [str(WORKER), "train", str(out), corpus, str(steps), str(b), "cuda"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    c = [json.loads((out / f"checksums.{k}.json").read_text()) for k in (0, 1)]
+    assert c[0]["sums"] == c[1]["sums"]
+    import cupy
+    expected = "nccl" if cupy.cuda.runtime.getDeviceCount() >= 2 else "mpi-host"
+    assert c[0]["transport"] == expected
+    sys.path.insert(0, str(WORKER.parent))
+    from dp_worker import tiny_config  # noqa: E402
+    from tinygrad_lm.train import Trainer
+    single = Trainer(tiny_config(corpus, str(tmp_path / "single"), 2 * b, steps, device="cuda"), log=lambda s: None)
+    for _ in range(steps):
+        single.train_step()
+    ref = single.model.state_dict()
+    got = dict(np.load(out / "weights.npz"))
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=2e-6, err_msg=k)

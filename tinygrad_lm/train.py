@@ -257,6 +257,8 @@ class Trainer:
             if hasattr(m, "generator") and m.generator is None:
                 m.generator = self.model.dropout_rng
         if cfg.device != "cpu":
+            if self.world.size > 1:
+                self.world.use_cuda()  # this rank's GPU and the gradient transport (NCCL or MPI)
             self.model.to(cfg.device)
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")  # bf16 has float32's range: no scaling
