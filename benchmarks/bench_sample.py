@@ -1,0 +1,138 @@
+"""Sampler decode speed (issue 6): ours with and without the KV cache, and a PyTorch
+KV-cached twin of the same model with the same weights, at batch 1, 8 and 32.
+
+Model: nanoGPT's shakespeare-char shape (n_layer 6, n_head 6, n_embd 384, vocab 65,
+block_size 256, learned positions), random init (speed does not depend on the weights).
+Each run: a one-token prompt, 256 new tokens, greedy (both implementations must then give
+the same tokens, checked below); also ours with temperature 0.8 / top-k 50 / top-p 0.95
+to show what the filters cost. Tokens/s counts new tokens of all rows (B * 256 / seconds).
+Best of `--repeats` runs (the uncached run, which is slow, once).
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sample.py
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import _common as C  # noqa: F401  (puts the repository root on sys.path)
+import numpy as np
+
+from tinygrad_lm.model import GPT, GPTConfig
+from tinygrad_lm.sample import generate
+
+
+# ------------------------------------------------------------------ the PyTorch twin
+class TorchGPT:
+    """The same GPT (learned positions, pre-LN, tanh GELU, tied lm_head) with a preallocated KV cache."""
+
+    def __init__(self, state: dict, cfg: GPTConfig) -> None:
+        import torch
+        self.torch, self.cfg = torch, cfg
+        self.w = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+
+    def new_caches(self, batch: int) -> list:
+        c, torch = self.cfg, self.torch
+        shape = (batch, c.n_head, c.block_size, c.n_embd // c.n_head)
+        return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(c.n_layer)]
+
+    def forward(self, idx, start: int, caches: list):
+        """idx (B, t) LongTensor at positions start .. start+t-1 -> logits of the last position (B, V)."""
+        torch, F, w, c = self.torch, self.torch.nn.functional, self.w, self.cfg
+        B, t = idx.shape
+        C, H = c.n_embd, c.n_head
+        x = w["transformer.wte.weight"][idx] + w["transformer.wpe.weight"][start:start + t]
+        for i, (kc, vc) in enumerate(caches):
+            p = f"transformer.h.{i}."
+            h = F.layer_norm(x, (C,), w[p + "ln_1.weight"], w[p + "ln_1.bias"], 1e-5)
+            qkv = F.linear(h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])
+            q, k, v = qkv.view(B, t, 3, H, C // H).permute(2, 0, 3, 1, 4)
+            kc[:, :, start:start + t] = k
+            vc[:, :, start:start + t] = v
+            y = F.scaled_dot_product_attention(q, kc[:, :, :start + t], vc[:, :, :start + t],
+                                               is_causal=(start == 0 and t > 1))
+            y = y.transpose(1, 2).reshape(B, t, C)
+            x = x + F.linear(y, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])
+            h = F.layer_norm(x, (C,), w[p + "ln_2.weight"], w[p + "ln_2.bias"], 1e-5)
+            h = F.gelu(F.linear(h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"]), approximate="tanh")
+            x = x + F.linear(h, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+        x = F.layer_norm(x[:, -1], (C,), w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], 1e-5)
+        return x @ w["transformer.wte.weight"].T
+
+    def generate_greedy(self, prompt: np.ndarray, n: int) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            seq = torch.from_numpy(prompt.astype(np.int64))
+            caches = self.new_caches(seq.shape[0])
+            logits = self.forward(seq, 0, caches)
+            out = [seq]
+            for i in range(n):
+                nxt = logits.argmax(-1, keepdim=True)
+                out.append(nxt)
+                if i + 1 < n:
+                    logits = self.forward(nxt, seq.shape[1] + i, caches)
+            return torch.cat(out, 1).numpy()
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    best, result = math.inf, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-uncached", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    C.set_threads(args.threads)
+    torch.set_num_threads(args.threads)
+
+    cfg = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, pos_encoding="learned")
+    model = GPT(cfg, seed=0).eval()
+    twin = TorchGPT(model.state_dict(), cfg)
+    n = args.new_tokens
+    rng = np.random.default_rng(0)
+    res: dict = {"machine": C.machine_info(args.threads),
+                 "model": {**cfg.to_dict(), "params": sum(p.data.size for p in model.parameters())},
+                 "new_tokens": n, "prompt_tokens": 1, "batches": {}}
+
+    for B in args.batches:
+        prompt = rng.integers(0, cfg.vocab_size, (B, 1))
+        row: dict = {}
+        generate(model, prompt, 4, temperature=0)               # warm-up
+        t, ours = best_time(lambda: generate(model, prompt, n, temperature=0), args.repeats)
+        row["ours_cached_greedy_tok_s"] = B * n / t
+        t, _ = best_time(lambda: generate(model, prompt, n, temperature=0.8, top_k=50, top_p=0.95, seed=0),
+                         args.repeats)
+        row["ours_cached_sampled_tok_s"] = B * n / t
+        if B == 1 and not args.skip_uncached:
+            t, unc = best_time(lambda: generate(model, prompt, n, temperature=0, use_cache=False), 1)
+            row["ours_uncached_greedy_tok_s"] = B * n / t
+            row["uncached_tokens_equal_cached"] = bool(np.array_equal(unc, ours))
+            row["cache_speedup"] = row["ours_cached_greedy_tok_s"] / row["ours_uncached_greedy_tok_s"]
+        C.settle(lambda: twin.generate_greedy(prompt, 2), seconds=0.2)
+        t, theirs = best_time(lambda: twin.generate_greedy(prompt, n), args.repeats)
+        row["torch_cached_greedy_tok_s"] = B * n / t
+        row["ours_vs_torch"] = row["ours_cached_greedy_tok_s"] / row["torch_cached_greedy_tok_s"]
+        row["torch_tokens_equal_ours"] = bool(np.array_equal(theirs, ours))
+        row["torch_first_mismatch_step"] = (None if row["torch_tokens_equal_ours"] else
+                                            int(np.argmax((theirs != ours).any(axis=0))) - 1)
+        C.settle(lambda: generate(model, prompt, 2, temperature=0), seconds=0.2)
+        res["batches"][str(B)] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
+        print(f"batch {B}: {res['batches'][str(B)]}", file=sys.stderr, flush=True)
+    C.emit(res)
+
+
+if __name__ == "__main__":
+    main()
