@@ -47,6 +47,17 @@ def worker(args: argparse.Namespace) -> None:
     out = {"ranks": world.size, "zero": args.zero, "steps": args.steps,
            "tokens_per_s": args.steps * cfg.batch_size * cfg.block_size * world.size / dt,
            "step_ms": 1000 * dt / args.steps}
+    # the same forward + backward without any communication: is the compute itself slower with N ranks?
+    x, y = tr.micro_batches(0)[0]
+    t0 = time.perf_counter()
+    for _ in range(10):
+        _, loss = tr.model(x, y)
+        loss.backward()
+        tr.model.zero_grad()
+    out["compute_only_ms"] = 100 * (time.perf_counter() - t0)
+    import threadpoolctl
+    out["blas_threads"] = [d.get("num_threads") for d in threadpoolctl.threadpool_info()]
+    out["affinity"] = sorted(os.sched_getaffinity(0))[:8]
     opt = tr.optimizer
     out["optimizer_state_bytes_per_rank"] = (opt.optimizer_state_bytes() if hasattr(opt, "optimizer_state_bytes")
                                              else sum(v.nbytes for st in opt.state.values() for v in st.values()
