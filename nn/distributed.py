@@ -100,7 +100,6 @@ class MPIWorld(World):
         self.reduce_dtype = reduce_dtype
         self.transport = "mpi-cuda-aware" if os.environ.get("TINYGRAD_LM_CUDA_AWARE_MPI") == "1" else "mpi-host"
         self.nccl: Any = None
-        self.local_size = 1
         self._buckets: list[tuple[list[int], Any]] | None = None
         self._layout_key: tuple | None = None
         self._fp16_sum = None

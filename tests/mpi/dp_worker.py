@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nn.distributed import init, run_or_abort
+from tensor import backend
 from tinygrad_lm.train import Trainer, make_config
 
 
@@ -39,7 +40,7 @@ def main() -> int:
             if mode == "fail" and world.rank == 1 and step == 2:
                 raise RuntimeError("injected failure on rank 1")
             trainer.train_step()
-            sums.append(float(sum(np.asarray(p.data, dtype=np.float64).sum() for p in trainer.model.parameters())))
+            sums.append(float(sum(backend.to_numpy(p.data).astype(np.float64).sum() for p in trainer.model.parameters())))
         opt = trainer.optimizer
         opt_bytes = opt.optimizer_state_bytes() if hasattr(opt, "optimizer_state_bytes") else sum(
             v.nbytes for st in opt.state.values() for v in st.values() if hasattr(v, "nbytes"))
