@@ -24,6 +24,9 @@ from tensor import Tensor, no_grad  # noqa: E402
 B, WIDTHS, LR = 256, (784, 512, 512, 10), 0.01
 
 
+REPEATS = 9
+
+
 def make_data(seed: int = 0):
     rng = np.random.default_rng(seed)
     params = []
@@ -76,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=3.0, help="seconds per framework, roughly")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="interleaved repeats (min and median over them)")
     args = ap.parse_args()
     import torch
     set_threads(args.threads)
@@ -87,7 +91,7 @@ def main() -> None:
     l_peer = [float(peer_step().item()) for _ in range(3)]
     agree = bool(np.allclose(l_ours, l_peer, rtol=1e-4, atol=1e-5))
 
-    t = interleaved({"ours": ours_step, "torch": peer_step}, min_time=args.min_time, repeats=9)
+    t = interleaved({"ours": ours_step, "torch": peer_step}, min_time=args.min_time, repeats=args.repeats)
     emit({
         "benchmark": "mlp_train_step",
         "config": {"batch": B, "widths": WIDTHS, "activation": "relu", "loss": "cross_entropy",

@@ -24,6 +24,9 @@ from tensor import Tensor, no_grad  # noqa: E402
 SHAPE = (4, 4)
 
 
+REPEATS = 7
+
+
 def cases():
     """name -> (ours_fn(a, b), torch_fn(a, b), numpy_fwd(a, b), numpy_fwd_bwd(a, b, g), unary, scalar_out)."""
     def np_mul(a, b, g):
@@ -59,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=0.6, help="seconds per variant, roughly")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="interleaved repeats (min and median over them)")
     args = ap.parse_args()
     import torch
     set_threads(args.threads)
@@ -101,7 +105,7 @@ def main() -> None:
             "torch_fwd": lambda: f_torch(ta, tb),
             "torch_fwd_nograd": torch_nograd,
             "torch_fwd_bwd": torch_fb,
-        }, min_time=args.min_time, repeats=7)
+        }, min_time=args.min_time, repeats=args.repeats)
         r = {k: us(v["min_s"]) for k, v in t.items()}
         r["overhead_fwd_us"] = round(r["ours_fwd"] - r["numpy_fwd"], 2)
         r["overhead_fwd_bwd_us"] = round(r["ours_fwd_bwd"] - r["numpy_fwd_bwd"], 2)
@@ -112,7 +116,7 @@ def main() -> None:
 
     emit({
         "benchmark": "op_overhead",
-        "config": {"shape": SHAPE, "dtype": "float32", "unit": "us per op (min of 7 interleaved repeats)"},
+        "config": {"shape": SHAPE, "dtype": "float32", "unit": "us per op (min over interleaved repeats)"},
         "machine": machine_info(args.threads),
         "ops": results,
     })

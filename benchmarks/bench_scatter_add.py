@@ -27,6 +27,9 @@ from _common import emit, interleaved, machine_info, set_threads, us
 from tensor.ops.indexing import scatter_add_rows  # noqa: E402
 
 
+REPEATS = 7
+
+
 def add_at(idx, src, V):
     out = np.zeros((V,) + src.shape[1:], src.dtype)
     np.add.at(out, idx, src)
@@ -61,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=0.4, help="seconds per variant and shape, roughly")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="interleaved repeats (min and median over them)")
     args = ap.parse_args()
     import torch
     set_threads(args.threads)
@@ -80,7 +84,7 @@ def main() -> None:
         tidx, tsrc = torch.from_numpy(idx), torch.from_numpy(src)
         fns = {k: (lambda f=f: f(idx, src, V)) for k, f in VARIANTS.items()}
         fns["torch_index_add"] = lambda: torch.zeros(V, C).index_add_(0, tidx, tsrc)
-        t = interleaved(fns, min_time=args.min_time, repeats=7)
+        t = interleaved(fns, min_time=args.min_time, repeats=args.repeats)
         times = {k: us(v["min_s"]) for k, v in t.items()}
         numpy_only = {k: v for k, v in times.items() if k in VARIANTS and k != "library"}
         rows.append({"N": N, "V": V, "C": C, "ids": dist, "max_count": int(np.bincount(idx).max()),
