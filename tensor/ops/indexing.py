@@ -24,13 +24,14 @@ def scatter_add_rows(index: Any, src: Any, num_rows: int) -> Any:
         accumulated in at least float32;
       * the rest in rounds k = 0, 1, ...: round k adds the k-th occurrence of every id
         that has one, a fancy-indexed `out[rows] += src[...]` whose rows are distinct.
-    benchmarks/bench_scatter_add.py (RESULTS.md, "Autograd core (issue 2)"), float32, 2 cores,
-    microseconds, N ids x V rows x C columns:
+    benchmarks/bench_scatter_add.py (RESULTS.md, "Autograd core (issue 2)", table 3b: float32,
+    1 thread, microseconds; N ids x V rows x C columns):
         N     V     C    np.add.at  sort+reduceat  bincount  onehot GEMM  this
-        768   65    128     591        104           192        102        ~110
-        4096  65    384    9296       4779          5526       1017       ~1000
-        4096  4096  128    3316       3157          1731      26381        ~800
-        4096  4096  384    9684      14447         10027      48278       ~1900
+        768   65    128     615        106           195        123        155
+        4096  65    384    9840       5367          4131       1847       2830
+        4096  4096  128    3458       3342          1926      46780        796
+        4096  4096  384   10244      12181          9895      96464       1937
+        4096  4096  384   10246       5878          9386      95855       2185  (Zipf ids)
     (np.add.reduceat along axis 0 runs one inner loop per (run, column): slow for many short
     runs; the one-hot GEMM costs V*N*C: fastest for a small vocabulary, hopeless for a large one.)
     """
