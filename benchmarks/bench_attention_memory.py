@@ -7,7 +7,7 @@ and count the bytes its nodes keep in their `saved` tuples until backward:
              heads split inside the op from the fused (B, T, 3C) projection)
   composed   s = (q @ k.swapaxes(-1, -2)) * D**-0.5; s = s.masked_fill(~allowed, -inf);
              e = (s - s.max(-1, keepdims=True).detach()).exp(); p = e / e.sum(-1, keepdims=True);
-             [p = dropout(p)]; out = p @ v        (every node reachable from `out` via _ctx.inputs)
+             [p = dropout(p)]; out = p @ v        (every op reachable from `out` via fn.inputs)
 
 Arrays that share memory with the op's inputs (q, k, v or qkv: views, no copy) are not
 counted; arrays that share one buffer are counted once (by their `.base`). As an independent
@@ -37,7 +37,7 @@ from _common import emit, machine_info
 
 import tensor.functional as F  # noqa: E402
 from nn.attention import causal_attention_qkv, scaled_dot_product_attention  # noqa: E402
-from tensor import Tensor  # noqa: E402
+from tensor import Function, Tensor  # noqa: E402
 
 CONFIGS = {
     # the issue's size: nanoGPT's shakespeare_char GPU model (6 heads x 64 = 384 wide, block 256), batch 12
@@ -58,10 +58,9 @@ def saved_bytes(out: Tensor, inputs: list[Tensor]) -> tuple[int, list]:
     """Sum of nbytes over the distinct buffers in `saved` of every node reachable from `out`,
     excluding buffers shared with `inputs`. Also returns a per-node breakdown."""
     seen_nodes, seen_bufs, total, per_node = set(), set(), 0, []
-    stack = [out]
+    stack = [out._ctx]
     while stack:
-        t = stack.pop()
-        fn = t._ctx
+        fn = stack.pop()
         if fn is None or id(fn) in seen_nodes:
             continue
         seen_nodes.add(id(fn))
@@ -78,7 +77,7 @@ def saved_bytes(out: Tensor, inputs: list[Tensor]) -> tuple[int, list]:
             node_bytes += r.nbytes
         total += node_bytes
         per_node.append((fn.name, node_bytes))
-        stack.extend(x for x in fn.inputs if isinstance(x, Tensor))
+        stack.extend(x for x in fn.inputs if isinstance(x, Function))  # inputs made by ops are those ops
     return total, per_node
 
 

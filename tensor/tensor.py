@@ -11,6 +11,7 @@ How it works, in four lines:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -68,6 +69,27 @@ def shape_str(x: Any) -> str:
 
 
 # ----------------------------------------------------------------- Function
+def _topological_order(root: Any) -> list:
+    """Graph nodes (ops, and leaf tensors that need grad), each after all its inputs (iterative DFS)."""
+    order: list = []
+    visited: set[int] = set()
+    stack: list = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        if isinstance(node, Function):
+            for inp, need in zip(node.inputs, node.needs_grad):
+                if need and id(inp) not in visited:
+                    stack.append((inp, False))
+    return order
+
+
 class Function:
     """Base class of every differentiable op.
 
@@ -75,6 +97,11 @@ class Function:
     `backward(self, grad) -> tuple` (one gradient or None per input), and keeps
     what backward needs with `self.save_for_backward(...)`. `self.needs_grad[i]`
     tells backward which inputs want a gradient, so it can skip the rest.
+
+    The graph: `fn.inputs[i]` is input i as the graph sees it: a leaf Tensor, a constant,
+    or, for a tensor computed by another op, that op (its Function). Holding the op rather
+    than the tensor means an intermediate result is freed as soon as nothing but the
+    graph refers to it, unless some op saved it for backward.
     """
 
     differentiable = True
@@ -84,6 +111,9 @@ class Function:
         self.inputs: tuple = ()
         self.needs_grad: tuple = ()
         self.versions: tuple = ()
+        self.out_shape: tuple = ()
+        self.out_dtype: Any = None
+        self.out_ref: Any = None
 
     # subclasses override these two
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -129,24 +159,28 @@ class Function:
             data = np.asarray(data)
         out = Tensor._make(data, False)
         if _grad_enabled and cls.differentiable and any(needs):
-            fn.inputs = inputs
+            fn.inputs = tuple(t._ctx if isinstance(t, Tensor) and t._ctx is not None else t for t in inputs)
             fn.needs_grad = tuple(needs)
-            if fn.saved:
-                fn.versions = tuple(t._version if isinstance(t, Tensor) else 0 for t in inputs)
+            fn.out_shape, fn.out_dtype = data.shape, data.dtype
+            if fn.saved:  # to detect in-place changes later; weak references keep nothing alive
+                fn.versions = tuple((weakref.ref(t), t._version) if isinstance(t, Tensor) else None for t in inputs)
+                fn.out_ref = weakref.ref(out)
             out.requires_grad = True
             out._ctx = fn
         return out
 
-    def check_versions(self, out: "Tensor") -> None:
+    def check_versions(self) -> None:
         """Refuse to backprop if data this op saved was changed in place since."""
         if not self.saved:
             return
-        for i, (t, v) in enumerate(zip(self.inputs, self.versions)):
-            if isinstance(t, Tensor) and t._version != v:
+        for i, rv in enumerate(self.versions):
+            t = rv[0]() if rv is not None else None
+            if t is not None and t._version != rv[1]:
                 raise RuntimeError(
                     f"{self.name}.backward: input {i} of shape {shape_str(t)} was modified in place "
-                    f"after it was used (version {t._version}, expected {v}); the graph still needs it")
-        if out._version != 0:
+                    f"after it was used (version {t._version}, expected {rv[1]}); the graph still needs it")
+        out = self.out_ref() if self.out_ref is not None else None
+        if out is not None and out._version != 0:
             raise RuntimeError(f"{self.name}.backward: its output of shape {shape_str(out)} was "
                                f"modified in place after it was computed; the graph still needs it")
 
@@ -365,14 +399,16 @@ class Tensor:
             if gradient.shape != self.shape:
                 raise RuntimeError(f"backward: gradient of shape {gradient.shape} does not match "
                                    f"output of shape {self.shape}")
-        grads: dict[int, Any] = {id(self): gradient}
+        # nodes are ops (Functions) and leaf tensors; a non-leaf tensor is represented by its op
+        root = self._ctx if self._ctx is not None else self
+        grads: dict[int, Any] = {id(root): gradient}
         shared = {id(gradient)}  # arrays a leaf's .grad must not alias (the caller's, another leaf's)
-        for t in reversed(self._topological_order()):
-            g = grads.pop(id(t), None)
+        for node in reversed(_topological_order(root)):
+            g = grads.pop(id(node), None)
             if g is None:
                 continue
-            fn = t._ctx
-            if fn is None:  # a leaf: accumulate
+            if isinstance(node, Tensor):  # a leaf: accumulate
+                t = node
                 if g.dtype != t.data.dtype:
                     g = g.astype(t.data.dtype)
                 elif t.grad is None and (g.base is not None or id(g) in shared or isinstance(g, np.generic)):
@@ -380,41 +416,23 @@ class Tensor:
                 t.grad = g if t.grad is None else t.grad + g
                 shared.add(id(t.grad))
                 continue
+            fn = node
             if fn.saved is None:
                 raise RuntimeError(f"{fn.name}.backward: the graph was already freed by an earlier "
                                    "backward(); call backward(retain_graph=True) the first time to "
                                    "backpropagate through it twice")
-            fn.check_versions(t)
+            fn.check_versions()
             in_grads = fn.backward(g)
             if not retain_graph:
                 fn.release()
             for inp, ig, need in zip(fn.inputs, in_grads, fn.needs_grad):
                 if need and ig is not None:
-                    if ig.dtype != inp.data.dtype:  # e.g. an fp32 residual grad flowing into an fp16 branch
-                        ig = ig.astype(inp.data.dtype)
+                    dtype = inp.out_dtype if isinstance(inp, Function) else inp.data.dtype
+                    if ig.dtype != dtype:  # e.g. an fp32 residual grad flowing into an fp16 branch
+                        ig = ig.astype(dtype)
                     k = id(inp)
                     prev = grads.get(k)
                     grads[k] = ig if prev is None else prev + ig
-
-    def _topological_order(self) -> list["Tensor"]:
-        """Tensors that require grad, each after all its inputs (iterative DFS)."""
-        order: list[Tensor] = []
-        visited: set[int] = set()
-        stack: list[tuple[Tensor, bool]] = [(self, False)]
-        while stack:
-            node, done = stack.pop()
-            if done:
-                order.append(node)
-                continue
-            if id(node) in visited:
-                continue
-            visited.add(id(node))
-            stack.append((node, True))
-            if node._ctx is not None:
-                for inp, need in zip(node._ctx.inputs, node._ctx.needs_grad):
-                    if need and id(inp) not in visited:
-                        stack.append((inp, False))
-        return order
 
     # ------------------------------------------------------------ ops (methods)
     # arithmetic, defined in tensor/ops/elementwise.py

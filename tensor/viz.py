@@ -6,7 +6,9 @@
     draw(loss, "graph.svg", max_depth=6)      # writes graph.dot, and graph.svg if `dot` is installed
 
 Two kinds of node: tensors (boxes: name, shape, dtype, and the gradient norm once
-backward has filled `.grad`) and ops (ellipses: the Function's class name). Edges run
+backward has filled `.grad`; an intermediate result shows the shape and dtype its op
+recorded, since the graph keeps the op, not the tensor) and ops (ellipses: the
+Function's class name). Edges run
 the way data flows: input tensor -> op -> output tensor. Leaves that require grad
 (parameters) are green, constants grey. Graphs are walked without recursion.
 """
@@ -85,17 +87,24 @@ def to_dot(root: Tensor, max_depth: int | None = None, names: Mapping[str, Tenso
             lines.append(f"  {nid} [{attrs}{', ' + style if style else ''}];")
         return nid
 
+    def add_value(fn: Function) -> str:
+        """The box of an intermediate result, known to the graph only through the op that made it."""
+        nid, new = node_id(("value", id(fn)), "t")
+        if new:
+            label = f"{_shape(fn.out_shape)} {fn.out_dtype}"
+            lines.append(f'  {nid} [shape=box, label="{_esc(label)}"];')
+        return nid
+
     root_id = add_tensor(root, is_root=True)
-    queue: deque[tuple[Tensor, str, int]] = deque([(root, root_id, 0)])
+    queue: deque[tuple[Function | None, str, int]] = deque([(root._ctx, root_id, 0)])
     done: set[int] = set()
     while queue:
-        t, tid, depth = queue.popleft()
-        fn: Function | None = t._ctx
-        if fn is None or id(t) in done:
+        fn, tid, depth = queue.popleft()
+        if fn is None or id(fn) in done:
             continue
-        done.add(id(t))
+        done.add(id(fn))
         if max_depth is not None and depth >= max_depth:
-            hidden = _count_ops(t)
+            hidden = _count_ops(fn)
             cut = f"cut{next(counter)}"
             lines.append(f'  {cut} [shape=plaintext, label="... {hidden} more op{"s" if hidden != 1 else ""}"];')
             lines.append(f"  {cut} -> {tid} [style=dashed];")
@@ -104,10 +113,13 @@ def to_dot(root: Tensor, max_depth: int | None = None, names: Mapping[str, Tenso
         lines.append(f'  {op_id} [shape=ellipse, style=filled, fillcolor="#cfe2ff", label="{_esc(fn.name)}"];')
         lines.append(f"  {op_id} -> {tid};")
         for inp in fn.inputs:
-            if isinstance(inp, Tensor):
-                iid = add_tensor(inp)
+            if isinstance(inp, Function):  # an intermediate tensor: its box, then the op that made it
+                iid = add_value(inp)
                 lines.append(f"  {iid} -> {op_id};")
                 queue.append((inp, iid, depth + 1))
+            elif isinstance(inp, Tensor):
+                iid = add_tensor(inp)
+                lines.append(f"  {iid} -> {op_id};")
             elif inp is not None:
                 cid = f"c{next(counter)}"
                 lines.append(f'  {cid} [shape=plaintext, label="{_esc(_const_label(inp))}"];')
@@ -116,17 +128,16 @@ def to_dot(root: Tensor, max_depth: int | None = None, names: Mapping[str, Tenso
     return "\n".join(lines) + "\n"
 
 
-def _count_ops(t: Tensor) -> int:
-    """How many distinct ops made t (iteratively)."""
+def _count_ops(fn: Function) -> int:
+    """How many distinct ops lead to (and include) fn (iteratively)."""
     seen: set[int] = set()
-    stack = [t]
+    stack = [fn]
     while stack:
-        u = stack.pop()
-        fn = u._ctx
-        if fn is None or id(fn) in seen:
+        f = stack.pop()
+        if id(f) in seen:
             continue
-        seen.add(id(fn))
-        stack.extend(i for i in fn.inputs if isinstance(i, Tensor))
+        seen.add(id(f))
+        stack.extend(i for i in f.inputs if isinstance(i, Function))
     return len(seen)
 
 

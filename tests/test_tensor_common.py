@@ -128,15 +128,14 @@ class Probe(Function):
 
 def graph_ops(out: Tensor) -> set:
     """Names of the Functions recorded in the graph that produced `out`."""
-    names, seen, stack = set(), set(), [out]
+    names, seen, stack = set(), set(), [out._ctx]
     while stack:
-        t = stack.pop()
-        if id(t) in seen:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
             continue
-        seen.add(id(t))
-        if t._ctx is not None:
-            names.add(t._ctx.name)
-            stack.extend(i for i in t._ctx.inputs if isinstance(i, Tensor))
+        seen.add(id(fn))
+        names.add(fn.name)
+        stack.extend(i for i in fn.inputs if isinstance(i, Function))  # an op's inputs made by ops are those ops
     return names
 
 
