@@ -36,6 +36,44 @@ import _common as C  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 
 DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
+
+
+def set_threads(n: int) -> None:
+    """C.set_threads (threadpoolctl), or, where threadpoolctl is missing (it is not a dependency
+    of ours), only torch.set_num_threads: the workers also get OMP/OPENBLAS/MKL_NUM_THREADS=n."""
+    try:
+        C.set_threads(n)
+    except ImportError:
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(n)
+
+
+def machine_info(threads: int) -> dict:
+    try:
+        return C.machine_info(threads)
+    except ImportError:  # no threadpoolctl
+        import platform
+        return {"cpu": C.cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                "numpy": np.__version__, "numpy_blas": "unknown (threadpoolctl not installed)", "threads": threads,
+                "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+                "env_OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+                "env_OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
+
+
+def git_rev() -> str:
+    """The commit the numbers belong to (+ "-dirty" when the working tree has changes)."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=C._ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def worker_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = str(threads)
+    return env
 NANOGPT_README_VAL = 1.88
 VAL_BATCHES, VAL_SEED = 200, 2024
 
@@ -44,7 +82,7 @@ def setup(a: argparse.Namespace, tmp: str):
     from tinygrad_lm.train import make_config
     return make_config("shakespeare-char", data=a.data, out=os.path.join(tmp, "run"),
                        cache_dir=os.path.join(tmp, "cache"), progress=False, sample_tokens=0, device="cpu",
-                       max_iters=a.max_iters)
+                       max_iters=a.max_iters, seed=a.seed)
 
 
 def fixed_val_loss(loss_fn, data, cfg) -> float:
@@ -62,7 +100,7 @@ def trainer_eval(loss_fn, data, cfg) -> dict:
 def worker_ours(a: argparse.Namespace, tmp: str) -> dict:
     from tensor.tensor import no_grad
     from tinygrad_lm.train import Trainer
-    C.set_threads(a.threads)
+    set_threads(a.threads)
     cfg = setup(a, tmp)
     logs: list = []
     trainer = Trainer(cfg, log=logs.append)
@@ -87,7 +125,7 @@ def worker_ours(a: argparse.Namespace, tmp: str) -> dict:
 def worker_torch(a: argparse.Namespace, tmp: str) -> dict:
     import torch
     import torch.nn.functional as TF
-    C.set_threads(a.threads)
+    set_threads(a.threads)
     sys.path.insert(0, os.path.join(C._ROOT, "examples"))
     from export_to_pytorch import NanoGPT, to_torch_state_dict
     from nn.lr_scheduler import WarmupCosine
@@ -147,6 +185,7 @@ def main() -> None:
     ap.add_argument("--impls", default="ours,torch")
     ap.add_argument("--max-iters", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--seed", type=int, default=1337, help="the preset's seed (init weights and batches)")
     ap.add_argument("--parallel", action="store_true",
                     help="run the implementations at the same time (e.g. --threads 1 each on 2 cores)")
     ap.add_argument("--out", help="also write the JSON here")
@@ -160,16 +199,17 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
-    C.set_threads(a.threads)
+    set_threads(a.threads)
     t_start, load_start = time.perf_counter(), os.getloadavg()
     results = {}
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
     procs = {}
     for impl in impls:  # one after the other, or (--parallel) all at once
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--data", a.data,
-               "--max-iters", str(a.max_iters), "--threads", str(a.threads)]
+               "--max-iters", str(a.max_iters), "--threads", str(a.threads), "--seed", str(a.seed)]
         print(f"running {impl} ...", file=sys.stderr, flush=True)
-        procs[impl] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs[impl] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       env=worker_env(a.threads))
         if not a.parallel:
             procs[impl] = (procs[impl], *procs[impl].communicate())
     for impl, p in procs.items():
@@ -197,7 +237,8 @@ def main() -> None:
                         "wall_s": {"ours": round(o["train_wall_s"], 1), "torch": round(t["train_wall_s"], 1)}})
     out = {"benchmark": "bench_convergence", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "machine": C.machine_info(a.threads), "parallel": a.parallel, "loadavg_at_start": [round(v, 2) for v in load_start],
+           "git": git_rev(),
+           "machine": machine_info(a.threads), "parallel": a.parallel, "loadavg_at_start": [round(v, 2) for v in load_start],
            "val_batches": {"count": VAL_BATCHES, "seed": VAL_SEED, "batch_size": 12, "block_size": 64},
            "summary": summary, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
     if a.out:
