@@ -3,13 +3,15 @@
     from tensor import Tensor, no_grad, gradcheck
     import tensor.functional as F
 """
-from tensor import functional
+from tensor import backend, functional
 from tensor.backend import cuda_available, get_default_device, set_default_device
 from tensor.gradcheck import GradcheckError, gradcheck
 from tensor.ops import all_ops
 from tensor.ops.indexing import where
 from tensor.ops.movement import cat, concatenate, split, squeeze, stack, unsqueeze
 from tensor.tensor import Function, Tensor, enable_grad, is_grad_enabled, no_grad
+
+backend.tune_host_allocator()  # NumPy temporaries reuse heap memory instead of page-faulting (see its docstring)
 
 __all__ = ["Tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError",
            "functional", "where", "concatenate", "cat", "stack", "split", "squeeze", "unsqueeze",

@@ -101,3 +101,26 @@ def to_numpy(x: Any) -> np.ndarray:
 def device_to_host(x: Any) -> np.ndarray:
     """Copy a CuPy array to the host (this waits for the GPU)."""
     return cupy_module().asnumpy(x)
+
+
+def tune_host_allocator() -> bool:
+    """Keep freed large arrays in the process heap instead of returning them to the OS.
+
+    glibc's malloc serves big blocks (NumPy temporaries of a training step) with mmap and
+    gives them back on free, so the next step's temporaries page-fault their memory in
+    again: a training step spent ~30% of its time there (benchmarks/RESULTS.md). Raising
+    M_MMAP_THRESHOLD and M_TRIM_THRESHOLD makes malloc reuse them, as a caching allocator
+    would. Linux/glibc only; a no-op elsewhere or with TINYGRAD_LM_MALLOPT=0. Called once
+    when `tensor` is imported. Returns whether the setting was applied.
+    """
+    import os
+    import sys
+    if os.environ.get("TINYGRAD_LM_MALLOPT", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return False

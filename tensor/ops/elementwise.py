@@ -165,16 +165,39 @@ class Gelu(Function):
             self.save_for_backward(a, None)
             return kernels.gelu_forward(a)
         xp = array_module(a)
-        t = xp.tanh(GELU_K * (a + 0.044715 * a * a * a))
+        # the formula above, computed in place to avoid temporaries: t = tanh(k a (1 + 0.044715 a^2))
+        a1 = a.reshape(-1)  # (1-D, so that even a 0-d input gives arrays that `out=` accepts)
+        t = a1 * a1
+        t *= 0.044715 * GELU_K
+        t += GELU_K
+        t *= a1
+        xp.tanh(t, out=t)
         self.save_for_backward(a, t)
-        return 0.5 * a * (1.0 + t)
+        y = t + 1.0
+        y *= a1
+        y *= 0.5
+        return y.reshape(a.shape)
 
     def backward(self, g):
         a, t = self.saved
         if t is None:
             return (kernels.gelu_backward(a, array_module(g).ascontiguousarray(g)),)
-        da = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_K * (1.0 + 3 * 0.044715 * a * a)
-        return (g * da,)
+        # da = 0.5 (1 + t) + 0.5 a (1 - t^2) k (1 + 3*0.044715 a^2), in place (t is 1-D)
+        xp = array_module(a)
+        a1 = a.reshape(-1)
+        da = t * t
+        xp.subtract(1.0, da, out=da)
+        u = a1 * a1
+        u *= 3 * 0.044715
+        u += 1.0
+        da *= u
+        da *= a1
+        da *= 0.5 * GELU_K
+        da += 0.5
+        xp.multiply(t, 0.5, out=u)
+        da += u
+        da *= g.reshape(-1)
+        return (da.reshape(a.shape),)
 
 
 class Abs(Function):
