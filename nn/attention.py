@@ -72,7 +72,7 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     s = _f32(q @ k.swapaxes(-1, -2))  # the GEMM in the input dtype, softmax in float32
     s *= scale
     if allowed is not None:
-        s = xp.where(allowed, s, -np.inf)
+        xp.copyto(s, -np.inf, where=~allowed)  # masked scores, in place
     m = s.max(axis=-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: avoid inf - inf
     s -= m
@@ -103,8 +103,10 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
     if kernels.usable(p, dp):  # GPU: one fused kernel, the same formula
         ds = kernels.softmax_backward(p, dp, scale).astype(q.dtype, copy=False)
     else:
-        p32, dp32 = _f32(p), _f32(dp)
-        ds = p32 * (dp32 - (dp32 * p32).sum(axis=-1, keepdims=True))
+        p32, ds = _f32(p), _f32(dp)               # ds is built in dp's buffer
+        rowsum = (ds * p32).sum(axis=-1, keepdims=True)
+        ds -= rowsum
+        ds *= p32
         ds *= scale
         ds = ds.astype(q.dtype, copy=False)
     return ds @ k, ds.swapaxes(-1, -2) @ q, dv

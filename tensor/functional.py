@@ -145,14 +145,17 @@ class LayerNorm(Function):
             self.save_for_backward(x, mean, rstd, weight, "fused")
             return y
         x32 = _f32(x)
-        mu = x32.mean(axis=-1, keepdims=True)
-        xc = x32 - mu
-        rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
-        xhat = xc * rstd
+        xhat = x32 - x32.mean(axis=-1, keepdims=True)  # x - mu, then scaled in place below
+        sq = xhat * xhat
+        rstd = 1.0 / xp.sqrt(sq.mean(axis=-1, keepdims=True) + eps)
+        xhat *= rstd
         self.save_for_backward(xhat, rstd, weight)
-        y = xhat * weight if weight is not None else xhat
+        if weight is None:
+            y = xhat.copy() if bias is not None else xhat
+        else:
+            y = xp.multiply(xhat, weight, out=sq)  # reuse the squares' buffer
         if bias is not None:
-            y = y + bias
+            y += bias
         return y.astype(x.dtype, copy=False)
 
     def backward(self, g):
@@ -172,11 +175,21 @@ class LayerNorm(Function):
         xhat, rstd, weight = self.saved
         g32 = _f32(g)
         lead = tuple(range(g.ndim - 1))
-        dxhat = g32 * weight if weight is not None else g32
-        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                     - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
-        dw = (g32 * xhat).sum(axis=lead).astype(weight.dtype) if weight is not None and self.needs_grad[1] else None
-        db = g32.sum(axis=lead).astype(g.dtype) if self.has_bias and self.needs_grad[2] else None
+        xp = array_module(g32)
+        dw = db = None
+        tmp = g32 * xhat
+        if weight is not None and self.needs_grad[1]:
+            dw = tmp.sum(axis=lead).astype(weight.dtype)
+        if self.has_bias and self.needs_grad[2]:
+            db = g32.sum(axis=lead).astype(g.dtype)
+        dx = g32 * weight if weight is not None else g32.copy()   # dxhat, turned into dx in place
+        if weight is not None:
+            xp.multiply(dx, xhat, out=tmp)                         # dxhat * xhat
+        m2 = tmp.mean(axis=-1, keepdims=True)
+        dx -= dx.mean(axis=-1, keepdims=True)
+        xp.multiply(xhat, m2, out=tmp)
+        dx -= tmp
+        dx *= rstd
         return dx.astype(self.in_dtype, copy=False), dw, db
 
 
