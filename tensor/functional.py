@@ -32,6 +32,19 @@ def uniform(generator: Any, shape: tuple, like: Any) -> Any:
     return xp.asarray(u) if array_module(u) is not xp else u
 
 
+def sum_rows(x: Any) -> Any:
+    """Sum over every axis but the last: (..., C) -> (C,), accumulated in float32 or wider.
+
+    On the GPU this is a matrix-vector product (ones @ x) on cuBLAS: CuPy's reduction along
+    a long leading axis measured ~10x slower (bias and LayerNorm gradients, 16384 rows)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xp = array_module(x2)
+    if xp is np:
+        return x2.sum(axis=0)
+    x32 = x2 if x2.dtype in (np.float32, np.float64) else x2.astype(np.float32)
+    return (xp.ones(x32.shape[0], dtype=x32.dtype) @ x32).astype(x2.dtype, copy=False)
+
+
 def _softmax(x: Any, axis: int) -> Any:
     xp = array_module(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
@@ -96,8 +109,10 @@ class CrossEntropy(Function):
         n_valid = int(valid.sum()) if xp is np else valid.sum()
         self.in_shape, self.in_dtype, self.ignore_index = logits.shape, logits.dtype, ignore_index
         out_dtype = np.float32 if logits.dtype.itemsize < 4 else logits.dtype
-        if kernels.usable(logits):  # GPU: one kernel per pass (tensor/kernels.py), same formulas
+        if kernels.usable(logits) or kernels.usable_as_float32(logits):  # GPU: fused (tensor/kernels.py)
             x = logits.reshape(-1, C)
+            if not kernels.usable(x):
+                x = x.astype(np.float32)
             lse, nll = kernels.cross_entropy_forward(x, t, ignore_index)
             self.save_for_backward(x, t, lse, n_valid, None)
             return (nll.sum() / xp.maximum(n_valid, 1)).astype(out_dtype)
@@ -115,7 +130,7 @@ class CrossEntropy(Function):
             x, t, lse, n_valid, _ = self.saved
             scale = g.astype(np.float32) / array_module(x).maximum(n_valid, 1)
             dx = kernels.cross_entropy_backward(x, t, lse, scale, self.ignore_index)
-            return dx.reshape(self.in_shape), None
+            return dx.reshape(self.in_shape).astype(self.in_dtype, copy=False), None
         shifted, sumexp, t_safe, valid, n_valid = self.saved
         xp = array_module(shifted)
         p = xp.exp(shifted)
@@ -168,9 +183,9 @@ class LayerNorm(Function):
             dw = db = None
             if weight is not None and self.needs_grad[1]:
                 xhat = (x.reshape(-1, x.shape[-1]) - mean[:, None]) * rstd[:, None]
-                dw = (g.reshape(xhat.shape) * xhat).sum(axis=0).astype(weight.dtype)
+                dw = sum_rows(g.reshape(xhat.shape) * xhat).astype(weight.dtype)
             if self.has_bias and self.needs_grad[2]:
-                db = g.sum(axis=lead).astype(g.dtype)
+                db = sum_rows(g)
             return dx, dw, db
         xhat, rstd, weight = self.saved
         g32 = _f32(g)
@@ -179,9 +194,9 @@ class LayerNorm(Function):
         dw = db = None
         tmp = g32 * xhat
         if weight is not None and self.needs_grad[1]:
-            dw = tmp.sum(axis=lead).astype(weight.dtype)
+            dw = sum_rows(tmp).astype(weight.dtype)
         if self.has_bias and self.needs_grad[2]:
-            db = g32.sum(axis=lead).astype(g.dtype)
+            db = sum_rows(g32).astype(g.dtype)
         dx = g32 * weight if weight is not None else g32.copy()   # dxhat, turned into dx in place
         if weight is not None:
             xp.multiply(dx, xhat, out=tmp)                         # dxhat * xhat
@@ -249,7 +264,7 @@ class Linear(Function):
         g2 = g.reshape(-1, g.shape[-1])
         gx = (g2 @ w).reshape(x.shape[:-1] + (w.shape[1],)) if self.needs_grad[0] else None
         gw = (g2.T @ x.reshape(-1, x.shape[-1])) if self.needs_grad[1] else None
-        gb = g2.sum(axis=0) if self.has_bias and self.needs_grad[2] else None
+        gb = sum_rows(g2) if self.has_bias and self.needs_grad[2] else None
         return gx, gw, gb
 
 

@@ -42,6 +42,13 @@ def usable(*arrays: Any, contiguous: bool = True) -> bool:
     return True
 
 
+def usable_as_float32(a: Any) -> bool:
+    """A CuPy bfloat16 array: the kernels have no bfloat16 instantiation, but casting to
+    float32 around a float32 kernel is still far cheaper than the unfused chain."""
+    return (os.environ.get("TINYGRAD_LM_FUSED", "1") != "0" and backend.array_module(a) is not np
+            and a.dtype.name == "bfloat16")
+
+
 def _cp() -> Any:
     return backend.cupy_module()
 
