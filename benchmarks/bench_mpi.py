@@ -30,9 +30,11 @@ def worker(args: argparse.Namespace) -> None:
     from nn.distributed import init
     from tinygrad_lm.train import Trainer, make_config
     world = init()
+    medium = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=args.batch_size or 16)
     cfg = make_config("shakespeare-char", None, data=args.data, out=os.path.join(args.tmp, "run"), progress=False,
-                      sample_tokens=0, cache_dir=os.path.join(args.tmp, "cache"), zero=args.zero,
-                      max_iters=args.steps + args.warmup, eval_interval=10 ** 6, ckpt_interval=10 ** 6)
+                      sample_tokens=0, cache_dir=os.path.join(args.tmp, "cache"), zero=args.zero, device=args.device,
+                      max_iters=args.steps + args.warmup, eval_interval=10 ** 6, ckpt_interval=10 ** 6,
+                      **(medium if args.config == "gpt-medium" else {}))
     tr = Trainer(cfg, world=world, log=lambda s: None)
     for _ in range(args.warmup):
         tr.train_step()
@@ -42,21 +44,32 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     for _ in range(args.steps):
         tr.train_step()
+    if args.device == "cuda":
+        from tensor import backend
+        backend.cupy_module().cuda.Device().synchronize()
     world.barrier()
     dt = time.perf_counter() - t0
-    out = {"ranks": world.size, "zero": args.zero, "steps": args.steps,
+    out = {"ranks": world.size, "zero": args.zero, "steps": args.steps, "device": args.device,
+           "config": args.config, "transport": getattr(world, "transport", None),
            "tokens_per_s": args.steps * cfg.batch_size * cfg.block_size * world.size / dt,
            "step_ms": 1000 * dt / args.steps}
     # the same forward + backward without any communication: is the compute itself slower with N ranks?
     x, y = tr.micro_batches(0)[0]
+    if args.device == "cuda":
+        x, y = backend.to_numpy(x), backend.to_numpy(y)
     t0 = time.perf_counter()
     for _ in range(10):
         _, loss = tr.model(x, y)
         loss.backward()
         tr.model.zero_grad()
+    if args.device == "cuda":
+        backend.cupy_module().cuda.Device().synchronize()
     out["compute_only_ms"] = 100 * (time.perf_counter() - t0)
-    import threadpoolctl
-    out["blas_threads"] = [d.get("num_threads") for d in threadpoolctl.threadpool_info()]
+    try:
+        import threadpoolctl
+        out["blas_threads"] = [d.get("num_threads") for d in threadpoolctl.threadpool_info()]
+    except ImportError:
+        pass
     out["affinity"] = sorted(os.sched_getaffinity(0))[:8]
     opt = tr.optimizer
     out["optimizer_state_bytes_per_rank"] = (opt.optimizer_state_bytes() if hasattr(opt, "optimizer_state_bytes")
@@ -68,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
         out["allreduce_fraction_of_step"] = world.seconds_reducing / dt
         out["allreduce_bytes_per_step"] = nbytes
         out["allreduce_GBps_in_training"] = nbytes / (world.seconds_reducing / args.steps) / 1e9
-        buf = np.ones(int(nbytes // 4), dtype=np.float32)  # a raw Allreduce of the same bytes
+        buf = np.ones(int(nbytes // 4), dtype=np.float32)  # a raw (host) Allreduce of the same bytes
         MPI = world.MPI
         world.comm.Allreduce(MPI.IN_PLACE, buf)
         world.barrier()
@@ -92,6 +105,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
     p.add_argument("--zero", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--config", default="shakespeare-char", choices=("shakespeare-char", "gpt-medium"))
+    p.add_argument("--batch-size", type=int, default=0, help="per rank (gpt-medium default 16)")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--tmp", default=None)
     args = p.parse_args()
@@ -109,7 +125,8 @@ def main() -> None:
                     continue
                 cmd = [mpiexec(), "-n", str(n), sys.executable, os.path.abspath(__file__), "--worker",
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
-                       "--zero", str(zero), "--tmp", tmp]
+                       "--zero", str(zero), "--tmp", tmp, "--device", args.device, "--config", args.config,
+                       "--batch-size", str(args.batch_size)]
                 r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
                 line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
                 if r.returncode or not line:
@@ -119,7 +136,7 @@ def main() -> None:
     for r in results:
         r["weak_scaling_efficiency"] = r["tokens_per_s"] / (r["ranks"] * base)
     print(json.dumps({"cpu_count": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
-                      "config": "shakespeare-char, batch 12 x 64 per rank, 1 BLAS thread per rank",
+                      "config": f"{args.config} on {args.device}, per-rank batch kept, 1 BLAS thread per rank",
                       "results": results}, indent=1))
 
 

@@ -124,7 +124,7 @@ class MPIWorld(World):
         planned = []
         for idx in buckets:
             n = sum(params[i].size for i in idx)
-            dev = params[idx[0]].device if self.transport != "mpi-host" else "cpu"
+            dev = params[idx[0]].device  # buckets live with the grads; staging (if any) is one copy each way
             xp = backend.array_module(backend.to_device(np.zeros(0), dev))
             planned.append((idx, xp.empty(n, dtype=params[idx[0]].dtype)))
         self._buckets, self._layout_key = planned, key
@@ -144,15 +144,15 @@ class MPIWorld(World):
                 if p.grad is None:
                     buf[offset:offset + n] = 0
                 else:
-                    buf[offset:offset + n] = backend.to_device(p.grad, backend.device_of(buf)).reshape(-1)
+                    buf[offset:offset + n] = p.grad.reshape(-1)
                 offset += n
             self._allreduce_inplace(buf)
             buf *= 1.0 / self.size
             offset = 0
-            for i in idx:  # unpack: each grad becomes a view of the bucket (no copy on the host)
+            for i in idx:  # unpack: each grad becomes a view of the bucket (no copy)
                 p = params[i]
                 n = p.size
-                p.grad = backend.to_device(buf[offset:offset + n], p.device).reshape(p.shape)
+                p.grad = buf[offset:offset + n].reshape(p.shape)
                 offset += n
             self.bytes_reduced += buf.nbytes
         self.seconds_reducing += time.perf_counter() - t0
@@ -179,8 +179,10 @@ class MPIWorld(World):
         return {"float32": nccl.NCCL_FLOAT32, "float16": nccl.NCCL_FLOAT16, "float64": nccl.NCCL_FLOAT64}[dtype.name]
 
     def _allreduce_inplace(self, buf: Any) -> None:
+        """Sum `buf` over the ranks in place, by this world's transport."""
         MPI = self.MPI
-        if self.nccl is not None and backend.device_of(buf) == "cuda":
+        on_gpu = backend.device_of(buf) == "cuda"
+        if on_gpu and self.nccl is not None:
             from cupy.cuda import nccl
             work = buf.astype(np.float16) if self.reduce_dtype == "float16" else buf
             stream = backend.cupy_module().cuda.get_current_stream()
@@ -189,12 +191,17 @@ class MPIWorld(World):
             if work is not buf:
                 buf[...] = work
             return
+        if on_gpu and (self.transport == "mpi-host" or self.reduce_dtype == "float16"):
+            host = backend.device_to_host(buf)  # stage through the host: one copy each way per bucket
+            self._allreduce_inplace(host)
+            buf.set(host)
+            return
         if self.reduce_dtype == "float16" and buf.dtype != np.float16:
             half = buf.astype(np.float16)
             self.comm.Allreduce(MPI.IN_PLACE, [half.view(np.uint16), MPI.UNSIGNED_SHORT], op=self._float16_sum())
             buf[...] = half
             return
-        if backend.device_of(buf) == "cuda":
+        if on_gpu:  # a CUDA-aware MPI reads device memory: the kernels writing it must be done
             backend.cupy_module().cuda.get_current_stream().synchronize()
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
@@ -221,6 +228,10 @@ class MPIWorld(World):
             if self.nccl is not None and backend.device_of(buf) == "cuda":
                 self.nccl.bcast(buf.data.ptr, buf.size, self._nccl_dtype(buf.dtype), 0,
                                 backend.cupy_module().cuda.get_current_stream().ptr)
+            elif backend.device_of(buf) == "cuda" and self.transport == "mpi-host":
+                host = backend.device_to_host(buf)
+                self.comm.Bcast(host, root=0)
+                buf.set(host)
             else:
                 if backend.device_of(buf) == "cuda":
                     backend.cupy_module().cuda.get_current_stream().synchronize()
