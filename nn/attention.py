@@ -81,13 +81,13 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     p = xp.exp(s, out=s)
     denom = p.sum(axis=-1, keepdims=True)
     p /= xp.where(denom == 0, 1.0, denom)
-    p = p.astype(q.dtype, copy=False)
+    p = p.astype(in_dtype, copy=False)  # kept for backward in the input's dtype (module docstring)
     keep = None
     pd = p
     if dropout_p > 0.0:
         keep = uniform(generator, p.shape, p) >= dropout_p
         pd = p * keep * (1.0 / (1.0 - dropout_p))
-    out = pd @ v
+    out = pd.astype(v.dtype, copy=False) @ v
     return (out if out.dtype == in_dtype else out.astype(in_dtype)), p, keep
 
 
@@ -97,6 +97,7 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
     work = _gemm_dtype(q)
     if work != q.dtype:
         g, q, k, v = g.astype(work), q.astype(work), k.astype(work), v.astype(work)
+        p = p.astype(work)
     pd = p if keep is None else p * keep * (1.0 / (1.0 - dropout_p))
     dv = pd.swapaxes(-1, -2) @ g
     dp = g @ v.swapaxes(-1, -2)
