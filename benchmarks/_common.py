@@ -23,10 +23,14 @@ _limiter = None
 
 
 def set_threads(n: int) -> None:
-    """Use `n` threads in NumPy's BLAS (threadpoolctl) and, if imported, in PyTorch."""
+    """Use `n` threads in NumPy's BLAS (threadpoolctl, when installed: it is not a dependency of
+    ours) and, if imported, in PyTorch."""
     global _limiter
-    from threadpoolctl import threadpool_limits
-    _limiter = threadpool_limits(limits=n)  # kept alive: the limit holds for the whole run
+    try:
+        from threadpoolctl import threadpool_limits
+        _limiter = threadpool_limits(limits=n)  # kept alive: the limit holds for the whole run
+    except ImportError:
+        pass
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
 
@@ -45,9 +49,12 @@ def cpu_model() -> str:
 def machine_info(threads: int) -> dict:
     """CPU, core count, NumPy + its BLAS (which kernel runs), torch, thread count."""
     import numpy as np
-    from threadpoolctl import threadpool_info
-    blas = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "threading_layer")}
-            for d in threadpool_info() if d.get("user_api") == "blas"]
+    try:
+        from threadpoolctl import threadpool_info
+        blas: Any = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "threading_layer")}
+                     for d in threadpool_info() if d.get("user_api") == "blas"]
+    except ImportError:
+        blas = "unknown (threadpoolctl not installed)"
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -135,3 +142,13 @@ def ms(seconds: float) -> float:
 def emit(obj: dict) -> None:
     json.dump(obj, sys.stdout, indent=1)
     sys.stdout.write("\n")
+
+
+def git_rev() -> str:
+    """The commit the numbers belong to (+ "-dirty" when the working tree has changes)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"

@@ -38,37 +38,6 @@ import numpy as np
 DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
 
 
-def set_threads(n: int) -> None:
-    """C.set_threads (threadpoolctl), or, where threadpoolctl is missing (it is not a dependency
-    of ours), only torch.set_num_threads: the workers also get OMP/OPENBLAS/MKL_NUM_THREADS=n."""
-    try:
-        C.set_threads(n)
-    except ImportError:
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(n)
-
-
-def machine_info(threads: int) -> dict:
-    try:
-        return C.machine_info(threads)
-    except ImportError:  # no threadpoolctl
-        import platform
-        return {"cpu": C.cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                "numpy": np.__version__, "numpy_blas": "unknown (threadpoolctl not installed)", "threads": threads,
-                "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-                "env_OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-                "env_OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
-
-
-def git_rev() -> str:
-    """The commit the numbers belong to (+ "-dirty" when the working tree has changes)."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=C._ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def worker_env(threads: int) -> dict:
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -100,7 +69,7 @@ def trainer_eval(loss_fn, data, cfg) -> dict:
 def worker_ours(a: argparse.Namespace, tmp: str) -> dict:
     from tensor.tensor import no_grad
     from tinygrad_lm.train import Trainer
-    set_threads(a.threads)
+    C.set_threads(a.threads)
     cfg = setup(a, tmp)
     logs: list = []
     trainer = Trainer(cfg, log=logs.append)
@@ -125,7 +94,7 @@ def worker_ours(a: argparse.Namespace, tmp: str) -> dict:
 def worker_torch(a: argparse.Namespace, tmp: str) -> dict:
     import torch
     import torch.nn.functional as TF
-    set_threads(a.threads)
+    C.set_threads(a.threads)
     sys.path.insert(0, os.path.join(C._ROOT, "examples"))
     from export_to_pytorch import NanoGPT, to_torch_state_dict
     from nn.lr_scheduler import WarmupCosine
@@ -199,7 +168,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
-    set_threads(a.threads)
+    C.set_threads(a.threads)
     t_start, load_start = time.perf_counter(), os.getloadavg()
     results = {}
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
@@ -237,8 +206,8 @@ def main() -> None:
                         "wall_s": {"ours": round(o["train_wall_s"], 1), "torch": round(t["train_wall_s"], 1)}})
     out = {"benchmark": "bench_convergence", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "git": git_rev(),
-           "machine": machine_info(a.threads), "parallel": a.parallel, "loadavg_at_start": [round(v, 2) for v in load_start],
+           "git": C.git_rev(),
+           "machine": C.machine_info(a.threads), "parallel": a.parallel, "loadavg_at_start": [round(v, 2) for v in load_start],
            "val_batches": {"count": VAL_BATCHES, "seed": VAL_SEED, "batch_size": 12, "block_size": 64},
            "summary": summary, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
     if a.out:

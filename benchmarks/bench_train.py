@@ -51,37 +51,6 @@ HYPER = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, grad_clip=1
 DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
 
 
-def set_threads(n: int) -> None:
-    """C.set_threads (threadpoolctl), or, where threadpoolctl is missing (it is not a dependency
-    of ours), only torch.set_num_threads: the workers also get OMP/OPENBLAS/MKL_NUM_THREADS=n."""
-    try:
-        C.set_threads(n)
-    except ImportError:
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(n)
-
-
-def machine_info(threads: int) -> dict:
-    try:
-        return C.machine_info(threads)
-    except ImportError:  # no threadpoolctl
-        import platform
-        return {"cpu": C.cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                "numpy": np.__version__, "numpy_blas": "unknown (threadpoolctl not installed)", "threads": threads,
-                "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-                "env_OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-                "env_OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
-
-
-def git_rev() -> str:
-    """The commit the numbers belong to (+ "-dirty" when the working tree has changes)."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=C._ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def worker_env(threads: int) -> dict:
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -138,7 +107,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from tensor import backend
     from tinygrad_lm.model import GPT
 
-    set_threads(a.threads)
+    C.set_threads(a.threads)
     rss_import = current_rss_mib()
     cfg = model_config(a.config)
     model = GPT(cfg, seed=0)
@@ -230,7 +199,7 @@ def decode_ours(model, cfg, n: int, batch_sizes: list, sync) -> dict:
 def worker_torch(a: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as TF
-    set_threads(a.threads)  # NumPy's BLAS and torch.set_num_threads
+    C.set_threads(a.threads)  # NumPy's BLAS and torch.set_num_threads
     rss_import = current_rss_mib()
     sys.path.insert(0, os.path.join(C._ROOT, "examples"))
     from export_to_pytorch import NanoGPT
@@ -369,7 +338,7 @@ def main() -> None:
             ap.error(f"unknown precision {p!r}")
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
     from tinygrad_lm.model import GPT
-    set_threads(a.threads)  # (the workers set their own; this one only makes machine_info say so)
+    C.set_threads(a.threads)  # (the workers set their own; this one only makes machine_info say so)
     cfg = model_config(a.config)
     t_start = time.perf_counter()
     load_start = os.getloadavg()
@@ -423,8 +392,8 @@ def main() -> None:
 
     out = {"benchmark": "bench_train", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "git": git_rev(),
-           "machine": machine_info(a.threads), "loadavg_at_start": [round(v, 2) for v in load_start],
+           "git": C.git_rev(),
+           "machine": C.machine_info(a.threads), "loadavg_at_start": [round(v, 2) for v in load_start],
            "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
            "config": {"name": a.config, **cfg.to_dict(), "batch_size": a.batch_size, "params": n_params,
                       "tokens_per_step": a.batch_size * cfg.block_size, **{k: v for k, v in HYPER.items()}},
