@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_ITERS ?= 600
+DEMO_ITERS ?= 2000
 
 .PHONY: demo test venv clean bench
 
