@@ -48,11 +48,11 @@ def allowed_keys(xp: Any, Tq: int, Tk: int, causal: bool, mask: Any) -> Any:
 
 
 def _gemm_dtype(x: Any) -> Any:
-    """The dtype to run attention's batched GEMMs in: x's, except bfloat16 on CuPy (CuPy 14
-    has no batched bfloat16 GEMM) and float16 on NumPy (no float16 GEMM), which run in float32."""
-    if x.dtype.name == "bfloat16" and array_module(x) is not np:
-        return np.dtype(np.float32)
-    if x.dtype == np.float16 and array_module(x) is np:  # NumPy has no float16 GEMM
+    """The dtype to run attention's batched GEMMs in: float32 for 16-bit inputs. NumPy has no
+    float16 GEMM, CuPy 14 no batched bfloat16 GEMM, and its batched float16 matmul measured
+    slower than cuBLAS's batched float32 one (benchmarks/profile_step.py), so only the
+    projections (Linear) run in 16 bits."""
+    if x.dtype.itemsize < 4 and x.dtype.kind != "i":  # float16 / bfloat16
         return np.dtype(np.float32)
     return x.dtype
 
