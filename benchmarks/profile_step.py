@@ -36,7 +36,7 @@ def main() -> None:
     a = p.parse_args()
     sync = (lambda: backend.cupy_module().cuda.Device().synchronize()) if a.device == "cuda" else (lambda: None)
     times: dict = collections.defaultdict(float)
-    real_apply, real_backward = Function.apply.__func__, {}
+    real_apply = Function.apply.__func__
 
     def timed_apply(cls, *inputs, **kw):
         sync()
@@ -46,31 +46,22 @@ def main() -> None:
         times[(cls.__name__, "forward")] += time.perf_counter() - t0
         return out
     Function.apply = classmethod(timed_apply)
-    import tensor.functional as TF
     import tensor.ops as ops
-    for cls in ops.all_ops().values():
-        real_backward[cls] = cls.backward
+    from nn.attention import CausalAttentionQKV
 
-        def tb(self, g, _real=real_backward[cls], _name=cls.__name__):
+    def timed_backward(cls: type) -> None:
+        real = cls.backward
+
+        def tb(self, g):
             sync()
             t0 = time.perf_counter()
-            r = _real(self, g)
+            r = real(self, g)
             sync()
-            times[(_name, "backward")] += time.perf_counter() - t0
+            times[(cls.__name__, "backward")] += time.perf_counter() - t0
             return r
         cls.backward = tb
-    from nn.attention import CausalAttentionQKV
-    for cls in (CausalAttentionQKV,):
-        _r = cls.backward
-
-        def tb2(self, g, _real=_r, _name=cls.__name__):
-            sync()
-            t0 = time.perf_counter()
-            r = _real(self, g)
-            sync()
-            times[(_name, "backward")] += time.perf_counter() - t0
-            return r
-        cls.backward = tb2
+    for cls in list(ops.all_ops().values()) + [CausalAttentionQKV]:
+        timed_backward(cls)
     cfg = GPTConfig(65, 256, 6, 6, 384, pos_encoding="learned")
     model = GPT(cfg).to(a.device)
     autocast_(model, a.precision)

@@ -280,6 +280,15 @@ def _arr(x: Any) -> Any:
     return x.data if isinstance(x, Tensor) else x
 
 
+def _ids_like(ids: Any, like: Tensor) -> Any:
+    """Integer ids (a Tensor, array or list) as an array on `like`'s device."""
+    ids = _arr(ids)
+    if not hasattr(ids, "shape"):
+        ids = np.asarray(ids)
+    xp = array_module(like.data)
+    return ids if array_module(ids) is xp else xp.asarray(ids)
+
+
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """Softmax along `axis`; same shape as x."""
     return Softmax.apply(x, axis=axis)
@@ -292,13 +301,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
     """Mean negative log-likelihood. logits (..., C), targets int (...) -> scalar."""
-    t = _arr(targets)
-    if not hasattr(t, "shape"):
-        t = np.asarray(t)
-    xp = array_module(logits.data)
-    if array_module(t) is not xp:
-        t = xp.asarray(t)
-    return CrossEntropy.apply(logits, t, ignore_index=ignore_index)
+    return CrossEntropy.apply(logits, _ids_like(targets, logits), ignore_index=ignore_index)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
@@ -308,13 +311,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 def embedding(ids: Any, weight: Tensor) -> Tensor:
     """Rows of `weight` (V, C) picked by integer `ids` (...) -> (..., C)."""
-    ids = _arr(ids)
-    if not hasattr(ids, "shape"):
-        ids = np.asarray(ids)
-    xp = array_module(weight.data)
-    if array_module(ids) is not xp:
-        ids = xp.asarray(ids)
-    return Embedding.apply(ids, weight)
+    return Embedding.apply(_ids_like(ids, weight), weight)
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator: Any = None) -> Tensor:
