@@ -100,6 +100,21 @@ def current_rss_mib() -> float:
 
 
 # ------------------------------------------------------------------ workers
+def time_steps(step, data: list, sync, warmup: int) -> tuple[list, list]:
+    """Run step(x, y) over the batches, each timed between device synchronisations;
+    returns (seconds of the steps after `warmup`, every step's loss as returned)."""
+    times, losses = [], []
+    for i, (x, y) in enumerate(data):
+        sync()
+        t0 = time.perf_counter()
+        loss = step(x, y)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss)
+    return times, losses
+
+
 def worker_ours(a: argparse.Namespace) -> dict:
     from nn.amp import LossScaler, autocast_
     from nn.optim import AdamW
@@ -143,16 +158,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
         opt.zero_grad()
         return loss
 
-    times, losses = [], []
-    for i, (x, y) in enumerate(data):
-        sync()
-        t0 = time.perf_counter()
-        loss = step(x, y)
-        sync()
-        dt = time.perf_counter() - t0
-        losses.append(loss.data)  # kept on the device; read after the run
-        if i >= a.warmup:
-            times.append(dt)
+    times, losses = time_steps(lambda x, y: step(x, y).data, data, sync, a.warmup)  # losses stay on the device
     losses = [float(backend.to_numpy(v)) for v in losses]
     res = {"step_times_s": times, "losses": losses, "rss_after_import_mib": rss_import,
            "optimizer": "nn.optim.AdamW (per-parameter)"}
@@ -243,16 +249,7 @@ def worker_torch(a: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    times, losses = [], []
-    for i, (x, y) in enumerate(data):
-        sync()
-        t0 = time.perf_counter()
-        loss = step(x, y)
-        sync()
-        dt = time.perf_counter() - t0
-        losses.append(loss)
-        if i >= a.warmup:
-            times.append(dt)
+    times, losses = time_steps(step, data, sync, a.warmup)
     res = {"step_times_s": times, "losses": [float(v) for v in losses], "rss_after_import_mib": rss_import,
            "optimizer": "torch.optim.AdamW " + ("fused" if fused else "foreach (default)"),
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
