@@ -118,10 +118,8 @@ class CrossEntropy(Function):
         n_valid = int(valid.sum()) if xp is np else valid.sum()
         self.in_shape, self.in_dtype, self.ignore_index = logits.shape, logits.dtype, ignore_index
         out_dtype = np.float32 if logits.dtype.itemsize < 4 else logits.dtype
-        if kernels.usable(logits) or kernels.usable_as_float32(logits):  # GPU: fused (tensor/kernels.py)
+        if kernels.usable(logits):  # GPU: one kernel per pass (tensor/kernels.py), same formulas
             x = logits.reshape(-1, C)
-            if not kernels.usable(x):
-                x = x.astype(np.float32)
             lse, nll = kernels.cross_entropy_forward(x, t, ignore_index)
             self.save_for_backward(x, t, lse, n_valid, None)
             return (nll.sum() / xp.maximum(n_valid, 1)).astype(out_dtype)

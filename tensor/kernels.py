@@ -11,8 +11,8 @@ time; these kernels do the whole formula in one pass over memory:
     adam_step                        the whole (decoupled) Adam update of one parameter
 
 Each formula is the same as the reference op's (see the op's comment). `usable(x)` says
-whether a kernel applies (a CuPy float16/float32 array and TINYGRAD_LM_FUSED not set
-to 0; float64, used by gradcheck, always takes the exact reference path); callers fall back to the reference otherwise. Row kernels use one thread
+whether a kernel applies (a CuPy float16/bfloat16/float32 array and TINYGRAD_LM_FUSED
+not set to 0; float64, used by gradcheck, always takes the exact reference path); callers fall back to the reference otherwise. Row kernels use one thread
 block per row and block-wide reductions; statistics are accumulated in float32 (double
 for float64 data).
 """
@@ -26,12 +26,12 @@ import numpy as np
 
 from tensor import backend
 
-_FLOATS = ("float16", "float32")  # float64 (gradcheck) takes the exact reference path
+_FLOATS = ("float16", "bfloat16", "float32")  # float64 (gradcheck) takes the exact reference path
 
 
 def usable(*arrays: Any, contiguous: bool = True) -> bool:
-    """True when every array is a (contiguous, unless told otherwise) CuPy float16/float32
-    array and fusion is on."""
+    """True when every array is a (contiguous, unless told otherwise) CuPy float16/bfloat16/
+    float32 array and fusion is on."""
     if os.environ.get("TINYGRAD_LM_FUSED", "1") == "0":
         return False
     for a in arrays:
@@ -40,13 +40,6 @@ def usable(*arrays: Any, contiguous: bool = True) -> bool:
         if backend.array_module(a) is np or a.dtype.name not in _FLOATS or (contiguous and not a.flags.c_contiguous):
             return False
     return True
-
-
-def usable_as_float32(a: Any) -> bool:
-    """A CuPy bfloat16 array: the kernels have no bfloat16 instantiation, but casting to
-    float32 around a float32 kernel is still far cheaper than the unfused chain."""
-    return (os.environ.get("TINYGRAD_LM_FUSED", "1") != "0" and backend.array_module(a) is not np
-            and a.dtype.name == "bfloat16")
 
 
 def _cp() -> Any:
@@ -100,6 +93,7 @@ def adam_step(p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: fl
 # ----------------------------------------------------------------------------- row kernels
 _ROW_COMMON = r"""
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 template <typename A>
 __device__ A block_sum(A x, A* shared) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffff, x, o);
@@ -233,8 +227,8 @@ __global__ void ce_bwd(const T* x, const long long* t, const float* lse, const f
 }
 """
 
-_CTYPE = {"float16": "__half", "float32": "float", "float64": "double"}
-_ACC = {"float16": "float", "float32": "float", "float64": "double"}
+_CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+_ACC = {"float16": "float", "bfloat16": "float", "float32": "float", "float64": "double"}
 
 
 @functools.lru_cache(maxsize=None)

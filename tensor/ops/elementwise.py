@@ -166,9 +166,6 @@ class Gelu(Function):
         if kernels.usable(a):  # GPU: the same formula as one fused kernel (tensor/kernels.py)
             self.save_for_backward(a, None)
             return kernels.gelu_forward(a)
-        if kernels.usable_as_float32(a):  # GPU bfloat16: the float32 kernel, cast around it
-            self.save_for_backward(a, None)
-            return kernels.gelu_forward(a.astype(np.float32)).astype(a.dtype)
         xp = array_module(a)
         # the formula above, computed in place to avoid temporaries: t = tanh(k a (1 + 0.044715 a^2))
         a1 = a.reshape(-1)  # (1-D, so that even a 0-d input gives arrays that `out=` accepts)
@@ -186,8 +183,6 @@ class Gelu(Function):
     def backward(self, g):
         a, t = self.saved
         if t is None:
-            if a.dtype.name == "bfloat16":
-                return (kernels.gelu_backward(a.astype(np.float32), g.astype(np.float32)).astype(a.dtype),)
             return (kernels.gelu_backward(a, array_module(g).ascontiguousarray(g)),)
         # da = 0.5 (1 + t) + 0.5 a (1 - t^2) k (1 + 3*0.044715 a^2), in place (t is 1-D)
         xp = array_module(a)
