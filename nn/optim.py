@@ -143,6 +143,11 @@ class Optimizer:
             state["step"] += 1
             self._update(p.data, g, state, group)
             p._version += 1
+        self._finish_step()
+
+    def _finish_step(self) -> None:
+        """Called after every parameter's `_update`: an optimizer that batches its updates
+        (AdamW on the GPU: one kernel for all parameters) applies them here."""
 
     def _init_state(self, p: Any, group: dict[str, Any]) -> dict[str, Any]:
         return {}
@@ -383,12 +388,23 @@ class AdamW(Adam):
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        self._pending: list = []
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def _update(self, p: Any, g: Any, state: dict[str, Any], group: dict[str, Any]) -> None:
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if p.dtype == np.float32 and g.dtype == np.float32 and kernels.usable(p, g, m, v):
+            # GPU: queued, then one kernel updates every parameter (_finish_step); same formulas
+            self._pending.append((p, g, m, v, lr, 1.0 - lr * wd, float(beta1), float(beta2), eps, state["step"]))
+            return
         if wd != 0:
             p *= 1.0 - lr * wd                    # p = p - lr*wd*p
         _adam_step(array_module(p), p, g, state["exp_avg"], state["exp_avg_sq"], state["step"],
                    lr, float(beta1), float(beta2), eps)
+
+    def _finish_step(self) -> None:
+        if self._pending:
+            kernels.adam_multi(self._pending)
+            self._pending = []

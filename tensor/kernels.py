@@ -8,7 +8,7 @@ time; these kernels do the whole formula in one pass over memory:
     layer_norm_forward / _backward   per-row mean, 1/std, normalise, scale+shift (and dx)
     causal_softmax / softmax_backward  attention's masked softmax and its backward
     cross_entropy_forward / _backward  per-row log-sum-exp, NLL, and softmax - onehot
-    adam_step                        the whole (decoupled) Adam update of one parameter
+    adam_step / adam_multi           the whole (decoupled) Adam update of one / many parameters
 
 Each formula is the same as the reference op's (see the op's comment). `usable(x)` says
 whether a kernel applies (a CuPy float16/bfloat16/float32 array and TINYGRAD_LM_FUSED
@@ -88,6 +88,60 @@ def adam_step(p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: fl
     """In place: the Adam moments and p <- p * decay - lr * m_hat / (sqrt(v_hat) + eps)."""
     bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
     _elementwise("adam")(g, lr, beta1, beta2, eps, bc1, bc2 ** 0.5, decay, p, m, v)
+
+
+_ADAM_MULTI = r"""
+// One launch updates many float32 parameters (a "multi-tensor apply"): block b handles chunk b,
+// which belongs to tensor chunk_tensor[b] and starts at chunk_offset[b]. Per tensor: pointers to
+// p, g, m, v and 7 numbers: lr, decay, beta1, beta2, eps, 1 - beta1^t, sqrt(1 - beta2^t).
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p = p*decay - lr/bc1 * m / (sqrt(v)/sqrt_bc2 + eps)
+extern "C" __global__ void adam_multi(const unsigned long long* ptrs, const long long* sizes, const double* hp,
+                                      const int* chunk_tensor, const long long* chunk_offset, int chunk) {
+    int t = chunk_tensor[blockIdx.x];
+    long long start = chunk_offset[blockIdx.x];
+    long long end = min(start + (long long)chunk, sizes[t]);
+    float* p = (float*)ptrs[4 * t];
+    const float* g = (const float*)ptrs[4 * t + 1];
+    float* m = (float*)ptrs[4 * t + 2];
+    float* v = (float*)ptrs[4 * t + 3];
+    const double* h = hp + 7 * t;
+    double lr = h[0], decay = h[1], b1 = h[2], b2 = h[3], eps = h[4], bc1 = h[5], sbc2 = h[6];
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        double gd = (double)g[i];
+        double md = b1 * (double)m[i] + (1.0 - b1) * gd;
+        double vd = b2 * (double)v[i] + (1.0 - b2) * gd * gd;
+        m[i] = (float)md;
+        v[i] = (float)vd;
+        p[i] = (float)((double)p[i] * decay - (lr / bc1) * md / (sqrt(vd) / sbc2 + eps));
+    }
+}
+"""
+_CHUNK = 1 << 16
+
+
+@functools.lru_cache(maxsize=None)
+def _adam_multi_kernel() -> Any:
+    return _cp().RawKernel(_ADAM_MULTI, "adam_multi")
+
+
+def adam_multi(updates: list) -> None:
+    """Apply the Adam update to many float32 CuPy parameters in one kernel launch.
+
+    updates: (p, g, m, v, lr, decay, beta1, beta2, eps, step) per parameter, arrays contiguous.
+    Same formulas as `adam_step`; the small tables go to the device without a synchronisation."""
+    cp = _cp()
+    ptrs, sizes, hp, chunk_t, chunk_o = [], [], [], [], []
+    for t, (p, g, m, v, lr, decay, b1, b2, eps, step) in enumerate(updates):
+        ptrs += [p.data.ptr, g.data.ptr, m.data.ptr, v.data.ptr]
+        sizes.append(p.size)
+        hp += [lr, decay, b1, b2, eps, 1.0 - b1 ** step, (1.0 - b2 ** step) ** 0.5]
+        starts = range(0, p.size, _CHUNK)
+        chunk_t += [t] * len(starts)
+        chunk_o += list(starts)
+    args = (cp.asarray(np.array(ptrs, dtype=np.uint64)), cp.asarray(np.array(sizes, dtype=np.int64)),
+            cp.asarray(np.array(hp, dtype=np.float64)), cp.asarray(np.array(chunk_t, dtype=np.int32)),
+            cp.asarray(np.array(chunk_o, dtype=np.int64)), np.int32(_CHUNK))
+    _adam_multi_kernel()((len(chunk_t),), (256,), args)
 
 
 # ----------------------------------------------------------------------------- row kernels
