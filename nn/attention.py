@@ -76,11 +76,12 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     if allowed is not None:
         xp.copyto(s, -np.inf, where=~allowed)  # masked scores, in place
     m = s.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: avoid inf - inf
+    if allowed is not None:
+        m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: avoid inf - inf
     s -= m
     p = xp.exp(s, out=s)
     denom = p.sum(axis=-1, keepdims=True)
-    p /= xp.where(denom == 0, 1.0, denom)
+    p /= denom if allowed is None else xp.where(denom == 0, 1.0, denom)  # a masked-out row stays 0
     p = p.astype(in_dtype, copy=False)  # kept for backward in the input's dtype (module docstring)
     keep = None
     pd = p

@@ -167,9 +167,13 @@ class LayerNorm(Function):
             self.save_for_backward(x, mean, rstd, weight, "fused")
             return y
         x32 = _f32(x)
-        xhat = x32 - x32.mean(axis=-1, keepdims=True)  # x - mu, then scaled in place below
+        inv_c = 1.0 / C  # (sum * 1/C: ndarray.mean costs a Python-level wrapper per call)
+        xhat = x32 - x32.sum(axis=-1, keepdims=True) * inv_c  # x - mu, then scaled in place below
         sq = xhat * xhat
-        rstd = 1.0 / xp.sqrt(sq.mean(axis=-1, keepdims=True) + eps)
+        var = sq.sum(axis=-1, keepdims=True)
+        var *= inv_c
+        var += eps
+        rstd = 1.0 / xp.sqrt(var)
         xhat *= rstd
         self.save_for_backward(xhat, rstd, weight)
         if weight is None:
@@ -207,8 +211,9 @@ class LayerNorm(Function):
         dx = g32 * weight if weight is not None else g32.copy()   # dxhat, turned into dx in place
         if weight is not None:
             xp.multiply(dx, xhat, out=tmp)                         # dxhat * xhat
-        m2 = tmp.mean(axis=-1, keepdims=True)
-        dx -= dx.mean(axis=-1, keepdims=True)
+        inv_c = 1.0 / g.shape[-1]
+        m2 = tmp.sum(axis=-1, keepdims=True) * inv_c
+        dx -= dx.sum(axis=-1, keepdims=True) * inv_c
         xp.multiply(xhat, m2, out=tmp)
         dx -= tmp
         dx *= rstd

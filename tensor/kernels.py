@@ -32,14 +32,14 @@ _FLOATS = ("float16", "bfloat16", "float32")  # float64 (gradcheck) takes the ex
 def usable(*arrays: Any, contiguous: bool = True) -> bool:
     """True when every array is a (contiguous, unless told otherwise) CuPy float16/bfloat16/
     float32 array and fusion is on."""
-    if os.environ.get("TINYGRAD_LM_FUSED", "1") == "0":
-        return False
     for a in arrays:
         if a is None:
             continue
-        if backend.array_module(a) is np or a.dtype.name not in _FLOATS or (contiguous and not a.flags.c_contiguous):
+        if type(a) is np.ndarray or backend.array_module(a) is np:  # the CPU: always the reference path
             return False
-    return True
+        if a.dtype.name not in _FLOATS or (contiguous and not a.flags.c_contiguous):
+            return False
+    return os.environ.get("TINYGRAD_LM_FUSED", "1") != "0"
 
 
 def _cp() -> Any:
