@@ -105,15 +105,15 @@ class Function:
     """
 
     differentiable = True
-
-    def __init__(self) -> None:
-        self.saved: tuple | None = ()
-        self.inputs: tuple = ()
-        self.needs_grad: tuple = ()
-        self.versions: tuple = ()
-        self.out_shape: tuple = ()
-        self.out_dtype: Any = None
-        self.out_ref: Any = None
+    # per-op state, set on the instance when the op runs (class-level defaults keep creating an
+    # op cheap: apply() runs for every op of every step)
+    saved: tuple | None = ()
+    inputs: tuple = ()
+    needs_grad: tuple = ()
+    versions: tuple = ()
+    out_shape: tuple = ()
+    out_dtype: Any = None
+    out_ref: Any = None
 
     # subclasses override these two
     def forward(self, *args: Any, **kwargs: Any) -> Any:
