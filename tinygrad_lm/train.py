@@ -104,8 +104,9 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # nanoGPT's CPU recipe for shakespeare_char (its README: val loss ~1.88), learned positions included
-    "shakespeare-char": dict(tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+    # nanoGPT's CPU recipe for shakespeare_char (its README: val loss ~1.88): learned positions and, as
+    # nanoGPT's train.py defaults, no biases in Linear and LayerNorm
+    "shakespeare-char": dict(tokenizer="char", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, bias=False,
                              max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                              dropout=0.0, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
                              eval_iters=20, pos_encoding="learned"),
