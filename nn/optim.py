@@ -406,5 +406,7 @@ class AdamW(Adam):
 
     def _finish_step(self) -> None:
         if self._pending:
-            kernels.adam_multi(self._pending)
+            if getattr(self, "_upload", None) is None:
+                self._upload = backend.HostToDevice()
+            kernels.adam_multi(self._pending, self._upload)
             self._pending = []

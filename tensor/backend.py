@@ -124,3 +124,30 @@ def tune_host_allocator() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
         return False
+
+
+class HostToDevice:
+    """Asynchronous host -> GPU copies, staged through pinned (page-locked) memory.
+
+    A copy from ordinary (pageable) host memory makes the GPU finish everything queued
+    before it starts, so a training step that uploads its batch (or the optimizer's small
+    tables) would wait for the previous step's kernels. From pinned memory the copy is
+    queued like a kernel. Each pinned buffer is kept until its copy has completed (an
+    event), so it is never reused while the GPU still reads it. One instance per owner.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: list = []
+
+    def __call__(self, x: np.ndarray) -> Any:
+        cp = cupy_module()
+        import cupyx
+        self._inflight = [(done, buf) for done, buf in self._inflight if not done.done]
+        x = np.ascontiguousarray(x)
+        pinned = cupyx.empty_pinned(x.shape, x.dtype)
+        pinned[...] = x
+        out = cp.empty(x.shape, x.dtype)
+        stream = cp.cuda.get_current_stream()
+        out.set(pinned, stream=stream)
+        self._inflight.append((stream.record(), pinned))
+        return out

@@ -124,12 +124,14 @@ def _adam_multi_kernel() -> Any:
     return _cp().RawKernel(_ADAM_MULTI, "adam_multi")
 
 
-def adam_multi(updates: list) -> None:
+def adam_multi(updates: list, upload: Any = None) -> None:
     """Apply the Adam update to many float32 CuPy parameters in one kernel launch.
 
     updates: (p, g, m, v, lr, decay, beta1, beta2, eps, step) per parameter, arrays contiguous.
-    Same formulas as `adam_step`; the small tables go to the device without a synchronisation."""
+    Same formulas as `adam_step`. upload: how the small tables reach the device (a
+    backend.HostToDevice, so that they do not wait for the GPU; cupy.asarray by default)."""
     cp = _cp()
+    upload = upload or cp.asarray
     ptrs, sizes, hp, chunk_t, chunk_o = [], [], [], [], []
     for t, (p, g, m, v, lr, decay, b1, b2, eps, step) in enumerate(updates):
         ptrs += [p.data.ptr, g.data.ptr, m.data.ptr, v.data.ptr]
@@ -138,9 +140,9 @@ def adam_multi(updates: list) -> None:
         starts = range(0, p.size, _CHUNK)
         chunk_t += [t] * len(starts)
         chunk_o += list(starts)
-    args = (cp.asarray(np.array(ptrs, dtype=np.uint64)), cp.asarray(np.array(sizes, dtype=np.int64)),
-            cp.asarray(np.array(hp, dtype=np.float64)), cp.asarray(np.array(chunk_t, dtype=np.int32)),
-            cp.asarray(np.array(chunk_o, dtype=np.int64)), np.int32(_CHUNK))
+    args = (upload(np.array(ptrs, dtype=np.uint64)), upload(np.array(sizes, dtype=np.int64)),
+            upload(np.array(hp, dtype=np.float64)), upload(np.array(chunk_t, dtype=np.int32)),
+            upload(np.array(chunk_o, dtype=np.int64)), np.int32(_CHUNK))
     _adam_multi_kernel()((len(chunk_t),), (256,), args)
 
 

@@ -114,10 +114,13 @@ class GPT(Module):
                 if name == "targets" and ids.min() == -100 and ids.max() < V:
                     continue  # ignore_index
                 raise ValueError(f"GPT: {name} must lie in [0, {V}), got values in [{ids.min()}, {ids.max()}]")
-        if backend.array_module(idx) is not xp:
-            idx = xp.asarray(idx)
-        if targets is not None and backend.array_module(targets) is not xp:
-            targets = xp.asarray(targets)
+        if xp is not np:  # host ids to the GPU without waiting for it (pinned-memory staging)
+            if getattr(self, "_upload", None) is None:
+                self._upload = backend.HostToDevice()
+            if isinstance(idx, np.ndarray):
+                idx = self._upload(idx)
+            if isinstance(targets, np.ndarray):
+                targets = self._upload(targets)
         if positions is None:
             start = caches[0].length if caches else 0
             positions = xp.arange(start, start + idx.shape[1])
