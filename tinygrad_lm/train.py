@@ -267,7 +267,6 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, self.world)
         self.schedule = make_schedule(cfg)
         self.step = 0
-        self._upload: Any = None  # host -> GPU copies of the batches (backend.HostToDevice)
         self.first_bad_step: Any = -1  # GPU: a device scalar, the first step with a non-finite grad norm
         if cfg.device != "cpu":
             self.first_bad_step = backend.to_device(np.asarray(-1), cfg.device)
@@ -317,12 +316,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def batch(self, split: str, step: int, batch_size: int, seed: int) -> tuple[Any, Any]:
-        x, y = self.data.get_batch(split, batch_size, seed, step)
-        if self.cfg.device != "cpu":  # uploaded without waiting for the GPU (pinned memory)
-            if self._upload is None:
-                self._upload = backend.HostToDevice()
-            x, y = self._upload(x), self._upload(y)
-        return x, y
+        """Host arrays; the model uploads them to its device (GPT.forward, through pinned memory)."""
+        return self.data.get_batch(split, batch_size, seed, step)
 
     def micro_batches(self, step: int) -> list[tuple[Any, Any]]:
         """This rank's micro-batches for `step`: the global batch (world x grad_accum x batch_size

@@ -263,18 +263,16 @@ class Clip(Function):
 class Compare(Function):
     """a == b, !=, <, <=, >, >= : a boolean tensor, no gradient."""
     differentiable = False
-    OPS = {"eq": "__eq__", "ne": "__ne__", "lt": "__lt__", "le": "__le__", "gt": "__gt__", "ge": "__ge__"}
 
     def forward(self, a, b, op="eq"):
         xp = array_module(a if hasattr(a, "shape") else b)
-        return xp.asarray(getattr(a, self.OPS[op])(b)) if hasattr(a, "shape") else xp.asarray(getattr(b, self.OPS[_flip(op)])(a))
+        ufuncs = {"eq": xp.equal, "ne": xp.not_equal, "lt": xp.less, "le": xp.less_equal,
+                  "gt": xp.greater, "ge": xp.greater_equal}
+        return xp.asarray(ufuncs[op](a, b))
 
     def backward(self, g):  # pragma: no cover - never called
         raise RuntimeError("comparisons have no gradient")
 
-
-def _flip(op: str) -> str:
-    return {"lt": "gt", "gt": "lt", "le": "ge", "ge": "le"}.get(op, op)
 
 
 def _tie_weights(wins: Any, ties: Any, dtype: Any) -> Any:
