@@ -100,6 +100,14 @@ def current_rss_mib() -> float:
 
 
 # ------------------------------------------------------------------ workers
+def freeze_gc() -> None:
+    """What the Trainer does before its loop (tinygrad_lm/train.py), done for both workers alike:
+    the objects built during set-up leave the cyclic garbage collector's generations."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 def time_steps(step, data: list, sync, warmup: int) -> tuple[list, list]:
     """Run step(x, y) over the batches, each timed between device synchronisations;
     returns (seconds of the steps after `warmup`, every step's loss as returned)."""
@@ -158,6 +166,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
         opt.zero_grad()
         return loss
 
+    freeze_gc()
     times, losses = time_steps(lambda x, y: step(x, y).data, data, sync, a.warmup)  # losses stay on the device
     losses = [float(backend.to_numpy(v)) for v in losses]
     res = {"step_times_s": times, "losses": losses, "rss_after_import_mib": rss_import,
@@ -249,6 +258,7 @@ def worker_torch(a: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    freeze_gc()
     times, losses = time_steps(step, data, sync, a.warmup)
     res = {"step_times_s": times, "losses": [float(v) for v in losses], "rss_after_import_mib": rss_import,
            "optimizer": "torch.optim.AdamW " + ("fused" if fused else "foreach (default)"),

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tensor import kernels
+from tensor import cublas, kernels
 from tensor.backend import array_module
 from tensor.functional import _f32, uniform
 from tensor.tensor import Function, Tensor, shape_str
@@ -60,15 +60,18 @@ def _gemm_dtype(x: Any) -> Any:
 def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, generator: Any) -> tuple:
     """The forward formulas above on raw arrays -> (O, P, keep-mask or None)."""
     xp = array_module(q)
-    in_dtype, work = q.dtype, _gemm_dtype(q)
+    in_dtype = q.dtype
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if allowed is CAUSAL and dropout_p == 0.0 and kernels.usable(q, contiguous=False) and cublas.usable(q):
+        # GPU: cuBLAS batched GEMMs in the input dtype (tensor cores for 16 bits), float32 scores,
+        # the fused masked softmax writes P in the input dtype; no operand copies (tensor/cublas.py)
+        s = cublas.matmul(q, k.swapaxes(-1, -2), out_dtype=np.float32)
+        p = kernels.causal_softmax(s, scale, in_dtype)
+        del s
+        return cublas.matmul(p, v), p, None
+    work = _gemm_dtype(q)
     if work != in_dtype:
         q, k, v = q.astype(work), k.astype(work), v.astype(work)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    if allowed is CAUSAL and dropout_p == 0.0 and kernels.usable(q, contiguous=False):  # GPU: fused masked softmax
-        s = q @ k.swapaxes(-1, -2)
-        p = kernels.causal_softmax(xp.ascontiguousarray(s), scale, q.dtype)
-        out = p @ v
-        return (out if out.dtype == in_dtype else out.astype(in_dtype)), p, None
     if allowed is CAUSAL:
         allowed = allowed_keys(xp, q.shape[-2], k.shape[-2], True, None)
     s = _f32(q @ k.swapaxes(-1, -2))  # the GEMM in the input dtype, softmax in float32
@@ -92,9 +95,20 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     return (out if out.dtype == in_dtype else out.astype(in_dtype)), p, keep
 
 
-def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropout_p: float) -> tuple:
-    """The backward formulas above on raw arrays -> (dQ, dK, dV)."""
+def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropout_p: float,
+                       out: Any = None) -> tuple:
+    """The backward formulas above on raw arrays -> (dQ, dK, dV).
+
+    out: a (3, *q.shape) buffer that receives dQ, dK, dV (Tq == Tk); written in place by the
+    GPU path's GEMMs."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if keep is None and kernels.usable(p) and cublas.usable(q, g):  # GPU: cuBLAS + fused softmax backward
+        dp = cublas.matmul(g, v.swapaxes(-1, -2), out_dtype=np.float32)
+        ds = kernels.softmax_backward(p, dp, scale)
+        del dp
+        dq, dk, dv = (None, None, None) if out is None else out
+        return (cublas.matmul(ds, k, out=dq), cublas.matmul(ds.swapaxes(-1, -2), q, out=dk),
+                cublas.matmul(p.swapaxes(-1, -2), g, out=dv))
     work = _gemm_dtype(q)
     if work != q.dtype:
         g, q, k, v = g.astype(work), q.astype(work), k.astype(work), v.astype(work)
@@ -113,7 +127,12 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
         ds *= p32
         ds *= scale
         ds = ds.astype(q.dtype, copy=False)
-    return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+    grads = (ds @ k, ds.swapaxes(-1, -2) @ q, dv)
+    if out is not None:
+        for o, d in zip(out, grads):
+            o[...] = d
+        return tuple(out)
+    return grads
 
 
 class ScaledDotProductAttention(Function):
@@ -149,6 +168,9 @@ class CausalAttentionQKV(Function):
             raise ValueError(f"attention: qkv of shape {shape_str(qkv)} does not split into 3 x {n_head} heads")
         D = C3 // (3 * n_head)
         heads = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D), a view
+        gpu = cublas.usable(qkv)
+        if gpu:  # one copy makes every head's matrix contiguous for cuBLAS's strided batches
+            heads = array_module(qkv).ascontiguousarray(heads)
         q, k, v = heads[0], heads[1], heads[2]
         allowed = CAUSAL if causal and mask is None else allowed_keys(array_module(qkv), T, T, causal, mask)
         out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
@@ -159,9 +181,15 @@ class CausalAttentionQKV(Function):
     def backward(self, g):
         q, k, v, p, keep = self.saved
         B, T, H, D = self.shape
+        xp = array_module(g)
         g = g.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+        if cublas.usable(g):  # GPU: g's heads contiguous once; dQ, dK, dV land in one buffer
+            g = xp.ascontiguousarray(g.astype(q.dtype, copy=False))
+            d3 = xp.empty((3, B, H, T, D), dtype=q.dtype)
+            attention_backward(g, q, k, v, p, keep, self.dropout_p, out=d3)
+            return (xp.ascontiguousarray(d3.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * H * D),)
         dq, dk, dv = attention_backward(g, q, k, v, p, keep, self.dropout_p)
-        dqkv = array_module(g).empty((B, T, 3, H, D), dtype=g.dtype)
+        dqkv = xp.empty((B, T, 3, H, D), dtype=g.dtype)
         for i, d in enumerate((dq, dk, dv)):
             dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
         return (dqkv.reshape(B, T, 3 * H * D),)

@@ -32,11 +32,9 @@ class Linear(Module):
     compute_dtype: Any = None  # set by nn.amp.autocast_ for mixed precision
 
     def forward(self, x: Tensor) -> Tensor:
-        cd = self.compute_dtype
-        if cd is None:
-            return F.linear(x, self.weight, self.bias)
-        # mixed precision: a low-precision GEMM; the float32 weights stay the master copy
-        return F.linear(x.astype(cd), self.weight.astype(cd), None if self.bias is None else self.bias.astype(cd))
+        # mixed precision (compute_dtype set): a low-precision GEMM; the float32 weights stay the
+        # master copy and receive float32 gradients
+        return F.linear(x, self.weight, self.bias, compute_dtype=self.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"

@@ -6,10 +6,20 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from tensor import kernels
 from tensor.backend import array_module
 from tensor.tensor import Tensor
 
 __all__ = ["clip_grad_norm_"]
+
+_upload = None  # the pinned-memory uploader of the GPU path's small tables (made on first use)
+
+
+def _sum_of_squares(g: Any) -> Any:
+    """sum(g^2) as a 0-d array on g's device, accumulated in float32 (float64 for float64)."""
+    acc = np.float64 if g.dtype == np.float64 else np.float32
+    flat = g.reshape(-1).astype(acc, copy=False)
+    return array_module(g).dot(flat, flat)
 
 
 def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
@@ -37,32 +47,44 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     grads = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
     if not grads:
         return 0.0
-    sq = []                                       # per-parameter sum of squares, 0-d arrays on the device
-    for _, g in grads:
-        acc = np.float64 if g.dtype == np.float64 else np.float32
-        flat = g.reshape(-1).astype(acc, copy=False)
-        sq.append(array_module(g).dot(flat, flat))
-    total = sq[0]
-    for s in sq[1:]:
-        total = total + s
+    gs = [g for _, g in grads]
+    tables = None
+    if all(g.dtype == np.float32 for g in gs) and kernels.usable(*gs):
+        # GPU: a multi-tensor kernel (2 launches for the norm, 1 to clip) instead of 2 per parameter
+        from tensor import backend
+        global _upload
+        if _upload is None:
+            _upload = backend.HostToDevice()
+        total, tables = kernels.sum_of_squares_multi(gs, _upload)
+    else:
+        total = None
+        for g in gs:
+            s = _sum_of_squares(g)
+            total = s if total is None else total + s
     if not sync:
-        xp = array_module(total)
-        dnorm = xp.sqrt(total)
-        coef = xp.where(xp.isfinite(dnorm), xp.minimum(max_norm / (dnorm + 1e-6), 1.0), 1.0)
-        for _, g in grads:
-            g *= coef.astype(g.dtype)
+        dnorm = array_module(total).sqrt(total)
+        if tables is not None:
+            kernels.clip_multi(tables, total, max_norm)
+        else:
+            xp = array_module(total)
+            coef = xp.where(xp.isfinite(dnorm), xp.minimum(max_norm / (dnorm + 1e-6), 1.0), 1.0)
+            for g in gs:
+                g *= coef.astype(g.dtype)
         return dnorm
     norm = math.sqrt(float(total))                # one device -> host transfer
     if not math.isfinite(norm):
         if error_if_nonfinite:
-            bad = next((i, g) for (i, g), s in zip(grads, sq) if not math.isfinite(float(s)))
+            bad = next((i, g) for i, g in grads if not math.isfinite(float(_sum_of_squares(g))))
             raise FloatingPointError(
                 f"clip_grad_norm_: the total gradient norm is {norm} (non-finite); first offending "
                 f"parameter: index {bad[0]}, shape {tuple(bad[1].shape)}. Gradients left unchanged. "
                 "Pass error_if_nonfinite=False to get the norm back and skip the step yourself.")
         return norm
     if norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for _, g in grads:
-            g *= coef
+        if tables is not None:
+            kernels.clip_multi(tables, total, max_norm)
+        else:
+            coef = max_norm / (norm + 1e-6)
+            for g in gs:
+                g *= coef
     return norm

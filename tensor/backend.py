@@ -76,6 +76,18 @@ def array_module(x: Any) -> ModuleType:
     return np
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """np.dtype(...).name, memoised: the `.name` property builds a string on every call
+    (~2 us), and the GPU hot paths ask it hundreds of times a step."""
+    n = _DTYPE_NAMES.get(dtype)
+    if n is None:
+        n = _DTYPE_NAMES[dtype] = np.dtype(dtype).name
+    return n
+
+
 def device_of(x: Any) -> str:
     return "cuda" if array_module(x) is not np else "cpu"
 

@@ -6,12 +6,13 @@ matters (softmax, layer-norm statistics, losses) and cast back.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 
-from tensor import kernels
+from tensor import backend, cublas, kernels
 from tensor.backend import array_module
 from tensor.ops.indexing import scatter_add_rows
 from tensor.tensor import Function, Tensor, shape_str
@@ -47,17 +48,25 @@ def gemm(a: Any, b: Any) -> Any:
     return a @ b
 
 
-def sum_rows(x: Any) -> Any:
-    """Sum over every axis but the last: (..., C) -> (C,), accumulated in float32 or wider.
+def sum_rows(x: Any, out_dtype: Any = None) -> Any:
+    """Sum over every axis but the last: (..., C) -> (C,), accumulated in float32 or wider,
+    returned in out_dtype (default x's dtype).
 
     On the GPU this is a matrix-vector product (ones @ x) on cuBLAS: CuPy's reduction along
     a long leading axis measured ~10x slower (bias and LayerNorm gradients, 16384 rows)."""
     x2 = x.reshape(-1, x.shape[-1])
-    xp = array_module(x2)
-    if xp is np:
-        return x2.sum(axis=0)
-    x32 = x2 if x2.dtype in (np.float32, np.float64) else x2.astype(np.float32)
-    return (xp.ones(x32.shape[0], dtype=x32.dtype) @ x32).astype(x2.dtype, copy=False)
+    out_dtype = np.dtype(out_dtype or x2.dtype)
+    if not cublas.usable(x2):
+        return x2.sum(axis=0, dtype=np.promote_types(out_dtype, np.float32)).astype(out_dtype, copy=False)
+    wide = np.promote_types(x2.dtype, np.float32)  # 16-bit rows: float32 accumulation and result
+    s = cublas.matmul(_ones(x2.shape[0], x2.dtype.name), x2, out_dtype=wide)
+    return s.reshape(x2.shape[1]).astype(out_dtype, copy=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(n: int, dtype: str) -> Any:
+    """A (1, n) row of ones on the GPU (a constant, made once per length and dtype)."""
+    return backend.cupy_module().ones((1, n), dtype=dtype)
 
 
 def _softmax(x: Any, axis: int) -> Any:
@@ -195,14 +204,10 @@ class LayerNorm(Function):
             x, mean, rstd, weight, _ = self.saved
             xp = array_module(x)
             g = xp.ascontiguousarray(g)
-            dx = kernels.layer_norm_backward(x, weight, g, mean, rstd)
-            lead = tuple(range(g.ndim - 1))
-            dw = db = None
-            if weight is not None and self.needs_grad[1]:
-                xhat = (x.reshape(-1, x.shape[-1]) - mean[:, None]) * rstd[:, None]
-                dw = sum_rows(g.reshape(xhat.shape) * xhat).astype(weight.dtype)
-            if self.has_bias and self.needs_grad[2]:
-                db = sum_rows(g)
+            need_w = weight is not None and self.needs_grad[1]
+            dx, gxhat = kernels.layer_norm_backward(x, weight, g, mean, rstd, want_gxhat=need_w)
+            dw = sum_rows(gxhat, weight.dtype) if need_w else None
+            db = sum_rows(g) if self.has_bias and self.needs_grad[2] else None
             return dx, dw, db
         xhat, rstd, weight = self.saved
         g32 = _f32(g)
@@ -261,27 +266,44 @@ class Dropout(Function):
 
 
 class Linear(Function):
-    """y = x @ W.T + b with x (..., in), W (out, in), b (out,) or None -> (..., out)."""
+    """y = x @ W.T + b with x (..., in), W (out, in), b (out,) or None -> (..., out).
+
+    compute_dtype (mixed precision, nn.amp): x, W and b are cast to it for the product and y
+    is in it; each gradient comes back in its input's own dtype (float32 for the float32
+    master weights), straight out of the GEMM on the GPU (no cast kernels)."""
     # dx = g @ W,  dW = g^T x (over all rows),  db = sum of g over rows
-    def forward(self, x, weight, bias=None):
+    def forward(self, x, weight, bias=None, compute_dtype=None):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input of shape {shape_str(x)} has {x.shape[-1]} features, "
                              f"weight of shape {shape_str(weight)} expects {weight.shape[1]}")
+        self.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if compute_dtype is not None:
+            x, weight = x.astype(compute_dtype, copy=False), weight.astype(compute_dtype, copy=False)
         self.save_for_backward(x, weight)
         self.has_bias = bias is not None
         # one 2-D GEMM over all rows (CuPy has no batched bfloat16 GEMM, and one call is faster)
-        y = gemm(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
+        y = _mm(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
         if bias is not None:
-            y += bias
+            y += bias.astype(y.dtype, copy=False)
         return y
 
     def backward(self, g):
         x, w = self.saved
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = gemm(g2, w).reshape(x.shape[:-1] + (w.shape[1],)) if self.needs_grad[0] else None
-        gw = gemm(g2.T, x.reshape(-1, x.shape[-1])) if self.needs_grad[1] else None
-        gb = sum_rows(g2) if self.has_bias and self.needs_grad[2] else None
+        dx_t, dw_t, db_t = self.dtypes
+        g2 = g.reshape(-1, g.shape[-1]).astype(w.dtype, copy=False)
+        gx = _mm(g2, w, dx_t).reshape(x.shape[:-1] + (w.shape[1],)) if self.needs_grad[0] else None
+        gw = _mm(g2.T, x.reshape(-1, x.shape[-1]), dw_t) if self.needs_grad[1] else None
+        gb = sum_rows(g2, db_t) if self.has_bias and self.needs_grad[2] else None
         return gx, gw, gb
+
+
+def _mm(a: Any, b: Any, out_dtype: Any = None) -> Any:
+    """a @ b (2-D, one dtype) -> out_dtype (default the inputs'): cuBLAS on the GPU, writing a
+    16-bit product's float32 result directly; `gemm` (and a cast) otherwise."""
+    out_dtype = np.dtype(out_dtype or a.dtype)
+    if a.dtype == b.dtype and cublas.usable(a, b) and (out_dtype == a.dtype or out_dtype == np.float32):
+        return cublas.matmul(a, b, out_dtype=out_dtype)
+    return gemm(a, b).astype(out_dtype, copy=False)
 
 
 # ------------------------------------------------------------------ public functions
@@ -333,9 +355,10 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator: Any = N
     return Dropout.apply(x, p=p, generator=generator)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T + bias. x (..., in), weight (out, in), bias (out,)."""
-    return Linear.apply(x, weight, bias)
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, compute_dtype: Any = None) -> Tensor:
+    """x @ weight.T + bias. x (..., in), weight (out, in), bias (out,) -> (..., out).
+    compute_dtype: run the product in this (16-bit) dtype; gradients keep each input's dtype."""
+    return Linear.apply(x, weight, bias, compute_dtype=compute_dtype)
 
 
 def relu(x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ time; these kernels do the whole formula in one pass over memory:
     causal_softmax / softmax_backward  attention's masked softmax and its backward
     cross_entropy_forward / _backward  per-row log-sum-exp, NLL, and softmax - onehot
     adam_step / adam_multi           the whole (decoupled) Adam update of one / many parameters
+    sum_of_squares_multi / clip_multi  global-norm gradient clipping over many tensors, 3 launches
 
 Each formula is the same as the reference op's (see the op's comment). `usable(x)` says
 whether a kernel applies (a CuPy float16/bfloat16/float32 array and TINYGRAD_LM_FUSED
@@ -37,7 +38,7 @@ def usable(*arrays: Any, contiguous: bool = True) -> bool:
             continue
         if type(a) is np.ndarray or backend.array_module(a) is np:  # the CPU: always the reference path
             return False
-        if a.dtype.name not in _FLOATS or (contiguous and not a.flags.c_contiguous):
+        if backend.dtype_name(a.dtype) not in _FLOATS or (contiguous and not a._c_contiguous):
             return False
     return os.environ.get("TINYGRAD_LM_FUSED", "1") != "0"
 
@@ -54,14 +55,14 @@ def _elementwise(name: str) -> Any:
     if name == "gelu_fwd":
         # y = 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
         return cp.ElementwiseKernel("T x", "T y", f"""
-            double xd = (double)x; double t = tanh({k} * (xd + 0.044715 * xd * xd * xd));
-            y = (T)(0.5 * xd * (1.0 + t));""", "tglm_gelu_fwd")
+            float xf = (float)x; float t = tanhf({k}f * (xf + 0.044715f * xf * xf * xf));
+            y = (T)(0.5f * xf * (1.0f + t));""", "tglm_gelu_fwd")
     if name == "gelu_bwd":
         # dx = g (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3*0.044715 x^2))
         return cp.ElementwiseKernel("T x, T g", "T dx", f"""
-            double xd = (double)x; double t = tanh({k} * (xd + 0.044715 * xd * xd * xd));
-            double d = 0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * {k} * (1.0 + 3.0 * 0.044715 * xd * xd);
-            dx = (T)((double)g * d);""", "tglm_gelu_bwd")
+            float xf = (float)x; float t = tanhf({k}f * (xf + 0.044715f * xf * xf * xf));
+            float d = 0.5f * (1.0f + t) + 0.5f * xf * (1.0f - t * t) * {k}f * (1.0f + 3.0f * 0.044715f * xf * xf);
+            dx = (T)((float)g * d);""", "tglm_gelu_bwd")
     if name == "adam":
         # m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p = p*decay - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
         return cp.ElementwiseKernel(
@@ -124,6 +125,16 @@ def _adam_multi_kernel() -> Any:
     return _cp().RawKernel(_ADAM_MULTI, "adam_multi")
 
 
+def _chunk_tables(sizes: list) -> tuple[list, list]:
+    """Split tensors of the given sizes into _CHUNK-element chunks: (tensor index, start) per chunk."""
+    chunk_t, chunk_o = [], []
+    for t, n in enumerate(sizes):
+        starts = range(0, n, _CHUNK)
+        chunk_t += [t] * len(starts)
+        chunk_o += list(starts)
+    return chunk_t, chunk_o
+
+
 def adam_multi(updates: list, upload: Any = None) -> None:
     """Apply the Adam update to many float32 CuPy parameters in one kernel launch.
 
@@ -132,18 +143,86 @@ def adam_multi(updates: list, upload: Any = None) -> None:
     backend.HostToDevice, so that they do not wait for the GPU; cupy.asarray by default)."""
     cp = _cp()
     upload = upload or cp.asarray
-    ptrs, sizes, hp, chunk_t, chunk_o = [], [], [], [], []
-    for t, (p, g, m, v, lr, decay, b1, b2, eps, step) in enumerate(updates):
+    ptrs, sizes, hp = [], [], []
+    for p, g, m, v, lr, decay, b1, b2, eps, step in updates:
         ptrs += [p.data.ptr, g.data.ptr, m.data.ptr, v.data.ptr]
         sizes.append(p.size)
         hp += [lr, decay, b1, b2, eps, 1.0 - b1 ** step, (1.0 - b2 ** step) ** 0.5]
-        starts = range(0, p.size, _CHUNK)
-        chunk_t += [t] * len(starts)
-        chunk_o += list(starts)
+    chunk_t, chunk_o = _chunk_tables(sizes)
     args = (upload(np.array(ptrs, dtype=np.uint64)), upload(np.array(sizes, dtype=np.int64)),
             upload(np.array(hp, dtype=np.float64)), upload(np.array(chunk_t, dtype=np.int32)),
             upload(np.array(chunk_o, dtype=np.int64)), np.int32(_CHUNK))
     _adam_multi_kernel()((len(chunk_t),), (256,), args)
+
+
+_NORM_MULTI = r"""
+// Global-norm clipping over many float32 tensors (multi-tensor apply, as adam_multi).
+// sumsq_multi: block b writes the sum of squares of its chunk to partial[b] (summed afterwards
+// in a fixed order, so the norm is reproducible).
+extern "C" __global__ void sumsq_multi(const unsigned long long* ptrs, const long long* sizes,
+                                       const int* chunk_tensor, const long long* chunk_offset, int chunk,
+                                       float* partial) {
+    __shared__ float sh[32];
+    int t = chunk_tensor[blockIdx.x];
+    long long start = chunk_offset[blockIdx.x];
+    long long end = min(start + (long long)chunk, sizes[t]);
+    const float* g = (const float*)ptrs[t];
+    float s = 0.0f;
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) s += g[i] * g[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < (blockDim.x + 31) / 32; ++w) total += sh[w];
+        partial[blockIdx.x] = total;
+    }
+}
+// clip_multi: g *= min(1, max_norm / (sqrt(sumsq) + 1e-6)); nothing changes when the norm is not finite
+extern "C" __global__ void clip_multi(const unsigned long long* ptrs, const long long* sizes,
+                                      const int* chunk_tensor, const long long* chunk_offset, int chunk,
+                                      const float* sumsq, float max_norm) {
+    float n = sqrtf(sumsq[0]);
+    if (!isfinite(n)) return;
+    float c = fminf(max_norm / (n + 1e-6f), 1.0f);
+    if (c >= 1.0f) return;
+    int t = chunk_tensor[blockIdx.x];
+    long long start = chunk_offset[blockIdx.x];
+    long long end = min(start + (long long)chunk, sizes[t]);
+    float* g = (float*)ptrs[t];
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) g[i] *= c;
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_module() -> Any:
+    return _cp().RawModule(code=_NORM_MULTI)
+
+
+def _tables(arrays: list, upload: Any) -> tuple:
+    sizes = [a.size for a in arrays]
+    chunk_t, chunk_o = _chunk_tables(sizes)
+    return (upload(np.array([a.data.ptr for a in arrays], dtype=np.uint64)), upload(np.array(sizes, dtype=np.int64)),
+            upload(np.array(chunk_t, dtype=np.int32)), upload(np.array(chunk_o, dtype=np.int64)),
+            np.int32(_CHUNK)), len(chunk_t)
+
+
+def sum_of_squares_multi(arrays: list, upload: Any = None) -> tuple[Any, tuple]:
+    """Sum of squares of many contiguous float32 CuPy arrays -> (0-d float32 array, tables for
+    `clip_multi`). Two launches: per-chunk partial sums, then one reduction of the partials."""
+    cp = _cp()
+    tables, n = _tables(arrays, upload or cp.asarray)
+    partial = cp.empty(n, dtype=np.float32)
+    _norm_module().get_function("sumsq_multi")((n,), (256,), tables + (partial,))
+    return partial.sum(), (tables, n)
+
+
+def clip_multi(tables: tuple, sumsq: Any, max_norm: float) -> None:
+    """In place, on the device: every array *= min(1, max_norm / (sqrt(sumsq) + 1e-6)), unless the
+    norm is not finite. tables: from `sum_of_squares_multi` over the same arrays."""
+    args, n = tables
+    _norm_module().get_function("clip_multi")((n,), (256,), args + (sumsq, np.float32(max_norm)))
 
 
 # ----------------------------------------------------------------------------- row kernels
@@ -200,9 +279,10 @@ __global__ void ln_fwd(const T* x, const T* w, const T* b, T* y, A* mean_out, A*
 }
 
 // LayerNorm backward: dxhat = g*w; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat))
+// (and, when gxh is wanted, gxh = g * xhat: its column sums are the weight's gradient)
 template <typename T, typename A>
 __global__ void ln_bwd(const T* x, const T* w, const T* g, const A* mean_in, const A* rstd_in, T* dx, int C,
-                       int has_w) {
+                       int has_w, T* gxh, int want_gxh) {
     __shared__ A sh[32];
     long long off = (long long)blockIdx.x * C;
     A mean = mean_in[blockIdx.x], rstd = rstd_in[blockIdx.x];
@@ -218,6 +298,7 @@ __global__ void ln_bwd(const T* x, const T* w, const T* g, const A* mean_in, con
         A xh = ((A)x[off + j] - mean) * rstd;
         A dxh = (A)g[off + j] * (has_w ? (A)w[j] : (A)1);
         dx[off + j] = (T)(rstd * (dxh - m1 - xh * m2));
+        if (want_gxh) gxh[off + j] = (T)((A)g[off + j] * xh);
     }
 }
 
@@ -239,9 +320,9 @@ __global__ void causal_softmax(const S* s, P* p, int Tq, int Tk, float scale) {
         p[off + j] = (P)(j <= last ? __expf(scale * (float)s[off + j] - m) * inv : 0.0f);
 }
 
-// softmax backward: ds_j = scale * p_j * (dp_j - sum_k dp_k p_k)
-template <typename P>
-__global__ void softmax_bwd(const P* p, const P* dp, P* ds, int Tk, float scale) {
+// softmax backward: ds_j = scale * p_j * (dp_j - sum_k dp_k p_k)   (ds in p's type; dp may be wider)
+template <typename P, typename G>
+__global__ void softmax_bwd(const P* p, const G* dp, P* ds, int Tk, float scale) {
     __shared__ float sh[32];
     long long off = (long long)blockIdx.x * Tk;
     float s = 0;
@@ -293,12 +374,13 @@ def _module() -> Any:
     names = []
     for t in _FLOATS:
         c, a = _CTYPE[t], _ACC[t]
-        names += [f"ln_fwd<{c},{a}>", f"ln_bwd<{c},{a}>", f"softmax_bwd<{c}>", f"ce_fwd<{c}>", f"ce_bwd<{c}>"]
+        names += [f"ln_fwd<{c},{a}>", f"ln_bwd<{c},{a}>", f"ce_fwd<{c}>", f"ce_bwd<{c}>"]
         for p in _FLOATS:
-            names.append(f"causal_softmax<{c},{_CTYPE[p]}>")
+            names += [f"causal_softmax<{c},{_CTYPE[p]}>", f"softmax_bwd<{c},{_CTYPE[p]}>"]
     return cp.RawModule(code=_ROW_COMMON + _ROW_KERNELS, options=("--std=c++14",), name_expressions=names)
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(expr: str) -> Any:
     return _module().get_function(expr)
 
@@ -315,7 +397,7 @@ def layer_norm_forward(x: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, An
     acc = np.float64 if x.dtype == np.float64 else np.float32
     y = cp.empty_like(x)
     mean, rstd = cp.empty(rows, dtype=acc), cp.empty(rows, dtype=acc)
-    t = x.dtype.name
+    t = backend.dtype_name(x.dtype)
     _kernel(f"ln_fwd<{_CTYPE[t]},{_ACC[t]}>")(
         (rows,), (_threads(C),),
         (x, w if w is not None else x, b if b is not None else x, y, mean, rstd, np.int32(C),
@@ -323,15 +405,18 @@ def layer_norm_forward(x: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, An
     return y, mean, rstd
 
 
-def layer_norm_backward(x: Any, w: Any, g: Any, mean: Any, rstd: Any) -> Any:
+def layer_norm_backward(x: Any, w: Any, g: Any, mean: Any, rstd: Any, want_gxhat: bool = False) -> tuple[Any, Any]:
+    """-> (dx like x, g * xhat like x or None): the second's column sums are dweight."""
     cp = _cp()
     C = x.shape[-1]
     rows = x.size // C
     dx = cp.empty_like(x)
-    t = x.dtype.name
+    gxh = cp.empty_like(x) if want_gxhat else None
+    t = backend.dtype_name(x.dtype)
     _kernel(f"ln_bwd<{_CTYPE[t]},{_ACC[t]}>")(
-        (rows,), (_threads(C),), (x, w if w is not None else x, g, mean, rstd, dx, np.int32(C), np.int32(w is not None)))
-    return dx
+        (rows,), (_threads(C),), (x, w if w is not None else x, g, mean, rstd, dx, np.int32(C), np.int32(w is not None),
+                                  gxh if want_gxhat else dx, np.int32(want_gxhat)))
+    return dx, gxh
 
 
 def causal_softmax(s: Any, scale: float, out_dtype: Any) -> Any:
@@ -339,18 +424,19 @@ def causal_softmax(s: Any, scale: float, out_dtype: Any) -> Any:
     cp = _cp()
     Tq, Tk = s.shape[-2], s.shape[-1]
     p = cp.empty(s.shape, dtype=out_dtype)
-    _kernel(f"causal_softmax<{_CTYPE[s.dtype.name]},{_CTYPE[np.dtype(out_dtype).name]}>")(
+    _kernel(f"causal_softmax<{_CTYPE[backend.dtype_name(s.dtype)]},{_CTYPE[backend.dtype_name(out_dtype)]}>")(
         (s.size // Tk,), (_threads(Tk),), (s, p, np.int32(Tq), np.int32(Tk), np.float32(scale)))
     return p
 
 
 def softmax_backward(p: Any, dp: Any, scale: float) -> Any:
-    """ds = scale * p * (dp - rowsum(dp * p)), rows along the last axis."""
+    """ds = scale * p * (dp - rowsum(dp * p)), rows along the last axis; ds in p's dtype
+    (dp may be float32 for 16-bit p: the product of a half-precision GEMM kept wide)."""
     cp = _cp()
     Tk = p.shape[-1]
     ds = cp.empty_like(p)
-    _kernel(f"softmax_bwd<{_CTYPE[p.dtype.name]}>")((p.size // Tk,), (_threads(Tk),),
-                                                     (p, dp.astype(p.dtype, copy=False), ds, np.int32(Tk), np.float32(scale)))
+    _kernel(f"softmax_bwd<{_CTYPE[backend.dtype_name(p.dtype)]},{_CTYPE[backend.dtype_name(dp.dtype)]}>")(
+        (p.size // Tk,), (_threads(Tk),), (p, dp, ds, np.int32(Tk), np.float32(scale)))
     return ds
 
 
@@ -359,7 +445,7 @@ def cross_entropy_forward(x: Any, t: Any, ignore_index: int) -> tuple[Any, Any]:
     cp = _cp()
     N, C = x.shape
     lse, nll = cp.empty(N, dtype=np.float32), cp.empty(N, dtype=np.float32)
-    _kernel(f"ce_fwd<{_CTYPE[x.dtype.name]}>")((N,), (_threads(C),),
+    _kernel(f"ce_fwd<{_CTYPE[backend.dtype_name(x.dtype)]}>")((N,), (_threads(C),),
                                               (x, t.astype(np.int64, copy=False), lse, nll, np.int32(C), np.int64(ignore_index)))
     return lse, nll
 
@@ -369,7 +455,7 @@ def cross_entropy_backward(x: Any, t: Any, lse: Any, scale: Any, ignore_index: i
     cp = _cp()
     N, C = x.shape
     dx = cp.empty_like(x)
-    _kernel(f"ce_bwd<{_CTYPE[x.dtype.name]}>")((N,), (_threads(C),),
+    _kernel(f"ce_bwd<{_CTYPE[backend.dtype_name(x.dtype)]}>")((N,), (_threads(C),),
                                               (x, t.astype(np.int64, copy=False), lse, scale.astype(np.float32).reshape(1),
                                                dx, np.int32(C), np.int64(ignore_index)))
     return dx

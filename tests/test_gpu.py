@@ -32,7 +32,7 @@ def test_mixing_devices_is_an_error_naming_both() -> None:
         a + b
 
 
-@pytest.mark.parametrize("name", ["matmul", "softmax", "log_softmax", "cross_entropy", "layer_norm", "embedding",
+@pytest.mark.parametrize("name", ["matmul", "linear", "softmax", "log_softmax", "cross_entropy", "layer_norm", "embedding",
                                   "gelu", "max", "getitem", "attention"])
 def test_gradcheck_float64_on_gpu(name: str) -> None:
     from nn.functional import scaled_dot_product_attention
@@ -42,6 +42,7 @@ def test_gradcheck_float64_on_gpu(name: str) -> None:
     ids = np.array([[0, 2, 2], [1, 0, 3]])
     cases = {
         "matmul": (lambda a, b: a @ b, [g(2, 3, 4), g(4, 5)]),
+        "linear": (lambda a, w, b: F.linear(a, w, b), [g(2, 3, 4), g(5, 4), g(5)]),  # cuBLAS gemmEx + GEMV
         "softmax": (lambda a: F.softmax(a), [g(3, 5)]),
         "log_softmax": (lambda a: F.log_softmax(a, axis=0), [g(3, 5)]),
         "cross_entropy": (lambda a: F.cross_entropy(a, t), [g(3, 5)]),
@@ -166,3 +167,120 @@ def test_fused_adam_matches_reference(monkeypatch) -> None:
     fused = run()
     monkeypatch.setenv("TINYGRAD_LM_FUSED", "0")
     np.testing.assert_allclose(fused, run(), rtol=1e-10, atol=1e-12)
+
+
+def _dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_cublas_matmul_against_float64_products_on_every_layout(dtype: str) -> None:
+    """tensor.cublas.matmul: transposed, strided, batched, broadcast and non-collapsible operands,
+    out= into a slice with beta, float32 results from 16-bit inputs; reference: NumPy float64."""
+    from tensor import cublas
+    cp = backend.cupy_module()
+    dt = _dtype(dtype)
+    tol = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
+    rng = np.random.default_rng(5)
+
+    def dev(shape):  # values exactly representable in dt, so the reference sees the same inputs
+        h = rng.standard_normal(shape).astype(dt)
+        return cp.asarray(h), h.astype(np.float64)
+
+    def check(got, want):
+        got = backend.to_numpy(got).astype(np.float64)
+        scale = np.abs(want).max() + 1
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= tol * scale * 4, (got, want)
+
+    a, ah = dev((5, 7))
+    b, bh = dev((7, 3))
+    check(cublas.matmul(a, b), ah @ bh)
+    bt, bth = dev((3, 7))
+    check(cublas.matmul(a, bt.T), ah @ bth.T)                      # column-major b: an op flag, no copy
+    at, ath = dev((7, 5))
+    check(cublas.matmul(at.T, bt.T), ath.T @ bth.T)
+    big, bigh = dev((5, 20))
+    check(cublas.matmul(big[:, 3:10], b), bigh[:, 3:10] @ bh)       # strided rows (lda 20)
+    q, qh = dev((4, 6, 5, 7))
+    k, kh = dev((4, 6, 9, 7))
+    check(cublas.matmul(q, k.swapaxes(-1, -2)), qh @ kh.swapaxes(-1, -2))   # batched, transposed keys
+    check(cublas.matmul(q, b), qh @ bh)                             # b broadcast over every batch
+    w, wh = dev((1, 6, 7, 3))
+    check(cublas.matmul(q, w), qh @ wh)                             # partial broadcast (copied)
+    qkv, qkvh = dev((2, 5, 3, 4, 7))                                # heads sliced out of a fused qkv
+    heads, hh = qkv.transpose(2, 0, 3, 1, 4), qkvh.transpose(2, 0, 3, 1, 4)
+    check(cublas.matmul(heads[0], heads[1].swapaxes(-1, -2)), hh[0] @ hh[1].swapaxes(-1, -2))
+    out = cp.zeros((3, 4, 6, 5, 9), dtype=dt)
+    cublas.matmul(q, k.swapaxes(-1, -2), out=out[1])
+    check(out[1], qh @ kh.swapaxes(-1, -2))
+    assert float(abs(out[0]).max()) == 0 and float(abs(out[2]).max()) == 0
+    c, ch = dev((5, 3))
+    check(cublas.matmul(a, b, out=c, alpha=0.5, beta=2.0), 0.5 * (ah @ bh) + 2.0 * ch)
+    if dt.itemsize == 2:
+        r = cublas.matmul(a, b, out_dtype=np.float32)
+        assert r.dtype == np.float32
+        check(r, ah @ bh)
+    check(cublas.matmul(a[:, :0], b[:0]), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="cublas.matmul"):
+        cublas.matmul(a, a)
+
+
+def test_clip_grad_norm_multi_tensor_path_matches_the_formula() -> None:
+    from nn import Parameter
+    from nn.utils import clip_grad_norm_
+    rng = np.random.default_rng(6)
+    shapes = [(300, 70000), (5,), (17, 3), (1,)]  # one tensor spans several chunks
+    host = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    want = np.sqrt(sum((h.astype(np.float64) ** 2).sum() for h in host))
+    for sync in (True, False):
+        ps = [Parameter(np.zeros(s, np.float32), device="cuda") for s in shapes]
+        for p, h in zip(ps, host):
+            p.grad = backend.to_device(h, "cuda")
+        norm = clip_grad_norm_(ps, 1.0, sync=sync)
+        assert abs(float(backend.to_numpy(norm)) - want) <= 1e-4 * want
+        for p, h in zip(ps, host):
+            np.testing.assert_allclose(backend.to_numpy(p.grad), h * (1.0 / (want + 1e-6)), rtol=1e-4, atol=1e-9)
+    # not finite: nothing is clipped (sync=False), the norm says so
+    ps = [Parameter(np.zeros(3, np.float32), device="cuda"), Parameter(np.zeros(2, np.float32), device="cuda")]
+    ps[0].grad = backend.to_device(np.array([1.0, np.inf, 2.0], np.float32), "cuda")
+    ps[1].grad = backend.to_device(np.array([3.0, 4.0], np.float32), "cuda")
+    norm = clip_grad_norm_(ps, 1.0, sync=False)
+    assert not np.isfinite(float(backend.to_numpy(norm)))
+    np.testing.assert_array_equal(backend.to_numpy(ps[1].grad), [3.0, 4.0])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_attention_qkv_on_gpu_equals_cpu(dropout: float) -> None:
+    """The GPU path (cuBLAS batched GEMMs on the split heads, gradients written into one buffer)
+    against the CPU reference, with and without attention dropout (same mask stream)."""
+    from nn.functional import causal_attention_qkv
+    x = np.random.default_rng(7).standard_normal((2, 6, 3 * 8))
+    res = []
+    for device in ("cpu", "cuda"):
+        t = Tensor(x.astype(np.float32), device=device, requires_grad=True)
+        y = causal_attention_qkv(t, n_head=2, dropout_p=dropout, generator=np.random.default_rng(1))
+        (y * y).sum().backward()
+        res.append((backend.to_numpy(y.data), backend.to_numpy(t.grad)))
+    for a, b in zip(*res):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_linear_returns_float32_gradients_close_to_float64(precision: str) -> None:
+    from nn.amp import low_dtype
+    rng = np.random.default_rng(8)
+    x, w, b = rng.standard_normal((4, 5, 16)), rng.standard_normal((12, 16)) * 0.3, rng.standard_normal(12)
+    ts = [Tensor(v.astype(np.float32), device="cuda", requires_grad=True) for v in (x, w, b)]
+    y = F.linear(*ts, compute_dtype=low_dtype(precision))
+    assert str(y.dtype) == str(low_dtype(precision))
+    (y.astype(np.float32) * 1.5).sum().backward()
+    g = np.full((4, 5, 12), 1.5)
+    want = {0: g @ w, 1: g.reshape(-1, 12).T @ x.reshape(-1, 16), 2: g.reshape(-1, 12).sum(0)}
+    for i, t in enumerate(ts):
+        assert t.grad.dtype == np.float32
+        got = backend.to_numpy(t.grad)
+        np.testing.assert_allclose(got, want[i], rtol=3e-2, atol=3e-2 * np.abs(want[i]).max())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -422,6 +423,12 @@ class Trainer:
         old_handler = signal.signal(signal.SIGINT, on_sigint)
         bar = _progress(self.step, cfg.max_iters, enabled=cfg.progress and self.is_main)
         t_last, tokens_last = time.perf_counter(), self.tokens_seen
+        # Everything built so far (model, optimizer, data, imported libraries) lives for the whole
+        # run: freeze it out of Python's cyclic garbage collector, whose full collections would
+        # otherwise walk all of it several times a step (a GPU step's host time halved in bf16;
+        # benchmarks/RESULTS.md). The graph of each step is still collected as usual.
+        gc.collect()
+        gc.freeze()
         try:
             while self.step < cfg.max_iters:
                 try:
@@ -470,6 +477,7 @@ class Trainer:
                                   f"continue with --resume {self.out}")
                     return 0
         finally:
+            gc.unfreeze()  # a caller's objects are collectable again
             bar.close()
             if metrics:
                 metrics.close()

@@ -1,0 +1,235 @@
+"""Which GPU kernels does a training step run, and for how long? (issue 7)
+
+    python benchmarks/profile_gpu_kernels.py --precisions fp32,bf16 --impl ours,torch
+    python benchmarks/profile_gpu_kernels.py --impl ours --mode by-op      # kernels per op of ours
+    python benchmarks/profile_gpu_kernels.py --impl ours --mode cprofile   # host-side time of ours
+
+Records every CUDA kernel of a few full training steps (ours on CuPy, and the PyTorch twin for
+comparison) with CUPTI through torch.profiler -- CUPTI sees all kernels of the process, CuPy's
+and cuBLAS's included -- without adding synchronisations, and prints JSON: per implementation
+and precision, the synced wall time per step, the summed kernel time per step, and the kernels
+grouped by name (ms per step, calls per step), largest first. PyTorch is only the profiler here
+(and the peer); ours never imports it in the library.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import time
+
+import _common as C  # noqa: F401  (puts the repository root on sys.path)
+import numpy as np
+
+import bench_train as BT
+
+
+def _short(name: str, width: int = 90) -> str:
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def annotate_ops() -> None:
+    """Wrap every op's forward and backward (and the optimizer's pieces) in a profiler range,
+    so that each kernel is attributed to the op that launched it (--by-op)."""
+    import torch
+    import nn.optim
+    import nn.utils
+    import tensor.ops as ops
+    from nn.attention import CausalAttentionQKV
+    from tensor.tensor import Function
+    real_apply = Function.apply.__func__
+
+    def apply(cls, *inputs, **kw):
+        with torch.profiler.record_function(f"op:{cls.__name__}.fwd"):
+            return real_apply(cls, *inputs, **kw)
+    Function.apply = classmethod(apply)
+
+    def wrap(owner, attr, label):
+        real = getattr(owner, attr)
+
+        def w(*args, **kw):
+            with torch.profiler.record_function(label):
+                return real(*args, **kw)
+        setattr(owner, attr, w)
+    for cls in set(ops.all_ops().values()) | {CausalAttentionQKV}:
+        wrap(cls, "backward", f"op:{cls.__name__}.bwd")
+    wrap(nn.optim.AdamW, "step", "op:AdamW.step")
+    wrap(nn.optim.Optimizer, "zero_grad", "op:zero_grad")
+    wrap(nn.utils, "clip_grad_norm_", "op:clip_grad_norm_")
+
+
+def _kernels_below(e) -> list:
+    out, stack = [], [e]
+    while stack:
+        n = stack.pop()
+        out.extend(getattr(n, "kernels", []) or [])
+        stack.extend(n.cpu_children)
+    return out
+
+
+GC = "default"
+
+
+def _gc_setup() -> None:
+    import gc
+    if GC == "freeze":
+        gc.collect()
+        gc.freeze()
+    elif GC == "off":
+        gc.disable()
+
+
+def profile(step, data: list, sync, steps: int, by_op: bool = False) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    for x, y in data[:3]:  # warm-up: compilation, pools
+        step(x, y)
+    sync()
+    _gc_setup()
+    t0 = time.perf_counter()
+    for x, y in data[3:3 + steps]:
+        step(x, y)
+    sync()
+    wall = (time.perf_counter() - t0) / steps * 1000
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if by_op else [])
+    with tprofile(activities=acts) as prof:
+        for x, y in data[3:3 + steps]:
+            step(x, y)
+        sync()
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            r = per[e.name]
+            r[0] += e.time_range.elapsed_us() / 1000.0
+            r[1] += 1
+    total = sum(v[0] for v in per.values()) / steps
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])
+    res = {"wall_ms_per_step": round(wall, 2), "kernel_ms_per_step": round(total, 2),
+           "kernels": [{"name": _short(k), "ms": round(v[0] / steps, 3), "calls": v[1] // steps}
+                       for k, v in rows[:40]]}
+    if by_op:  # kernels grouped under the innermost op range that launched them
+        ops: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+        for e in prof.events():
+            if e.name.startswith("op:") and not any(c.name.startswith("op:") for c in e.cpu_children):
+                for k in _kernels_below(e):
+                    r = ops[e.name[3:]][k.name]
+                    r[0] += k.duration / 1000.0
+                    r[1] += 1
+        table = []
+        for name, ks in ops.items():
+            ms = sum(v[0] for v in ks.values()) / steps
+            table.append({"op": name, "ms": round(ms, 3), "kernels": {
+                _short(k, 60): [round(v[0] / steps, 3), v[1] // steps] for k, v in sorted(ks.items(), key=lambda kv: -kv[1][0])[:6]}})
+        table.sort(key=lambda r: -r["ms"])
+        res["by_op"] = table
+        res["attributed_ms_per_step"] = round(sum(r["ms"] for r in table), 2)
+    return res
+
+
+def cprofile(step, data: list, sync, steps: int) -> list:
+    """Host-side profile (cProfile) of `steps` steps: the top functions by own time."""
+    import cProfile
+    import pstats
+    for x, y in data[:3]:
+        step(x, y)
+    sync()
+    _gc_setup()
+    pr = cProfile.Profile()
+    pr.enable()
+    for x, y in data[3:3 + steps]:
+        step(x, y)
+    sync()
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:30]
+    return [{"fn": f"{k[0].split('/')[-1]}:{k[1]}:{k[2]}", "calls_per_step": v[1] // steps,
+             "own_ms_per_step": round(v[2] / steps * 1000, 3), "cum_ms_per_step": round(v[3] / steps * 1000, 3)}
+            for k, v in rows]
+
+
+def ours(precision: str, batch: int, cfg, data_ids, steps: int, mode: str = "kernels") -> dict:
+    from nn.amp import LossScaler, autocast_
+    from nn.optim import AdamW
+    from nn.utils import clip_grad_norm_
+    from tensor import backend
+    from tinygrad_lm.model import GPT
+    cp = backend.cupy_module()
+    model = GPT(cfg, seed=0).to("cuda")
+    autocast_(model, precision)
+    scaler = LossScaler(enabled=precision == "fp16")
+    params = model.parameters()
+    opt = AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+    data = [(backend.to_device(x, "cuda"), backend.to_device(y, "cuda"))
+            for x, y in BT.batches(data_ids, steps + 3, batch, cfg.block_size)]
+
+    def step(x, y):
+        _, loss = model(x, y)
+        scaler.scale(loss).backward()
+        if scaler.unscale_(params):
+            clip_grad_norm_(params, 1.0, error_if_nonfinite=False, sync=False)
+            opt.step()
+        scaler.update()
+        opt.zero_grad()
+    sync = cp.cuda.Device().synchronize
+    if mode == "cprofile":
+        return {"host_profile": cprofile(step, data, sync, steps)}
+    return profile(step, data, sync, steps, by_op=mode == "by-op")
+
+
+def twin(precision: str, batch: int, cfg, data_ids, steps: int, mode: str = "kernels") -> dict:
+    import sys
+    import torch
+    import torch.nn.functional as TF
+    sys.path.insert(0, os.path.join(C._ROOT, "examples"))
+    from export_to_pytorch import NanoGPT
+    model = NanoGPT(cfg).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=True)
+    low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    data = [(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda())
+            for x, y in BT.batches(data_ids, steps + 3, batch, cfg.block_size)]
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=low or torch.bfloat16, enabled=low is not None):
+            logits = model(x)
+            loss = TF.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return profile(step, data, torch.cuda.synchronize, steps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--impl", default="ours,torch")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--data", default=BT.DEFAULT_DATA)
+    p.add_argument("--gc", default="default", choices=["default", "freeze", "off"],
+                   help="Python's garbage collector during the steps: as is, gc.freeze() after set-up, or off")
+    p.add_argument("--mode", default="kernels", choices=["kernels", "by-op", "cprofile"],
+                   help="kernels: grouped by name; by-op: attributed to our ops (ours only); "
+                        "cprofile: host-side Python profile (ours only)")
+    a = p.parse_args()
+    cfg = BT.model_config("gpt-medium")
+    ids = BT.token_ids(a.data)
+    out = {"config": "gpt-medium", "batch": a.batch, "steps": a.steps}
+    if a.mode == "by-op":
+        annotate_ops()
+    global GC
+    GC = a.gc
+    for prec in a.precisions.split(","):
+        for impl in a.impl.split(","):
+            fn = ours if impl == "ours" else twin
+            out[f"{impl}_{prec}"] = fn(prec, a.batch, cfg, ids, a.steps, a.mode)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
