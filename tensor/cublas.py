@@ -137,13 +137,13 @@ def matmul(a: Any, b: Any, out_dtype: Any = None, out: Any = None, alpha: float 
         return out
     ops = []
     for x in (a, b):
-        lay, stride = _layout(x), _batch_stride(x, batch)
+        lay, stride = _layout(x), (_batch_stride(x, batch) if count > 1 else 0)
         if lay is None or stride is None:
             x = cp.ascontiguousarray(cp.broadcast_to(x, batch + x.shape[-2:]))
             lay, stride = _layout(x), _batch_stride(x, batch)
         ops.append((x, lay, stride))
     (a, (a_rm, lda), sa), (b, (b_rm, ldb), sb) = ops
-    c_lay, sc = _layout(out), _batch_stride(out, batch)
+    c_lay, sc = _layout(out), (_batch_stride(out, batch) if count > 1 else 0)
     if c_lay is None or not c_lay[0] or sc is None or (count > 1 and sc == 0):
         raise ValueError("cublas.matmul: out must hold row-major matrices with one batch stride")
     ldc = c_lay[1]

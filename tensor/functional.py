@@ -6,7 +6,6 @@ matters (softmax, layer-norm statistics, losses) and cast back.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -52,21 +51,14 @@ def sum_rows(x: Any, out_dtype: Any = None) -> Any:
     """Sum over every axis but the last: (..., C) -> (C,), accumulated in float32 or wider,
     returned in out_dtype (default x's dtype).
 
-    On the GPU this is a matrix-vector product (ones @ x) on cuBLAS: CuPy's reduction along
-    a long leading axis measured ~10x slower (bias and LayerNorm gradients, 16384 rows)."""
+    On the GPU one fused column-sum kernel (tensor/kernels.py): CuPy's reduction along a long
+    leading axis measured ~10x slower (bias and LayerNorm gradients, 16384 rows)."""
     x2 = x.reshape(-1, x.shape[-1])
-    out_dtype = np.dtype(out_dtype or x2.dtype)
-    if not cublas.usable(x2):
-        return x2.sum(axis=0, dtype=np.promote_types(out_dtype, np.float32)).astype(out_dtype, copy=False)
-    wide = np.promote_types(x2.dtype, np.float32)  # 16-bit rows: float32 accumulation and result
-    s = cublas.matmul(_ones(x2.shape[0], x2.dtype.name), x2, out_dtype=wide)
-    return s.reshape(x2.shape[1]).astype(out_dtype, copy=False)
-
-
-@functools.lru_cache(maxsize=16)
-def _ones(n: int, dtype: str) -> Any:
-    """A (1, n) row of ones on the GPU (a constant, made once per length and dtype)."""
-    return backend.cupy_module().ones((1, n), dtype=dtype)
+    out_dtype = x2.dtype if out_dtype is None else np.dtype(out_dtype)
+    if kernels.usable(x2) and backend.dtype_name(out_dtype) in kernels.FLOATS:
+        return kernels.column_sums(x2, out_dtype)
+    s = x2.sum(axis=0, dtype=np.promote_types(out_dtype, np.float32))
+    return s if s.dtype == out_dtype else s.astype(out_dtype)
 
 
 def _softmax(x: Any, axis: int) -> Any:
@@ -277,20 +269,23 @@ class Linear(Function):
             raise ValueError(f"linear: input of shape {shape_str(x)} has {x.shape[-1]} features, "
                              f"weight of shape {shape_str(weight)} expects {weight.shape[1]}")
         self.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if compute_dtype is not None:
-            x, weight = x.astype(compute_dtype, copy=False), weight.astype(compute_dtype, copy=False)
+        if compute_dtype is not None:  # (dtype checks first: a no-op astype still costs a CuPy call)
+            x = x if x.dtype == compute_dtype else x.astype(compute_dtype)
+            weight = weight if weight.dtype == compute_dtype else weight.astype(compute_dtype)
         self.save_for_backward(x, weight)
         self.has_bias = bias is not None
         # one 2-D GEMM over all rows (CuPy has no batched bfloat16 GEMM, and one call is faster)
         y = _mm(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
         if bias is not None:
-            y += bias.astype(y.dtype, copy=False)
+            y += bias if bias.dtype == y.dtype else bias.astype(y.dtype)
         return y
 
     def backward(self, g):
         x, w = self.saved
         dx_t, dw_t, db_t = self.dtypes
-        g2 = g.reshape(-1, g.shape[-1]).astype(w.dtype, copy=False)
+        g2 = g.reshape(-1, g.shape[-1])
+        if g2.dtype != w.dtype:
+            g2 = g2.astype(w.dtype)
         gx = _mm(g2, w, dx_t).reshape(x.shape[:-1] + (w.shape[1],)) if self.needs_grad[0] else None
         gw = _mm(g2.T, x.reshape(-1, x.shape[-1]), dw_t) if self.needs_grad[1] else None
         gb = sum_rows(g2, db_t) if self.has_bias and self.needs_grad[2] else None

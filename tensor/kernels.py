@@ -10,6 +10,7 @@ time; these kernels do the whole formula in one pass over memory:
     cross_entropy_forward / _backward  per-row log-sum-exp, NLL, and softmax - onehot
     adam_step / adam_multi           the whole (decoupled) Adam update of one / many parameters
     sum_of_squares_multi / clip_multi  global-norm gradient clipping over many tensors, 3 launches
+    column_sums                      (rows, C) -> (C,): bias and LayerNorm-weight gradients
 
 Each formula is the same as the reference op's (see the op's comment). `usable(x)` says
 whether a kernel applies (a CuPy float16/bfloat16/float32 array and TINYGRAD_LM_FUSED
@@ -28,6 +29,7 @@ import numpy as np
 from tensor import backend
 
 _FLOATS = ("float16", "bfloat16", "float32")  # float64 (gradcheck) takes the exact reference path
+FLOATS = _FLOATS
 
 
 def usable(*arrays: Any, contiguous: bool = True) -> bool:
@@ -363,6 +365,81 @@ __global__ void ce_bwd(const T* x, const long long* t, const float* lse, const f
         dx[off + j] = (T)((__expf((float)x[off + j] - l) - (j == ti ? 1.0f : 0.0f)) * sc);
 }
 """
+
+
+_COLSUM = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+// Column sums of a row-major (rows, C) matrix, out[j] = sum_i x[i, j], accumulated in float.
+// Block (32, 8) threads; grid (C/32 column tiles, S row slices). Each block writes its slice's
+// partial sums; the last block of a tile to finish (an atomic counter per tile, reset by that
+// block) adds the S partials in slice order, so the result does not depend on block timing.
+template <typename T, typename O>
+__global__ void colsum(const T* x, O* out, float* partial, unsigned int* counter, long long rows, int C) {
+    __shared__ float sh[8][33];
+    __shared__ bool last;
+    int j = blockIdx.x * 32 + threadIdx.x;
+    long long per = (rows + gridDim.y - 1) / gridDim.y;
+    long long r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
+    float s = 0.0f;
+    if (j < C)
+        for (long long i = r0 + threadIdx.y; i < r1; i += blockDim.y) s += (float)x[i * C + j];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0) {
+        float t = 0.0f;
+        for (int k = 0; k < blockDim.y; ++k) t += sh[k][threadIdx.x];
+        if (j < C) partial[(long long)blockIdx.y * C + j] = t;
+        __threadfence();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) last = atomicAdd(&counter[blockIdx.x], 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (last && threadIdx.y == 0) {
+        if (j < C) {
+            const volatile float* pv = partial;
+            float t = 0.0f;
+            for (int r = 0; r < gridDim.y; ++r) t += pv[(long long)r * C + j];
+            out[j] = (O)t;
+        }
+        if (threadIdx.x == 0) counter[blockIdx.x] = 0u;
+    }
+}
+"""
+_COLSUM_SLICES = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _colsum_module() -> Any:
+    names = [f"colsum<{_CTYPE[t]},{_CTYPE[o]}>" for t in _FLOATS for o in _FLOATS]
+    return _cp().RawModule(code=_COLSUM, options=("--std=c++14",), name_expressions=names)
+
+
+@functools.lru_cache(maxsize=None)
+def _colsum_kernel(t: str, o: str) -> Any:
+    return _colsum_module().get_function(f"colsum<{_CTYPE[t]},{_CTYPE[o]}>")
+
+
+@functools.lru_cache(maxsize=8)
+def _colsum_counters(tiles: int, device: int) -> Any:
+    """Zeroed per-tile counters (each launch leaves them zero again); one buffer per width,
+    reused by the launches of one stream in turn."""
+    return _cp().zeros(tiles, dtype=np.uint32)
+
+
+def column_sums(x: Any, out_dtype: Any) -> Any:
+    """x (rows, C) contiguous -> (C,) column sums in out_dtype, float32 accumulation, one launch,
+    the same bits every run."""
+    cp = _cp()
+    rows, C = x.shape
+    tiles = (C + 31) // 32
+    out = cp.empty(C, dtype=out_dtype)
+    partial = cp.empty((_COLSUM_SLICES, C), dtype=np.float32)
+    counters = _colsum_counters(tiles, cp.cuda.Device().id)
+    _colsum_kernel(backend.dtype_name(x.dtype), backend.dtype_name(out.dtype))(
+        (tiles, _COLSUM_SLICES), (32, 8), (x, out, partial, counters, np.int64(rows), np.int32(C)))
+    return out
+
 
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
 _ACC = {"float16": "float", "bfloat16": "float", "float32": "float", "float64": "double"}

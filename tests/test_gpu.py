@@ -284,3 +284,22 @@ def test_mixed_precision_linear_returns_float32_gradients_close_to_float64(preci
         assert t.grad.dtype == np.float32
         got = backend.to_numpy(t.grad)
         np.testing.assert_allclose(got, want[i], rtol=3e-2, atol=3e-2 * np.abs(want[i]).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 5), (1000, 33), (16384, 384), (3, 7, 96)])
+def test_column_sums_kernel_matches_float64_and_repeats_bit_for_bit(dtype: str, shape: tuple) -> None:
+    """functional.sum_rows on the GPU (kernels.column_sums: partial sums per row slice, the last
+    block of each column tile adds them in order, counters reset for the next launch)."""
+    from tensor.functional import sum_rows
+    cp = backend.cupy_module()
+    h = np.random.default_rng(9).standard_normal(shape).astype(_dtype(dtype))
+    x = cp.asarray(h)
+    want = h.astype(np.float64).reshape(-1, shape[-1]).sum(0)
+    first = sum_rows(x, np.float32)
+    for _ in range(3):  # the same bits every launch (and the counters were left at zero)
+        np.testing.assert_array_equal(backend.to_numpy(sum_rows(x, np.float32)), backend.to_numpy(first))
+    tol = 1e-5 * np.sqrt(h.size) + 1e-5
+    np.testing.assert_allclose(backend.to_numpy(first), want, rtol=1e-5, atol=tol)
+    same = sum_rows(x)
+    assert same.dtype == x.dtype and same.shape == (shape[-1],)
