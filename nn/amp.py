@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from nn.module import Module
-from tensor import backend
+from tensor import backend, kernels
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -76,6 +76,7 @@ class LossScaler:
         self.clean_steps = 0
         self.skipped_steps = 0
         self._found_inf: bool | None = None
+        self._upload = None  # pinned-memory uploads of the GPU kernel's tables (made on first use)
 
     def scale(self, loss: Any) -> Any:
         return loss * self.scale_value if self.enabled else loss
@@ -86,15 +87,19 @@ class LossScaler:
         if not self.enabled:
             return True
         inv = 1.0 / self.scale_value
-        bad = None
-        for p in params:
-            if p.grad is None:
-                continue
-            p.grad *= inv
-            xp = backend.array_module(p.grad)
-            b = ~xp.isfinite(p.grad).all()
-            bad = b if bad is None else (bad | b)
-        self._found_inf = bool(backend.to_numpy(bad)) if bad is not None else False
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and all(g.dtype == np.float32 for g in grads) and kernels.usable(*grads):
+            # GPU: one multi-tensor launch instead of three per parameter
+            if self._upload is None:
+                self._upload = backend.HostToDevice()
+            bad = kernels.unscale_multi(grads, inv, self._upload)
+        else:
+            bad = None
+            for g in grads:
+                g *= inv
+                b = ~backend.array_module(g).isfinite(g).all()
+                bad = b if bad is None else (bad | b)
+        self._found_inf = bool(backend.to_numpy(bad).any()) if bad is not None else False
         return not self._found_inf
 
     def update(self) -> None:

@@ -10,6 +10,7 @@ time; these kernels do the whole formula in one pass over memory:
     cross_entropy_forward / _backward  per-row log-sum-exp, NLL, and softmax - onehot
     adam_step / adam_multi           the whole (decoupled) Adam update of one / many parameters
     sum_of_squares_multi / clip_multi  global-norm gradient clipping over many tensors, 3 launches
+    unscale_multi                    the fp16 loss scaler's unscale + overflow check, 1 launch
     column_sums                      (rows, C) -> (C,): bias and LayerNorm-weight gradients
 
 Each formula is the same as the reference op's (see the op's comment). `usable(x)` says
@@ -194,6 +195,22 @@ extern "C" __global__ void clip_multi(const unsigned long long* ptrs, const long
     float* g = (float*)ptrs[t];
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) g[i] *= c;
 }
+// unscale_multi: g *= inv (the loss scaler's 1/scale); found_inf[0] = 1 if any result is inf/nan
+extern "C" __global__ void unscale_multi(const unsigned long long* ptrs, const long long* sizes,
+                                         const int* chunk_tensor, const long long* chunk_offset, int chunk,
+                                         float inv, int* found_inf) {
+    int t = chunk_tensor[blockIdx.x];
+    long long start = chunk_offset[blockIdx.x];
+    long long end = min(start + (long long)chunk, sizes[t]);
+    float* g = (float*)ptrs[t];
+    bool bad = false;
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float v = g[i] * inv;
+        g[i] = v;
+        bad |= !isfinite(v);
+    }
+    if (bad) found_inf[0] = 1;  // every writer writes the same value
+}
 """
 
 
@@ -218,6 +235,16 @@ def sum_of_squares_multi(arrays: list, upload: Any = None) -> tuple[Any, tuple]:
     partial = cp.empty(n, dtype=np.float32)
     _norm_module().get_function("sumsq_multi")((n,), (256,), tables + (partial,))
     return partial.sum(), (tables, n)
+
+
+def unscale_multi(arrays: list, inv: float, upload: Any = None) -> Any:
+    """In place: every contiguous float32 CuPy array *= inv; returns a 1-element int32 device
+    flag, 1 when some result is not finite (the loss scaler's overflow check), in one launch."""
+    cp = _cp()
+    args, n = _tables(arrays, upload or cp.asarray)
+    found = cp.zeros(1, dtype=np.int32)
+    _norm_module().get_function("unscale_multi")((n,), (256,), args + (np.float32(inv), found))
+    return found
 
 
 def clip_multi(tables: tuple, sumsq: Any, max_norm: float) -> None:

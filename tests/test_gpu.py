@@ -303,3 +303,21 @@ def test_column_sums_kernel_matches_float64_and_repeats_bit_for_bit(dtype: str, 
     np.testing.assert_allclose(backend.to_numpy(first), want, rtol=1e-5, atol=tol)
     same = sum_rows(x)
     assert same.dtype == x.dtype and same.shape == (shape[-1],)
+
+
+def test_loss_scaler_unscales_and_detects_overflow_on_gpu() -> None:
+    from nn import Parameter
+    from nn.amp import LossScaler
+    s = LossScaler(init_scale=8.0, growth_interval=2)
+    ps = [Parameter(np.zeros((300, 700), np.float32), device="cuda"), Parameter(np.zeros(3, np.float32), device="cuda")]
+    host = [np.full((300, 700), 4.0, np.float32), np.array([8.0, -16.0, 2.0], np.float32)]
+    for p, h in zip(ps, host):
+        p.grad = backend.to_device(h, "cuda")
+    assert s.unscale_(ps)
+    for p, h in zip(ps, host):
+        np.testing.assert_array_equal(backend.to_numpy(p.grad), h / 8.0)
+    s.update()
+    ps[0].grad[123, 456] = np.inf  # an overflow deep inside a large gradient
+    assert not s.unscale_(ps)
+    s.update()
+    assert s.scale_value == 4.0 and s.skipped_steps == 1
