@@ -2,11 +2,14 @@
 master weights, accumulate softmax / LayerNorm statistics / losses in float32.
 
 How it works here (autocast by module, no global switch):
-  * `autocast_(model, "bf16")` sets `compute_dtype` on every Linear. A Linear then casts
-    its input, weight and bias to that dtype (differentiable casts) and runs the GEMM in
-    it; attention runs in the dtype of its qkv input. The parameters themselves stay
-    float32: they ARE the master weights, and the casts' backward hands float32
-    gradients to the optimizer, whose moments are float32 too.
+  * `autocast_(model, "bf16")` sets `compute_dtype` on every Linear. The Linear op then casts
+    its input, weight and bias to that dtype inside the op and runs the GEMM in it (on the
+    GPU through cuBLAS on the tensor cores, float32 accumulation, tensor/cublas.py). The
+    parameters themselves stay float32: they ARE the master weights; the op hands back
+    float32 gradients for them (on the GPU straight out of the GEMM, no cast kernel), and
+    the optimizer's moments are float32 too.
+  * Attention runs in the dtype of its qkv input: on the GPU its batched GEMMs run in 16 bits
+    with float32 scores, the softmax is computed in float32 and P is kept in 16 bits.
   * Softmax, LayerNorm statistics and cross-entropy upcast half inputs to float32
     (tensor/functional.py), the residual stream stays float32.
   * float16 has a narrow range (smallest normal 6e-5): small gradients underflow. The

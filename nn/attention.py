@@ -12,9 +12,10 @@ Backward (g = dL/dO):
     dS = P * (dP - rowsum(dP * P)) / sqrt(D)
     dQ = dS K ;  dK = dS^T Q
 
-Memory kept for backward per layer: Q, K, V (views of the input, no copy) and P,
-B*H*Tq*Tk elements in the input dtype (computed in float32 for half inputs, stored
-back in the half dtype), plus the dropout keep-mask (bool, B*H*Tq*Tk bytes) when
+Memory kept for backward per layer: Q, K, V (views of the input on the CPU; on the GPU one
+contiguous copy of the heads, which frees the fused qkv buffer) and P, B*H*Tq*Tk elements
+in the input dtype (computed in float32 for half inputs, stored back in the half dtype),
+plus the dropout keep-mask (bool, B*H*Tq*Tk bytes) when
 dropout is on. Nothing else: S, the exponentials and the masked scores are freed in
 forward (measured: benchmarks/bench_attention_memory.py).
 """
@@ -48,10 +49,9 @@ def allowed_keys(xp: Any, Tq: int, Tk: int, causal: bool, mask: Any) -> Any:
 
 
 def _gemm_dtype(x: Any) -> Any:
-    """The dtype to run attention's batched GEMMs in: float32 for 16-bit inputs. NumPy has no
-    float16 GEMM, CuPy 14 no batched bfloat16 GEMM, and its batched float16 matmul measured
-    slower than cuBLAS's batched float32 one (benchmarks/profile_step.py), so only the
-    projections (Linear) run in 16 bits."""
+    """The dtype of the reference path's batched GEMMs: float32 for 16-bit inputs (NumPy has no
+    float16 GEMM and ml_dtypes' bfloat16 one is a slow loop). The GPU path multiplies in 16 bits
+    through tensor/cublas.py instead."""
     if x.dtype.itemsize < 4 and x.dtype.kind != "i":  # float16 / bfloat16
         return np.dtype(np.float32)
     return x.dtype
