@@ -3,7 +3,6 @@ so that a model built from a seed is reproducible; nothing here keeps global sta
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 
 import tensor.functional as F
-from nn import init
 from nn.attention import causal_attention_qkv
 from nn.module import Module, Parameter
 from tensor.tensor import Tensor

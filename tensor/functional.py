@@ -6,7 +6,6 @@ matters (softmax, layer-norm statistics, losses) and cast back.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -203,7 +202,6 @@ class LayerNorm(Function):
             return dx, dw, db
         xhat, rstd, weight = self.saved
         g32 = _f32(g)
-        lead = tuple(range(g.ndim - 1))
         xp = array_module(g32)
         dw = db = None
         tmp = g32 * xhat
@@ -247,7 +245,6 @@ class Dropout(Function):
     """Zero each element with probability p and scale the rest by 1/(1-p) (training only)."""
     # dx = g * mask / (1 - p)
     def forward(self, x, p=0.5, generator=None):
-        xp = array_module(x)
         keep = uniform(generator, x.shape, x) >= p
         mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
         self.save_for_backward(mask)
@@ -277,7 +274,12 @@ class Linear(Function):
         # one 2-D GEMM over all rows (CuPy has no batched bfloat16 GEMM, and one call is faster)
         y = _mm(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
         if bias is not None:
-            y += bias if bias.dtype == y.dtype else bias.astype(y.dtype)
+            if bias.dtype == y.dtype:
+                y += bias
+            elif kernels.usable(y, bias):
+                kernels.bias_add(y, bias)
+            else:
+                y += bias.astype(y.dtype)
         return y
 
     def backward(self, g):

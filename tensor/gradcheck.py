@@ -9,7 +9,7 @@ fixed random v, so every output element takes part:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 

@@ -5,6 +5,7 @@ GPU, a chain of array calls launches one kernel per call and writes a temporary 
 time; these kernels do the whole formula in one pass over memory:
 
     gelu_forward / gelu_backward     GELU (tanh approximation) and its derivative
+    bias_add                         y += b across dtypes (a float32 bias into a 16-bit product)
     layer_norm_forward / _backward   per-row mean, 1/std, normalise, scale+shift (and dx)
     causal_softmax / softmax_backward  attention's masked softmax and its backward
     cross_entropy_forward / _backward  per-row log-sum-exp, NLL, and softmax - onehot
@@ -50,6 +51,12 @@ def _cp() -> Any:
     return backend.cupy_module()
 
 
+def _empty(shape: Any, dtype: Any) -> Any:
+    """An uninitialised C-contiguous CuPy array (the ndarray constructor: cupy.empty's Python
+    wrapper costs as much again on the host, and these run hundreds of times a step)."""
+    return _cp().ndarray(shape, dtype)
+
+
 # ----------------------------------------------------------------------------- elementwise
 @functools.lru_cache(maxsize=None)
 def _elementwise(name: str) -> Any:
@@ -76,7 +83,15 @@ def _elementwise(name: str) -> Any:
             double vd = b2 * (double)v + (1.0 - b2) * gd * gd;
             m = (T)md; v = (T)vd;
             p = (T)((double)p * decay - (lr / bc1) * md / (sqrt(vd) / sqrt_bc2 + eps));""", "tglm_adam")
+    if name == "bias_add":
+        # y += b in float, b broadcast along the rows (a float32 bias into a 16-bit product: no cast kernel)
+        return cp.ElementwiseKernel("B b", "Y y", "y = (Y)((float)y + (float)b);", "tglm_bias_add")
     raise KeyError(name)
+
+
+def bias_add(y: Any, b: Any) -> None:
+    """In place: y (..., C) += b (C,), computed in float, any float dtypes."""
+    _elementwise("bias_add")(b, y)
 
 
 def gelu_forward(x: Any) -> Any:
@@ -232,7 +247,7 @@ def sum_of_squares_multi(arrays: list, upload: Any = None) -> tuple[Any, tuple]:
     `clip_multi`). Two launches: per-chunk partial sums, then one reduction of the partials."""
     cp = _cp()
     tables, n = _tables(arrays, upload or cp.asarray)
-    partial = cp.empty(n, dtype=np.float32)
+    partial = _empty(n, np.float32)
     _norm_module().get_function("sumsq_multi")((n,), (256,), tables + (partial,))
     return partial.sum(), (tables, n)
 
@@ -460,9 +475,9 @@ def column_sums(x: Any, out_dtype: Any) -> Any:
     cp = _cp()
     rows, C = x.shape
     tiles = (C + 31) // 32
-    out = cp.empty(C, dtype=out_dtype)
-    partial = cp.empty((_COLSUM_SLICES, C), dtype=np.float32)
-    counters = _colsum_counters(tiles, cp.cuda.Device().id)
+    out = _empty(C, out_dtype)
+    partial = _empty((_COLSUM_SLICES, C), np.float32)
+    counters = _colsum_counters(tiles, cp.cuda.runtime.getDevice())
     _colsum_kernel(backend.dtype_name(x.dtype), backend.dtype_name(out.dtype))(
         (tiles, _COLSUM_SLICES), (32, 8), (x, out, partial, counters, np.int64(rows), np.int32(C)))
     return out
@@ -495,12 +510,11 @@ def _threads(n: int) -> int:
 
 def layer_norm_forward(x: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, Any]:
     """x (..., C) -> (y like x, mean (rows,), rstd (rows,)) with statistics in float32 (double for float64)."""
-    cp = _cp()
     C = x.shape[-1]
     rows = x.size // C
     acc = np.float64 if x.dtype == np.float64 else np.float32
-    y = cp.empty_like(x)
-    mean, rstd = cp.empty(rows, dtype=acc), cp.empty(rows, dtype=acc)
+    y = _empty(x.shape, x.dtype)
+    mean, rstd = _empty(rows, acc), _empty(rows, acc)
     t = backend.dtype_name(x.dtype)
     _kernel(f"ln_fwd<{_CTYPE[t]},{_ACC[t]}>")(
         (rows,), (_threads(C),),
@@ -511,11 +525,10 @@ def layer_norm_forward(x: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, An
 
 def layer_norm_backward(x: Any, w: Any, g: Any, mean: Any, rstd: Any, want_gxhat: bool = False) -> tuple[Any, Any]:
     """-> (dx like x, g * xhat like x or None): the second's column sums are dweight."""
-    cp = _cp()
     C = x.shape[-1]
     rows = x.size // C
-    dx = cp.empty_like(x)
-    gxh = cp.empty_like(x) if want_gxhat else None
+    dx = _empty(x.shape, x.dtype)
+    gxh = _empty(x.shape, x.dtype) if want_gxhat else None
     t = backend.dtype_name(x.dtype)
     _kernel(f"ln_bwd<{_CTYPE[t]},{_ACC[t]}>")(
         (rows,), (_threads(C),), (x, w if w is not None else x, g, mean, rstd, dx, np.int32(C), np.int32(w is not None),
@@ -525,9 +538,8 @@ def layer_norm_backward(x: Any, w: Any, g: Any, mean: Any, rstd: Any, want_gxhat
 
 def causal_softmax(s: Any, scale: float, out_dtype: Any) -> Any:
     """s (..., Tq, Tk) raw scores -> causal softmax(scale * s) in out_dtype."""
-    cp = _cp()
     Tq, Tk = s.shape[-2], s.shape[-1]
-    p = cp.empty(s.shape, dtype=out_dtype)
+    p = _empty(s.shape, out_dtype)
     _kernel(f"causal_softmax<{_CTYPE[backend.dtype_name(s.dtype)]},{_CTYPE[backend.dtype_name(out_dtype)]}>")(
         (s.size // Tk,), (_threads(Tk),), (s, p, np.int32(Tq), np.int32(Tk), np.float32(scale)))
     return p
@@ -536,9 +548,8 @@ def causal_softmax(s: Any, scale: float, out_dtype: Any) -> Any:
 def softmax_backward(p: Any, dp: Any, scale: float) -> Any:
     """ds = scale * p * (dp - rowsum(dp * p)), rows along the last axis; ds in p's dtype
     (dp may be float32 for 16-bit p: the product of a half-precision GEMM kept wide)."""
-    cp = _cp()
     Tk = p.shape[-1]
-    ds = cp.empty_like(p)
+    ds = _empty(p.shape, p.dtype)
     _kernel(f"softmax_bwd<{_CTYPE[backend.dtype_name(p.dtype)]},{_CTYPE[backend.dtype_name(dp.dtype)]}>")(
         (p.size // Tk,), (_threads(Tk),), (p, dp, ds, np.int32(Tk), np.float32(scale)))
     return ds
@@ -546,9 +557,8 @@ def softmax_backward(p: Any, dp: Any, scale: float) -> Any:
 
 def cross_entropy_forward(x: Any, t: Any, ignore_index: int) -> tuple[Any, Any]:
     """x (N, C), t (N,) int64 -> (lse (N,) float32, nll (N,) float32 with 0 for ignored rows)."""
-    cp = _cp()
     N, C = x.shape
-    lse, nll = cp.empty(N, dtype=np.float32), cp.empty(N, dtype=np.float32)
+    lse, nll = _empty(N, np.float32), _empty(N, np.float32)
     _kernel(f"ce_fwd<{_CTYPE[backend.dtype_name(x.dtype)]}>")((N,), (_threads(C),),
                                               (x, t.astype(np.int64, copy=False), lse, nll, np.int32(C), np.int64(ignore_index)))
     return lse, nll
@@ -556,9 +566,8 @@ def cross_entropy_forward(x: Any, t: Any, ignore_index: int) -> tuple[Any, Any]:
 
 def cross_entropy_backward(x: Any, t: Any, lse: Any, scale: Any, ignore_index: int) -> Any:
     """dx = (softmax(x) - onehot(t)) * scale per row (0 for ignored rows); scale a 1-element float32 array."""
-    cp = _cp()
     N, C = x.shape
-    dx = cp.empty_like(x)
+    dx = _empty(x.shape, x.dtype)
     _kernel(f"ce_bwd<{_CTYPE[backend.dtype_name(x.dtype)]}>")((N,), (_threads(C),),
                                               (x, t.astype(np.int64, copy=False), lse, scale.astype(np.float32).reshape(1),
                                                dx, np.int32(C), np.int64(ignore_index)))

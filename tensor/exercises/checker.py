@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import inspect
 import os
-import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
