@@ -123,7 +123,7 @@ def time_steps(step, data: list, sync, warmup: int) -> tuple[list, list]:
     return times, losses
 
 
-def worker_ours(a: argparse.Namespace) -> dict:
+def worker_ours(a: argparse.Namespace, graph: bool = False) -> dict:
     from nn.amp import LossScaler, autocast_
     from nn.optim import AdamW
     from nn.utils import clip_grad_norm_
@@ -156,9 +156,18 @@ def worker_ours(a: argparse.Namespace) -> dict:
         data = [(backend.to_device(x, "cuda"), backend.to_device(y, "cuda")) for x, y in data]
     model.train()
 
+    captured = None
+    if graph:
+        from nn.cuda_graph import CapturedStep
+        captured = CapturedStep(model, a.batch_size, cfg.block_size)
+
     def step(x, y):
-        _, loss = model(x, y)
-        scaler.scale(loss).backward()
+        if captured is not None:  # the Trainer's --cuda-graph step
+            loss = captured(x, y, scaler.scale_value if scaler.enabled else 1.0)
+        else:
+            _, loss = model(x, y)
+            scaler.scale(loss).backward()
+            loss = loss.data
         if scaler.unscale_(params):  # fp16: False (step skipped) after an overflow
             clip_grad_norm_(params, HYPER["grad_clip"], error_if_nonfinite=False, sync=not cuda)
             opt.step()
@@ -167,7 +176,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
         return loss
 
     freeze_gc()
-    times, losses = time_steps(lambda x, y: step(x, y).data, data, sync, a.warmup)  # losses stay on the device
+    times, losses = time_steps(step, data, sync, a.warmup)  # losses stay on the device
     losses = [float(backend.to_numpy(v)) for v in losses]
     res = {"step_times_s": times, "losses": losses, "rss_after_import_mib": rss_import,
            "optimizer": "nn.optim.AdamW (per-parameter)"}
@@ -180,8 +189,10 @@ def worker_ours(a: argparse.Namespace) -> dict:
         res["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
         res["cupy"] = cp.__version__
         res["gpu_pool_total_mib"] = pool.total_bytes() / 2**20   # the pool only grows: the high-water mark
+        if captured is not None:  # + the graph's own pool (its temporaries)
+            res["gpu_pool_total_mib"] += captured.pool.total_bytes() / 2**20
         res["gpu_pool_used_mib_at_end"] = pool.used_bytes() / 2**20
-        if a.decode_tokens > 0 and a.precision == "fp32":  # the sampler as `python -m tinygrad_lm sample` runs it
+        if a.decode_tokens > 0 and a.precision == "fp32" and not graph:  # the sampler as `python -m tinygrad_lm sample` runs it
             try:
                 res["decode"] = decode_ours(model, cfg, a.decode_tokens, a.decode_batches, sync)
             except Exception as e:  # keep the training numbers
@@ -286,7 +297,7 @@ def torch_blas_info(torch) -> dict:
 
 def run_worker(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    res = worker_ours(a) if a.worker == "ours" else worker_torch(a)
+    res = worker_torch(a) if a.worker == "torch" else worker_ours(a, graph=a.worker == "ours-graph")
     cfg = model_config(a.config)
     tokens = a.batch_size * cfg.block_size
     med = statistics.median(res["step_times_s"])
@@ -319,14 +330,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--repeats", type=int, default=2, help="ours, torch, ours, torch, ... per precision")
-    ap.add_argument("--impls", default="ours,torch")
+    ap.add_argument("--impls", default="ours,torch",
+                    help="from ours, ours-graph (CUDA: forward+backward replayed as a CUDA graph, "
+                         "nn/cuda_graph.py, as `train --cuda-graph`), torch")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--decode-tokens", type=int, default=256, help="CUDA: our KV-cached sampler (0 = skip)")
     ap.add_argument("--decode-batches", default="1,8")
     ap.add_argument("--out", help="also write the JSON here")
     # internal: one worker
-    ap.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "ours-graph", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -383,6 +396,11 @@ def main() -> None:
                     row[impl][key] = round(max(r[key] for r in ok), 1)
             if "decode" in ok[0]:
                 row[impl]["decode"] = ok[0]["decode"]
+        if "ours-graph" in row and "torch" in row:
+            row["ratio_ours_graph_over_torch_tokens_per_s"] = round(
+                row["ours-graph"]["tokens_per_s"] / row["torch"]["tokens_per_s"], 3)
+            row["ratio_ours_graph_best_step"] = round(
+                row["ours-graph"]["tokens_per_s_best_step"] / row["torch"]["tokens_per_s_best_step"], 3)
         if "ours" in row and "torch" in row:
             o = [r for r in runs if r["impl"] == "ours" and r["precision"] == prec and "error" not in r]
             t = [r for r in runs if r["impl"] == "torch" and r["precision"] == prec and "error" not in r]

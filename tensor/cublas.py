@@ -26,7 +26,6 @@ import numpy as np
 
 from tensor import backend
 
-_BOUND: dict = {}            # cuBLAS handle -> the stream it was last bound to
 _OP_N, _OP_T = 0, 1          # cublasOperation_t
 _COMPUTE_32F, _COMPUTE_64F = 68, 70   # cublasComputeType_t
 _ALGO_DEFAULT = -1
@@ -149,11 +148,7 @@ def matmul(a: Any, b: Any, out_dtype: Any = None, out: Any = None, alpha: float 
     ldc = c_lay[1]
     double = a.dtype == np.float64
     compute = _COMPUTE_64F if double else _COMPUTE_32F
-    handle = cp.cuda.device.get_cublas_handle()
-    stream = cp.cuda.get_current_stream().ptr
-    if _BOUND.get(handle) != stream:  # bind the handle to the current stream (once per change)
-        cublas.setStream(handle, stream)
-        _BOUND[handle] = stream
+    handle = cp.cuda.device.get_cublas_handle()  # (CuPy's wrappers bind it to the current stream)
     # column-major view: C^T (n, m) = B^T (n, k) A^T (k, m); a row-major operand is already
     # its transpose there (op N), a column-major one needs op T
     opb, opa = (_OP_N if b_rm else _OP_T), (_OP_N if a_rm else _OP_T)

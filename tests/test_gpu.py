@@ -321,3 +321,55 @@ def test_loss_scaler_unscales_and_detects_overflow_on_gpu() -> None:
     assert not s.unscale_(ps)
     s.update()
     assert s.scale_value == 4.0 and s.skipped_steps == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_step_equals_the_eager_step_on_new_batches(precision: str) -> None:
+    """nn.cuda_graph.CapturedStep: each replay, with a different batch copied in, gives the
+    loss and every gradient of an eager forward+backward on the same weights; the loss scale
+    is read at replay time."""
+    from nn.amp import autocast_
+    from nn.cuda_graph import CapturedStep
+    rng = np.random.default_rng(11)
+    model = autocast_(tiny_gpt(3, "learned").to("cuda"), precision)
+    step = CapturedStep(model, batch=4, seq=12)
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
+    for i in range(3):
+        ids = rng.integers(0, 31, (4, 13))
+        x, y = ids[:, :-1], ids[:, 1:]
+        scale = 1.0 if i < 2 else 8.0
+        loss = step(x, y, loss_scale=scale)
+        graph = [backend.to_numpy(p.grad) / scale for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
+        _, eager = model(x, y)
+        eager.backward()
+        np.testing.assert_allclose(float(backend.to_numpy(loss)), eager.item(), **tol)
+        for g, p in zip(graph, model.parameters()):
+            np.testing.assert_allclose(g, backend.to_numpy(p.grad), **tol)
+            p.grad = None
+
+
+def test_cuda_graph_refuses_dropout_and_cpu_models() -> None:
+    from nn.cuda_graph import CapturedStep
+    from tinygrad_lm.model import GPT, GPTConfig
+    m = GPT(GPTConfig(vocab_size=31, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1)).to("cuda")
+    with pytest.raises(ValueError, match="dropout"):
+        CapturedStep(m, 2, 8)
+    with pytest.raises(ValueError, match="GPU"):
+        CapturedStep(tiny_gpt(), 2, 8)
+
+
+def test_trainer_with_cuda_graph_matches_eager_losses(tmp_path) -> None:
+    from tinygrad_lm.train import Trainer, make_config
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    losses = {}
+    for graph in (False, True):
+        cfg = make_config(None, None, data=str(corpus), n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=4,
+                          max_iters=5, sample_tokens=0, progress=False, out=str(tmp_path / f"run{graph}"),
+                          device="cuda", cache_dir=str(tmp_path / "cache"), cuda_graph=graph)
+        tr = Trainer(cfg, log=lambda s: None)
+        losses[graph] = [float(backend.to_numpy(tr.train_step())) for _ in range(4)]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    assert losses[True][-1] < losses[True][0]

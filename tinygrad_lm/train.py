@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = "fp32"
     zero: int = 0                    # 1: ZeRO stage 1, optimizer state sharded over the MPI ranks
     allreduce_dtype: str = "float32"  # "float16" halves the bytes of the gradient all-reduce
+    cuda_graph: bool = False         # GPU: record forward+backward once as a CUDA graph, replay it each step
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -98,6 +99,10 @@ class TrainConfig:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.cuda_graph and (self.device != "cuda" or self.grad_accum != 1 or self.dropout > 0):
+            raise ValueError("--cuda-graph needs --device cuda, --grad-accum 1 and --dropout 0 (a graph replays "
+                             f"one recorded micro-batch with its dropout masks); got device {self.device!r}, "
+                             f"grad_accum {self.grad_accum}, dropout {self.dropout}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
@@ -264,6 +269,7 @@ class Trainer:
             self.model.to(cfg.device)
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")  # bf16 has float32's range: no scaling
+        self.captured = None  # the CUDA graph of forward+backward (--cuda-graph), recorded at the first step
         self.world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
         self.optimizer = make_optimizer(self.model, cfg, self.world)
         self.schedule = make_schedule(cfg)
@@ -344,7 +350,13 @@ class Trainer:
             g["lr"] = lr
         self.model.train()
         total = None
-        for x, y in self.micro_batches(self.step):
+        if cfg.cuda_graph:  # one replay: the batch and the loss scale in, loss and grads out
+            from nn.cuda_graph import CapturedStep
+            if self.captured is None:
+                self.captured = CapturedStep(self.model, cfg.batch_size, cfg.block_size)
+            (x, y), = self.micro_batches(self.step)
+            total = self.captured(x, y, self.scaler.scale_value if self.scaler.enabled else 1.0)
+        for x, y in ([] if cfg.cuda_graph else self.micro_batches(self.step)):
             _, loss = self.model(x, y)
             self.scaler.scale(loss * (1.0 / cfg.grad_accum)).backward()
             total = loss.data if total is None else total + loss.data
