@@ -33,12 +33,52 @@ _ALGO_DEFAULT = -1
 
 @functools.lru_cache(maxsize=None)
 def _lib() -> tuple:
-    backend.cupy_module()  # the clear "install the cuda extra" error when CuPy is missing
+    """(cuBLAS's C entry points through ctypes, CUDA data-type codes).
+
+    We call libcublas directly rather than through CuPy's wrappers because CuPy refuses any
+    cuBLAS call while a stream is being captured into a CUDA graph (nn/cuda_graph.py); the
+    library itself supports capture, given a workspace of our own (set once per handle)."""
+    import ctypes
+    cp = backend.cupy_module()  # the clear "install the cuda extra" error when CuPy is missing
     from cupy_backends.cuda.api import runtime
-    from cupy_backends.cuda.libs import cublas
+    cp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas
+    path = None
+    with open("/proc/self/maps") as f:  # the copy CuPy loaded (CUDA toolkit or pip wheel)
+        for line in f:
+            name = line.rsplit(None, 1)[-1]
+            if "/libcublas.so" in name:
+                path = name
+                break
+    if path is None:
+        raise RuntimeError("tensor.cublas: libcublas is not loaded in this process (is CuPy's CUDA set up?)")
+    lib = ctypes.CDLL(path)
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    lib.cublasGemmEx.argtypes = [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I]
+    lib.cublasGemmStridedBatchedEx.argtypes = [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I, I, L, I, I, I]
+    lib.cublasSetStream_v2.argtypes = [P, P]
+    lib.cublasSetWorkspace_v2.argtypes = [P, P, ctypes.c_size_t]
     types = {"float16": runtime.CUDA_R_16F, "bfloat16": runtime.CUDA_R_16BF,
              "float32": runtime.CUDA_R_32F, "float64": runtime.CUDA_R_64F}
-    return cublas, types
+    return lib, types
+
+
+_WORKSPACE_BYTES = 32 << 20   # as PyTorch gives cuBLAS on Hopper
+_WORKSPACES: dict = {}        # handle -> our workspace array (kept alive while the handle lives)
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"tensor.cublas: {what} failed with cuBLAS status {status}")
+
+
+def _handle(lib: Any, cp: Any) -> int:
+    """CuPy's cuBLAS handle of the current device, bound to the current stream, with our workspace."""
+    handle = cp.cuda.device.get_cublas_handle()
+    if handle not in _WORKSPACES:
+        ws = _WORKSPACES[handle] = cp.empty(_WORKSPACE_BYTES, dtype=np.uint8)
+        _check(lib.cublasSetWorkspace_v2(handle, ws.data.ptr, _WORKSPACE_BYTES), "cublasSetWorkspace")
+    _check(lib.cublasSetStream_v2(handle, cp.cuda.get_current_stream().ptr), "cublasSetStream")
+    return handle
 
 
 _SCALARS: dict = {}
@@ -148,16 +188,18 @@ def matmul(a: Any, b: Any, out_dtype: Any = None, out: Any = None, alpha: float 
     ldc = c_lay[1]
     double = a.dtype == np.float64
     compute = _COMPUTE_64F if double else _COMPUTE_32F
-    handle = cp.cuda.device.get_cublas_handle()  # (CuPy's wrappers bind it to the current stream)
+    handle = _handle(cublas, cp)
     # column-major view: C^T (n, m) = B^T (n, k) A^T (k, m); a row-major operand is already
     # its transpose there (op N), a column-major one needs op T
     opb, opa = (_OP_N if b_rm else _OP_T), (_OP_N if a_rm else _OP_T)
     al, be = _scalar(alpha, double), _scalar(beta, double)
     ta, tc = types[backend.dtype_name(a.dtype)], types[backend.dtype_name(out_dtype)]
     if count == 1:
-        cublas.gemmEx(handle, opb, opa, n, m, k, al, b.data.ptr, ta, ldb, a.data.ptr, ta, lda, be,
-                      out.data.ptr, tc, ldc, compute, _ALGO_DEFAULT)
+        st = cublas.cublasGemmEx(handle, opb, opa, n, m, k, al, b.data.ptr, ta, ldb, a.data.ptr, ta, lda, be,
+                                 out.data.ptr, tc, ldc, compute, _ALGO_DEFAULT)
     else:
-        cublas.gemmStridedBatchedEx(handle, opb, opa, n, m, k, al, b.data.ptr, ta, ldb, sb, a.data.ptr, ta, lda,
-                                    sa, be, out.data.ptr, tc, ldc, sc, count, compute, _ALGO_DEFAULT)
+        st = cublas.cublasGemmStridedBatchedEx(handle, opb, opa, n, m, k, al, b.data.ptr, ta, ldb, sb, a.data.ptr,
+                                               ta, lda, sa, be, out.data.ptr, tc, ldc, sc, count, compute,
+                                               _ALGO_DEFAULT)
+    _check(st, f"GEMM of {a.shape} @ {b.shape} ({a.dtype} -> {out_dtype})")
     return out

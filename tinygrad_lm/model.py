@@ -124,8 +124,14 @@ class GPT(Module):
         if positions is None:
             start = caches[0].length if caches else 0
             positions = xp.arange(start, start + idx.shape[1])
-        elif backend.array_module(positions) is not xp:
-            positions = xp.asarray(positions)
+        else:
+            if backend.array_module(positions) is np:
+                positions = np.asarray(positions)
+                if positions.size and (positions.min() < 0 or positions.max() >= self.config.block_size):
+                    raise ValueError(f"GPT: positions must lie in [0, {self.config.block_size}), got values in "
+                                     f"[{positions.min()}, {positions.max()}]")
+            if backend.array_module(positions) is not xp:
+                positions = xp.asarray(positions)
         x = self.embed(idx, positions)
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask=mask, cache=caches[i] if caches else None)
