@@ -167,27 +167,32 @@ class CausalAttentionQKV(Function):
         if C3 % (3 * n_head):
             raise ValueError(f"attention: qkv of shape {shape_str(qkv)} does not split into 3 x {n_head} heads")
         D = C3 // (3 * n_head)
-        heads = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D), a view
-        gpu = cublas.usable(qkv)
-        if gpu:  # one copy makes every head's matrix contiguous for cuBLAS's strided batches
-            heads = array_module(qkv).ascontiguousarray(heads)
+        if kernels.usable(qkv) and cublas.usable(qkv):
+            # GPU: one pass makes every head's matrix contiguous for cuBLAS's strided batches
+            heads = kernels.split_heads(qkv, n_head, 3)  # (3, B, H, T, D)
+        else:
+            heads = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D), a view
         q, k, v = heads[0], heads[1], heads[2]
         allowed = CAUSAL if causal and mask is None else allowed_keys(array_module(qkv), T, T, causal, mask)
         out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
         self.save_for_backward(q, k, v, p, keep)
         self.dropout_p, self.shape = dropout_p, (B, T, n_head, D)
+        if kernels.usable(out):
+            return kernels.merge_heads(out[None])
         return out.transpose(0, 2, 1, 3).reshape(B, T, n_head * D)
 
     def backward(self, g):
         q, k, v, p, keep = self.saved
         B, T, H, D = self.shape
         xp = array_module(g)
-        g = g.reshape(B, T, H, D).transpose(0, 2, 1, 3)
-        if cublas.usable(g):  # GPU: g's heads contiguous once; dQ, dK, dV land in one buffer
-            g = xp.ascontiguousarray(g.astype(q.dtype, copy=False))
+        gq = g if g.dtype == q.dtype else g.astype(q.dtype)
+        if cublas.usable(gq) and kernels.usable(gq):
+            # GPU: g's heads contiguous in one pass; dQ, dK, dV land in one buffer, merged in one pass
+            g = kernels.split_heads(gq, H, 1)[0]
             d3 = xp.empty((3, B, H, T, D), dtype=q.dtype)
             attention_backward(g, q, k, v, p, keep, self.dropout_p, out=d3)
-            return (xp.ascontiguousarray(d3.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * H * D),)
+            return (kernels.merge_heads(d3),)
+        g = g.reshape(B, T, H, D).transpose(0, 2, 1, 3)
         dq, dk, dv = attention_backward(g, q, k, v, p, keep, self.dropout_p)
         dqkv = xp.empty((B, T, 3, H, D), dtype=g.dtype)
         for i, d in enumerate((dq, dk, dv)):

@@ -274,10 +274,10 @@ class Linear(Function):
         # one 2-D GEMM over all rows (CuPy has no batched bfloat16 GEMM, and one call is faster)
         y = _mm(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
         if bias is not None:
-            if bias.dtype == y.dtype:
-                y += bias
-            elif kernels.usable(y, bias):
+            if kernels.usable(y, bias):  # GPU: one pass, any dtypes (CuPy's broadcast add is ~2x slower)
                 kernels.bias_add(y, bias)
+            elif bias.dtype == y.dtype:
+                y += bias
             else:
                 y += bias.astype(y.dtype)
         return y

@@ -6,6 +6,7 @@ time; these kernels do the whole formula in one pass over memory:
 
     gelu_forward / gelu_backward     GELU (tanh approximation) and its derivative
     bias_add                         y += b across dtypes (a float32 bias into a 16-bit product)
+    split_heads / merge_heads        attention's (B, T, 3, H, D) <-> (3, B, H, T, D) layouts, one pass
     layer_norm_forward / _backward   per-row mean, 1/std, normalise, scale+shift (and dx)
     causal_softmax / softmax_backward  attention's masked softmax and its backward
     cross_entropy_forward / _backward  per-row log-sum-exp, NLL, and softmax - onehot
@@ -83,15 +84,13 @@ def _elementwise(name: str) -> Any:
             double vd = b2 * (double)v + (1.0 - b2) * gd * gd;
             m = (T)md; v = (T)vd;
             p = (T)((double)p * decay - (lr / bc1) * md / (sqrt(vd) / sqrt_bc2 + eps));""", "tglm_adam")
-    if name == "bias_add":
-        # y += b in float, b broadcast along the rows (a float32 bias into a 16-bit product: no cast kernel)
-        return cp.ElementwiseKernel("B b", "Y y", "y = (Y)((float)y + (float)b);", "tglm_bias_add")
     raise KeyError(name)
 
 
 def bias_add(y: Any, b: Any) -> None:
-    """In place: y (..., C) += b (C,), computed in float, any float dtypes."""
-    _elementwise("bias_add")(b, y)
+    """In place: y (..., C) contiguous += b (C,), computed in float, any float dtypes."""
+    t = f"{_CTYPE[backend.dtype_name(y.dtype)]},{_CTYPE[backend.dtype_name(b.dtype)]}"
+    _layout_kernel(f"bias_add_rows<{t}>")(_grid(y.size), (256,), (y, b, np.int64(y.size), np.int32(b.size)))
 
 
 def gelu_forward(x: Any) -> Any:
@@ -448,7 +447,7 @@ __global__ void colsum(const T* x, O* out, float* partial, unsigned int* counter
     }
 }
 """
-_COLSUM_SLICES = 16
+_COLSUM_SLICES = 64  # row slices per column tile (partial sums), fewer for short matrices
 
 
 @functools.lru_cache(maxsize=None)
@@ -476,10 +475,11 @@ def column_sums(x: Any, out_dtype: Any) -> Any:
     rows, C = x.shape
     tiles = (C + 31) // 32
     out = _empty(C, out_dtype)
-    partial = _empty((_COLSUM_SLICES, C), np.float32)
+    slices = max(1, min(_COLSUM_SLICES, rows // 128))
+    partial = _empty((slices, C), np.float32)
     counters = _colsum_counters(tiles, cp.cuda.runtime.getDevice())
     _colsum_kernel(backend.dtype_name(x.dtype), backend.dtype_name(out.dtype))(
-        (tiles, _COLSUM_SLICES), (32, 8), (x, out, partial, counters, np.int64(rows), np.int32(C)))
+        (tiles, slices), (32, 8), (x, out, partial, counters, np.int64(rows), np.int32(C)))
     return out
 
 
@@ -536,12 +536,108 @@ def layer_norm_backward(x: Any, w: Any, g: Any, mean: Any, rstd: Any, want_gxhat
     return dx, gxh
 
 
+_WARP_ROWS = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+// Row kernels with one warp per row, for rows of at most 32*N elements: lane l holds elements
+// l, l+32, ..., l+32(N-1) in registers, so each row is read once and reduced with warp shuffles
+// (the block-per-row kernels above re-read the row and synchronise the block).
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+    return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
+}
+// causal softmax, as causal_softmax above (row r is query r % Tq at position r % Tq + Tk - Tq)
+template <typename S, typename P, int N>
+__global__ void causal_softmax_warp(const S* s, P* p, long long rows, int Tq, int Tk, float scale) {
+    long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const S* sr = s + row * Tk;
+    P* pr = p + row * Tk;
+    int last = (int)(row % Tq) + Tk - Tq;
+    float v[N];
+    float m = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        int j = lane + 32 * i;
+        v[i] = (j <= last && j < Tk) ? scale * (float)sr[j] : -__int_as_float(0x7f800000);
+        m = fmaxf(m, v[i]);
+    }
+    m = warp_max(m);
+    float z = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        int j = lane + 32 * i;
+        v[i] = (j <= last && j < Tk) ? __expf(v[i] - m) : 0.0f;
+        z += v[i];
+    }
+    float inv = 1.0f / warp_sum(z);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        int j = lane + 32 * i;
+        if (j < Tk) pr[j] = (P)(v[i] * inv);
+    }
+}
+// softmax backward, as softmax_bwd above: ds_j = scale * p_j * (dp_j - sum_k dp_k p_k)
+template <typename P, typename G, int N>
+__global__ void softmax_bwd_warp(const P* p, const G* dp, P* ds, long long rows, int Tk, float scale) {
+    long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    long long off = row * Tk;
+    float pv[N], gv[N];
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        int j = lane + 32 * i;
+        pv[i] = j < Tk ? (float)p[off + j] : 0.0f;
+        gv[i] = j < Tk ? (float)dp[off + j] : 0.0f;
+        acc += pv[i] * gv[i];
+    }
+    acc = warp_sum(acc);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        int j = lane + 32 * i;
+        if (j < Tk) ds[off + j] = (P)(scale * pv[i] * (gv[i] - acc));
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _warp_kernel(name: str) -> Any:
+    """One instantiation of a _WARP_ROWS template, compiled on first use (NVRTC caches it on disk)."""
+    mod = _cp().RawModule(code=_WARP_ROWS, options=("--std=c++14",), name_expressions=[name])
+    return mod.get_function(name)
+
+
+def _warp_n(Tk: int) -> int | None:
+    """Elements per lane for a row of Tk (a power of two up to 32), None past 1024."""
+    n = 1
+    while 32 * n < Tk:
+        n *= 2
+    return n if n <= 32 else None
+
+
+_ROWS_PER_BLOCK = 4
+
+
 def causal_softmax(s: Any, scale: float, out_dtype: Any) -> Any:
     """s (..., Tq, Tk) raw scores -> causal softmax(scale * s) in out_dtype."""
     Tq, Tk = s.shape[-2], s.shape[-1]
     p = _empty(s.shape, out_dtype)
-    _kernel(f"causal_softmax<{_CTYPE[backend.dtype_name(s.dtype)]},{_CTYPE[backend.dtype_name(out_dtype)]}>")(
-        (s.size // Tk,), (_threads(Tk),), (s, p, np.int32(Tq), np.int32(Tk), np.float32(scale)))
+    types = f"{_CTYPE[backend.dtype_name(s.dtype)]},{_CTYPE[backend.dtype_name(out_dtype)]}"
+    rows, n = s.size // Tk, _warp_n(Tk)
+    if n is not None:  # a warp per row
+        _warp_kernel(f"causal_softmax_warp<{types},{n}>")(
+            ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (32 * _ROWS_PER_BLOCK,),
+            (s, p, np.int64(rows), np.int32(Tq), np.int32(Tk), np.float32(scale)))
+    else:
+        _kernel(f"causal_softmax<{types}>")((rows,), (_threads(Tk),), (s, p, np.int32(Tq), np.int32(Tk), np.float32(scale)))
     return p
 
 
@@ -550,9 +646,87 @@ def softmax_backward(p: Any, dp: Any, scale: float) -> Any:
     (dp may be float32 for 16-bit p: the product of a half-precision GEMM kept wide)."""
     Tk = p.shape[-1]
     ds = _empty(p.shape, p.dtype)
-    _kernel(f"softmax_bwd<{_CTYPE[backend.dtype_name(p.dtype)]},{_CTYPE[backend.dtype_name(dp.dtype)]}>")(
-        (p.size // Tk,), (_threads(Tk),), (p, dp, ds, np.int32(Tk), np.float32(scale)))
+    types = f"{_CTYPE[backend.dtype_name(p.dtype)]},{_CTYPE[backend.dtype_name(dp.dtype)]}"
+    rows, n = p.size // Tk, _warp_n(Tk)
+    if n is not None:  # a warp per row
+        _warp_kernel(f"softmax_bwd_warp<{types},{n}>")(
+            ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (32 * _ROWS_PER_BLOCK,),
+            (p, dp, ds, np.int64(rows), np.int32(Tk), np.float32(scale)))
+    else:
+        _kernel(f"softmax_bwd<{types}>")((rows,), (_threads(Tk),), (p, dp, ds, np.int32(Tk), np.float32(scale)))
     return ds
+
+
+_LAYOUT = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+// Attention's head layouts, one element per thread (rows of D are contiguous on both sides):
+//   split: x (B, T, S, H, D) -> y (S, B, H, T, D)     (S = 3 for a fused qkv, 1 for a gradient)
+//   merge: x (S, B, H, T, D) -> y (B, T, S, H, D)
+template <typename T>
+__global__ void heads_split(const T* x, T* y, long long n, int B, int Tn, int S, int H, int D) {
+    for (long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x; o < n; o += (long long)gridDim.x * blockDim.x) {
+        long long r = o / D; int d = (int)(o - r * D);
+        int t = (int)(r % Tn); r /= Tn;
+        int h = (int)(r % H); r /= H;
+        int b = (int)(r % B); int s = (int)(r / B);
+        y[o] = x[((((long long)b * Tn + t) * S + s) * H + h) * D + d];
+    }
+}
+template <typename T>
+__global__ void heads_merge(const T* x, T* y, long long n, int B, int Tn, int S, int H, int D) {
+    for (long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x; o < n; o += (long long)gridDim.x * blockDim.x) {
+        long long r = o / D; int d = (int)(o - r * D);
+        int h = (int)(r % H); r /= H;
+        int s = (int)(r % S); r /= S;
+        int t = (int)(r % Tn); int b = (int)(r / Tn);
+        y[o] = x[((((long long)s * B + b) * H + h) * Tn + t) * D + d];
+    }
+}
+// y (rows, C) += b (C,), in float: the bias of a Linear, whatever the two dtypes
+template <typename Y, typename Bt>
+__global__ void bias_add_rows(Y* y, const Bt* b, long long n, int C) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = (Y)((float)y[i] + (float)b[i % C]);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_module() -> Any:
+    names = []
+    for t in _FLOATS:
+        names += [f"heads_split<{_CTYPE[t]}>", f"heads_merge<{_CTYPE[t]}>"]
+        names += [f"bias_add_rows<{_CTYPE[t]},{_CTYPE[b]}>" for b in _FLOATS]
+    return _cp().RawModule(code=_LAYOUT, options=("--std=c++14",), name_expressions=names)
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_kernel(name: str) -> Any:
+    return _layout_module().get_function(name)
+
+
+def _grid(n: int) -> tuple:
+    return (int(min((n + 255) // 256, 65535 * 8)),)
+
+
+def split_heads(x: Any, n_head: int, parts: int) -> Any:
+    """x (B, T, parts*C) contiguous -> (parts, B, H, T, D) contiguous, D = C / n_head, one pass."""
+    B, T, C3 = x.shape
+    D = C3 // (parts * n_head)
+    y = _empty((parts, B, n_head, T, D), x.dtype)
+    _layout_kernel(f"heads_split<{_CTYPE[backend.dtype_name(x.dtype)]}>")(
+        _grid(y.size), (256,), (x, y, np.int64(y.size), np.int32(B), np.int32(T), np.int32(parts), np.int32(n_head), np.int32(D)))
+    return y
+
+
+def merge_heads(x: Any) -> Any:
+    """x (parts, B, H, T, D) contiguous -> (B, T, parts*H*D), one pass (the inverse of split_heads)."""
+    S, B, H, T, D = x.shape
+    y = _empty((B, T, S * H * D), x.dtype)
+    _layout_kernel(f"heads_merge<{_CTYPE[backend.dtype_name(x.dtype)]}>")(
+        _grid(y.size), (256,), (x, y, np.int64(y.size), np.int32(B), np.int32(T), np.int32(S), np.int32(H), np.int32(D)))
+    return y
 
 
 def cross_entropy_forward(x: Any, t: Any, ignore_index: int) -> tuple[Any, Any]:
