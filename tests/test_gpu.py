@@ -372,3 +372,33 @@ def test_trainer_with_cuda_graph_matches_eager_losses(tmp_path) -> None:
         tr = Trainer(cfg, log=lambda s: None)
         losses[graph] = [float(backend.to_numpy(tr.train_step())) for _ in range(4)]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+@pytest.mark.parametrize("Tk", [5, 33, 256, 1100])  # 1100: past a warp's 1024, the block-per-row kernels
+def test_causal_softmax_kernels_against_numpy(Tk: int) -> None:
+    from tensor import kernels
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(12)
+    Tq, scale = min(Tk, 7), 0.3
+    s = rng.standard_normal((2, 3, Tq, Tk)).astype(np.float32) * 4
+    p = backend.to_numpy(kernels.causal_softmax(cp.asarray(s), scale, np.float32))
+    allowed = np.tri(Tq, Tk, k=Tk - Tq, dtype=bool)
+    z = np.where(allowed, s.astype(np.float64) * scale, -np.inf)
+    want = np.exp(z - z.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
+    dp = rng.standard_normal(p.shape).astype(np.float32)
+    ds = backend.to_numpy(kernels.softmax_backward(cp.asarray(p), cp.asarray(dp), scale))
+    want_ds = scale * p * (dp - (dp * p).sum(-1, keepdims=True))
+    np.testing.assert_allclose(ds, want_ds, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_split_and_merge_heads_are_the_transposes(dtype: str) -> None:
+    from tensor import kernels
+    cp = backend.cupy_module()
+    x = np.random.default_rng(13).standard_normal((3, 7, 3 * 4 * 5)).astype(_dtype(dtype))
+    heads = backend.to_numpy(kernels.split_heads(cp.asarray(x), 4, 3))
+    np.testing.assert_array_equal(heads, x.reshape(3, 7, 3, 4, 5).transpose(2, 0, 3, 1, 4))
+    back = backend.to_numpy(kernels.merge_heads(cp.asarray(heads)))
+    np.testing.assert_array_equal(back, x)
