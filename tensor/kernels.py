@@ -90,7 +90,8 @@ def _elementwise(name: str) -> Any:
 def bias_add(y: Any, b: Any) -> None:
     """In place: y (..., C) contiguous += b (C,), computed in float, any float dtypes."""
     t = f"{_CTYPE[backend.dtype_name(y.dtype)]},{_CTYPE[backend.dtype_name(b.dtype)]}"
-    _layout_kernel(f"bias_add_rows<{t}>")(_grid(y.size), (256,), (y, b, np.int64(y.size), np.int32(b.size)))
+    C = b.size
+    _layout_kernel(f"bias_add_rows<{t}>")((y.size // C,), (_threads(min(C, 256)),), (y, b, np.int32(C)))
 
 
 def gelu_forward(x: Any) -> Any:
@@ -660,34 +661,37 @@ def softmax_backward(p: Any, dp: Any, scale: float) -> Any:
 _LAYOUT = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-// Attention's head layouts, one element per thread (rows of D are contiguous on both sides):
+// Attention's head layouts. A row is one head's D contiguous values at one position, contiguous
+// on both sides; threadIdx.x walks a row, threadIdx.y picks the row (index arithmetic once per row):
 //   split: x (B, T, S, H, D) -> y (S, B, H, T, D)     (S = 3 for a fused qkv, 1 for a gradient)
 //   merge: x (S, B, H, T, D) -> y (B, T, S, H, D)
 template <typename T>
-__global__ void heads_split(const T* x, T* y, long long n, int B, int Tn, int S, int H, int D) {
-    for (long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x; o < n; o += (long long)gridDim.x * blockDim.x) {
-        long long r = o / D; int d = (int)(o - r * D);
-        int t = (int)(r % Tn); r /= Tn;
-        int h = (int)(r % H); r /= H;
-        int b = (int)(r % B); int s = (int)(r / B);
-        y[o] = x[((((long long)b * Tn + t) * S + s) * H + h) * D + d];
-    }
+__global__ void heads_split(const T* x, T* y, int rows, int B, int Tn, int S, int H, int D) {
+    int r = blockIdx.x * blockDim.y + threadIdx.y;   // row of y: ((s*B + b)*H + h)*T + t
+    if (r >= rows) return;
+    int t = r % Tn, q = r / Tn;
+    int h = q % H; q /= H;
+    int b = q % B, s = q / B;
+    const T* src = x + ((((long long)b * Tn + t) * S + s) * H + h) * D;
+    T* dst = y + (long long)r * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
 }
 template <typename T>
-__global__ void heads_merge(const T* x, T* y, long long n, int B, int Tn, int S, int H, int D) {
-    for (long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x; o < n; o += (long long)gridDim.x * blockDim.x) {
-        long long r = o / D; int d = (int)(o - r * D);
-        int h = (int)(r % H); r /= H;
-        int s = (int)(r % S); r /= S;
-        int t = (int)(r % Tn); int b = (int)(r / Tn);
-        y[o] = x[((((long long)s * B + b) * H + h) * Tn + t) * D + d];
-    }
+__global__ void heads_merge(const T* x, T* y, int rows, int B, int Tn, int S, int H, int D) {
+    int r = blockIdx.x * blockDim.y + threadIdx.y;   // row of y: ((b*T + t)*S + s)*H + h
+    if (r >= rows) return;
+    int h = r % H, q = r / H;
+    int s = q % S; q /= S;
+    int t = q % Tn, b = q / Tn;
+    const T* src = x + ((((long long)s * B + b) * H + h) * Tn + t) * D;
+    T* dst = y + (long long)r * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
 }
-// y (rows, C) += b (C,), in float: the bias of a Linear, whatever the two dtypes
+// y (rows, C) += b (C,), in float: the bias of a Linear, whatever the two dtypes; a block per row
 template <typename Y, typename Bt>
-__global__ void bias_add_rows(Y* y, const Bt* b, long long n, int C) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        y[i] = (Y)((float)y[i] + (float)b[i % C]);
+__global__ void bias_add_rows(Y* y, const Bt* b, int C) {
+    Y* yr = y + (long long)blockIdx.x * C;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) yr[j] = (Y)((float)yr[j] + (float)b[j]);
 }
 """
 
@@ -706,8 +710,9 @@ def _layout_kernel(name: str) -> Any:
     return _layout_module().get_function(name)
 
 
-def _grid(n: int) -> tuple:
-    return (int(min((n + 255) // 256, 65535 * 8)),)
+def _rows_launch(rows: int, D: int) -> tuple:
+    """(grid, block) for the head-layout kernels: 32 threads along a row, 8 rows per block."""
+    return ((rows + 7) // 8,), (min(32, max(D, 1)), 8)
 
 
 def split_heads(x: Any, n_head: int, parts: int) -> Any:
@@ -715,8 +720,10 @@ def split_heads(x: Any, n_head: int, parts: int) -> Any:
     B, T, C3 = x.shape
     D = C3 // (parts * n_head)
     y = _empty((parts, B, n_head, T, D), x.dtype)
+    rows = parts * B * n_head * T
     _layout_kernel(f"heads_split<{_CTYPE[backend.dtype_name(x.dtype)]}>")(
-        _grid(y.size), (256,), (x, y, np.int64(y.size), np.int32(B), np.int32(T), np.int32(parts), np.int32(n_head), np.int32(D)))
+        *_rows_launch(rows, D), (x, y, np.int32(rows), np.int32(B), np.int32(T), np.int32(parts), np.int32(n_head),
+                                 np.int32(D)))
     return y
 
 
@@ -724,8 +731,9 @@ def merge_heads(x: Any) -> Any:
     """x (parts, B, H, T, D) contiguous -> (B, T, parts*H*D), one pass (the inverse of split_heads)."""
     S, B, H, T, D = x.shape
     y = _empty((B, T, S * H * D), x.dtype)
+    rows = S * B * H * T
     _layout_kernel(f"heads_merge<{_CTYPE[backend.dtype_name(x.dtype)]}>")(
-        _grid(y.size), (256,), (x, y, np.int64(y.size), np.int32(B), np.int32(T), np.int32(S), np.int32(H), np.int32(D)))
+        *_rows_launch(rows, D), (x, y, np.int32(rows), np.int32(B), np.int32(T), np.int32(S), np.int32(H), np.int32(D)))
     return y
 
 
