@@ -64,15 +64,18 @@ def _elementwise(name: str) -> Any:
     cp = _cp()
     k = 0.7978845608028654  # sqrt(2/pi)
     if name == "gelu_fwd":
-        # y = 0.5 x (1 + tanh(k (x + 0.044715 x^3)))
+        # y = 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3); computed as x * sigmoid(2u), since
+        # 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)): one fast exponential instead of tanhf
         return cp.ElementwiseKernel("T x", "T y", f"""
-            float xf = (float)x; float t = tanhf({k}f * (xf + 0.044715f * xf * xf * xf));
-            y = (T)(0.5f * xf * (1.0f + t));""", "tglm_gelu_fwd")
+            float xf = (float)x; float u = {k}f * (xf + 0.044715f * xf * xf * xf);
+            y = (T)(xf / (1.0f + __expf(-2.0f * u)));""", "tglm_gelu_fwd")
     if name == "gelu_bwd":
-        # dx = g (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3*0.044715 x^2))
+        # dx = g (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3*0.044715 x^2)), t = tanh(u); with
+        # s = sigmoid(2u) = 0.5 (1 + t) and 1 - t^2 = 4 s (1 - s): dx = g (s + 2 x s (1 - s) k (1 + 3*0.044715 x^2))
         return cp.ElementwiseKernel("T x, T g", "T dx", f"""
-            float xf = (float)x; float t = tanhf({k}f * (xf + 0.044715f * xf * xf * xf));
-            float d = 0.5f * (1.0f + t) + 0.5f * xf * (1.0f - t * t) * {k}f * (1.0f + 3.0f * 0.044715f * xf * xf);
+            float xf = (float)x; float u = {k}f * (xf + 0.044715f * xf * xf * xf);
+            float s = 1.0f / (1.0f + __expf(-2.0f * u));
+            float d = s + 2.0f * xf * s * (1.0f - s) * {k}f * (1.0f + 3.0f * 0.044715f * xf * xf);
             dx = (T)((float)g * d);""", "tglm_gelu_bwd")
     if name == "adam":
         # m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p = p*decay - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
