@@ -665,29 +665,20 @@ _LAYOUT = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 // Attention's head layouts. A row is one head's D contiguous values at one position, contiguous
-// on both sides; threadIdx.x walks a row, threadIdx.y picks the row (index arithmetic once per row):
-//   split: x (B, T, S, H, D) -> y (S, B, H, T, D)     (S = 3 for a fused qkv, 1 for a gradient)
-//   merge: x (S, B, H, T, D) -> y (B, T, S, H, D)
+// on both sides; threadIdx.x walks a row, threadIdx.y picks the row (index arithmetic once per row).
+// Row r = ((s*B + b)*H + h)*T + t of the head-major layout (S, B, H, T, D) is row
+// ((b*T + t)*S + s)*H + h of the token-major layout (B, T, S, H, D) (S = 3 for a fused qkv, 1 for a
+// gradient). merge = 0: x token-major -> y head-major (split); merge = 1: the reverse.
 template <typename T>
-__global__ void heads_split(const T* x, T* y, int rows, int B, int Tn, int S, int H, int D) {
-    int r = blockIdx.x * blockDim.y + threadIdx.y;   // row of y: ((s*B + b)*H + h)*T + t
+__global__ void heads_permute(const T* x, T* y, int rows, int B, int Tn, int S, int H, int D, int merge) {
+    int r = blockIdx.x * blockDim.y + threadIdx.y;
     if (r >= rows) return;
     int t = r % Tn, q = r / Tn;
     int h = q % H; q /= H;
     int b = q % B, s = q / B;
-    const T* src = x + ((((long long)b * Tn + t) * S + s) * H + h) * D;
-    T* dst = y + (long long)r * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
-}
-template <typename T>
-__global__ void heads_merge(const T* x, T* y, int rows, int B, int Tn, int S, int H, int D) {
-    int r = blockIdx.x * blockDim.y + threadIdx.y;   // row of y: ((b*T + t)*S + s)*H + h
-    if (r >= rows) return;
-    int h = r % H, q = r / H;
-    int s = q % S; q /= S;
-    int t = q % Tn, b = q / Tn;
-    const T* src = x + ((((long long)s * B + b) * H + h) * Tn + t) * D;
-    T* dst = y + (long long)r * D;
+    long long tok = (((long long)b * Tn + t) * S + s) * H + h;
+    const T* src = x + (merge ? (long long)r : tok) * D;
+    T* dst = y + (merge ? tok : (long long)r) * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
 }
 // y (rows, C) += b (C,), in float: the bias of a Linear, whatever the two dtypes; a block per row
@@ -703,7 +694,7 @@ __global__ void bias_add_rows(Y* y, const Bt* b, int C) {
 def _layout_module() -> Any:
     names = []
     for t in _FLOATS:
-        names += [f"heads_split<{_CTYPE[t]}>", f"heads_merge<{_CTYPE[t]}>"]
+        names.append(f"heads_permute<{_CTYPE[t]}>")
         names += [f"bias_add_rows<{_CTYPE[t]},{_CTYPE[b]}>" for b in _FLOATS]
     return _cp().RawModule(code=_LAYOUT, options=("--std=c++14",), name_expressions=names)
 
@@ -713,31 +704,25 @@ def _layout_kernel(name: str) -> Any:
     return _layout_module().get_function(name)
 
 
-def _rows_launch(rows: int, D: int) -> tuple:
-    """(grid, block) for the head-layout kernels: 32 threads along a row, 8 rows per block."""
-    return ((rows + 7) // 8,), (min(32, max(D, 1)), 8)
+def _heads_permute(x: Any, y: Any, B: int, T: int, S: int, H: int, D: int, merge: bool) -> Any:
+    rows = S * B * H * T  # 32 threads along a row, 8 rows per block
+    _layout_kernel(f"heads_permute<{_CTYPE[backend.dtype_name(x.dtype)]}>")(
+        ((rows + 7) // 8,), (min(32, max(D, 1)), 8),
+        (x, y, np.int32(rows), np.int32(B), np.int32(T), np.int32(S), np.int32(H), np.int32(D), np.int32(merge)))
+    return y
 
 
 def split_heads(x: Any, n_head: int, parts: int) -> Any:
     """x (B, T, parts*C) contiguous -> (parts, B, H, T, D) contiguous, D = C / n_head, one pass."""
     B, T, C3 = x.shape
     D = C3 // (parts * n_head)
-    y = _empty((parts, B, n_head, T, D), x.dtype)
-    rows = parts * B * n_head * T
-    _layout_kernel(f"heads_split<{_CTYPE[backend.dtype_name(x.dtype)]}>")(
-        *_rows_launch(rows, D), (x, y, np.int32(rows), np.int32(B), np.int32(T), np.int32(parts), np.int32(n_head),
-                                 np.int32(D)))
-    return y
+    return _heads_permute(x, _empty((parts, B, n_head, T, D), x.dtype), B, T, parts, n_head, D, merge=False)
 
 
 def merge_heads(x: Any) -> Any:
     """x (parts, B, H, T, D) contiguous -> (B, T, parts*H*D), one pass (the inverse of split_heads)."""
     S, B, H, T, D = x.shape
-    y = _empty((B, T, S * H * D), x.dtype)
-    rows = S * B * H * T
-    _layout_kernel(f"heads_merge<{_CTYPE[backend.dtype_name(x.dtype)]}>")(
-        *_rows_launch(rows, D), (x, y, np.int32(rows), np.int32(B), np.int32(T), np.int32(S), np.int32(H), np.int32(D)))
-    return y
+    return _heads_permute(x, _empty((B, T, S * H * D), x.dtype), B, T, S, H, D, merge=True)
 
 
 def cross_entropy_forward(x: Any, t: Any, ignore_index: int) -> tuple[Any, Any]:
