@@ -377,6 +377,10 @@ def test_config_errors(tmp_path):
             make_config(**{name: 0})
     with pytest.raises(ValueError, match="lr"):
         make_config(lr=-1e-3)
+    # a CUDA graph replays one recorded micro-batch: GPU only, no accumulation, no dropout masks
+    for kw in (dict(), dict(device="cuda", grad_accum=2), dict(device="cuda", dropout=0.1)):
+        with pytest.raises(ValueError, match="cuda-graph"):
+            make_config(cuda_graph="true", **kw)
 
 
 def test_presets_are_valid_configs():
