@@ -1,8 +1,7 @@
 """Which GPU kernels does a training step run, and for how long? (issue 7)
 
     python benchmarks/profile_gpu_kernels.py --precisions fp32,bf16 --impl ours,torch
-    python benchmarks/profile_gpu_kernels.py --impl ours --mode by-op      # kernels per op of ours
-    python benchmarks/profile_gpu_kernels.py --impl ours --mode cprofile   # host-side time of ours
+    python benchmarks/profile_gpu_kernels.py --impl ours --mode cprofile --gc freeze   # host-side time of ours
 
 Records every CUDA kernel of a few full training steps (ours on CuPy, and the PyTorch twin for
 comparison) with CUPTI through torch.profiler -- CUPTI sees all kernels of the process, CuPy's
@@ -20,52 +19,12 @@ import os
 import time
 
 import _common as C  # noqa: F401  (puts the repository root on sys.path)
-import numpy as np
 
 import bench_train as BT
 
 
 def _short(name: str, width: int = 90) -> str:
     return name if len(name) <= width else name[:width - 3] + "..."
-
-
-def annotate_ops() -> None:
-    """Wrap every op's forward and backward (and the optimizer's pieces) in a profiler range,
-    so that each kernel is attributed to the op that launched it (--by-op)."""
-    import torch
-    import nn.optim
-    import nn.utils
-    import tensor.ops as ops
-    from nn.attention import CausalAttentionQKV
-    from tensor.tensor import Function
-    real_apply = Function.apply.__func__
-
-    def apply(cls, *inputs, **kw):
-        with torch.profiler.record_function(f"op:{cls.__name__}.fwd"):
-            return real_apply(cls, *inputs, **kw)
-    Function.apply = classmethod(apply)
-
-    def wrap(owner, attr, label):
-        real = getattr(owner, attr)
-
-        def w(*args, **kw):
-            with torch.profiler.record_function(label):
-                return real(*args, **kw)
-        setattr(owner, attr, w)
-    for cls in set(ops.all_ops().values()) | {CausalAttentionQKV}:
-        wrap(cls, "backward", f"op:{cls.__name__}.bwd")
-    wrap(nn.optim.AdamW, "step", "op:AdamW.step")
-    wrap(nn.optim.Optimizer, "zero_grad", "op:zero_grad")
-    wrap(nn.utils, "clip_grad_norm_", "op:clip_grad_norm_")
-
-
-def _kernels_below(e) -> list:
-    out, stack = [], [e]
-    while stack:
-        n = stack.pop()
-        out.extend(getattr(n, "kernels", []) or [])
-        stack.extend(n.cpu_children)
-    return out
 
 
 GC = "default"
@@ -80,7 +39,7 @@ def _gc_setup() -> None:
         gc.disable()
 
 
-def profile(step, data: list, sync, steps: int, by_op: bool = False) -> dict:
+def profile(step, data: list, sync, steps: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile as tprofile
     for x, y in data[:3]:  # warm-up: compilation, pools
@@ -92,8 +51,7 @@ def profile(step, data: list, sync, steps: int, by_op: bool = False) -> dict:
         step(x, y)
     sync()
     wall = (time.perf_counter() - t0) / steps * 1000
-    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if by_op else [])
-    with tprofile(activities=acts) as prof:
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
         for x, y in data[3:3 + steps]:
             step(x, y)
         sync()
@@ -108,22 +66,6 @@ def profile(step, data: list, sync, steps: int, by_op: bool = False) -> dict:
     res = {"wall_ms_per_step": round(wall, 2), "kernel_ms_per_step": round(total, 2),
            "kernels": [{"name": _short(k), "ms": round(v[0] / steps, 3), "calls": v[1] // steps}
                        for k, v in rows[:40]]}
-    if by_op:  # kernels grouped under the innermost op range that launched them
-        ops: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
-        for e in prof.events():
-            if e.name.startswith("op:") and not any(c.name.startswith("op:") for c in e.cpu_children):
-                for k in _kernels_below(e):
-                    r = ops[e.name[3:]][k.name]
-                    r[0] += k.duration / 1000.0
-                    r[1] += 1
-        table = []
-        for name, ks in ops.items():
-            ms = sum(v[0] for v in ks.values()) / steps
-            table.append({"op": name, "ms": round(ms, 3), "kernels": {
-                _short(k, 60): [round(v[0] / steps, 3), v[1] // steps] for k, v in sorted(ks.items(), key=lambda kv: -kv[1][0])[:6]}})
-        table.sort(key=lambda r: -r["ms"])
-        res["by_op"] = table
-        res["attributed_ms_per_step"] = round(sum(r["ms"] for r in table), 2)
     return res
 
 
@@ -175,7 +117,7 @@ def ours(precision: str, batch: int, cfg, data_ids, steps: int, mode: str = "ker
     sync = cp.cuda.Device().synchronize
     if mode == "cprofile":
         return {"host_profile": cprofile(step, data, sync, steps)}
-    return profile(step, data, sync, steps, by_op=mode == "by-op")
+    return profile(step, data, sync, steps)
 
 
 def twin(precision: str, batch: int, cfg, data_ids, steps: int, mode: str = "kernels") -> dict:
@@ -213,15 +155,12 @@ def main() -> None:
     p.add_argument("--data", default=BT.DEFAULT_DATA)
     p.add_argument("--gc", default="default", choices=["default", "freeze", "off"],
                    help="Python's garbage collector during the steps: as is, gc.freeze() after set-up, or off")
-    p.add_argument("--mode", default="kernels", choices=["kernels", "by-op", "cprofile"],
-                   help="kernels: grouped by name; by-op: attributed to our ops (ours only); "
-                        "cprofile: host-side Python profile (ours only)")
+    p.add_argument("--mode", default="kernels", choices=["kernels", "cprofile"],
+                   help="kernels: every CUDA kernel, grouped by name; cprofile: host-side Python profile (ours only)")
     a = p.parse_args()
     cfg = BT.model_config("gpt-medium")
     ids = BT.token_ids(a.data)
     out = {"config": "gpt-medium", "batch": a.batch, "steps": a.steps}
-    if a.mode == "by-op":
-        annotate_ops()
     global GC
     GC = a.gc
     for prec in a.precisions.split(","):
