@@ -257,9 +257,9 @@ class Dropout(Function):
 class Linear(Function):
     """y = x @ W.T + b with x (..., in), W (out, in), b (out,) or None -> (..., out).
 
-    compute_dtype (mixed precision, nn.amp): x, W and b are cast to it for the product and y
-    is in it; each gradient comes back in its input's own dtype (float32 for the float32
-    master weights), straight out of the GEMM on the GPU (no cast kernels)."""
+    compute_dtype (mixed precision, nn.amp): x and W are cast to it for the product, y is in it
+    and the bias is added to it (in float on the GPU); each gradient comes back in its input's
+    own dtype (float32 for the float32 master weights), on the GPU straight out of the GEMM."""
     # dx = g @ W,  dW = g^T x (over all rows),  db = sum of g over rows
     def forward(self, x, weight, bias=None, compute_dtype=None):
         if x.shape[-1] != weight.shape[1]:
@@ -271,7 +271,7 @@ class Linear(Function):
             weight = weight if weight.dtype == compute_dtype else weight.astype(compute_dtype)
         self.save_for_backward(x, weight)
         self.has_bias = bias is not None
-        # one 2-D GEMM over all rows (CuPy has no batched bfloat16 GEMM, and one call is faster)
+        # one 2-D GEMM over all rows of every leading axis
         y = _mm(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
         if bias is not None:
             if kernels.usable(y, bias):  # GPU: one pass, any dtypes (CuPy's broadcast add is ~2x slower)
