@@ -18,6 +18,9 @@ What a replay cannot do, and so what the captured region must not contain:
     be 0 -- a replay would reuse the recorded masks. Refused with a clear error.
 Memory: the graph's temporaries live in a memory pool of their own, kept for its lifetime
 (about one step's activations), so nothing allocated outside can land in them.
+The graph reads the parameters' buffers as they were at capture: in-place updates (the
+optimizers) are seen, but a parameter given a new array afterwards (`load_state_dict`,
+`model.to`) is not -- make a new CapturedStep then (the Trainer captures after resuming).
 """
 from __future__ import annotations
 
