@@ -139,7 +139,11 @@ def ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
 
-def emit(obj: dict) -> None:
+def emit(obj: dict, path: str | None = None) -> None:
+    """Print the result as JSON (and also write it to `path` when given)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
     json.dump(obj, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

@@ -210,10 +210,7 @@ def main() -> None:
            "machine": C.machine_info(a.threads), "parallel": a.parallel, "loadavg_at_start": [round(v, 2) for v in load_start],
            "val_batches": {"count": VAL_BATCHES, "seed": VAL_SEED, "batch_size": 12, "block_size": 64},
            "summary": summary, "results": results, "wall_s": round(time.perf_counter() - t_start, 1)}
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
-    C.emit(out)
+    C.emit(out, a.out)
 
 
 if __name__ == "__main__":

@@ -425,10 +425,7 @@ def main() -> None:
            "device": a.device, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,
            "order": "for each repeat, for each precision: " + ", ".join(impls),
            "summary": summary, "runs": runs, "wall_s": round(time.perf_counter() - t_start, 1)}
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
-    C.emit(out)
+    C.emit(out, a.out)
 
 
 if __name__ == "__main__":

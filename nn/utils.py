@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tensor import kernels
+from tensor import backend, kernels
 from tensor.backend import array_module
 from tensor.tensor import Tensor
 
@@ -51,7 +51,6 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     tables = None
     if all(g.dtype == np.float32 for g in gs) and kernels.usable(*gs):
         # GPU: a multi-tensor kernel (2 launches for the norm, 1 to clip) instead of 2 per parameter
-        from tensor import backend
         global _upload
         if _upload is None:
             _upload = backend.HostToDevice()

@@ -206,9 +206,9 @@ class LayerNorm(Function):
         dw = db = None
         tmp = g32 * xhat
         if weight is not None and self.needs_grad[1]:
-            dw = sum_rows(tmp).astype(weight.dtype)
+            dw = sum_rows(tmp, weight.dtype)
         if self.has_bias and self.needs_grad[2]:
-            db = sum_rows(g32).astype(g.dtype)
+            db = sum_rows(g32, g.dtype)
         dx = g32 * weight if weight is not None else g32.copy()   # dxhat, turned into dx in place
         if weight is not None:
             xp.multiply(dx, xhat, out=tmp)                         # dxhat * xhat

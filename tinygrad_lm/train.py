@@ -356,10 +356,11 @@ class Trainer:
                 self.captured = CapturedStep(self.model, cfg.batch_size, cfg.block_size)
             (x, y), = self.micro_batches(self.step)
             total = self.captured(x, y, self.scaler.scale_value if self.scaler.enabled else 1.0)
-        for x, y in ([] if cfg.cuda_graph else self.micro_batches(self.step)):
-            _, loss = self.model(x, y)
-            self.scaler.scale(loss * (1.0 / cfg.grad_accum)).backward()
-            total = loss.data if total is None else total + loss.data
+        else:
+            for x, y in self.micro_batches(self.step):
+                _, loss = self.model(x, y)
+                self.scaler.scale(loss * (1.0 / cfg.grad_accum)).backward()
+                total = loss.data if total is None else total + loss.data
         params = self.model.parameters()
         if cfg.zero:  # reduce-scatter, clip, update this rank's shard, all-gather
             norm = self.optimizer.step(cfg.grad_clip)
