@@ -60,6 +60,15 @@ def sum_rows(x: Any, out_dtype: Any = None) -> Any:
     return s if s.dtype == out_dtype else s.astype(out_dtype)
 
 
+def sum_last(x: Any) -> Any:
+    """Sum over the last axis, keepdims: (..., C) -> (..., 1), as a matrix-vector product with ones.
+
+    NumPy's own reduction along a short last axis pays a fixed cost per row (~25 us for (768, 128)
+    float32, vs ~6 us for the GEMV)."""
+    xp = array_module(x)
+    return (x @ xp.ones(x.shape[-1], dtype=x.dtype))[..., None]
+
+
 def _softmax(x: Any, axis: int) -> Any:
     xp = array_module(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
@@ -174,9 +183,9 @@ class LayerNorm(Function):
             return y
         x32 = _f32(x)
         inv_c = 1.0 / C  # (sum * 1/C: ndarray.mean costs a Python-level wrapper per call)
-        xhat = x32 - x32.sum(axis=-1, keepdims=True) * inv_c  # x - mu, then scaled in place below
+        xhat = x32 - sum_last(x32) * inv_c  # x - mu, then scaled in place below
         sq = xhat * xhat
-        var = sq.sum(axis=-1, keepdims=True)
+        var = sum_last(sq)
         var *= inv_c
         var += eps
         rstd = 1.0 / xp.sqrt(var)
@@ -204,19 +213,21 @@ class LayerNorm(Function):
         g32 = _f32(g)
         xp = array_module(g32)
         dw = db = None
+        inv_c = 1.0 / g.shape[-1]
         tmp = g32 * xhat
         if weight is not None and self.needs_grad[1]:
             dw = sum_rows(tmp, weight.dtype)
         if self.has_bias and self.needs_grad[2]:
             db = sum_rows(g32, g.dtype)
-        dx = g32 * weight if weight is not None else g32.copy()   # dxhat, turned into dx in place
         if weight is not None:
-            xp.multiply(dx, xhat, out=tmp)                         # dxhat * xhat
-        inv_c = 1.0 / g.shape[-1]
-        m2 = tmp.sum(axis=-1, keepdims=True) * inv_c
-        dx -= dx.sum(axis=-1, keepdims=True) * inv_c
+            dx = g32 * weight                                       # dxhat
+            m2 = (tmp @ weight.astype(tmp.dtype, copy=False))[..., None] * inv_c  # mean(dxhat * xhat)
+        else:
+            dx = g32.copy()
+            m2 = sum_last(tmp) * inv_c
+        dx -= sum_last(dx) * inv_c                                  # - mean(dxhat)
         xp.multiply(xhat, m2, out=tmp)
-        dx -= tmp
+        dx -= tmp                                                   # - xhat * mean(dxhat * xhat)
         dx *= rstd
         return dx.astype(self.in_dtype, copy=False), dw, db
 
