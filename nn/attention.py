@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tensor import cublas, kernels
+from tensor import cublas, kernels, parallel
 from tensor.backend import array_module
 from tensor.functional import _f32, uniform
 from tensor.tensor import Function, Tensor, shape_str
@@ -57,8 +57,36 @@ def _gemm_dtype(x: Any) -> Any:
     return x.dtype
 
 
-def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, generator: Any) -> tuple:
-    """The forward formulas above on raw arrays -> (O, P, keep-mask or None)."""
+def _batch_slice(a: Any, lo: int, hi: int, lead: tuple) -> Any:
+    """a[lo:hi] along the batch axis (the first of `lead`, the leading shape of q) when a has
+    that axis, else a itself (None, or a mask that broadcasts over the batch)."""
+    if a is None or not lead or a.ndim != len(lead) + 2 or a.shape[0] != lead[0]:
+        return a
+    return a[lo:hi]
+
+
+def _split_batch(fn: Any, q: Any, k: Any) -> None:
+    """fn(lo, hi) over slices of the batch axis: on several CPU threads (tensor/parallel.py) for
+    NumPy arrays when there is enough work and each head's GEMMs are small, else in one call.
+
+    Small: below OpenBLAS's own threading threshold (M N K <= 4 * 65536), so BLAS runs each
+    product on one core and the two threads do not fight over its thread pool; larger products
+    are already spread over the cores by BLAS (splitting them too measured 1.3x slower at T 256)."""
+    n = q.shape[0] if q.ndim >= 3 else 1
+    per_head = q.shape[-2] * k.shape[-2] * q.shape[-1]   # multiply-adds of one head's Q K^T
+    heads = q.size // (q.shape[-2] * q.shape[-1])
+    if array_module(q) is np and n > 1 and per_head <= (1 << 18) and per_head * heads >= (1 << 22):
+        parallel.split_run(fn, n)
+    else:
+        fn(0, n)
+
+
+def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, generator: Any,
+                      out: Any = None) -> tuple:
+    """The forward formulas above on raw arrays -> (O, P, keep-mask or None).
+
+    out: optional (.., Tq, D) array (any strides BLAS accepts, e.g. a view into merged heads)
+    that receives O on the CPU path."""
     xp = array_module(q)
     in_dtype = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -72,39 +100,55 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     work = _gemm_dtype(q)
     if work != in_dtype:
         q, k, v = q.astype(work), k.astype(work), v.astype(work)
+    Tq, Tk = q.shape[-2], k.shape[-2]
     if allowed is CAUSAL:
-        allowed = allowed_keys(xp, q.shape[-2], k.shape[-2], True, None)
+        allowed = allowed_keys(xp, Tq, Tk, True, None)
     # The scores are built transposed, S^T = K Q^T (.., Tk, Tq): the softmax then reduces over
     # axis -2, which NumPy vectorises along the contiguous query axis (a reduction along a short
     # last axis pays a fixed cost per row: 3-4x slower for T = 64). P is returned as the view
     # (P^T)^T; BLAS takes such views with its transpose flag, no copy.
-    st = _f32(k @ q.swapaxes(-1, -2))  # the GEMM in the input dtype, softmax in float32
-    st *= scale
-    if allowed is not None:  # masked scores -> -inf, as an added (small, broadcast) 0/-inf array
-        st += xp.where(allowed.swapaxes(-1, -2), np.float32(0), np.float32(-np.inf))
-    m = st.max(axis=-2, keepdims=True)
-    if allowed is not None:
-        m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: avoid inf - inf
-    st -= m
-    pt = xp.exp(st, out=st)
-    denom = pt.sum(axis=-2, keepdims=True)
-    pt /= denom if allowed is None else xp.where(denom == 0, 1.0, denom)  # a masked-out row stays 0
-    p = pt.astype(in_dtype, copy=False).swapaxes(-1, -2)  # kept for backward in the input's dtype
+    lead = q.shape[:-2]  # (k and v have the same leading shape)
+    st = xp.empty(lead + (Tk, Tq), dtype=np.promote_types(work, np.float32))  # S^T, then P^T in place
+    o = out if out is not None and out.dtype == work else xp.empty(lead + (Tq, q.shape[-1]), dtype=work)
     keep = None
-    pd = p
     if dropout_p > 0.0:
-        keep = uniform(generator, p.shape, p) >= dropout_p
-        pd = p * keep * (1.0 / (1.0 - dropout_p))
-    out = pd.astype(v.dtype, copy=False) @ v
-    return (out if out.dtype == in_dtype else out.astype(in_dtype)), p, keep
+        keep = uniform(generator, lead + (Tq, Tk), st) >= dropout_p
+    bias = None if allowed is None else xp.where(allowed, np.float32(0), np.float32(-np.inf)).swapaxes(-1, -2)
+
+    def run(lo: int, hi: int) -> None:  # one slice of the batch; writes st[lo:hi], o[lo:hi] only
+        qs, ks, vs, ss = (_batch_slice(a, lo, hi, lead) for a in (q, k, v, st))
+        xp.matmul(ks, qs.swapaxes(-1, -2), out=ss)  # the GEMM in the input dtype, softmax in float32
+        ss *= scale
+        if bias is not None:  # masked scores -> -inf, as an added (small, broadcast) 0/-inf array
+            ss += _batch_slice(bias, lo, hi, lead)
+        m = ss.max(axis=-2, keepdims=True)
+        if bias is not None:
+            m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: avoid inf - inf
+        ss -= m
+        xp.exp(ss, out=ss)
+        denom = ss.sum(axis=-2, keepdims=True)
+        ss /= denom if bias is None else xp.where(denom == 0, 1.0, denom)  # a masked-out row stays 0
+        ps = ss.swapaxes(-1, -2)
+        if keep is not None:
+            ps = ps * _batch_slice(keep, lo, hi, lead) * (1.0 / (1.0 - dropout_p))
+        xp.matmul(ps.astype(work, copy=False), vs, out=_batch_slice(o, lo, hi, lead))
+
+    _split_batch(run, q, k)
+    p = st.astype(in_dtype, copy=False).swapaxes(-1, -2)  # kept for backward in the input's dtype
+    if o.dtype != in_dtype:
+        o = o.astype(in_dtype)
+    if out is not None and o is not out:
+        out[...] = o
+        o = out
+    return o, p, keep
 
 
 def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropout_p: float,
                        out: Any = None) -> tuple:
     """The backward formulas above on raw arrays -> (dQ, dK, dV).
 
-    out: a (3, *q.shape) buffer that receives dQ, dK, dV (Tq == Tk); written in place by the
-    GPU path's GEMMs."""
+    out: a (3, *q.shape) array (or three such arrays, any strides BLAS accepts) that receives
+    dQ, dK, dV; the GPU path's GEMMs and the CPU path's write into it directly."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if keep is None and kernels.usable(p) and cublas.usable(q, g):  # GPU: cuBLAS + fused softmax backward
         dp = cublas.matmul(g, v.swapaxes(-1, -2), out_dtype=np.float32)
@@ -113,24 +157,34 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
         dq, dk, dv = (None, None, None) if out is None else out
         return (cublas.matmul(ds, k, out=dq), cublas.matmul(ds.swapaxes(-1, -2), q, out=dk),
                 cublas.matmul(p.swapaxes(-1, -2), g, out=dv))
+    xp = array_module(g)
     work = _gemm_dtype(q)
     if work != q.dtype:
         g, q, k, v = g.astype(work), q.astype(work), k.astype(work), v.astype(work)
         p = p.astype(work)
-    # transposed, as in the forward: dS^T and P^T (.., Tk, Tq), row sums of dP * P along axis -2
-    pd = p if keep is None else p * keep * (1.0 / (1.0 - dropout_p))
-    dv = pd.swapaxes(-1, -2) @ g
-    dst = v @ g.swapaxes(-1, -2)                                  # dP^T
-    if keep is not None:
-        dst *= (keep * (1.0 / (1.0 - dropout_p))).swapaxes(-1, -2)
-    pt32, dst = _f32(p.swapaxes(-1, -2)), _f32(dst)  # dS^T is built in dP^T's buffer
-    rowsum = (dst * pt32).sum(axis=-2, keepdims=True)
-    dst -= rowsum
-    dst *= pt32
-    dst *= scale
-    ds = dst.astype(q.dtype, copy=False).swapaxes(-1, -2)
-    grads = (ds @ k, ds.swapaxes(-1, -2) @ q, dv)
-    if out is not None:
+    direct = out is not None and all(o.dtype == work for o in out)
+    grads = tuple(out) if direct else tuple(xp.empty(a.shape, dtype=work) for a in (q, k, v))
+    lead = q.shape[:-2]
+
+    def run(lo: int, hi: int) -> None:  # transposed, as in the forward: dS^T and P^T (.., Tk, Tq)
+        gs, qs, ks, vs, ps, ms = (_batch_slice(a, lo, hi, lead) for a in (g, q, k, v, p, keep))
+        dq, dk, dv = (_batch_slice(a, lo, hi, lead) for a in grads)
+        pd = ps if ms is None else ps * ms * (1.0 / (1.0 - dropout_p))
+        xp.matmul(pd.swapaxes(-1, -2), gs, out=dv)            # dV = Pd^T g
+        dst = _f32(vs @ gs.swapaxes(-1, -2))                  # dP^T, then dS^T in its buffer
+        if ms is not None:
+            dst *= (ms * (1.0 / (1.0 - dropout_p))).swapaxes(-1, -2)
+        pt32 = _f32(ps.swapaxes(-1, -2))
+        rowsum = (dst * pt32).sum(axis=-2, keepdims=True)
+        dst -= rowsum
+        dst *= pt32
+        dst *= scale
+        ds = dst.astype(work, copy=False).swapaxes(-1, -2)
+        xp.matmul(ds, ks, out=dq)                             # dQ = dS K
+        xp.matmul(dst.astype(work, copy=False), qs, out=dk)   # dK = dS^T Q
+
+    _split_batch(run, q, k)
+    if out is not None and not direct:
         for o, d in zip(out, grads):
             o[...] = d
         return tuple(out)
@@ -176,12 +230,16 @@ class CausalAttentionQKV(Function):
             heads = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D), a view
         q, k, v = heads[0], heads[1], heads[2]
         allowed = CAUSAL if causal and mask is None else allowed_keys(array_module(qkv), T, T, causal, mask)
-        out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
-        self.save_for_backward(q, k, v, p, keep)
         self.dropout_p, self.shape = dropout_p, (B, T, n_head, D)
-        if kernels.usable(out):
+        if kernels.usable(qkv) and cublas.usable(qkv):
+            out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
+            self.save_for_backward(q, k, v, p, keep)
             return kernels.merge_heads(out[None])
-        return out.transpose(0, 2, 1, 3).reshape(B, T, n_head * D)
+        y = array_module(qkv).empty((B, T, n_head * D), dtype=qkv.dtype)  # heads merged: O lands in place
+        _, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator,
+                                       out=y.reshape(B, T, n_head, D).transpose(0, 2, 1, 3))
+        self.save_for_backward(q, k, v, p, keep)
+        return y
 
     def backward(self, g):
         q, k, v, p, keep = self.saved
@@ -194,11 +252,9 @@ class CausalAttentionQKV(Function):
             d3 = xp.empty((3, B, H, T, D), dtype=q.dtype)
             attention_backward(g, q, k, v, p, keep, self.dropout_p, out=d3)
             return (kernels.merge_heads(d3),)
-        g = g.reshape(B, T, H, D).transpose(0, 2, 1, 3)
-        dq, dk, dv = attention_backward(g, q, k, v, p, keep, self.dropout_p)
-        dqkv = xp.empty((B, T, 3, H, D), dtype=g.dtype)
-        for i, d in enumerate((dq, dk, dv)):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        dqkv = xp.empty((B, T, 3, H, D), dtype=g.dtype)  # dQ, dK, dV written in place, heads merged
+        attention_backward(g.reshape(B, T, H, D).transpose(0, 2, 1, 3), q, k, v, p, keep, self.dropout_p,
+                           out=dqkv.transpose(2, 0, 3, 1, 4))
         return (dqkv.reshape(B, T, 3 * H * D),)
 
 
@@ -266,5 +322,8 @@ class KVCache:
         m = None if mask is None else _mask_array(mask, qkv)[:, :L]
         # one new token sits after every cached key: only padding can hide a key from it
         allowed = allowed_keys(array_module(x), t, L, t > 1, m)
-        out, _, _ = attention_forward(heads[0], self.k[:, :, :L], self.v[:, :, :L], allowed, 0.0, None)
-        return Tensor._make(out.transpose(0, 2, 1, 3).reshape(B, t, n_head * D), False)
+        xp = array_module(x)
+        y = xp.empty((B, t, n_head * D), dtype=x.dtype)  # heads merged: O lands in place
+        attention_forward(heads[0], self.k[:, :, :L], self.v[:, :, :L], allowed, 0.0, None,
+                          out=y.reshape(B, t, n_head, D).transpose(0, 2, 1, 3))
+        return Tensor._make(y, False)
