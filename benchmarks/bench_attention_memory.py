@@ -9,8 +9,8 @@ and count the bytes its nodes keep in their `saved` tuples until backward:
              e = (s - s.max(-1, keepdims=True).detach()).exp(); p = e / e.sum(-1, keepdims=True);
              [p = dropout(p)]; out = p @ v        (every op reachable from `out` via fn.inputs)
 
-Arrays that share memory with the op's inputs (q, k, v or qkv: views, no copy) are not
-counted; arrays that share one buffer are counted once (by their `.base`). As an independent
+Arrays that share memory with the op's inputs (q, k, v or qkv: views, no copy) or with its
+output (the fused ops keep O, the returned array itself, on the CPU) are not counted; arrays that share one buffer are counted once (by their `.base`). As an independent
 check, tracemalloc (NumPy reports its allocations to it) measures the bytes still allocated
 after the forward, minus the output. For the fused ops the two agree. For the composed graph
 tracemalloc sees about twice the saved bytes: every node's `inputs` holds the input Tensors,
@@ -56,7 +56,7 @@ def _root(a):
 
 def saved_bytes(out: Tensor, inputs: list[Tensor]) -> tuple[int, list]:
     """Sum of nbytes over the distinct buffers in `saved` of every node reachable from `out`,
-    excluding buffers shared with `inputs`. Also returns a per-node breakdown."""
+    excluding buffers shared with `inputs` or with `out` itself. Also returns a per-node breakdown."""
     seen_nodes, seen_bufs, total, per_node = set(), set(), 0, []
     stack = [out._ctx]
     while stack:
@@ -68,7 +68,7 @@ def saved_bytes(out: Tensor, inputs: list[Tensor]) -> tuple[int, list]:
         for a in fn.saved or ():
             if not isinstance(a, np.ndarray):
                 continue
-            if any(np.shares_memory(a, x.data) for x in inputs):
+            if any(np.shares_memory(a, x.data) for x in (*inputs, out)):
                 continue
             r = _root(a)
             if id(r) in seen_bufs:

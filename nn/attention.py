@@ -9,15 +9,21 @@
 Backward (g = dL/dO):
     dV = Pd^T g
     dPd = g V^T ;  dP = dPd * dropout_mask / (1 - p)
-    dS = P * (dP - rowsum(dP * P)) / sqrt(D)
+    dS = P * (dP - rowsum(dP * P)) / sqrt(D),   rowsum(dP * P) = rowsum(g * O)  (CPU path)
     dQ = dS K ;  dK = dS^T Q
 
 Memory kept for backward per layer: Q, K, V (views of the input on the CPU; on the GPU one
 contiguous copy of the heads, which frees the fused qkv buffer) and P, B*H*Tq*Tk elements
 in the input dtype (computed in float32 for half inputs, stored back in the half dtype),
 plus the dropout keep-mask (bool, B*H*Tq*Tk bytes) when
-dropout is on. Nothing else: S, the exponentials and the masked scores are freed in
-forward (measured: benchmarks/bench_attention_memory.py).
+dropout is on, and on the CPU the output O itself (the array the op returns, no copy; in a
+model the next layer keeps it for its own backward anyway). Nothing else: S, the exponentials
+and the masked scores are freed in forward (measured: benchmarks/bench_attention_memory.py).
+
+The CPU path (NumPy) works on the scores transposed, S^T (.., Tk, Tq), so that the softmax's
+reductions run down columns, which NumPy vectorises; it takes ~1 MB of scores at a time, so
+the softmax's passes stay in the L2 cache; and with small heads it splits the batch over two
+threads (tensor/parallel.py). See `_split_batch`.
 """
 from __future__ import annotations
 
@@ -65,9 +71,14 @@ def _batch_slice(a: Any, lo: int, hi: int, lead: tuple) -> Any:
     return a[lo:hi]
 
 
+SCORE_CHUNK_BYTES = 1 << 20  # the CPU path's softmax works on ~1 MB of scores at a time (module docstring)
+
+
 def _split_batch(fn: Any, q: Any, k: Any) -> None:
-    """fn(lo, hi) over slices of the batch axis: on several CPU threads (tensor/parallel.py) for
-    NumPy arrays when there is enough work and each head's GEMMs are small, else in one call.
+    """fn(lo, hi) over slices of the batch axis, in chunks whose scores (float32, Tq x Tk per
+    head) fit in ~1 MB, so the softmax's passes over them hit the L2 cache instead of memory
+    (T 256: 1.5 MB of scores per batch item, 25 MB per layer); on several CPU threads
+    (tensor/parallel.py) for NumPy arrays when there is enough work and each head's GEMMs are small.
 
     Small: below OpenBLAS's own threading threshold (M N K <= 4 * 65536), so BLAS runs each
     product on one core and the two threads do not fight over its thread pool; larger products
@@ -75,10 +86,15 @@ def _split_batch(fn: Any, q: Any, k: Any) -> None:
     n = q.shape[0] if q.ndim >= 3 else 1
     per_head = q.shape[-2] * k.shape[-2] * q.shape[-1]   # multiply-adds of one head's Q K^T
     heads = q.size // (q.shape[-2] * q.shape[-1])
+    chunk = max(1, SCORE_CHUNK_BYTES // (4 * q.shape[-2] * k.shape[-2] * (heads // n)))
+
+    def chunked(lo: int, hi: int) -> None:
+        for c in range(lo, hi, chunk):
+            fn(c, min(c + chunk, hi))
     if array_module(q) is np and n > 1 and per_head <= (1 << 18) and per_head * heads >= (1 << 22):
-        parallel.split_run(fn, n)
+        parallel.split_run(chunked, n)
     else:
-        fn(0, n)
+        chunked(0, n)
 
 
 def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, generator: Any,
@@ -113,13 +129,15 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     keep = None
     if dropout_p > 0.0:
         keep = uniform(generator, lead + (Tq, Tk), st) >= dropout_p
-    bias = None if allowed is None else xp.where(allowed, np.float32(0), np.float32(-np.inf)).swapaxes(-1, -2)
+    bias = None  # masked scores -> -inf: an added 0/-inf array, small and broadcast, made contiguous
+    if allowed is not None:  # (adding a transposed view measured 5x slower than the add of the scores themselves)
+        bias = xp.ascontiguousarray(xp.where(allowed, np.float32(0), np.float32(-np.inf)).swapaxes(-1, -2))
 
     def run(lo: int, hi: int) -> None:  # one slice of the batch; writes st[lo:hi], o[lo:hi] only
         qs, ks, vs, ss = (_batch_slice(a, lo, hi, lead) for a in (q, k, v, st))
         xp.matmul(ks, qs.swapaxes(-1, -2), out=ss)  # the GEMM in the input dtype, softmax in float32
         ss *= scale
-        if bias is not None:  # masked scores -> -inf, as an added (small, broadcast) 0/-inf array
+        if bias is not None:
             ss += _batch_slice(bias, lo, hi, lead)
         m = ss.max(axis=-2, keepdims=True)
         if bias is not None:
@@ -144,8 +162,12 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
 
 
 def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropout_p: float,
-                       out: Any = None) -> tuple:
+                       out: Any = None, o: Any = None) -> tuple:
     """The backward formulas above on raw arrays -> (dQ, dK, dV).
+
+    o: the forward's output O, when kept. The CPU path then takes rowsum(dP * P) as the row-wise
+    dot product g . O (the same number: sum_j (g V^T)_ij Pd_ij = g_i . (Pd V)_i, dropout included),
+    D products per query instead of Tk.
 
     out: a (3, *q.shape) array (or three such arrays, any strides BLAS accepts) that receives
     dQ, dK, dV; the GPU path's GEMMs and the CPU path's write into it directly."""
@@ -162,12 +184,13 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
     if work != q.dtype:
         g, q, k, v = g.astype(work), q.astype(work), k.astype(work), v.astype(work)
         p = p.astype(work)
+        o = None if o is None else o.astype(work)
     direct = out is not None and all(o.dtype == work for o in out)
     grads = tuple(out) if direct else tuple(xp.empty(a.shape, dtype=work) for a in (q, k, v))
     lead = q.shape[:-2]
 
     def run(lo: int, hi: int) -> None:  # transposed, as in the forward: dS^T and P^T (.., Tk, Tq)
-        gs, qs, ks, vs, ps, ms = (_batch_slice(a, lo, hi, lead) for a in (g, q, k, v, p, keep))
+        gs, qs, ks, vs, ps, ms, os_ = (_batch_slice(a, lo, hi, lead) for a in (g, q, k, v, p, keep, o))
         dq, dk, dv = (_batch_slice(a, lo, hi, lead) for a in grads)
         pd = ps if ms is None else ps * ms * (1.0 / (1.0 - dropout_p))
         xp.matmul(pd.swapaxes(-1, -2), gs, out=dv)            # dV = Pd^T g
@@ -175,7 +198,11 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
         if ms is not None:
             dst *= (ms * (1.0 / (1.0 - dropout_p))).swapaxes(-1, -2)
         pt32 = _f32(ps.swapaxes(-1, -2))
-        rowsum = (dst * pt32).sum(axis=-2, keepdims=True)
+        if os_ is not None:  # rowsum(dP * P) = g . O, one GEMV over all (query, head) rows
+            go = _f32(gs * os_)
+            rowsum = (go.reshape(-1, go.shape[-1]) @ xp.ones(go.shape[-1], go.dtype)).reshape(dst.shape[:-2] + (1, -1))
+        else:
+            rowsum = (dst * pt32).sum(axis=-2, keepdims=True)
         dst -= rowsum
         dst *= pt32
         dst *= scale
@@ -202,13 +229,13 @@ class ScaledDotProductAttention(Function):
             raise ValueError(f"scaled_dot_product_attention: causal needs Tq <= Tk, got q {shape_str(q)}, k {shape_str(k)}")
         allowed = CAUSAL if causal and mask is None else allowed_keys(array_module(q), q.shape[-2], k.shape[-2], causal, mask)
         out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
-        self.save_for_backward(q, k, v, p, keep)
+        self.save_for_backward(q, k, v, p, keep, out)  # out: the returned array itself, not a copy
         self.dropout_p = dropout_p
         return out
 
     def backward(self, g):
-        q, k, v, p, keep = self.saved
-        return attention_backward(g, q, k, v, p, keep, self.dropout_p) + (None,)
+        q, k, v, p, keep, o = self.saved
+        return attention_backward(g, q, k, v, p, keep, self.dropout_p, o=o) + (None,)
 
 
 class CausalAttentionQKV(Function):
@@ -233,16 +260,16 @@ class CausalAttentionQKV(Function):
         self.dropout_p, self.shape = dropout_p, (B, T, n_head, D)
         if kernels.usable(qkv) and cublas.usable(qkv):
             out, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator)
-            self.save_for_backward(q, k, v, p, keep)
+            self.save_for_backward(q, k, v, p, keep, None)
             return kernels.merge_heads(out[None])
         y = array_module(qkv).empty((B, T, n_head * D), dtype=qkv.dtype)  # heads merged: O lands in place
-        _, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator,
-                                       out=y.reshape(B, T, n_head, D).transpose(0, 2, 1, 3))
-        self.save_for_backward(q, k, v, p, keep)
+        o = y.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)
+        _, p, keep = attention_forward(q, k, v, allowed, dropout_p, generator, out=o)
+        self.save_for_backward(q, k, v, p, keep, o)  # o: a view of the returned y, not a copy
         return y
 
     def backward(self, g):
-        q, k, v, p, keep = self.saved
+        q, k, v, p, keep, o = self.saved
         B, T, H, D = self.shape
         xp = array_module(g)
         gq = g if g.dtype == q.dtype else g.astype(q.dtype)
@@ -254,7 +281,7 @@ class CausalAttentionQKV(Function):
             return (kernels.merge_heads(d3),)
         dqkv = xp.empty((B, T, 3, H, D), dtype=g.dtype)  # dQ, dK, dV written in place, heads merged
         attention_backward(g.reshape(B, T, H, D).transpose(0, 2, 1, 3), q, k, v, p, keep, self.dropout_p,
-                           out=dqkv.transpose(2, 0, 3, 1, 4))
+                           out=dqkv.transpose(2, 0, 3, 1, 4), o=o)
         return (dqkv.reshape(B, T, 3 * H * D),)
 
 

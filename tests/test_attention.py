@@ -245,12 +245,12 @@ def test_causal_self_attention_dropout_is_reproducible_and_eval_is_deterministic
 
 # ------------------------------------------------------------------ memory kept for backward
 def _saved_bytes(out, inputs):
-    """Bytes of the arrays the op keeps for backward that are not views of its inputs."""
+    """Bytes of the arrays the op keeps for backward that are not views of its inputs or its output."""
     total = 0
     for a in out._ctx.saved:
         if a is None or not hasattr(a, "nbytes"):
             continue
-        if any(np.shares_memory(a, t.data) for t in inputs):
+        if any(np.shares_memory(a, t.data) for t in (*inputs, out)):
             continue
         total += a.nbytes
     return total
@@ -259,7 +259,8 @@ def _saved_bytes(out, inputs):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_saved_memory_matches_docstring(dtype, p):
-    """nn/attention.py: P (B*H*Tq*Tk elements of the input dtype) + a bool keep-mask with dropout."""
+    """nn/attention.py: P (B*H*Tq*Tk elements of the input dtype) + a bool keep-mask with dropout;
+    O is kept too, as a view of the op's own output (no copy: checked here)."""
     B, H, Tq, Tk, D = 2, 3, 5, 7, 4
     rng = np.random.default_rng(0)
     q, k, v = (Tensor(rng.standard_normal((B, H, T, D)).astype(dtype), requires_grad=True) for T in (Tq, Tk, Tk))
@@ -270,6 +271,7 @@ def test_saved_memory_matches_docstring(dtype, p):
     y = causal_attention_qkv(qkv, H, dropout_p=p, generator=rng)
     n = B * H * Tk * Tk
     assert _saved_bytes(y, (qkv,)) == n * np.dtype(dtype).itemsize + (n if p else 0)
+    assert any(a is not None and hasattr(a, "shape") and np.shares_memory(a, y.data) for a in y._ctx.saved)
 
 
 # ------------------------------------------------------------------ the CPU path split over threads
