@@ -46,3 +46,38 @@ def test_num_threads_from_environment(monkeypatch):
     monkeypatch.setenv("TINYGRAD_LM_THREADS", "two")
     with pytest.raises(ValueError, match="TINYGRAD_LM_THREADS='two'"):
         parallel.num_threads()
+
+
+def test_gelu_split_over_threads_equals_one_thread_and_the_formula(monkeypatch):
+    """A GELU big enough for the block split (ops/elementwise.py: PARALLEL_BLOCKS) gives the
+    same values and gradient on 1, 2 and 3 threads, and matches the closed form in float64."""
+    import math
+
+    import numpy as np
+
+    from tensor import Tensor
+    from tensor.ops.elementwise import BLOCK, PARALLEL_BLOCKS
+
+    n = PARALLEL_BLOCKS * BLOCK + 17  # a ragged last block
+    rng = np.random.default_rng(0)
+    a0 = (rng.standard_normal(n) * 3).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    out, calls = [], []
+    real = parallel.split_run
+    monkeypatch.setattr(parallel, "split_run", lambda fn, nb: (calls.append(nb), real(fn, nb)))
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("TINYGRAD_LM_THREADS", threads)
+        a = Tensor(a0, requires_grad=True)
+        y = a.gelu()
+        y.backward(Tensor(g))
+        out.append((y.numpy(), a.grad.copy()))
+    assert calls == [PARALLEL_BLOCKS + 1] * 6  # forward and backward of each run took the split
+    for y, da in out[1:]:
+        np.testing.assert_array_equal(y, out[0][0])
+        np.testing.assert_array_equal(da, out[0][1])
+    x = a0.astype(np.float64)
+    k = math.sqrt(2 / math.pi)
+    t = np.tanh(k * (x + 0.044715 * x ** 3))
+    np.testing.assert_allclose(out[0][0], 0.5 * x * (1 + t), rtol=1e-5, atol=1e-6)
+    dydx = 0.5 * (1 + t) + 0.5 * x * (1 - t ** 2) * k * (1 + 3 * 0.044715 * x ** 2)
+    np.testing.assert_allclose(out[0][1], dydx * g, rtol=1e-4, atol=1e-5)

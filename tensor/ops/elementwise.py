@@ -3,11 +3,11 @@ gradient back to each input's shape (`unbroadcast`)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 
-
-from tensor import kernels
+from tensor import kernels, parallel
 from tensor.backend import array_module
 from tensor.tensor import Function, unbroadcast
 
@@ -161,13 +161,25 @@ GELU_K = math.sqrt(2.0 / math.pi)
 
 # Elementwise chains of many NumPy passes run over cache-sized blocks: each pass over a
 # 1.5 MB array streams it from memory, while a 256 KB block stays in L2 across the passes
-# (GELU's forward: 1.4x faster on (768, 512) float32). One block for small arrays.
+# (GELU's forward: 1.4x faster on (768, 512) float32). One block for small arrays. Arrays of
+# PARALLEL_BLOCKS blocks or more split their blocks over the CPU threads (tensor/parallel.py):
+# memory-bound passes then get the bandwidth of both cores (GELU on (4096, 1536): 1.3-2x);
+# below that the threads' GIL hand-offs cost more than they bring.
 BLOCK = 65536
+PARALLEL_BLOCKS = 16
 
 
-def blocks(n: int) -> range:
-    """Start offsets of the BLOCK-sized pieces of a flat array of n elements."""
-    return range(0, n, BLOCK)
+def over_blocks(fn: Callable[[int, int], None], n: int, xp: Any) -> None:
+    """fn(start, stop) for the BLOCK-sized pieces [start, stop) of a flat array of n elements,
+    split over CPU threads for big NumPy arrays (see above)."""
+    def run(lo: int, hi: int) -> None:
+        for i in range(lo * BLOCK, min(hi * BLOCK, n), BLOCK):
+            fn(i, min(i + BLOCK, n))
+    nblocks = -(-n // BLOCK)
+    if xp is np and nblocks >= PARALLEL_BLOCKS:
+        parallel.split_run(run, nblocks)
+    else:
+        run(0, nblocks)
 
 
 class Gelu(Function):
@@ -180,8 +192,9 @@ class Gelu(Function):
         xp = array_module(a)
         a1 = a.reshape(-1)  # (1-D, so that even a 0-d input gives arrays that `out=` accepts)
         t, y = xp.empty_like(a1), xp.empty_like(a1)  # t is kept for backward
-        for i in blocks(a1.size):
-            ab, tb, yb = a1[i:i + BLOCK], t[i:i + BLOCK], y[i:i + BLOCK]
+
+        def piece(i: int, j: int) -> None:
+            ab, tb, yb = a1[i:j], t[i:j], y[i:j]
             xp.multiply(ab, ab, out=tb)
             tb *= 0.044715 * GELU_K
             tb += GELU_K
@@ -190,6 +203,7 @@ class Gelu(Function):
             xp.add(tb, 1.0, out=yb)
             yb *= ab
             yb *= 0.5
+        over_blocks(piece, a1.size, xp)
         self.save_for_backward(a, t)
         return y.reshape(a.shape)
 
@@ -200,9 +214,10 @@ class Gelu(Function):
         xp = array_module(a)
         a1, g1 = a.reshape(-1), g.reshape(-1)
         da = xp.empty(a1.shape, dtype=a.dtype)
-        r = xp.empty(min(BLOCK, a1.size), dtype=t.dtype)  # one block-sized temporary
-        for i in blocks(a1.size):
-            ab, tb, wb, rb = a1[i:i + BLOCK], t[i:i + BLOCK], da[i:i + BLOCK], r[:min(BLOCK, a1.size - i)]
+
+        def piece(i: int, j: int) -> None:
+            ab, tb, wb = a1[i:j], t[i:j], da[i:j]
+            rb = xp.empty(j - i, dtype=t.dtype)
             xp.multiply(ab, ab, out=wb)         # the derivative above, factored with 1 - t^2 = (1 - t)(1 + t):
             wb *= 1.5 * 0.044715 * GELU_K       #   (0.5 + 0.5 a (1 - t) k (1 + 3*0.044715 a^2)) (1 + t)
             wb += 0.5 * GELU_K
@@ -212,7 +227,8 @@ class Gelu(Function):
             wb += 0.5
             xp.add(tb, 1.0, out=rb)
             wb *= rb
-            wb *= g1[i:i + BLOCK]
+            wb *= g1[i:j]
+        over_blocks(piece, a1.size, xp)
         return (da.reshape(a.shape),)
 
 
