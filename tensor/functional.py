@@ -12,6 +12,7 @@ import numpy as np
 
 from tensor import backend, cublas, kernels
 from tensor.backend import array_module
+from tensor.ops.elementwise import BLOCK, over_blocks
 from tensor.ops.indexing import scatter_add_rows
 from tensor.tensor import Function, Tensor, shape_str
 
@@ -183,23 +184,32 @@ class LayerNorm(Function):
             y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps)
             self.save_for_backward(x, mean, rstd, weight, "fused")
             return y
-        x32 = _f32(x)
+        # The CPU path: rows in pieces of ~BLOCK elements, every pass of a piece in the L2 cache,
+        # pieces over the CPU threads for big inputs (ops/elementwise.py: over_blocks)
+        x2 = _f32(x).reshape(-1, C)
         inv_c = 1.0 / C  # (sum * 1/C: ndarray.mean costs a Python-level wrapper per call)
-        xhat = x32 - sum_last(x32) * inv_c  # x - mu, then scaled in place below
-        sq = xhat * xhat
-        var = sum_last(sq)
-        var *= inv_c
-        var += eps
-        rstd = 1.0 / xp.sqrt(var)
-        xhat *= rstd
-        self.save_for_backward(xhat, rstd, weight)
-        if weight is None:
-            y = xhat.copy() if bias is not None else xhat
-        else:
-            y = xp.multiply(xhat, weight, out=sq)  # reuse the squares' buffer
-        if bias is not None:
-            y += bias
-        return y.astype(x.dtype, copy=False)
+        xhat, y = xp.empty_like(x2), xp.empty_like(x2)
+        rstd = xp.empty((x2.shape[0], 1), dtype=x2.dtype)
+
+        def piece(i: int, j: int) -> None:
+            xs, xh, ys, r = x2[i:j], xhat[i:j], y[i:j], rstd[i:j]
+            xp.subtract(xs, sum_last(xs) * inv_c, out=xh)   # x - mu
+            xp.multiply(xh, xh, out=ys)                      # the squares, in y's buffer
+            var = sum_last(ys)
+            var *= inv_c
+            var += eps
+            xp.sqrt(var, out=r)
+            xp.divide(1.0, r, out=r)                         # rstd
+            xh *= r                                          # xhat
+            if weight is not None:
+                xp.multiply(xh, weight, out=ys)
+            else:
+                ys[...] = xh
+            if bias is not None:
+                ys += bias
+        over_blocks(piece, x2.shape[0], xp, max(1, BLOCK // max(C, 1)))
+        self.save_for_backward(xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)), weight)
+        return y.reshape(x.shape).astype(x.dtype, copy=False)
 
     def backward(self, g):
         if len(self.saved) == 5:  # the fused GPU path
@@ -212,26 +222,40 @@ class LayerNorm(Function):
             db = sum_rows(g) if self.has_bias and self.needs_grad[2] else None
             return dx, dw, db
         xhat, rstd, weight = self.saved
-        g32 = _f32(g)
-        xp = array_module(g32)
-        dw = db = None
-        inv_c = 1.0 / g.shape[-1]
-        tmp = g32 * xhat
-        if weight is not None and self.needs_grad[1]:
-            dw = sum_rows(tmp, weight.dtype)
-        if self.has_bias and self.needs_grad[2]:
-            db = sum_rows(g32, g.dtype)
-        if weight is not None:
-            dx = g32 * weight                                       # dxhat
-            m2 = (tmp @ weight.astype(tmp.dtype, copy=False))[..., None] * inv_c  # mean(dxhat * xhat)
-        else:
-            dx = g32.copy()
-            m2 = sum_last(tmp) * inv_c
-        dx -= sum_last(dx) * inv_c                                  # - mean(dxhat)
-        xp.multiply(xhat, m2, out=tmp)
-        dx -= tmp                                                   # - xhat * mean(dxhat * xhat)
-        dx *= rstd
-        return dx.astype(self.in_dtype, copy=False), dw, db
+        C = g.shape[-1]
+        g2, xh2, r2 = _f32(g).reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1)
+        xp = array_module(g2)
+        inv_c = 1.0 / C
+        rows, block = g2.shape[0], max(1, BLOCK // max(C, 1))
+        need_w = weight is not None and self.needs_grad[1]
+        need_b = self.has_bias and self.needs_grad[2]
+        nb = -(-rows // block)
+        dws = xp.zeros((nb, C), dtype=g2.dtype) if need_w else None  # per-piece sums over rows,
+        dbs = xp.zeros((nb, C), dtype=g2.dtype) if need_b else None  # added in a fixed order below
+        w32 = None if weight is None else weight.astype(g2.dtype, copy=False)
+        dx = xp.empty_like(g2)
+
+        def piece(i: int, j: int) -> None:
+            gs, xs, ds = g2[i:j], xh2[i:j], dx[i:j]
+            tmp = gs * xs                                          # g * xhat
+            if need_w:
+                dws[i // block] = tmp.sum(axis=0)
+            if need_b:
+                dbs[i // block] = gs.sum(axis=0)
+            if w32 is not None:
+                xp.multiply(gs, w32, out=ds)                       # dxhat
+                m2 = (tmp @ w32)[:, None] * inv_c                  # mean(dxhat * xhat)
+            else:
+                ds[...] = gs
+                m2 = sum_last(tmp) * inv_c
+            ds -= sum_last(ds) * inv_c                             # - mean(dxhat)
+            xp.multiply(xs, m2, out=tmp)
+            ds -= tmp                                              # - xhat * mean(dxhat * xhat)
+            ds *= r2[i:j]
+        over_blocks(piece, rows, xp, block)
+        dw = dws.sum(axis=0).astype(weight.dtype, copy=False) if need_w else None
+        db = dbs.sum(axis=0).astype(g.dtype, copy=False) if need_b else None
+        return dx.reshape(g.shape).astype(self.in_dtype, copy=False), dw, db
 
 
 class Embedding(Function):

@@ -81,3 +81,36 @@ def test_gelu_split_over_threads_equals_one_thread_and_the_formula(monkeypatch):
     np.testing.assert_allclose(out[0][0], 0.5 * x * (1 + t), rtol=1e-5, atol=1e-6)
     dydx = 0.5 * (1 + t) + 0.5 * x * (1 - t ** 2) * k * (1 + 3 * 0.044715 * x ** 2)
     np.testing.assert_allclose(out[0][1], dydx * g, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_norm_split_over_threads_equals_one_thread_and_the_formula(monkeypatch):
+    """LayerNorm rows in pieces over threads (functional.LayerNorm's CPU path): the same values
+    and gradients on 1 and 2 threads, and the closed form (float64) for the values."""
+    import numpy as np
+
+    from tensor import Tensor
+    from tensor.functional import layer_norm
+    from tensor.ops.elementwise import BLOCK, PARALLEL_BLOCKS
+
+    C = 384
+    rows = PARALLEL_BLOCKS * (BLOCK // C) + 5
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((rows, C)).astype(np.float32) * 2 + 1
+    w0, b0 = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    g = rng.standard_normal((rows, C)).astype(np.float32)
+    out, calls = [], []
+    real = parallel.split_run
+    monkeypatch.setattr(parallel, "split_run", lambda fn, nb: (calls.append(nb), real(fn, nb)))
+    for threads in ("1", "2"):
+        monkeypatch.setenv("TINYGRAD_LM_THREADS", threads)
+        x, w, b = (Tensor(a, requires_grad=True) for a in (x0, w0, b0))
+        y = layer_norm(x, w, b)
+        y.backward(Tensor(g))
+        out.append((y.numpy(), x.grad.copy(), w.grad.copy(), b.grad.copy()))
+    assert calls == [PARALLEL_BLOCKS + 1] * 4
+    for a, b_ in zip(out[0], out[1]):
+        np.testing.assert_array_equal(a, b_)
+    x64 = x0.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * w0 + b0
+    np.testing.assert_allclose(out[0][0], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[0][3], g.astype(np.float64).sum(0), rtol=1e-4, atol=1e-3)

@@ -169,13 +169,14 @@ BLOCK = 65536
 PARALLEL_BLOCKS = 16
 
 
-def over_blocks(fn: Callable[[int, int], None], n: int, xp: Any) -> None:
-    """fn(start, stop) for the BLOCK-sized pieces [start, stop) of a flat array of n elements,
-    split over CPU threads for big NumPy arrays (see above)."""
+def over_blocks(fn: Callable[[int, int], None], n: int, xp: Any, block: int = BLOCK) -> None:
+    """fn(start, stop) for the pieces [start, stop) of `block` items (elements of a flat array,
+    or rows) out of n, in order; split over CPU threads for big NumPy arrays (see above).
+    Pieces start at multiples of `block`, whatever the number of threads."""
     def run(lo: int, hi: int) -> None:
-        for i in range(lo * BLOCK, min(hi * BLOCK, n), BLOCK):
-            fn(i, min(i + BLOCK, n))
-    nblocks = -(-n // BLOCK)
+        for i in range(lo * block, min(hi * block, n), block):
+            fn(i, min(i + block, n))
+    nblocks = -(-n // block)
     if xp is np and nblocks >= PARALLEL_BLOCKS:
         parallel.split_run(run, nblocks)
     else:
