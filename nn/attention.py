@@ -22,8 +22,7 @@ and the masked scores are freed in forward (measured: benchmarks/bench_attention
 
 The CPU path (NumPy) works on the scores transposed, S^T (.., Tk, Tq), so that the softmax's
 reductions run down columns, which NumPy vectorises; it takes ~1 MB of scores at a time, so
-the softmax's passes stay in the L2 cache; and with small heads it splits the batch over two
-threads (tensor/parallel.py). See `_split_batch`.
+the softmax's passes stay in the L2 cache (`_over_batch`).
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from tensor import cublas, kernels, parallel
+from tensor import cublas, kernels
 from tensor.backend import array_module
 from tensor.functional import _f32, uniform
 from tensor.tensor import Function, Tensor, shape_str
@@ -74,27 +73,18 @@ def _batch_slice(a: Any, lo: int, hi: int, lead: tuple) -> Any:
 SCORE_CHUNK_BYTES = 1 << 20  # the CPU path's softmax works on ~1 MB of scores at a time (module docstring)
 
 
-def _split_batch(fn: Any, q: Any, k: Any) -> None:
-    """fn(lo, hi) over slices of the batch axis, in chunks whose scores (float32, Tq x Tk per
-    head) fit in ~1 MB, so the softmax's passes over them hit the L2 cache instead of memory
-    (T 256: 1.5 MB of scores per batch item, 25 MB per layer); on several CPU threads
-    (tensor/parallel.py) for NumPy arrays when there is enough work and each head's GEMMs are small.
+def _over_batch(fn: Any, q: Any, k: Any) -> None:
+    """fn(lo, hi) over consecutive slices of the batch axis whose scores (float32, Tq x Tk per
+    head) fit in ~1 MB, so that the softmax's passes over them hit the L2 cache instead of
+    memory (T 256: 1.5 MB of scores per batch item, 25 MB per layer).
 
-    Small: below OpenBLAS's own threading threshold (M N K <= 4 * 65536), so BLAS runs each
-    product on one core and the two threads do not fight over its thread pool; larger products
-    are already spread over the cores by BLAS (splitting them too measured 1.3x slower at T 256)."""
+    (Running the slices on two Python threads was measured as well: 1.3-1.6x for the op alone,
+    slower inside a training step, where OpenBLAS's worker thread spins on the other core.)"""
     n = q.shape[0] if q.ndim >= 3 else 1
-    per_head = q.shape[-2] * k.shape[-2] * q.shape[-1]   # multiply-adds of one head's Q K^T
-    heads = q.size // (q.shape[-2] * q.shape[-1])
-    chunk = max(1, SCORE_CHUNK_BYTES // (4 * q.shape[-2] * k.shape[-2] * (heads // n)))
-
-    def chunked(lo: int, hi: int) -> None:
-        for c in range(lo, hi, chunk):
-            fn(c, min(c + chunk, hi))
-    if array_module(q) is np and n > 1 and per_head <= (1 << 18) and per_head * heads >= (1 << 22):
-        parallel.split_run(chunked, n)
-    else:
-        chunked(0, n)
+    heads_per_item = q.size // (q.shape[-2] * q.shape[-1]) // n
+    chunk = max(1, SCORE_CHUNK_BYTES // (4 * q.shape[-2] * k.shape[-2] * heads_per_item))
+    for lo in range(0, n, chunk):
+        fn(lo, min(lo + chunk, n))
 
 
 def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, generator: Any,
@@ -151,7 +141,7 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
             ps = ps * _batch_slice(keep, lo, hi, lead) * (1.0 / (1.0 - dropout_p))
         xp.matmul(ps.astype(work, copy=False), vs, out=_batch_slice(o, lo, hi, lead))
 
-    _split_batch(run, q, k)
+    _over_batch(run, q, k)
     p = st.astype(in_dtype, copy=False).swapaxes(-1, -2)  # kept for backward in the input's dtype
     if o.dtype != in_dtype:
         o = o.astype(in_dtype)
@@ -210,7 +200,7 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
         xp.matmul(ds, ks, out=dq)                             # dQ = dS K
         xp.matmul(dst.astype(work, copy=False), qs, out=dk)   # dK = dS^T Q
 
-    _split_batch(run, q, k)
+    _over_batch(run, q, k)
     if out is not None and not direct:
         for o, d in zip(out, grads):
             o[...] = d

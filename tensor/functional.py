@@ -184,8 +184,8 @@ class LayerNorm(Function):
             y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps)
             self.save_for_backward(x, mean, rstd, weight, "fused")
             return y
-        # The CPU path: rows in pieces of ~BLOCK elements, every pass of a piece in the L2 cache,
-        # pieces over the CPU threads for big inputs (ops/elementwise.py: over_blocks)
+        # The CPU path: rows in pieces of ~BLOCK elements, every pass over a piece in the L2 cache
+        # (ops/elementwise.py: over_blocks; backward on (4096, 384): 1.4x)
         x2 = _f32(x).reshape(-1, C)
         inv_c = 1.0 / C  # (sum * 1/C: ndarray.mean costs a Python-level wrapper per call)
         xhat, y = xp.empty_like(x2), xp.empty_like(x2)
@@ -207,7 +207,7 @@ class LayerNorm(Function):
                 ys[...] = xh
             if bias is not None:
                 ys += bias
-        over_blocks(piece, x2.shape[0], xp, max(1, BLOCK // max(C, 1)))
+        over_blocks(piece, x2.shape[0], max(1, BLOCK // max(C, 1)))
         self.save_for_backward(xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)), weight)
         return y.reshape(x.shape).astype(x.dtype, copy=False)
 
@@ -252,7 +252,7 @@ class LayerNorm(Function):
             xp.multiply(xs, m2, out=tmp)
             ds -= tmp                                              # - xhat * mean(dxhat * xhat)
             ds *= r2[i:j]
-        over_blocks(piece, rows, xp, block)
+        over_blocks(piece, rows, block)
         dw = dws.sum(axis=0).astype(weight.dtype, copy=False) if need_w else None
         db = dbs.sum(axis=0).astype(g.dtype, copy=False) if need_b else None
         return dx.reshape(g.shape).astype(self.in_dtype, copy=False), dw, db

@@ -274,34 +274,28 @@ def test_saved_memory_matches_docstring(dtype, p):
     assert any(a is not None and hasattr(a, "shape") and np.shares_memory(a, y.data) for a in y._ctx.saved)
 
 
-# ------------------------------------------------------------------ the CPU path split over threads
+# ------------------------------------------------------------------ the CPU path in chunks of the batch
 @pytest.mark.parametrize("mask_kind,p", [("none", 0.0), ("padding", 0.0), ("none", 0.2)])
-def test_threaded_split_equals_one_thread(monkeypatch, mask_kind, p):
-    """Large enough for the batch split (tensor/parallel.py): 2 and 3 threads give exactly the
-    values and gradients of 1 thread (each head is computed the same way in either case), and
-    the split really happens; compared against the naive reference too."""
-    from tensor import parallel
-    B, T, H, D = 8, 64, 4, 32
+def test_chunked_batch_equals_one_chunk(monkeypatch, mask_kind, p):
+    """The CPU path works through the batch in ~1 MB chunks of scores (nn/attention.py,
+    _over_batch): one batch item per chunk gives exactly the values and gradients of one chunk
+    for everything (each head is computed the same way), and both match the naive reference."""
+    import nn.attention as attention
+    B, T, H, D = 5, 16, 2, 8
     rng = np.random.default_rng(0)
     qkv0 = rng.standard_normal((B, T, 3 * H * D)).astype(np.float32)
     g = rng.standard_normal((B, T, H * D)).astype(np.float32)
     mask = rng.random((B, T)) > 0.3 if mask_kind == "padding" else None
-    calls = []
-    real = parallel.split_run
-    monkeypatch.setattr(parallel, "split_run", lambda fn, n: (calls.append(n), real(fn, n)))
     results = []
-    for threads in ("1", "2", "3"):
-        monkeypatch.setenv("TINYGRAD_LM_THREADS", threads)
+    for chunk_bytes in (1 << 30, 1):
+        monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", chunk_bytes)
         qkv = Tensor(qkv0, requires_grad=True)
-        gen = np.random.default_rng(7)
-        y = causal_attention_qkv(qkv, H, mask=mask, dropout_p=p, generator=gen)
+        y = causal_attention_qkv(qkv, H, mask=mask, dropout_p=p, generator=np.random.default_rng(7))
         y.backward(Tensor(g))
         results.append((y.numpy(), qkv.grad.copy()))
-    assert len(calls) == 6  # forward and backward, each of the three runs
-    for y, dq in results[1:]:
-        np.testing.assert_array_equal(y, results[0][0])
-        np.testing.assert_array_equal(dq, results[0][1])
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
     if p == 0.0:
-        q, k, v = (qkv0.reshape(B, T, 3, H, D)[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        ref = naive_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), causal=True, mask=mask)
-        np.testing.assert_allclose(results[0][0], ref.transpose(0, 2, 1, 3).reshape(B, T, H * D), atol=1e-5)
+        q, k, v = (qkv0.reshape(B, T, 3, H, D)[:, :, i].transpose(0, 2, 1, 3).astype(np.float64) for i in range(3))
+        ref = naive_attention(q, k, v, causal=True, mask=mask)
+        np.testing.assert_allclose(results[1][0], ref.transpose(0, 2, 1, 3).reshape(B, T, H * D), atol=1e-5)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import numpy as np
-
-from tensor import kernels, parallel
+from tensor import kernels
 from tensor.backend import array_module
 from tensor.tensor import Function, unbroadcast
 
@@ -161,26 +159,19 @@ GELU_K = math.sqrt(2.0 / math.pi)
 
 # Elementwise chains of many NumPy passes run over cache-sized blocks: each pass over a
 # 1.5 MB array streams it from memory, while a 256 KB block stays in L2 across the passes
-# (GELU's forward: 1.4x faster on (768, 512) float32). One block for small arrays. Arrays of
-# PARALLEL_BLOCKS blocks or more split their blocks over the CPU threads (tensor/parallel.py):
-# memory-bound passes then get the bandwidth of both cores (GELU on (4096, 1536): 1.3-2x);
-# below that the threads' GIL hand-offs cost more than they bring.
+# (GELU's forward: 1.4x faster on (768, 512) float32). One block for small arrays.
+#
+# Splitting the blocks over two Python threads (NumPy releases the GIL in each call) was
+# measured too: 1.3x faster for a GELU alone, but 1-3% slower inside a training step, where
+# OpenBLAS's worker thread spins on the second core between GEMMs (benchmarks/RESULTS.md).
 BLOCK = 65536
-PARALLEL_BLOCKS = 16
 
 
-def over_blocks(fn: Callable[[int, int], None], n: int, xp: Any, block: int = BLOCK) -> None:
-    """fn(start, stop) for the pieces [start, stop) of `block` items (elements of a flat array,
-    or rows) out of n, in order; split over CPU threads for big NumPy arrays (see above).
-    Pieces start at multiples of `block`, whatever the number of threads."""
-    def run(lo: int, hi: int) -> None:
-        for i in range(lo * block, min(hi * block, n), block):
-            fn(i, min(i + block, n))
-    nblocks = -(-n // block)
-    if xp is np and nblocks >= PARALLEL_BLOCKS:
-        parallel.split_run(run, nblocks)
-    else:
-        run(0, nblocks)
+def over_blocks(fn: Callable[[int, int], None], n: int, block: int = BLOCK) -> None:
+    """fn(start, stop) for the consecutive pieces [start, stop) of `block` items (elements of a
+    flat array, or rows) out of n, in order."""
+    for i in range(0, n, block):
+        fn(i, min(i + block, n))
 
 
 class Gelu(Function):
@@ -204,7 +195,7 @@ class Gelu(Function):
             xp.add(tb, 1.0, out=yb)
             yb *= ab
             yb *= 0.5
-        over_blocks(piece, a1.size, xp)
+        over_blocks(piece, a1.size)
         self.save_for_backward(a, t)
         return y.reshape(a.shape)
 
@@ -229,7 +220,7 @@ class Gelu(Function):
             xp.add(tb, 1.0, out=rb)
             wb *= rb
             wb *= g1[i:j]
-        over_blocks(piece, a1.size, xp)
+        over_blocks(piece, a1.size)
         return (da.reshape(a.shape),)
 
 
