@@ -17,7 +17,8 @@ CUDA the GPU memory: CuPy's pool high-water total_bytes() / torch.cuda.max_memor
 belongs to one implementation. The parent alternates them (ours, torch, ours, torch, ...)
 so drift of a shared machine hits both alike, and reports the ratios ours / torch.
 tokens/s = batch * block / (median time of a timed step); on CUDA every timed step ends
-with a device synchronisation. On CUDA the fp32 ours-worker also times our KV-cached sampler
+with a device synchronisation. On the CPU each implementation's step is also split into its
+parts (forward, backward, clip, optimizer, zero_grad: `phases_ms`, medians). On CUDA the fp32 ours-worker also times our KV-cached sampler
 (tinygrad_lm.sample.generate, greedy, 256 new tokens from a one-token prompt, batch 1 and 8)
 on the trained model, in float32 as `python -m tinygrad_lm sample` runs it.
 
@@ -108,6 +109,28 @@ def freeze_gc() -> None:
     gc.freeze()
 
 
+class Phases:
+    """Where a CPU step's time goes: `mark(name)` after each part (forward, backward, clip,
+    optimizer, zero_grad) records the time since the previous mark. Only on the CPU, where an
+    op's work is done when it returns (on the GPU the marks would time the host's queueing).
+    `medians_ms(skip)`: the median of each part over the steps after the first `skip`."""
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.t, self.times = on, 0.0, {}
+
+    def start(self) -> None:
+        self.t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.on:
+            now = time.perf_counter()
+            self.times.setdefault(name, []).append(now - self.t)
+            self.t = now
+
+    def medians_ms(self, skip: int) -> dict:
+        return {k: round(statistics.median(v[skip:]) * 1e3, 3) for k, v in self.times.items() if v[skip:]}
+
+
 def time_steps(step, data: list, sync, warmup: int) -> tuple[list, list]:
     """Run step(x, y) over the batches, each timed between device synchronisations;
     returns (seconds of the steps after `warmup`, every step's loss as returned)."""
@@ -161,25 +184,33 @@ def worker_ours(a: argparse.Namespace, graph: bool = False) -> dict:
         from nn.cuda_graph import CapturedStep
         captured = CapturedStep(model, a.batch_size, cfg.block_size)
 
+    phases = Phases(not cuda)
+
     def step(x, y):
+        phases.start()
         if captured is not None:  # the Trainer's --cuda-graph step
             loss = captured(x, y, scaler.scale_value if scaler.enabled else 1.0)
         else:
             _, loss = model(x, y)
+            phases.mark("forward")
             scaler.scale(loss).backward()
+            phases.mark("backward")
             loss = loss.data
         if scaler.unscale_(params):  # fp16: False (step skipped) after an overflow
             clip_grad_norm_(params, HYPER["grad_clip"], error_if_nonfinite=False, sync=not cuda)
+            phases.mark("clip")
             opt.step()
+            phases.mark("optimizer")
         scaler.update()
         opt.zero_grad()
+        phases.mark("zero_grad")
         return loss
 
     freeze_gc()
     times, losses = time_steps(step, data, sync, a.warmup)  # losses stay on the device
     losses = [float(backend.to_numpy(v)) for v in losses]
     res = {"step_times_s": times, "losses": losses, "rss_after_import_mib": rss_import,
-           "optimizer": "nn.optim.AdamW (per-parameter)"}
+           "optimizer": "nn.optim.AdamW (per-parameter)", "phases_ms": phases.medians_ms(a.warmup)}
     if a.precision == "fp16":
         res["loss_scale_final"] = scaler.scale_value
         res["skipped_steps"] = scaler.skipped_steps
@@ -257,22 +288,31 @@ def worker_torch(a: argparse.Namespace) -> dict:
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    phases = Phases(a.device == "cpu")
+
     def step(x, y):
+        phases.start()
         with torch.autocast(a.device, dtype=low or torch.bfloat16, enabled=low is not None):
             logits = model(x)
             loss = TF.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        phases.mark("forward")
         scaler.scale(loss).backward()
+        phases.mark("backward")
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["grad_clip"])
+        phases.mark("clip")
         scaler.step(opt)
+        phases.mark("optimizer")
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        phases.mark("zero_grad")
         return loss.detach()
 
     freeze_gc()
     times, losses = time_steps(step, data, sync, a.warmup)
     res = {"step_times_s": times, "losses": [float(v) for v in losses], "rss_after_import_mib": rss_import,
            "optimizer": "torch.optim.AdamW " + ("fused" if fused else "foreach (default)"),
+           "phases_ms": phases.medians_ms(a.warmup),
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "torch_blas": torch_blas_info(torch)}
     if a.precision == "fp16":
@@ -396,6 +436,9 @@ def main() -> None:
                     row[impl][key] = round(max(r[key] for r in ok), 1)
             if "decode" in ok[0]:
                 row[impl]["decode"] = ok[0]["decode"]
+            if ok[0].get("phases_ms"):  # CPU: median over the runs of each part's median
+                row[impl]["phases_ms"] = {k: round(statistics.median(r["phases_ms"][k] for r in ok), 3)
+                                          for k in ok[0]["phases_ms"]}
         if "ours-graph" in row and "torch" in row:
             row["ratio_ours_graph_over_torch_tokens_per_s"] = round(
                 row["ours-graph"]["tokens_per_s"] / row["torch"]["tokens_per_s"], 3)
