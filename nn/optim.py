@@ -26,6 +26,7 @@ import numpy as np
 from tensor import backend
 from tensor import kernels
 from tensor.backend import array_module
+from tensor.ops.elementwise import BLOCK, over_blocks
 from tensor.tensor import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
@@ -309,7 +310,7 @@ class SGD(Optimizer):
 
 # ====================================================================== Adam / AdamW
 def _adam_step(xp: Any, p: Any, g: Any, m: Any, v: Any, t: int, lr: float, beta1: float, beta2: float,
-               eps: float) -> None:
+               eps: float, decay: float = 1.0) -> None:
     """The Adam update of p in place (Kingma & Ba, Algorithm 1, with the efficient ordering):
 
         m <- beta1 * m + (1 - beta1) * g              first moment, a running mean of g
@@ -318,27 +319,39 @@ def _adam_step(xp: Any, p: Any, g: Any, m: Any, v: Any, t: int, lr: float, beta1
         p <- p - lr * m_hat / (sqrt(v_hat) + eps)
 
     computed as p -= (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), PyTorch's order.
+    decay: AdamW's decoupled weight decay p <- p * decay (= 1 - lr*wd), applied first.
     Uses one scratch array the size of p. On the GPU the whole update is one fused kernel
     (tensor/kernels.py: adam_step, the same formulas).
     """
     if kernels.usable(p, g, m, v) and g.dtype == p.dtype:
         kernels.adam_step(p, g, m, v, lr, beta1, beta2, eps, t)
         return
-    tmp = xp.empty_like(p)
-    xp.multiply(g, 1.0 - beta1, out=tmp)
-    m *= beta1
-    m += tmp                                      # m = beta1*m + (1-beta1)*g
-    xp.multiply(g, g, out=tmp)
-    tmp *= 1.0 - beta2
-    v *= beta2
-    v += tmp                                      # v = beta2*v + (1-beta2)*g^2
     bias1, bias2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
-    xp.sqrt(v, out=tmp)
-    tmp /= math.sqrt(bias2)
-    tmp += eps                                    # denom = sqrt(v_hat) + eps
-    xp.divide(m, tmp, out=tmp)
-    tmp *= lr / bias1                             # lr * m_hat / denom
-    p -= tmp
+
+    def piece(p, g, m, v, tmp):
+        if decay != 1.0:
+            p *= decay                            # p = p - lr*wd*p (AdamW)
+        xp.multiply(g, 1.0 - beta1, out=tmp)
+        m *= beta1
+        m += tmp                                  # m = beta1*m + (1-beta1)*g
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - beta2
+        v *= beta2
+        v += tmp                                  # v = beta2*v + (1-beta2)*g^2
+        xp.sqrt(v, out=tmp)
+        tmp /= math.sqrt(bias2)
+        tmp += eps                                # denom = sqrt(v_hat) + eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= lr / bias1                         # lr * m_hat / denom
+        p -= tmp
+    arrays = (p, g, m, v)
+    if xp is np and p.size > BLOCK and all(a.flags.c_contiguous for a in arrays):
+        # big parameters in cache-sized blocks: the 13 passes over a block stay in L2 (ops/elementwise.py)
+        flat = [a.reshape(-1) for a in arrays]
+        tmp = np.empty(BLOCK, dtype=p.dtype)
+        over_blocks(lambda i, j: piece(*(a[i:j] for a in flat), tmp[:j - i]), p.size)
+    else:
+        piece(p, g, m, v, xp.empty_like(p))
 
 
 class Adam(Optimizer):
@@ -399,10 +412,8 @@ class AdamW(Adam):
             # GPU: queued, then one kernel updates every parameter (_finish_step); same formulas
             self._pending.append((p, g, m, v, lr, 1.0 - lr * wd, float(beta1), float(beta2), eps, state["step"]))
             return
-        if wd != 0:
-            p *= 1.0 - lr * wd                    # p = p - lr*wd*p
         _adam_step(array_module(p), p, g, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                   lr, float(beta1), float(beta2), eps)
+                   lr, float(beta1), float(beta2), eps, decay=1.0 - lr * wd)  # p = p - lr*wd*p first
 
     def _finish_step(self) -> None:
         if self._pending:
