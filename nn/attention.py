@@ -123,12 +123,17 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     if allowed is not None:  # (adding a transposed view measured 5x slower than the add of the scores themselves)
         bias = xp.ascontiguousarray(xp.where(allowed, np.float32(0), np.float32(-np.inf)).swapaxes(-1, -2))
 
+    n = lead[0] if lead else 1
+
     def run(lo: int, hi: int) -> None:  # one slice of the batch; writes st[lo:hi], o[lo:hi] only
-        qs, ks, vs, ss = (_batch_slice(a, lo, hi, lead) for a in (q, k, v, st))
+        if lo == 0 and hi == n:  # one chunk (decoding, small batches): the arrays themselves
+            qs, ks, vs, ss, bs, ms, os_ = q, k, v, st, bias, keep, o
+        else:
+            qs, ks, vs, ss, bs, ms, os_ = (_batch_slice(a, lo, hi, lead) for a in (q, k, v, st, bias, keep, o))
         xp.matmul(ks, qs.swapaxes(-1, -2), out=ss)  # the GEMM in the input dtype, softmax in float32
         ss *= scale
-        if bias is not None:
-            ss += _batch_slice(bias, lo, hi, lead)
+        if bs is not None:
+            ss += bs
         m = ss.max(axis=-2, keepdims=True)
         if bias is not None:
             m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: avoid inf - inf
@@ -137,9 +142,9 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
         denom = ss.sum(axis=-2, keepdims=True)
         ss /= denom if bias is None else xp.where(denom == 0, 1.0, denom)  # a masked-out row stays 0
         ps = ss.swapaxes(-1, -2)
-        if keep is not None:
-            ps = ps * _batch_slice(keep, lo, hi, lead) * (1.0 / (1.0 - dropout_p))
-        xp.matmul(ps.astype(work, copy=False), vs, out=_batch_slice(o, lo, hi, lead))
+        if ms is not None:
+            ps = ps * ms * (1.0 / (1.0 - dropout_p))
+        xp.matmul(ps.astype(work, copy=False), vs, out=os_)
 
     _over_batch(run, q, k)
     p = st.astype(in_dtype, copy=False).swapaxes(-1, -2)  # kept for backward in the input's dtype
@@ -180,8 +185,12 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
     lead = q.shape[:-2]
 
     def run(lo: int, hi: int) -> None:  # transposed, as in the forward: dS^T and P^T (.., Tk, Tq)
-        gs, qs, ks, vs, ps, ms, os_ = (_batch_slice(a, lo, hi, lead) for a in (g, q, k, v, p, keep, o))
-        dq, dk, dv = (_batch_slice(a, lo, hi, lead) for a in grads)
+        if lo == 0 and hi == (lead[0] if lead else 1):  # one chunk: the arrays themselves
+            gs, qs, ks, vs, ps, ms, os_ = g, q, k, v, p, keep, o
+            dq, dk, dv = grads
+        else:
+            gs, qs, ks, vs, ps, ms, os_ = (_batch_slice(a, lo, hi, lead) for a in (g, q, k, v, p, keep, o))
+            dq, dk, dv = (_batch_slice(a, lo, hi, lead) for a in grads)
         pd = ps if ms is None else ps * ms * (1.0 / (1.0 - dropout_p))
         xp.matmul(pd.swapaxes(-1, -2), gs, out=dv)            # dV = Pd^T g
         dst = _f32(vs @ gs.swapaxes(-1, -2))                  # dP^T, then dS^T in its buffer
