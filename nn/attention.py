@@ -64,8 +64,8 @@ def _gemm_dtype(x: Any) -> Any:
 
 def _batch_slice(a: Any, lo: int, hi: int, lead: tuple) -> Any:
     """a[lo:hi] along the batch axis (the first of `lead`, the leading shape of q) when a has
-    that axis, else a itself (None, or a mask that broadcasts over the batch)."""
-    if a is None or not lead or a.ndim != len(lead) + 2 or a.shape[0] != lead[0]:
+    that axis, else a itself (None, a mask that broadcasts over the batch, or the whole batch)."""
+    if a is None or not lead or a.ndim != len(lead) + 2 or a.shape[0] != lead[0] or hi - lo == lead[0]:
         return a
     return a[lo:hi]
 
@@ -123,13 +123,8 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     if allowed is not None:  # (adding the transposed view instead measured 5x slower)
         bias = xp.ascontiguousarray(xp.where(allowed, np.float32(0), np.float32(-np.inf)).swapaxes(-1, -2))
 
-    n = lead[0] if lead else 1
-
     def run(lo: int, hi: int) -> None:  # one slice of the batch; writes st[lo:hi], o[lo:hi] only
-        if lo == 0 and hi == n:  # one chunk (decoding, small batches): the arrays themselves
-            qs, ks, vs, ss, bs, ms, os_ = q, k, v, st, bias, keep, o
-        else:
-            qs, ks, vs, ss, bs, ms, os_ = (_batch_slice(a, lo, hi, lead) for a in (q, k, v, st, bias, keep, o))
+        qs, ks, vs, ss, bs, ms, os_ = (_batch_slice(a, lo, hi, lead) for a in (q, k, v, st, bias, keep, o))
         xp.matmul(ks, qs.swapaxes(-1, -2), out=ss)  # the GEMM in the input dtype, softmax in float32
         ss *= scale
         if bs is not None:
@@ -185,12 +180,8 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
     lead = q.shape[:-2]
 
     def run(lo: int, hi: int) -> None:  # transposed, as in the forward: dS^T and P^T (.., Tk, Tq)
-        if lo == 0 and hi == (lead[0] if lead else 1):  # one chunk: the arrays themselves
-            gs, qs, ks, vs, ps, ms, os_ = g, q, k, v, p, keep, o
-            dq, dk, dv = grads
-        else:
-            gs, qs, ks, vs, ps, ms, os_ = (_batch_slice(a, lo, hi, lead) for a in (g, q, k, v, p, keep, o))
-            dq, dk, dv = (_batch_slice(a, lo, hi, lead) for a in grads)
+        gs, qs, ks, vs, ps, ms, os_ = (_batch_slice(a, lo, hi, lead) for a in (g, q, k, v, p, keep, o))
+        dq, dk, dv = (_batch_slice(a, lo, hi, lead) for a in grads)
         pd = ps if ms is None else ps * ms * (1.0 / (1.0 - dropout_p))
         xp.matmul(pd.swapaxes(-1, -2), gs, out=dv)            # dV = Pd^T g
         dst = _f32(vs @ gs.swapaxes(-1, -2))                  # dP^T, then dS^T in its buffer

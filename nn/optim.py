@@ -320,7 +320,8 @@ def _adam_step(xp: Any, p: Any, g: Any, m: Any, v: Any, t: int, lr: float, beta1
 
     computed as p -= (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), PyTorch's order.
     decay: AdamW's decoupled weight decay p <- p * decay (= 1 - lr*wd), applied first.
-    Uses one scratch array the size of p. On the GPU the whole update is one fused kernel
+    Uses one scratch array the size of p (one BLOCK-sized one, for big NumPy parameters updated
+    block by block). On the GPU the whole update is one fused kernel
     (tensor/kernels.py: adam_step, the same formulas).
     """
     if kernels.usable(p, g, m, v) and g.dtype == p.dtype:
@@ -328,22 +329,22 @@ def _adam_step(xp: Any, p: Any, g: Any, m: Any, v: Any, t: int, lr: float, beta1
         return
     bias1, bias2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
 
-    def piece(p, g, m, v, tmp):
+    def piece(pb, gb, mb, vb, tmp):               # the same pieces of p, g, m, v
         if decay != 1.0:
-            p *= decay                            # p = p - lr*wd*p (AdamW)
-        xp.multiply(g, 1.0 - beta1, out=tmp)
-        m *= beta1
-        m += tmp                                  # m = beta1*m + (1-beta1)*g
-        xp.multiply(g, g, out=tmp)
+            pb *= decay                           # p = p - lr*wd*p (AdamW)
+        xp.multiply(gb, 1.0 - beta1, out=tmp)
+        mb *= beta1
+        mb += tmp                                 # m = beta1*m + (1-beta1)*g
+        xp.multiply(gb, gb, out=tmp)
         tmp *= 1.0 - beta2
-        v *= beta2
-        v += tmp                                  # v = beta2*v + (1-beta2)*g^2
-        xp.sqrt(v, out=tmp)
+        vb *= beta2
+        vb += tmp                                 # v = beta2*v + (1-beta2)*g^2
+        xp.sqrt(vb, out=tmp)
         tmp /= math.sqrt(bias2)
         tmp += eps                                # denom = sqrt(v_hat) + eps
-        xp.divide(m, tmp, out=tmp)
+        xp.divide(mb, tmp, out=tmp)
         tmp *= lr / bias1                         # lr * m_hat / denom
-        p -= tmp
+        pb -= tmp
     arrays = (p, g, m, v)
     if xp is np and p.size > BLOCK and all(a.flags.c_contiguous for a in arrays):
         # big parameters in cache-sized blocks: the 13 passes over a block stay in L2 (ops/elementwise.py)

@@ -195,7 +195,8 @@ class LayerNorm(Function):
         xhat, y = xp.empty_like(x2), xp.empty_like(x2)
         rstd = xp.empty((x2.shape[0], 1), dtype=x2.dtype)
 
-        def piece(xs: Any, xh: Any, ys: Any, r: Any) -> None:  # rows of x, xhat, y, rstd
+        def piece(i: int, j: int) -> None:  # rows i..j
+            xs, xh, ys, r = x2[i:j], xhat[i:j], y[i:j], rstd[i:j]
             xp.subtract(xs, sum_last(xs) * inv_c, out=xh)   # x - mu
             xp.multiply(xh, xh, out=ys)                      # the squares, in y's buffer
             var = sum_last(ys)
@@ -210,11 +211,7 @@ class LayerNorm(Function):
                 ys[...] = xh
             if bias is not None:
                 ys += bias
-        block = max(1, BLOCK // max(C, 1))
-        if x2.shape[0] <= block:  # one piece (decoding, small inputs)
-            piece(x2, xhat, y, rstd)
-        else:
-            over_blocks(lambda i, j: piece(x2[i:j], xhat[i:j], y[i:j], rstd[i:j]), x2.shape[0], block)
+        over_blocks(piece, x2.shape[0], max(1, BLOCK // max(C, 1)))
         self.save_for_backward(xhat, rstd, weight)  # (rows, C) and (rows, 1)
         return y.reshape(x.shape).astype(x.dtype, copy=False)
 

@@ -206,10 +206,10 @@ class Gelu(Function):
         xp = array_module(a)
         a1, g1 = a.reshape(-1), g.reshape(-1)
         da = xp.empty(a1.shape, dtype=a.dtype)
+        r = xp.empty(min(BLOCK, a1.size), dtype=t.dtype)  # one block-sized temporary
 
         def piece(i: int, j: int) -> None:
-            ab, tb, wb = a1[i:j], t[i:j], da[i:j]
-            rb = xp.empty(j - i, dtype=t.dtype)
+            ab, tb, wb, rb = a1[i:j], t[i:j], da[i:j], r[:j - i]
             xp.multiply(ab, ab, out=wb)         # the derivative above, factored with 1 - t^2 = (1 - t)(1 + t):
             wb *= 1.5 * 0.044715 * GELU_K       #   (0.5 + 0.5 a (1 - t) k (1 + 3*0.044715 a^2)) (1 + t)
             wb += 0.5 * GELU_K
