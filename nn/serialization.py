@@ -28,7 +28,7 @@ import numpy as np
 
 from tensor import backend
 
-__all__ = ["save_safetensors", "load_safetensors", "save_model", "load_model",
+__all__ = ["atomic_write", "fsync_dir", "save_safetensors", "load_safetensors", "save_model", "load_model",
            "save_optimizer", "load_optimizer"]
 
 _BF16_AS_UINT16 = "tinygrad_lm.bf16_as_uint16"   # metadata key: JSON list of names stored as uint16 bits
@@ -65,11 +65,29 @@ def _supports_native_bf16() -> bool:
 
 
 # ---------------------------------------------------------------- atomic write
-def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is at every moment either the old file or the new one."""
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename inside `directory` durable (a no-op where directories have no file descriptor)."""
+    try:
+        dfd = os.open(os.fspath(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` (bytes, or str as UTF-8) to `path` so that `path` is at every moment either
+    the old file or the new one: a temporary file in the same directory, fsync, rename, fsync the
+    directory. The one atomic write of the project (checkpoints, tokenizers, caches, logs)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path)[:200] + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -82,16 +100,7 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    try:                                         # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:                              # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)                         # make the rename itself durable
 
 
 # ---------------------------------------------------------------- arrays
@@ -121,7 +130,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, Any],
         arrays[name] = arr
     if as_bits:
         meta[_BF16_AS_UINT16] = json.dumps(as_bits)
-    _atomic_write(path, save(arrays, metadata=meta or None))
+    atomic_write(path, save(arrays, metadata=meta or None))
 
 
 def _read_header(path: str, data: bytes) -> dict[str, Any]:
