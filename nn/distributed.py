@@ -56,6 +56,7 @@ class World:
     """A single process: rank 0 of 1. All collective operations are no-ops."""
 
     rank, size, local_rank = 0, 1, 0
+    collective_timeout = 0.0  # seconds; 0: collectives may wait forever
 
     @property
     def is_main(self) -> bool:
@@ -260,12 +261,15 @@ class MPIWorld(World):
         self.comm.Abort(code)
 
 
-def init(bucket_mb: float = 25.0, reduce_dtype: str | None = None) -> World:
+def init(bucket_mb: float = 25.0, reduce_dtype: str | None = None, collective_timeout: float = 0.0) -> World:
     """The MPI world when an MPI launcher started several ranks, else a single-process World
-    (mpi4py is not even imported then). Under mpiexec without mpi4py: an error naming the extra."""
+    (mpi4py is not even imported then). Under mpiexec without mpi4py: an error naming the extra.
+    collective_timeout: seconds after which a collective that has not finished aborts the job (0: never)."""
     if not launched_under_mpi():
         return World()
-    return MPIWorld(bucket_mb=bucket_mb, reduce_dtype=reduce_dtype)
+    world = MPIWorld(bucket_mb=bucket_mb, reduce_dtype=reduce_dtype)
+    world.collective_timeout = float(collective_timeout)
+    return world
 
 
 def run_or_abort(world: World, fn: Callable[[], int]) -> int:
