@@ -4,7 +4,7 @@ master weights, accumulate softmax / LayerNorm statistics / losses in float32.
 How it works here (autocast by module, no global switch):
   * `autocast_(model, "bf16")` sets `compute_dtype` on every Linear. The Linear op then casts
     its input and weight to that dtype inside the op, runs the GEMM in it (on the GPU through
-    cuBLAS on the tensor cores, float32 accumulation, tensor/cublas.py) and adds the bias to
+    cuBLAS on the tensor cores, float32 accumulation, tensor/cuda/cublas.py) and adds the bias to
     the 16-bit result. The
     parameters themselves stay float32: they ARE the master weights; the op hands back
     float32 gradients for them (on the GPU straight out of the GEMM, no cast kernel), and

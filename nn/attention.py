@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from tensor import cublas, kernels
+from tensor import kernels
+from tensor.cuda import cublas
 from tensor.backend import array_module
 from tensor.functional import _f32, uniform
 from tensor.tensor import Function, Tensor, shape_str
@@ -56,7 +57,7 @@ def allowed_keys(xp: Any, Tq: int, Tk: int, causal: bool, mask: Any) -> Any:
 def _gemm_dtype(x: Any) -> Any:
     """The dtype of the reference path's batched GEMMs: float32 for 16-bit inputs (NumPy has no
     float16 GEMM and ml_dtypes' bfloat16 one is a slow loop). The GPU path multiplies in 16 bits
-    through tensor/cublas.py instead."""
+    through tensor/cuda/cublas.py instead."""
     if x.dtype.itemsize < 4 and x.dtype.kind != "i":  # float16 / bfloat16
         return np.dtype(np.float32)
     return x.dtype
@@ -98,7 +99,7 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     scale = 1.0 / math.sqrt(q.shape[-1])
     if allowed is CAUSAL and dropout_p == 0.0 and kernels.usable(q, contiguous=False) and cublas.usable(q):
         # GPU: cuBLAS batched GEMMs in the input dtype (tensor cores for 16 bits), float32 scores,
-        # the fused masked softmax writes P in the input dtype; no operand copies (tensor/cublas.py)
+        # the fused masked softmax writes P in the input dtype; no operand copies (tensor/cuda/cublas.py)
         s = cublas.matmul(q, k.swapaxes(-1, -2), out_dtype=np.float32)
         p = kernels.causal_softmax(s, scale, in_dtype)
         del s

@@ -26,7 +26,7 @@ import numpy as np
 from tensor import backend
 from tensor import kernels
 from tensor.backend import array_module
-from tensor.ops.elementwise import BLOCK, over_blocks
+from tensor.cpu.blocks import BLOCK, over_blocks
 from tensor.tensor import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW"]

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from tensor import backend, cublas, kernels
+from tensor import backend, kernels
+from tensor.cuda import cublas
 from tensor.backend import array_module
 from tensor.ops.elementwise import BLOCK, over_blocks
 from tensor.ops.indexing import scatter_add_rows

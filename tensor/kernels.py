@@ -16,7 +16,7 @@ time; these kernels do the whole formula in one pass over memory:
     column_sums                      (rows, C) -> (C,): bias and LayerNorm-weight gradients
 
 Each formula is the same as the reference op's (see the op's comment). `usable(x)` says
-whether a kernel applies (a CuPy float16/bfloat16/float32 array and TINYGRAD_LM_FUSED
+whether a kernel applies (a CuPy float16/bfloat16/float32 array and TINYGRAD_LM_FAST
 not set to 0; float64, used by gradcheck, always takes the exact reference path); callers fall back to the reference otherwise. Row kernels use one thread
 block per row and block-wide reductions; statistics are accumulated in float32 (double
 for float64 data).
@@ -24,38 +24,12 @@ for float64 data).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import numpy as np
 
 from tensor import backend
-
-_FLOATS = ("float16", "bfloat16", "float32")  # float64 (gradcheck) takes the exact reference path
-FLOATS = _FLOATS
-
-
-def usable(*arrays: Any, contiguous: bool = True) -> bool:
-    """True when every array is a (contiguous, unless told otherwise) CuPy float16/bfloat16/
-    float32 array and fusion is on."""
-    for a in arrays:
-        if a is None:
-            continue
-        if type(a) is np.ndarray or backend.array_module(a) is np:  # the CPU: always the reference path
-            return False
-        if backend.dtype_name(a.dtype) not in _FLOATS or (contiguous and not a._c_contiguous):
-            return False
-    return os.environ.get("TINYGRAD_LM_FUSED", "1") != "0"
-
-
-def _cp() -> Any:
-    return backend.cupy_module()
-
-
-def _empty(shape: Any, dtype: Any) -> Any:
-    """An uninitialised C-contiguous CuPy array (the ndarray constructor: cupy.empty's Python
-    wrapper costs as much again on the host, and these run hundreds of times a step)."""
-    return _cp().ndarray(shape, dtype)
+from tensor.cuda.common import ACC as _ACC, CTYPE as _CTYPE, FLOATS, FLOATS as _FLOATS, cupy as _cp, empty as _empty, threads as _threads, usable  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- elementwise
@@ -487,8 +461,6 @@ def column_sums(x: Any, out_dtype: Any) -> Any:
     return out
 
 
-_CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
-_ACC = {"float16": "float", "bfloat16": "float", "float32": "float", "float64": "double"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -506,10 +478,6 @@ def _module() -> Any:
 @functools.lru_cache(maxsize=None)
 def _kernel(expr: str) -> Any:
     return _module().get_function(expr)
-
-
-def _threads(n: int) -> int:
-    return int(min(256, max(32, 1 << (max(n, 1) - 1).bit_length())))
 
 
 def layer_norm_forward(x: Any, w: Any, b: Any, eps: float) -> tuple[Any, Any, Any]:

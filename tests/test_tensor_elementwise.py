@@ -255,7 +255,7 @@ def test_gelu_over_several_blocks_matches_the_closed_form():
     blocks and a ragged last one it gives the closed form and its derivative (float64 refs)."""
     import math
 
-    from tensor.ops.elementwise import BLOCK
+    from tensor.cpu.blocks import BLOCK
     n = 2 * BLOCK + 17
     rng = np.random.default_rng(0)
     a0 = (rng.standard_normal(n) * 3).astype(np.float32)

@@ -6,6 +6,7 @@ import math
 from typing import Any, Callable
 
 from tensor import kernels
+from tensor.cpu.blocks import BLOCK, over_blocks
 from tensor.backend import array_module
 from tensor.tensor import Function, unbroadcast
 
@@ -155,23 +156,6 @@ class Relu(Function):
 
 
 GELU_K = math.sqrt(2.0 / math.pi)
-
-
-# Elementwise chains of many NumPy passes run over cache-sized blocks: each pass over a
-# 1.5 MB array streams it from memory, while a 256 KB block stays in L2 across the passes
-# (GELU's forward: 1.4x faster on (768, 512) float32). One block for small arrays.
-#
-# Splitting the blocks over two Python threads (NumPy releases the GIL in each call) was
-# measured too: 1.3x faster for a GELU alone, but 1-3% slower inside a training step, where
-# OpenBLAS's worker thread spins on the second core between GEMMs (benchmarks/RESULTS.md).
-BLOCK = 65536
-
-
-def over_blocks(fn: Callable[[int, int], None], n: int, block: int = BLOCK) -> None:
-    """fn(start, stop) for the consecutive pieces [start, stop) of `block` items (elements of a
-    flat array, or rows) out of n, in order."""
-    for i in range(0, n, block):
-        fn(i, min(i + block, n))
 
 
 class Gelu(Function):

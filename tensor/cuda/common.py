@@ -1,0 +1,42 @@
+"""What every CUDA fast path shares: whether a kernel applies to these arrays, CuPy itself,
+uninitialised outputs, the C types of our dtypes and a launch size."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tensor import backend
+from tensor.dispatch import fast_paths_enabled
+
+FLOATS = ("float16", "bfloat16", "float32")  # float64 (gradcheck) takes the exact reference path
+CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+ACC = {"float16": "float", "bfloat16": "float", "float32": "float", "float64": "double"}
+
+
+def usable(*arrays: Any, contiguous: bool = True) -> bool:
+    """True when every array is a (contiguous, unless told otherwise) CuPy float16/bfloat16/
+    float32 array and fast paths are on (tensor/dispatch.py)."""
+    for a in arrays:
+        if a is None:
+            continue
+        if type(a) is np.ndarray or backend.array_module(a) is np:  # the CPU: never a CUDA kernel
+            return False
+        if backend.dtype_name(a.dtype) not in FLOATS or (contiguous and not a._c_contiguous):
+            return False
+    return fast_paths_enabled()
+
+
+def cupy() -> Any:
+    return backend.cupy_module()
+
+
+def empty(shape: Any, dtype: Any) -> Any:
+    """An uninitialised C-contiguous CuPy array (the ndarray constructor: cupy.empty's Python
+    wrapper costs as much again on the host, and these run hundreds of times a step)."""
+    return cupy().ndarray(shape, dtype)
+
+
+def threads(n: int) -> int:
+    """Threads per block for a row of n items: a power of two in [32, 256]."""
+    return int(min(256, max(32, 1 << (max(n, 1) - 1).bit_length())))
