@@ -316,3 +316,13 @@ def test_svg_and_png(tmp_path: Path) -> None:
     loss = (leaf(2, 3) * 2.0).sum()
     assert draw(loss, tmp_path / "g.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     assert draw(loss, tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_leaf_alone_and_depth_zero() -> None:
+    a = leaf(2)
+    d = Dot(to_dot(a))
+    assert len(d.nodes) == 1 and not d.edges
+    y = (a * 2.0).tanh()
+    d = Dot(to_dot(y, max_depth=0))
+    cut = find(d, "... 2 more ops")
+    assert d.edges == [(cut, d.of_shape("box")[0])] and not d.of_shape("ellipse")
