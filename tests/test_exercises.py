@@ -184,7 +184,8 @@ def broken_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["check", "mul", "--exa", "3"], ["unrecognized arguments: --exa"]),  # no abbreviations
     (["check", "mul", "--examples", "x"], ["--examples", "whole number", "'x'"]),
     (["check", "mul", "--examples", "0"], ["--examples", "at least 1"]),
-    (["--dir", "/no/such/folder", "list"], ["/no/such/folder", "does not exist"]),
+    (["--dir", "/no/such/folder", "list"], ["/no/such/folder", "(from --dir) does not exist"]),
+    (["check", "mul", "--dir", str(SOLUTIONS / "mul.py")], ["mul.py", "is a file, not a folder"]),
 ])
 def test_cli_bad_input_is_one_error_line(args: list[str], needles: list[str]) -> None:
     assert_one_line_error(run_cli(*args), *needles)
@@ -241,3 +242,10 @@ def test_cli_help_and_success_exit_zero() -> None:
     assert r.returncode == 0 and "list" in r.stdout and "check" in r.stdout
     r = run_cli("check", "mul", "--dir", str(SOLUTIONS), "--examples", "5")
     assert r.returncode == 0 and "[x] mul: solved" in r.stdout and r.stderr == ""
+
+
+def test_cli_names_the_environment_variable_when_its_folder_is_missing(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TINYGRAD_EXERCISES_DIR": str(tmp_path / "gone")}
+    r = subprocess.run([sys.executable, "-m", "tensor.exercises", "list"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=ROOT)
+    assert_one_line_error(r, "gone", "(from $TINYGRAD_EXERCISES_DIR) does not exist")

@@ -66,12 +66,14 @@ class Result:
 # ------------------------------------------------------------------ finding the files
 def find_exercise_dir(directory: str | os.PathLike | None = None) -> Path:
     """--dir, else $TINYGRAD_EXERCISES_DIR, else examples/exercises/ of this checkout."""
+    source = "--dir"
     if directory is None:
-        directory = os.environ.get(ENV_DIR)
+        directory, source = os.environ.get(ENV_DIR), f"${ENV_DIR}"
     if directory is not None:
         p = Path(directory)
         if not p.is_dir():
-            raise ExerciseSetupError(f"exercise folder {p} does not exist")
+            found = "is a file, not a folder" if p.exists() else "does not exist"
+            raise ExerciseSetupError(f"exercise folder {p} (from {source}) {found}")
         return p
     repo = Path(__file__).resolve().parents[2]  # tensor/exercises/checker.py -> repo root
     for candidate in (repo / "examples" / "exercises", Path.cwd() / "examples" / "exercises"):
