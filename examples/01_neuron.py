@@ -32,7 +32,8 @@ from tensor import Tensor
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dot", help="also write the computation graph (Graphviz DOT; .svg/.png with Graphviz)")
+    ap.add_argument("--dot", metavar="FILE", help="also draw the computation graph: FILE's .dot always, and "
+                    "FILE itself as .svg/.png/.pdf when Graphviz's `dot` is installed")
     args = ap.parse_args()
 
     def leaf(v: float) -> Tensor:  # float64 scalars that want gradients

@@ -1,23 +1,31 @@
 """Pictures of the computation graph behind a tensor.
 
-    from tensor.viz import to_dot, draw
+    from tensor.viz import graph, to_dot, draw
     loss.backward()
+    g = graph(loss)                           # the nodes and edges, as plain lists
     print(to_dot(loss))                       # Graphviz DOT text, always available
     draw(loss, "graph.svg", max_depth=6)      # writes graph.dot, and graph.svg if `dot` is installed
 
-Two kinds of node: tensors (boxes: name, shape, dtype, and the gradient norm once
-backward has filled `.grad`; an intermediate result shows the shape and dtype its op
-recorded, since the graph keeps the op, not the tensor) and ops (ellipses: the
-Function's class name). Edges run
-the way data flows: input tensor -> op -> output tensor. Leaves that require grad
-(parameters) are green, constants grey. Graphs are walked without recursion.
+Node kinds: tensors (boxes: name, shape, dtype, and the gradient norm once backward has
+filled `.grad`): "leaf" for a tensor no op made (parameters green, constants grey),
+"value" for a result of an op (the graph keeps the op, not the tensor, so its box shows
+the shape and dtype the op recorded), "root" for the tensor asked about; "op"
+(ellipses: the Function's class name); "const" (a number or array given to an op); "cut"
+(the "... N more ops" summary past max_depth). Edges run the way data flows:
+input -> op -> output. One op has exactly one output box, and one box per tensor.
+
+Identity: nodes are keyed by `id()` of the object they stand for, and the walk keeps a
+reference to every such object until it ends, so no id can be freed and reused by
+another object meanwhile (keys built from temporaries would merge different tensors).
+Graphs are walked without recursion.
 """
 from __future__ import annotations
 
-import itertools
 import shutil
 import subprocess
+import sys
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,9 +34,24 @@ import numpy as np
 from tensor import backend
 from tensor.tensor import Function, Tensor
 
+PICTURE_FORMATS = ("svg", "png", "pdf")
 
-def _esc(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+@dataclass
+class Node:
+    """One node of the picture: `id` is its DOT name, `kind` one of
+    "root", "leaf", "value", "op", "const", "cut" (see the module docstring)."""
+    id: str
+    kind: str
+    label: str
+    requires_grad: bool = False
+
+
+@dataclass
+class Graph:
+    """The nodes (in the order met, root first) and edges (src id, dst id) of a picture."""
+    nodes: list[Node] = field(default_factory=list)
+    edges: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _shape(shape: tuple) -> str:
@@ -47,89 +70,86 @@ def _tensor_label(t: Tensor, name: str | None) -> str:
 def _const_label(x: Any) -> str:
     if hasattr(x, "shape") and getattr(x, "ndim", 0) > 0:
         return f"const {_shape(x.shape)}"
-    return f"{x!r}" if not isinstance(x, float) else f"{x:.4g}"
+    return f"{x:.4g}" if isinstance(x, float) else f"{x!r}"
 
 
-def to_dot(root: Tensor, max_depth: int | None = None, names: Mapping[str, Tensor] | None = None,
-           rankdir: str = "LR") -> str:
-    """The graph that produced `root` as Graphviz DOT text.
+class _Builder:
+    """Numbers nodes in the order met; keys are (kind, id(obj)) and `keep` holds every obj alive."""
+
+    def __init__(self) -> None:
+        self.g = Graph()
+        self.ids: dict[tuple[str, int], str] = {}
+        self.keep: list[Any] = []
+
+    def node(self, key_kind: str, obj: Any, make: Any) -> str:
+        """The node standing for obj, made by make(node_id) -> Node the first time obj is met."""
+        key = (key_kind, id(obj))
+        if key not in self.ids:
+            self.keep.append(obj)  # obj now outlives the walk: its id cannot be reused
+            self.ids[key] = f"n{len(self.g.nodes)}"
+            self.g.nodes.append(make(self.ids[key]))
+        return self.ids[key]
+
+    def fresh(self, kind: str, label: str) -> str:
+        """A node of its own (a constant, a cut summary), never shared."""
+        nid = f"n{len(self.g.nodes)}"
+        self.g.nodes.append(Node(nid, kind, label))
+        return nid
+
+
+def graph(root: Tensor, max_depth: int | None = None, names: Mapping[str, Tensor] | None = None) -> Graph:
+    """The nodes and edges of the graph that produced `root` (what `to_dot` and `draw` draw).
 
     max_depth: show ops at most this many steps back from root (None: all); the inputs
     cut off are summarized by one "... N more ops" node each.
     names: {"w": w, ...} labels for tensors (e.g. dict(model.named_parameters())).
     """
     label_of = {id(t): n for n, t in (names or {}).items()}
-    ids: dict[int, str] = {}
-    lines = ["digraph tensor_graph {", f"  rankdir={rankdir};",
-             '  node [fontname="Helvetica", fontsize=10];']
+    b = _Builder()
+    b.keep.append(names)  # the named tensors stay alive, so label_of's ids stay theirs
 
-    counter = itertools.count()
+    def tensor_node(t: Tensor, kind: str) -> str:
+        return b.node("tensor", t, lambda nid: Node(nid, kind, _tensor_label(t, label_of.get(id(t))),
+                                                    bool(t.requires_grad)))
 
-    def node_id(obj: Any, prefix: str) -> tuple[str, bool]:
-        """A stable name per tensor/op (numbered in the order met), and whether it is new."""
-        if id(obj) in ids:
-            return ids[id(obj)], False
-        ids[id(obj)] = f"{prefix}{next(counter)}"
-        return ids[id(obj)], True
+    def value_node(fn: Function) -> str:  # the output box of op fn
+        return b.node("value", fn, lambda nid: Node(nid, "value", f"{_shape(fn.out_shape)} {fn.out_dtype}", True))
 
-    def add_tensor(t: Tensor, is_root: bool = False) -> str:
-        nid, new = node_id(t, "t")
-        if new:
-            if is_root:
-                style = 'style=filled, fillcolor="#fde2c8"'
-            elif t._ctx is None and t.requires_grad:
-                style = 'style=filled, fillcolor="#d4edda"'
-            elif t._ctx is None:
-                style = 'style=filled, fillcolor="#eeeeee"'
-            else:
-                style = ""
-            attrs = f'shape=box, label="{_esc(_tensor_label(t, label_of.get(id(t))))}"'
-            lines.append(f"  {nid} [{attrs}{', ' + style if style else ''}];")
-        return nid
-
-    def add_value(fn: Function) -> str:
-        """The box of an intermediate result, known to the graph only through the op that made it."""
-        nid, new = node_id(("value", id(fn)), "t")
-        if new:
-            label = f"{_shape(fn.out_shape)} {fn.out_dtype}"
-            lines.append(f'  {nid} [shape=box, label="{_esc(label)}"];')
-        return nid
-
-    root_id = add_tensor(root, is_root=True)
-    queue: deque[tuple[Function | None, str, int]] = deque([(root._ctx, root_id, 0)])
-    done: set[int] = set()
+    root_id = tensor_node(root, "root")
+    if root._ctx is not None:  # the root *is* the output of its op: its box stands for that op's value
+        b.ids[("value", id(root._ctx))] = root_id
+        b.keep.append(root._ctx)
+    queue: deque[tuple[Function, int]] = deque([(root._ctx, 0)] if root._ctx is not None else [])
+    done: set[int] = set()  # ids of ops already expanded (each is kept alive by b.keep)
     while queue:
-        fn, tid, depth = queue.popleft()
-        if fn is None or id(fn) in done:
+        fn, depth = queue.popleft()
+        if id(fn) in done:
             continue
         done.add(id(fn))
+        out_id = value_node(fn)
         if max_depth is not None and depth >= max_depth:
             hidden = _count_ops(fn)
-            cut = f"cut{next(counter)}"
-            lines.append(f'  {cut} [shape=plaintext, label="... {hidden} more op{"s" if hidden != 1 else ""}"];')
-            lines.append(f"  {cut} -> {tid} [style=dashed];")
+            cut = b.fresh("cut", f"... {hidden} more op{'s' if hidden != 1 else ''}")
+            b.g.edges.append((cut, out_id))
             continue
-        op_id, _ = node_id(fn, "op")
-        lines.append(f'  {op_id} [shape=ellipse, style=filled, fillcolor="#cfe2ff", label="{_esc(fn.name)}"];')
-        lines.append(f"  {op_id} -> {tid};")
+        op_id = b.node("op", fn, lambda nid: Node(nid, "op", fn.name))
+        b.g.edges.append((op_id, out_id))
         for inp in fn.inputs:
             if isinstance(inp, Function):  # an intermediate tensor: its box, then the op that made it
-                iid = add_value(inp)
-                lines.append(f"  {iid} -> {op_id};")
-                queue.append((inp, iid, depth + 1))
+                src = value_node(inp)
+                queue.append((inp, depth + 1))
             elif isinstance(inp, Tensor):
-                iid = add_tensor(inp)
-                lines.append(f"  {iid} -> {op_id};")
+                src = tensor_node(inp, "leaf")
             elif inp is not None:
-                cid = f"c{next(counter)}"
-                lines.append(f'  {cid} [shape=plaintext, label="{_esc(_const_label(inp))}"];')
-                lines.append(f"  {cid} -> {op_id};")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+                src = b.fresh("const", _const_label(inp))
+            else:
+                continue
+            b.g.edges.append((src, op_id))
+    return b.g
 
 
 def _count_ops(fn: Function) -> int:
-    """How many distinct ops lead to (and include) fn (iteratively)."""
+    """How many distinct ops lead to (and include) fn (iteratively; fn keeps them all alive)."""
     seen: set[int] = set()
     stack = [fn]
     while stack:
@@ -141,6 +161,32 @@ def _count_ops(fn: Function) -> int:
     return len(seen)
 
 
+def _esc(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+_STYLE = {"root": 'shape=box, style=filled, fillcolor="#fde2c8"', "value": "shape=box",
+          "op": 'shape=ellipse, style=filled, fillcolor="#cfe2ff"', "const": "shape=plaintext",
+          "cut": "shape=plaintext"}
+
+
+def to_dot(root: Tensor, max_depth: int | None = None, names: Mapping[str, Tensor] | None = None,
+           rankdir: str = "LR") -> str:
+    """The graph that produced `root` as Graphviz DOT text (arguments as in `graph`)."""
+    g = graph(root, max_depth=max_depth, names=names)
+    lines = ["digraph tensor_graph {", f"  rankdir={rankdir};", '  node [fontname="Helvetica", fontsize=10];']
+    kind = {}
+    for n in g.nodes:
+        kind[n.id] = n.kind
+        style = _STYLE.get(n.kind) or ('shape=box, style=filled, fillcolor="#d4edda"' if n.requires_grad
+                                       else 'shape=box, style=filled, fillcolor="#eeeeee"')
+        lines.append(f'  {n.id} [{style}, label="{_esc(n.label)}"];')
+    for src, dst in g.edges:
+        lines.append(f"  {src} -> {dst}{' [style=dashed]' if kind[src] == 'cut' else ''};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 def graphviz_available() -> bool:
     """True when the Graphviz `dot` program is on PATH."""
     return shutil.which("dot") is not None
@@ -148,17 +194,25 @@ def graphviz_available() -> bool:
 
 def draw(root: Tensor, path: str | Path, max_depth: int | None = None,
          names: Mapping[str, Tensor] | None = None) -> Path:
-    """Write the graph to `path`: .dot always (next to it); .svg/.png rendered when `dot` is installed.
+    """Write the graph to `path`: .dot always (next to it); .svg/.png/.pdf rendered when `dot` is installed.
 
-    Returns the file written last (the picture, or the .dot when Graphviz is missing).
+    Returns the file written last: the picture, or the .dot when Graphviz is missing (then
+    a line on stderr says that only the .dot was written and how to render it).
     """
     path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in ("", "dot") + PICTURE_FORMATS:
+        raise ValueError(f"draw: unknown picture format {path.suffix!r} in {str(path)!r} "
+                         f"(use .dot, .svg, .png or .pdf)")
     dot_path = path.with_suffix(".dot")
     dot_path.write_text(to_dot(root, max_depth=max_depth, names=names))
-    fmt = path.suffix.lstrip(".").lower()
-    if fmt in ("", "dot") or not graphviz_available():
+    if fmt in ("", "dot"):
         return dot_path
-    if fmt not in ("svg", "png", "pdf"):
-        raise ValueError(f"draw: unknown picture format {fmt!r} (use .dot, .svg, .png or .pdf)")
-    subprocess.run(["dot", f"-T{fmt}", str(dot_path), "-o", str(path)], check=True)
+    if not graphviz_available():
+        print(f"draw: Graphviz `dot` is not on PATH, so only {dot_path} was written (not {path}); "
+              f"install Graphviz and run: dot -T{fmt} {dot_path} -o {path}", file=sys.stderr)
+        return dot_path
+    r = subprocess.run(["dot", f"-T{fmt}", str(dot_path), "-o", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"draw: `dot -T{fmt} {dot_path}` failed with status {r.returncode}: {r.stderr.strip()}")
     return path

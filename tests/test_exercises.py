@@ -3,6 +3,9 @@ reference solution, and explains a wrong answer (which input, where, expected vs
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,8 +132,8 @@ def test_cli_list_check_show_and_errors(capsys: pytest.CaptureFixture, tmp_path:
     assert "solved" in capsys.readouterr().out
     assert main(["show", "layer_norm"]) == 0
     assert "Derive" in capsys.readouterr().out
-    assert main(["check", "nope"]) == 1
-    assert "no exercise 'nope'" in capsys.readouterr().out
+    assert main(["check", "nope"]) == 2
+    assert "error: no exercise 'nope'" in capsys.readouterr().err
     assert main(["--dir", str(tmp_path / "missing"), "list"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -138,3 +141,111 @@ def test_cli_list_check_show_and_errors(capsys: pytest.CaptureFixture, tmp_path:
 def test_env_var_points_the_checker_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TINYGRAD_EXERCISES_DIR", str(SOLUTIONS))
     assert check("gelu").solved
+
+
+# ------------------------------------------------------------------ the command line, as a user runs it
+def run_cli(*args: str, stdout_to_head: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tensor.exercises", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if stdout_to_head:  # `python -m tensor.exercises ... | head -1`, through a real pipe
+        script = " ".join(f"'{c}'" for c in cmd) + " | head -1; echo \"status=${PIPESTATUS[0]}\" >&2"
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                              cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def broken_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("broken_exercises")
+    (d / "mul.py").write_text((SOLUTIONS / "mul.py").read_text())
+    (d / "exp.py").write_text("def broken(:\n")
+    (d / "log.py").write_text("import numpy\nundefined_name()\n")
+    (d / "tanh.py").write_text("x = 1\n")
+    return d
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["nope"], ["invalid choice: 'nope'", "list", "check"]),
+    ([], ["required"]),
+    (["check"], ["check", "required: name"]),
+    (["show", "nope"], ["no exercise 'nope'", "softmax"]),
+    (["check", "nope"], ["no exercise 'nope'", "softmax"]),
+    (["--bogus", "list"], ["unrecognized arguments: --bogus"]),
+    (["list", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["check", "mul", "--exa", "3"], ["unrecognized arguments: --exa"]),  # no abbreviations
+    (["check", "mul", "--examples", "x"], ["--examples", "whole number", "'x'"]),
+    (["check", "mul", "--examples", "0"], ["--examples", "at least 1"]),
+    (["--dir", "/no/such/folder", "list"], ["/no/such/folder", "(from --dir) does not exist"]),
+    (["check", "mul", "--dir", str(SOLUTIONS / "mul.py")], ["mul.py", "is a file, not a folder"]),
+])
+def test_cli_bad_input_is_one_error_line(args: list[str], needles: list[str]) -> None:
+    assert_one_line_error(run_cli(*args), *needles)
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("exp", ["exp.py", "SyntaxError", "line 1"]),
+    ("log", ["log.py", "NameError", "undefined_name", "line 2"]),
+    ("tanh", ["tanh.py", "expected one Function subclass"]),
+])
+@pytest.mark.parametrize("cmd", ["check", "show"])
+def test_cli_a_file_that_does_not_import_is_bad_input(broken_dir: Path, cmd: str, name: str,
+                                                      needles: list[str]) -> None:
+    assert_one_line_error(run_cli(cmd, name, "--dir", str(broken_dir)), "cannot import" if name != "tanh" else "",
+                          *needles)
+
+
+def test_cli_check_all_grades_the_rest_and_reports_each_broken_file(broken_dir: Path) -> None:
+    r = run_cli("check", "all", "--dir", str(broken_dir), "--examples", "5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "[x] mul: solved" in r.stdout
+    errors = r.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("error: ") for e in errors)
+
+
+def test_cli_list_shows_broken_files_as_not_loading(broken_dir: Path) -> None:
+    r = run_cli("list", "--dir", str(broken_dir))
+    assert r.returncode == 0, r.stderr
+    assert "1/4 solved" in r.stdout and "exp  (does not load: python -m tensor.exercises check exp)" in r.stdout
+
+
+def test_cli_list_into_a_closed_pipe_ends_quietly() -> None:
+    r = run_cli("list", "--dir", str(SOLUTIONS), stdout_to_head=True)
+    assert r.stdout.startswith("exercises in ") and r.stdout.count("\n") == 1
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr and "Exception ignored" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] in ("status=0", "status=141")
+
+
+@pytest.mark.parametrize("args", [["list"], ["show", "softmax"], ["check", "mul", "--examples", "3"]])
+def test_cli_output_into_a_pipe_already_closed_ends_quietly(args: list[str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write fails with EPIPE: the deterministic form of `| head -1`
+    try:
+        r = subprocess.run([sys.executable, "-m", "tensor.exercises", *args, "--dir", str(SOLUTIONS)],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == ""
+
+
+def test_cli_help_and_success_exit_zero() -> None:
+    r = run_cli("--help")
+    assert r.returncode == 0 and "list" in r.stdout and "check" in r.stdout
+    r = run_cli("check", "mul", "--dir", str(SOLUTIONS), "--examples", "5")
+    assert r.returncode == 0 and "[x] mul: solved" in r.stdout and r.stderr == ""
+
+
+def test_cli_names_the_environment_variable_when_its_folder_is_missing(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TINYGRAD_EXERCISES_DIR": str(tmp_path / "gone")}
+    r = subprocess.run([sys.executable, "-m", "tensor.exercises", "list"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=ROOT)
+    assert_one_line_error(r, "gone", "(from $TINYGRAD_EXERCISES_DIR) does not exist")

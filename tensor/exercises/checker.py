@@ -40,6 +40,7 @@ DEFAULT_EXAMPLES = 30
 DEV_EXTRA_HELP = "the exercise checker needs Hypothesis: pip install -e '.[dev]'"
 
 SOLVED, NOT_STARTED, WRONG, ERROR, MISSING = "solved", "not started", "wrong", "error", "missing"
+BROKEN = "does not load"  # the file is there but does not import, or defines no single Function
 GRADIENT = "gradient"  # a gradcheck mismatch, diagnosed once several examples are in
 DIAGNOSE_AFTER = 4     # wrong-gradient examples collected before the verdict (more data, surer diagnosis)
 
@@ -51,7 +52,7 @@ class ExerciseSetupError(RuntimeError):
 @dataclass
 class Result:
     name: str
-    status: str                   # solved / not started / wrong / error / missing
+    status: str                   # solved / not started / wrong / error / missing / does not load
     message: str                  # what to print
     examples: int = 0             # examples that passed before the verdict
     kind: str = ""                # the diagnosis for a wrong gradient (sign, factor, shape, ...)
@@ -65,12 +66,14 @@ class Result:
 # ------------------------------------------------------------------ finding the files
 def find_exercise_dir(directory: str | os.PathLike | None = None) -> Path:
     """--dir, else $TINYGRAD_EXERCISES_DIR, else examples/exercises/ of this checkout."""
+    source = "--dir"
     if directory is None:
-        directory = os.environ.get(ENV_DIR)
+        directory, source = os.environ.get(ENV_DIR), f"${ENV_DIR}"
     if directory is not None:
         p = Path(directory)
         if not p.is_dir():
-            raise ExerciseSetupError(f"exercise folder {p} does not exist")
+            found = "is a file, not a folder" if p.exists() else "does not exist"
+            raise ExerciseSetupError(f"exercise folder {p} (from {source}) {found}")
         return p
     repo = Path(__file__).resolve().parents[2]  # tensor/exercises/checker.py -> repo root
     for candidate in (repo / "examples" / "exercises", Path.cwd() / "examples" / "exercises"):
@@ -97,8 +100,19 @@ def load_exercise(name: str, directory: Path) -> ModuleType:
     tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     spec = importlib.util.spec_from_file_location(f"_exercise_{name}_{tag}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except (Exception, SystemExit) as e:  # a syntax error in the learner's file, say: one line that names it
+        detail = " ".join(str(e).split())
+        raise ExerciseSetupError(f"cannot import {path}: {type(e).__name__}: {detail}{_user_frame(e, str(path))}") \
+            from e
     return module
+
+
+def load_op(name: str, directory: Path) -> tuple[ModuleType, type[Function]]:
+    """The exercise's module and its Function; ExerciseSetupError when the file is missing or broken."""
+    module = load_exercise(name, directory)
+    return module, exercise_op(module)
 
 
 def exercise_op(module: ModuleType) -> type[Function]:
@@ -322,13 +336,10 @@ def check(name: str, directory: str | os.PathLike | None = None, examples: int =
         raise ExerciseSetupError(DEV_EXTRA_HELP) from None
     folder = find_exercise_dir(directory)
     try:
-        module = load_exercise(name, folder)
-        op = exercise_op(module)
-    except ExerciseSetupError as e:
-        return Result(name, MISSING, f"[ ] {name}: {e}")
-    except Exception as e:  # noqa: BLE001 - a syntax error in the learner's file, say
-        return Result(name, ERROR, f"[ ] {name}: cannot import {folder / (name + '.py')}: "
-                                   f"{type(e).__name__}: {e}")
+        module, op = load_op(name, folder)
+    except ExerciseSetupError as e:  # missing, does not import, or no Function in it
+        status = BROKEN if (folder / f"{name}.py").is_file() else MISSING
+        return Result(name, status, f"[ ] {name}: {e}", details={"error": str(e)})
     passed = [0]
     failure: list[Result] = []     # a structural failure: stop at once
     wrong: list[Result] = []       # wrong gradients: collect a few, then diagnose them together
@@ -380,6 +391,5 @@ def _gradient_verdict(name: str, module: ModuleType, wrong: list[Result], passed
 
 def statement(name: str, directory: str | os.PathLike | None = None) -> str:
     """The exercise's docstring: what to derive."""
-    module = load_exercise(name, find_exercise_dir(directory))
-    op = exercise_op(module)
+    module, op = load_op(name, find_exercise_dir(directory))
     return inspect.cleandoc(module.__doc__ or "") + "\n\n" + inspect.cleandoc(op.__doc__ or "")
