@@ -115,10 +115,15 @@ class Communicator:
         return self.device if on_device(buf) else self.host
 
     def _run(self, name: str, transport: Transport, method: str, *args: Any) -> None:
+        """transport.method(*args) under the watchdog. A call that raised is no longer in flight."""
         entry = self.watchdog.begin(name)
-        getattr(transport, method)(*args)
-        if entry is not None:
-            self.watchdog.end(entry, transport.completion())
+        event = None
+        try:
+            getattr(transport, method)(*args)
+            if entry is not None:
+                event = transport.completion()
+        finally:
+            self.watchdog.end(entry, event)
 
     def allreduce(self, buf: Any, op: str = "sum", wire_dtype: Any = None) -> Any:
         """buf (n,) <- sum (op="sum") or mean (op="mean") over the ranks, in place; returns buf.
@@ -178,8 +183,10 @@ class Communicator:
 
     def barrier(self) -> None:
         entry = self.watchdog.begin("barrier")
-        self.mpi.Barrier()
-        self.watchdog.end(entry)
+        try:
+            self.mpi.Barrier()
+        finally:
+            self.watchdog.end(entry)
 
     def allreduce_scalar(self, value: float, op: str = "sum") -> float:
         """A Python float summed ("sum"), averaged ("mean"), or its "max" or "min", over the ranks."""
@@ -188,8 +195,10 @@ class Communicator:
             raise ValueError(f"Communicator.allreduce_scalar: op must be one of {sorted(ops)}, got {op!r}")
         buf = np.array([value], dtype=np.float64)
         entry = self.watchdog.begin(f"allreduce_scalar({op})")
-        self.mpi.Allreduce(self.MPI.IN_PLACE, buf, op=ops[op])
-        self.watchdog.end(entry)
+        try:
+            self.mpi.Allreduce(self.MPI.IN_PLACE, buf, op=ops[op])
+        finally:
+            self.watchdog.end(entry)
         return float(buf[0]) / (self.size if op == "mean" else 1)
 
     def any(self, flag: bool) -> bool:

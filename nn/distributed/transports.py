@@ -164,6 +164,7 @@ class NCCL(Transport):
             uid[:] = nccl.get_unique_id()
         mpi_comm.Bcast(uid, root=0)
         self.comm = nccl.NcclCommunicator(mpi_comm.Get_size(), tuple(int(v) for v in uid), mpi_comm.Get_rank())
+        self.device_id = backend.cupy_module().cuda.Device().id
         self._types = {"float32": nccl.NCCL_FLOAT32, "float16": nccl.NCCL_FLOAT16, "float64": nccl.NCCL_FLOAT64,
                        "int32": nccl.NCCL_INT32, "int64": nccl.NCCL_INT64, "int8": nccl.NCCL_INT8,
                        "uint8": nccl.NCCL_UINT8}
@@ -213,10 +214,23 @@ class NCCL(Transport):
         self.comm.recv(buf.data.ptr, buf.size, self._type(buf), source, self._stream())
 
     def completion(self) -> Any:
-        return backend.cupy_module().cuda.get_current_stream().record()
+        return DeviceEvent(backend.cupy_module().cuda.get_current_stream().record(), self.device_id)
 
     def split(self, sub_mpi: Any) -> "NCCL":
         return NCCL(sub_mpi)
+
+
+class DeviceEvent:
+    """A CUDA event with the device it belongs to, so that another thread (the watchdog's)
+    can ask whether it has completed without touching any other GPU."""
+
+    def __init__(self, event: Any, device_id: int) -> None:
+        self.event, self.device_id = event, device_id
+
+    @property
+    def done(self) -> bool:
+        with backend.cupy_module().cuda.Device(self.device_id):
+            return bool(self.event.done)
 
 
 TRANSPORTS = {"mpi-host": MPIHost, "mpi-cuda-aware": MPICudaAware, "nccl": NCCL}
