@@ -197,7 +197,8 @@ COMM_WORKER = WORKER.parent / "comm_worker.py"
 
 def test_communicator_collectives_and_splits_match_closed_forms() -> None:
     """allreduce (sum, mean, float16 wire), broadcast, reduce_scatter, all_gather, send/recv,
-    any/all, and split into communicators of size 1 and 2, on host buffers over host MPI."""
+    any/all, split into communicators of size 1 and 2, and every (dp, pp, tp) Grid of 2 ranks,
+    on host buffers over host MPI."""
     r = run_mpi(2, [str(COMM_WORKER), "cpu"], timeout=180)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 

@@ -10,7 +10,8 @@ Layers, each built on the one below:
   comm.py           Communicator: allreduce / broadcast / reduce_scatter / all_gather /
                     send / recv / barrier / any / all over flat contiguous buffers, and
                     split(color, key) into sub-communicators (MPI Comm.Split; for NCCL a new
-                    NCCL communicator over the sub-group) for a (dp, pp, tp) grid
+                    NCCL communicator over the sub-group); Grid(comm, tp, pp): the
+                    (dp, pp, tp) grid of sub-communicators, tp ranks adjacent
   data_parallel.py  World (one process, every collective a no-op) and MPIWorld: gradients
                     averaged in flat buckets (optionally float16 on the wire), parameters
                     broadcast from rank 0
@@ -41,12 +42,12 @@ others' next collective). It costs a lock per collective and no thread per colle
 """
 from __future__ import annotations
 
-from nn.distributed.comm import MPI_EXTRA_HELP, Communicator, mpi_module
+from nn.distributed.comm import MPI_EXTRA_HELP, Communicator, Grid, mpi_module
 from nn.distributed.data_parallel import MPIWorld, World
 from nn.distributed.launch import init, launched_under_mpi, run_or_abort
 from nn.distributed.transports import MPICudaAware, MPIHost, NCCL, Transport
 from nn.distributed.watchdog import Watchdog
 from nn.distributed.zero import ZeRO1
 
-__all__ = ["MPI_EXTRA_HELP", "Communicator", "MPICudaAware", "MPIHost", "MPIWorld", "NCCL", "Transport", "Watchdog",
+__all__ = ["MPI_EXTRA_HELP", "Communicator", "Grid", "MPICudaAware", "MPIHost", "MPIWorld", "NCCL", "Transport", "Watchdog",
            "World", "ZeRO1", "init", "launched_under_mpi", "mpi_module", "run_or_abort"]

@@ -90,16 +90,24 @@ class Communicator:
         if name not in TRANSPORTS:
             raise ValueError(f"Communicator.use_transport: unknown transport {name!r}; expected one of "
                              f"{sorted(TRANSPORTS)}")
-        self.device = self.host if name == "mpi-host" else TRANSPORTS[name](self.mpi)
+        entry = self.watchdog.begin(f"use_transport({name})")  # NCCL's set-up waits for every rank
+        try:
+            self.device = self.host if name == "mpi-host" else TRANSPORTS[name](self.mpi)
+        finally:
+            self.watchdog.end(entry)
         return name
 
     def split(self, color: int, key: int | None = None) -> "Communicator | None":
         """The sub-communicator of the ranks that passed the same color, ordered by key (default:
         this rank). A collective over this communicator. color < 0: this rank joins none (None)."""
-        sub = self.mpi.Split(color if color >= 0 else self.MPI.UNDEFINED, self.rank if key is None else key)
-        if sub == self.MPI.COMM_NULL:
-            return None
-        device = None if self.device is self.host else self.device.split(sub)
+        entry = self.watchdog.begin("split")
+        try:
+            sub = self.mpi.Split(color if color >= 0 else self.MPI.UNDEFINED, self.rank if key is None else key)
+            if sub == self.MPI.COMM_NULL:
+                return None
+            device = None if self.device is self.host else self.device.split(sub)
+        finally:
+            self.watchdog.end(entry)
         return Communicator(sub, device=device, watchdog=self.watchdog)
 
     def local_rank_size(self) -> tuple[int, int]:
@@ -218,3 +226,25 @@ class Communicator:
         sys.stderr.flush()
         self.MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # pragma: no cover - Abort does not return
+
+
+class Grid:
+    """A (dp, pp, tp) grid of sub-communicators over comm's size = dp * pp * tp ranks.
+
+    Rank = (d * pp + p) * tp + t: the tp ranks of one (d, p) are adjacent (tensor parallelism
+    talks most, so it gets the nearest ranks). This rank's coordinates are (self.d, self.p,
+    self.t); self.tp joins the ranks that differ only in t, self.pp those that differ only in
+    p, self.dp those that differ only in d, each ordered by its own coordinate. A collective
+    over comm: every rank builds the grid with the same sizes.
+    """
+
+    def __init__(self, comm: Communicator, tp: int = 1, pp: int = 1) -> None:
+        if tp < 1 or pp < 1 or comm.size % (tp * pp):
+            raise ValueError(f"Grid: {comm.size} ranks cannot be cut into tp={tp} x pp={pp} x dp groups; "
+                             f"expected tp, pp >= 1 and tp * pp dividing {comm.size}")
+        r = comm.rank
+        self.dp_size, self.pp_size, self.tp_size = comm.size // (tp * pp), pp, tp
+        self.d, self.p, self.t = r // (pp * tp), (r // tp) % pp, r % tp
+        self.tp = comm.split(color=r // tp, key=self.t)
+        self.pp = comm.split(color=self.d * tp + self.t, key=self.p)
+        self.dp = comm.split(color=r % (pp * tp), key=self.d)

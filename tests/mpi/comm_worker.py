@@ -15,7 +15,7 @@ import traceback
 
 import numpy as np
 
-from nn.distributed import Communicator
+from nn.distributed import Communicator, Grid
 from tensor import backend
 
 
@@ -110,12 +110,41 @@ def splits(comm: Communicator, xp: object, label: str) -> None:
         assert none.size == N - 1 and none.rank == r
 
 
+def grids(comm: Communicator, xp: object, label: str) -> None:
+    """Every (tp, pp) that divides the world: sizes, coordinates, and a sum over each group."""
+    r, N = comm.rank, comm.size
+    for tp in range(1, N + 1):
+        for pp in range(1, N // tp + 1):
+            if N % (tp * pp):
+                continue
+            g = Grid(comm, tp=tp, pp=pp)
+            dp = N // (tp * pp)
+            assert (g.dp_size, g.pp_size, g.tp_size) == (dp, pp, tp)
+            assert r == (g.d * pp + g.p) * tp + g.t, f"{label} grid coordinates"
+            world_rank = lambda d, p, t: (d * pp + p) * tp + t  # noqa: E731
+            groups = ((g.tp, tp, g.t, [world_rank(g.d, g.p, t) for t in range(tp)]),
+                      (g.pp, pp, g.p, [world_rank(g.d, p, g.t) for p in range(pp)]),
+                      (g.dp, dp, g.d, [world_rank(d, g.p, g.t) for d in range(dp)]))
+            for group, size, own, members in groups:
+                assert (group.size, group.rank) == (size, own), f"{label} grid tp={tp} pp={pp}"
+                buf = xp.asarray([float(r)])
+                group.allreduce(buf)  # the sum of the group's world ranks
+                check(f"{label} grid tp={tp} pp={pp} sum", buf, np.array([float(sum(members))]))
+    try:
+        Grid(comm, tp=N + 1)
+    except ValueError as e:
+        assert "cannot be cut" in str(e)
+    else:
+        raise AssertionError("Grid accepted tp larger than the world")
+
+
 def main() -> int:
     comm = Communicator(timeout=120)  # a bug that leaves one rank waiting aborts the job instead of hanging it
     try:
         if sys.argv[1] == "cpu":
             collectives(comm, np, "cpu")
             splits(comm, np, "cpu")
+            grids(comm, np, "cpu")
         else:
             cp = backend.cupy_module()
             cp.cuda.Device(comm.local_rank_size()[0] % cp.cuda.runtime.getDeviceCount()).use()
@@ -123,6 +152,7 @@ def main() -> int:
             assert comm.transport == sys.argv[2] and comm._transport(cp.zeros(1)) is comm.device
             collectives(comm, cp, sys.argv[2])
             splits(comm, cp, sys.argv[2])
+            grids(comm, cp, sys.argv[2])
             cp.cuda.get_current_stream().synchronize()
         comm.barrier()
     except BaseException:
