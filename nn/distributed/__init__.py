@@ -49,5 +49,5 @@ from nn.distributed.transports import MPICudaAware, MPIHost, NCCL, Transport
 from nn.distributed.watchdog import Watchdog
 from nn.distributed.zero import ZeRO1
 
-__all__ = ["MPI_EXTRA_HELP", "Communicator", "Grid", "MPICudaAware", "MPIHost", "MPIWorld", "NCCL", "Transport", "Watchdog",
-           "World", "ZeRO1", "init", "launched_under_mpi", "mpi_module", "run_or_abort"]
+__all__ = ["MPI_EXTRA_HELP", "Communicator", "Grid", "MPICudaAware", "MPIHost", "MPIWorld", "NCCL", "Transport",
+           "Watchdog", "World", "ZeRO1", "init", "launched_under_mpi", "mpi_module", "run_or_abort"]
