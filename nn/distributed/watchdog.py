@@ -15,6 +15,10 @@ The cost of a collective that finishes is one lock and a list append: no thread 
 per collective, and the thread wakes at most about once per deadline, not once per
 collective. An asynchronous device collective (NCCL) is done when its CUDA event has
 completed: `end(entry, event)` hands the event over and the thread asks it at the deadline.
+Its deadline counts from when it was queued, so the device work queued before it counts too.
+
+MPI Abort is called from the watchdog's thread while the main thread waits inside MPI; mpi4py
+initialises MPI with MPI_THREAD_MULTIPLE by default, which makes that legal.
 """
 from __future__ import annotations
 
