@@ -83,11 +83,11 @@ def worker(args: argparse.Namespace) -> None:
         out["allreduce_GBps_in_training"] = nbytes / (world.seconds_reducing / args.steps) / 1e9
         buf = np.ones(int(nbytes // 4), dtype=np.float32)  # a raw (host) Allreduce of the same bytes
         MPI = world.MPI
-        world.comm.Allreduce(MPI.IN_PLACE, buf)
+        world.comm.mpi.Allreduce(MPI.IN_PLACE, buf)
         world.barrier()
         t0 = time.perf_counter()
         for _ in range(20):
-            world.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            world.comm.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         out["raw_allreduce_GBps"] = nbytes * 20 / (time.perf_counter() - t0) / 1e9
     if world.rank == 0:
         print("RESULT " + json.dumps(out), flush=True)

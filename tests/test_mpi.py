@@ -1,4 +1,5 @@
-"""Data parallelism under a real `mpiexec -n 2` (skipped only when no MPI launcher is installed)."""
+"""Data parallelism, the Communicator and the collective watchdog under a real `mpiexec -n 2`
+(skipped only when no MPI launcher is installed); the watchdog's own logic in-process."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,8 +23,6 @@ def mpiexec() -> str | None:
     return str(local) if local.exists() else shutil.which("mpiexec")
 
 
-pytestmark = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install 'tinygrad-lm[mpi]')")
-
 
 def mpi_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -31,6 +31,8 @@ def mpi_env() -> dict:
 
 
 def run_mpi(n: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    if mpiexec() is None:
+        pytest.skip("no mpiexec (pip install 'tinygrad-lm[mpi]')")
     pytest.importorskip("mpi4py")
     cmd = [mpiexec(), "-n", str(n), sys.executable] + args
     return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
@@ -165,3 +167,122 @@ def test_two_ranks_on_gpu_equal_one_gpu_with_double_batch(tmp_path: Path, corpus
     got = dict(np.load(out / "weights.npz"))
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def gpu_count() -> int:
+    from tensor import backend
+    if not backend.cuda_available():
+        pytest.skip("needs CuPy and an NVIDIA GPU")
+    return backend.cupy_module().cuda.runtime.getDeviceCount()
+
+
+@pytest.mark.gpu
+def test_zero1_on_gpu_equals_plain_data_parallelism_on_gpu(tmp_path: Path, corpus: str) -> None:
+    """ZeRO-1 with device buffers: its reduce-scatter and all-gather go by the GPU transport."""
+    gpu_count()
+    steps, b = 4, 3
+    plain = run_mpi(2, [str(WORKER), "train", str(tmp_path / "plain"), corpus, str(steps), str(b), "cuda"])
+    zero = run_mpi(2, [str(WORKER), "zero", str(tmp_path / "zero"), corpus, str(steps), str(b), "cuda"])
+    assert plain.returncode == 0 and zero.returncode == 0, plain.stderr + zero.stderr
+    a, z = dict(np.load(tmp_path / "plain" / "weights.npz")), dict(np.load(tmp_path / "zero" / "weights.npz"))
+    for k in a:
+        np.testing.assert_allclose(z[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    c = [json.loads((tmp_path / "zero" / f"checksums.{r}.json").read_text()) for r in (0, 1)]
+    assert c[0]["sums"] == c[1]["sums"]
+
+
+# ---------------------------------------------------------------- the Communicator
+COMM_WORKER = WORKER.parent / "comm_worker.py"
+
+
+def test_communicator_collectives_and_splits_match_closed_forms() -> None:
+    """allreduce (sum, mean, float16 wire), broadcast, reduce_scatter, all_gather, send/recv,
+    any/all, split into communicators of size 1 and 2, and every (dp, pp, tp) Grid of 2 ranks,
+    on host buffers over host MPI."""
+    r = run_mpi(2, [str(COMM_WORKER), "cpu"], timeout=180)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["mpi-host", "mpi-cuda-aware", "nccl"])
+def test_communicator_on_gpu_matches_closed_forms(transport: str) -> None:
+    """Device buffers by each transport. Two ranks share one GPU (staged through the host)
+    unless there are two: NCCL refuses two ranks on one GPU."""
+    n = gpu_count()
+    if transport == "nccl" and n < 2:
+        pytest.skip("NCCL needs a GPU per rank: two GPUs")
+    if transport == "mpi-cuda-aware" and os.environ.get("TINYGRAD_LM_CUDA_AWARE_MPI") != "1":
+        pytest.skip("set TINYGRAD_LM_CUDA_AWARE_MPI=1 where the MPI library is CUDA-aware")
+    r = run_mpi(2, [str(COMM_WORKER), "cuda", transport], timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- the collective watchdog
+WATCHDOG_WORKER = WORKER.parent / "watchdog_worker.py"
+
+
+def test_watchdog_aborts_the_job_when_a_rank_stalls() -> None:
+    t0 = time.time()
+    r = run_mpi(2, [str(WATCHDOG_WORKER), "hang"], timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert ("[rank 0] error: collective allreduce did not finish within 2 s (another rank may have died or "
+            "stalled); aborting the job") in out, out
+    assert time.time() - t0 < 20
+
+
+def test_watchdog_stays_quiet_while_collectives_finish() -> None:
+    r = run_mpi(2, [str(WATCHDOG_WORKER), "ok"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK watchdog threads=1" in r.stdout  # one thread for all 800 collectives
+
+
+class FakeEvent:
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+
+def watchdog(timeout: float) -> tuple:
+    from nn.distributed import Watchdog
+    fired: list[int] = []
+    called = threading.Event()
+
+    def abort(code: int) -> None:  # stands in for MPI Abort, which never returns
+        fired.append(code)
+        called.set()
+        threading.Event().wait()
+
+    return Watchdog(rank=3, abort=abort, timeout=timeout), fired, called
+
+
+def test_watchdog_fires_once_for_a_collective_past_its_deadline(capsys: pytest.CaptureFixture) -> None:
+    wd, fired, called = watchdog(0.2)
+    for _ in range(5):
+        wd.end(wd.begin("broadcast"))
+    wd.begin("reduce_scatter")  # never ends
+    assert called.wait(10)
+    assert fired == [1]
+    assert ("[rank 3] error: collective reduce_scatter did not finish within 0.2 s (another rank may have died "
+            "or stalled); aborting the job") in capsys.readouterr().err
+
+
+def test_watchdog_waits_for_an_asynchronous_collective_to_complete() -> None:
+    wd, fired, called = watchdog(0.2)
+    wd.end(wd.begin("allreduce"), FakeEvent(done=True))
+    time.sleep(0.5)
+    assert fired == []
+    wd.end(wd.begin("all_gather"), FakeEvent(done=False))  # queued on the device, never completes
+    assert called.wait(10) and fired == [1]
+
+
+def test_watchdog_is_off_at_zero_and_quiet_when_collectives_finish() -> None:
+    wd, fired, _ = watchdog(0.0)
+    assert wd.begin("allreduce") is None  # off: no entry, no thread
+    assert wd._thread is None
+    wd.timeout = 0.1
+    for _ in range(1000):
+        wd.end(wd.begin("allreduce"))
+    time.sleep(0.4)
+    assert fired == []
+    assert wd._thread is not None and wd._thread.is_alive()  # one thread, started by the first collective
+    assert len(wd._pending) <= 1  # finished entries do not pile up
