@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -32,19 +33,18 @@ from tinygrad_lm import checkpoint as ckpt_io
 from tinygrad_lm.config import TrainConfig, resume_config
 from tinygrad_lm.data import TokenData, build_tokenizer, resolve_corpus, tokenize_to_cache
 from tinygrad_lm.errors import UserError
+from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, apply_hyperparameters,
+                                       make_optimizer, make_schedule)
 from tinygrad_lm.model import GPT, GPTConfig
 from tinygrad_lm.plot import plot_losses, truncate_metrics
 from tinygrad_lm.progress import progress
 from tinygrad_lm.tokenizer import load_tokenizer
-from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, apply_hyperparameters,
-                                       make_optimizer, make_schedule)
 
 try:
     from tinygrad_lm.memory import check_fits
 except ImportError:  # until tinygrad_lm.memory lands: a rough host-memory bound
     def check_fits(model_cfg: GPTConfig, batch_size: int, precision: str, device: str, training: bool) -> None:
         """UserError when weights, gradients, AdamW moments and activations clearly exceed host memory."""
-        import os
         C, T, L, V, H = model_cfg.n_embd, model_cfg.block_size, model_cfg.n_layer, model_cfg.vocab_size, model_cfg.n_head
         params = V * C + T * C + L * 12 * C * C
         need = params * 4 * (4 if training else 1) + batch_size * L * (16 * T * C + 3 * H * T * T) * 4
@@ -131,7 +131,11 @@ class Trainer:
             self._check_out_dir()
         files = resolve_corpus(cfg.data)
         if self.ckpt is not None:
-            self.tokenizer = load_tokenizer(self.ckpt / ckpt_io.TOKENIZER_FILE)
+            try:
+                self.tokenizer = load_tokenizer(self.ckpt / ckpt_io.TOKENIZER_FILE)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ckpt_io.CheckpointError(f"checkpoint file {self.ckpt / ckpt_io.TOKENIZER_FILE} cannot be "
+                                              f"loaded ({e}){self._earlier(self.ckpt)}") from None
         else:
             self.tokenizer = build_tokenizer(cfg, files)
         mcfg = cfg.model_config(self.tokenizer.vocab_size)
