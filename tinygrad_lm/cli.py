@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # an unknown flag: the usage of the sub-command it was given to
-        sub = _subparser(parser, args.command)
+        sub = _subparser(parser, args)
         (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.exit(rc or 0)
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return action.choices[command]
-    return None
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser | None:
+    """The innermost (sub-)sub-parser that `args` went through (e.g. `tokenizer encode`)."""
+    found = None
+    while True:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, actions[0].dest, None) if actions and actions[0].dest else None
+        if not actions or name not in actions[0].choices:
+            return found
+        parser = found = actions[0].choices[name]
