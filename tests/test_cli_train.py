@@ -245,3 +245,26 @@ def test_checkpoint_with_nonfinite_weights_is_not_written(tmp_path, corpus, monk
     assert Trainer(cfg, log=msgs.append).run() == 3
     assert any("not finite" in m and "step-000003 not written" in m for m in msgs), msgs
     assert ckpt_io.resolve(tmp_path / "run").name == "step-000002"
+
+
+def test_collective_timeout_reaches_distributed_init(tmp_path, corpus, capsys, monkeypatch):
+    import tinygrad_lm.train as train_mod
+    from nn.distributed import World
+    seen = {}
+
+    def fake_init(**kw):
+        seen.update(kw)
+        return World()
+    monkeypatch.setattr(train_mod, "init_world", fake_init)
+    assert run_cli(train(tmp_path, corpus, "--max-iters", "1", "--collective-timeout", "2.5"), capsys)[0] == 0
+    assert seen["collective_timeout"] == 2.5
+    st = json.loads((ckpt_io.resolve(tmp_path / "run") / "state.json").read_text())
+    assert st["train_config"]["collective_timeout"] == 2.5 and st["world_size"] == 1 and st["global_batch_size"] == 4
+    expect_error(train(tmp_path, corpus, "--collective-timeout", "-1", out="other"), capsys, "--collective-timeout")
+
+
+def test_overwrite_never_deletes_the_run_being_resumed(tmp_path, corpus, capsys):
+    assert run_cli(train(tmp_path, corpus, "--max-iters", "1"), capsys)[0] == 0
+    run = tmp_path / "run"
+    expect_error(["train", "--resume", str(run), "--max-iters", "2", "--overwrite"], capsys, "--overwrite", str(run))
+    assert ckpt_io.resolve(run).name == "step-000001"
