@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m tinygrad_lm train --preset shakespeare-char --max-iters $(DEMO_ITERS) --out runs/demo
+	$(PY) -m tinygrad_lm train --preset shakespeare-char --max-iters $(DEMO_ITERS) --out runs/demo --overwrite
 	$(PY) -m tinygrad_lm sample --ckpt runs/demo --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 0
 
 test: venv

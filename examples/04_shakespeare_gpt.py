@@ -14,6 +14,7 @@ It prints (the numbers depend on the corpus and the number of steps):
 
     config: shakespeare-char preset, 100 steps, corpus shakespeare
     model: 81... parameters (4 layers, 4 heads, width 128, context 64, vocab ...); ... train / ... val tokens
+    global batch 12 sequences = batch_size 12 x grad_accum 1 x 1 rank
     step 100: train loss 2.6..., val loss 2.6... (best 2.6...)
     ---- sample ----
     <200 characters of not-yet-Shakespeare>
@@ -45,7 +46,7 @@ def main() -> int:
                       sample_tokens=args.sample_tokens, out=args.out, cache_dir=args.cache_dir,
                       progress=False, log_interval=max(1, args.max_iters // 10))
     print(f"config: shakespeare-char preset, {cfg.max_iters} steps, corpus {cfg.data}")
-    code = Trainer(cfg).run()
+    code = Trainer(cfg, overwrite=True).run()  # the tour starts its run directory over each time
     if code == 0:
         print(f"next: python examples/05_sampling.py --ckpt {cfg.out}")
     return code

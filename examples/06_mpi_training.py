@@ -1,9 +1,11 @@
 """Tour 6: the same GPT training on several processes at once (data parallelism over MPI).
 
-    mpiexec -n 2 python examples/06_mpi_training.py [--data FILE] [--iters 50]
+    OMP_NUM_THREADS=1 mpiexec -n 2 python examples/06_mpi_training.py [--data FILE] [--iters 50]
 
-Every rank (process) holds the whole model. Each step, the global batch is cut into
-one slice per rank; every rank computes gradients on its slice, then
+(one BLAS thread per rank: the ranks already use one core each). Every rank (process)
+holds the whole model. `--batch-size` is the batch of one rank, as in `python -m
+tinygrad_lm train`: the global batch is batch_size x ranks. Each step, the global batch
+is drawn once and cut into one slice per rank; every rank computes gradients on its slice, then
 
     world.allreduce_grads(params)     # grad = mean over ranks of each rank's grad
 
@@ -11,7 +13,8 @@ so every rank applies the same update and the weights stay identical - checked a
 the end. Two ranks with batch b each compute exactly what one process computes with
 batch 2b. Run without mpiexec, the same script trains as one process (world size 1).
 The loop is written out by hand here; `python -m tinygrad_lm train` does the same
-inside its Trainer (`mpiexec -n 2 python -m tinygrad_lm train --preset shakespeare-char`).
+inside its Trainer (`OMP_NUM_THREADS=1 mpiexec -n 2 python -m tinygrad_lm train --preset shakespeare-char
+--batch-size 6`).
 
 It prints (rank 0 only; the losses depend on the corpus):
 
@@ -40,16 +43,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="shakespeare")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=12, help="global batch, split over the ranks")
+    ap.add_argument("--batch-size", type=int, default=6, help="sequences per rank; global batch = batch_size x ranks")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
 
     world = init()  # MPI when launched by mpiexec with several ranks, else a world of one
     say = print if world.is_main else (lambda *a: None)
-    if args.batch_size % world.size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world.size} ranks")
-    per_rank = args.batch_size // world.size
-    say(f"world: {world.size} rank{'s' if world.size > 1 else ''}; global batch {args.batch_size} = "
+    per_rank = args.batch_size
+    global_batch = per_rank * world.size
+    say(f"world: {world.size} rank{'s' if world.size > 1 else ''}; global batch {global_batch} = "
         f"{world.size} x {per_rank}")
 
     text = read_corpus(resolve_corpus(args.data))
@@ -63,7 +65,7 @@ def main() -> None:
     say(f"model: {model.num_parameters():,} parameters; corpus {len(text):,} characters, vocab {tok.vocab_size}")
 
     for step in range(args.iters):
-        x, y = data.get_batch("train", args.batch_size, args.seed, step)   # the same global batch everywhere
+        x, y = data.get_batch("train", global_batch, args.seed, step)   # the same global batch everywhere
         mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)  # ... and this rank's slice of it
         _, loss = model(x[mine], y[mine])
         loss.backward()

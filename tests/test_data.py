@@ -133,12 +133,12 @@ def test_split_sizes_and_block_size_error():
     d = TokenData(tokens, block_size=8, val_fraction=0.1)
     np.testing.assert_array_equal(d.train, np.arange(90))
     np.testing.assert_array_equal(d.val, np.arange(90, 100))
-    with pytest.raises(ValueError, match="block_size 10 is larger than the val split"):
+    with pytest.raises(ValueError, match="block-size 10 is larger than the val split"):
         TokenData(tokens, block_size=10, val_fraction=0.1)
     with pytest.raises(ValueError, match="block_size"):
         TokenData(tokens, block_size=200, val_fraction=0.5)
     TokenData(tokens, block_size=9, val_fraction=0.1)  # exactly block_size + 1 tokens is enough
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ValueError, match="val-fraction"):
         TokenData(tokens, block_size=4, val_fraction=0.0)
 
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 import tinygrad_lm.train as train_mod
+import tinygrad_lm.trainer as trainer_mod
 from tinygrad_lm import checkpoint as ckpt_io
+from tinygrad_lm.errors import UserError
 from tinygrad_lm.train import Trainer, TrainConfig, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,15 +145,15 @@ def test_checkpoint_contents(tmp_path, corpus):
 def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, corpus, monkeypatch):
     cfg = config(tmp_path, corpus, max_iters=4, ckpt_interval=2)
     t, _ = quiet_trainer(cfg)
-    real = train_mod.save_optimizer
+    real = trainer_mod.save_optimizer
 
     def crashing_save_optimizer(opt, path, *a, **k):
         if t.step == 4:
             Path(path).write_bytes(b"\x00" * 10)  # a partial file, then the "crash"
             raise OSError("simulated crash while writing the optimizer")
         return real(opt, path, *a, **k)
-    monkeypatch.setattr(train_mod, "save_optimizer", crashing_save_optimizer)
-    with pytest.raises(OSError, match="simulated crash"):
+    monkeypatch.setattr(trainer_mod, "save_optimizer", crashing_save_optimizer)
+    with pytest.raises(UserError, match="simulated crash"):
         t.run()
     run = tmp_path / "run"
     assert (run / "latest").read_text().strip() == "step-000002"
@@ -180,7 +182,7 @@ def test_crash_before_latest_is_updated_keeps_previous(tmp_path, corpus, monkeyp
             raise OSError("simulated crash before the pointer moved")
         return real(path, text)
     monkeypatch.setattr(ckpt_io, "atomic_write_text", crash_on_latest)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(UserError, match="simulated crash"):
         t.run()
     monkeypatch.undo()
     r, _ = quiet_trainer(cfg, resume=str(tmp_path / "run"))
@@ -227,9 +229,9 @@ def test_missing_or_corrupt_state_is_a_clear_error(tmp_path, corpus):
 
 def test_resume_with_other_architecture_names_the_mismatch(tmp_path, corpus):
     quiet_trainer(config(tmp_path, corpus, max_iters=2))[0].run()
-    with pytest.raises(ValueError, match=r"n_embd.*16.*32"):
+    with pytest.raises(ValueError, match=r"n-embd.*16.*32"):
         quiet_trainer(config(tmp_path, corpus, n_embd=32, max_iters=4), resume=str(tmp_path / "run"))
-    with pytest.raises(ValueError, match="pos_encoding"):
+    with pytest.raises(ValueError, match="pos-encoding"):
         quiet_trainer(config(tmp_path, corpus, pos_encoding="learned", max_iters=4), resume=str(tmp_path / "run"))
 
 
@@ -349,14 +351,14 @@ def test_config_from_toml_and_json_with_overrides(tmp_path):
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"n_layer": 5, "batch_size": 7, "bias": False}))
     c = make_config(config_file=str(toml))
-    assert (c.n_layer, c.lr, c.dropout, c.data, c.progress) == (3, 0.002, 0.1, "x.txt", False)
+    assert (c.model.n_layer, c.lr, c.model.dropout, c.data, c.progress) == (3, 0.002, 0.1, "x.txt", False)
     c = make_config(config_file=str(toml), n_layer="2", lr=None)   # flags (strings) override, None ignored
-    assert c.n_layer == 2 and isinstance(c.n_layer, int) and c.lr == 0.002
+    assert c.model.n_layer == 2 and isinstance(c.model.n_layer, int) and c.lr == 0.002
     c = make_config(preset="shakespeare-char", config_file=str(js), max_iters="50")
-    assert (c.n_layer, c.batch_size, c.bias, c.max_iters) == (5, 7, False, 50)
-    assert c.pos_encoding == "learned" and c.n_embd == 128   # from the preset
+    assert (c.model.n_layer, c.batch_size, c.model.bias, c.max_iters) == (5, 7, False, 50)
+    assert c.model.pos_encoding == "learned" and c.model.n_embd == 128   # from the preset
     c = make_config(progress="false", dropout="0.25")
-    assert c.progress is False and c.dropout == 0.25
+    assert c.progress is False and c.model.dropout == 0.25
 
 
 def test_config_errors(tmp_path):
@@ -366,7 +368,7 @@ def test_config_errors(tmp_path):
         make_config(config_file=str(bad))
     with pytest.raises(ValueError, match="unknown preset"):
         make_config(preset="nope")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="missing.toml"):
         make_config(config_file=str(tmp_path / "missing.toml"))
     with pytest.raises(ValueError, match="max-iters"):
         make_config(max_iters="ten")
@@ -388,7 +390,8 @@ def test_presets_are_valid_configs():
         c = make_config(preset=name)
         c.model_config(65)   # builds a valid GPTConfig
     c = make_config(preset="shakespeare-char")
-    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size, c.max_iters, c.pos_encoding) == \
+    m = c.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, c.batch_size, c.max_iters, m.pos_encoding) == \
         (4, 4, 128, 64, 12, 2000, "learned")
 
 
@@ -433,13 +436,13 @@ cache_dir = "{(tmp_path / "cache").as_posix()}"
     r = cli("--config", str(cfg_file), "--max-iters", "2", "--out", "runs/t", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     st = json.loads((ckpt_io.resolve(tmp_path / "runs" / "t") / "state.json").read_text())
-    assert st["step"] == 2 and st["train_config"]["max_iters"] == 2 and st["train_config"]["n_embd"] == 16
+    assert st["step"] == 2 and st["train_config"]["max_iters"] == 2 and st["model_config"]["n_embd"] == 16
     r = cli("--resume", "runs/t", "--max-iters", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     st = json.loads((ckpt_io.resolve(tmp_path / "runs" / "t") / "state.json").read_text())
     assert st["step"] == 3
     r = cli("--resume", "runs/t", "--n-embd", "32", "--max-iters", "4", cwd=tmp_path)
-    assert r.returncode != 0 and "n_embd" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--n-embd: 16 in the checkpoint, 32 now" in r.stderr and "Traceback" not in r.stderr
     # resuming from a checkpoint directory, from another working directory, continues in that run
     (tmp_path / "elsewhere").mkdir()
     r = cli("--resume", "../runs/t/step-000003", "--max-iters", "4", cwd=tmp_path / "elsewhere")

@@ -7,6 +7,7 @@ PyTorch nanoGPT-style model (see examples/export_to_pytorch.py).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -33,6 +34,14 @@ class GPTConfig:
     pos_encoding: str = "sinusoidal"
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"GPTConfig: {name} must be an integer, got {v!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
+            raise ValueError(f"GPTConfig: dropout must be a number, got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig: bias must be true or false, got {self.bias!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"GPTConfig: {name} must be positive, got {getattr(self, name)}")

@@ -1,0 +1,414 @@
+"""The Trainer: model, optimizer, data and counters; `run()` trains to cfg.max_iters with
+evaluation, the metrics log and checkpoints that resume exactly.
+
+Resume is exact: the batch of step k is a pure function of (seed, k) (see data.py), and
+model, optimizer, schedule position and dropout RNG are all in the checkpoint, so
+N steps + resume + N steps == 2N steps straight, bit for bit.
+
+Start-up under MPI: everything that can fail on one rank alone (files, tokenizer, data,
+checkpoint, the model on the host) is built before any collective; then the ranks agree
+(`world.any`) that all started, so a bad path on one rank ends every rank with an error
+instead of leaving the others waiting in the parameter broadcast.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nn.amp import LossScaler, autocast_
+from nn.distributed import World
+from nn.serialization import atomic_write, load_model, load_optimizer, save_model, save_optimizer
+from tensor import backend
+from tensor.tensor import no_grad
+from tinygrad_lm import checkpoint as ckpt_io
+from tinygrad_lm.config import TrainConfig, resume_config
+from tinygrad_lm.data import TokenData, build_tokenizer, resolve_corpus, tokenize_to_cache
+from tinygrad_lm.errors import UserError
+from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, apply_hyperparameters,
+                                       make_optimizer, make_schedule)
+from tinygrad_lm.model import GPT, GPTConfig
+from tinygrad_lm.plot import plot_losses, truncate_metrics
+from tinygrad_lm.progress import progress
+from tinygrad_lm.tokenizer import load_tokenizer
+
+try:
+    from tinygrad_lm.memory import check_fits
+except ImportError:  # until tinygrad_lm.memory lands: a rough host-memory bound
+    def check_fits(model_cfg: GPTConfig, batch_size: int, precision: str, device: str, training: bool) -> None:
+        """UserError when weights, gradients, AdamW moments and activations clearly exceed host memory."""
+        C, T, L, V, H = model_cfg.n_embd, model_cfg.block_size, model_cfg.n_layer, model_cfg.vocab_size, model_cfg.n_head
+        params = V * C + T * C + L * 12 * C * C
+        need = params * 4 * (4 if training else 1) + batch_size * L * (16 * T * C + 3 * H * T * T) * 4
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        if device == "cpu" and need > have:
+            raise UserError(f"the model ({params:,} parameters, n_layer {L}, n_embd {C}, block_size {T}) with "
+                            f"batch_size {batch_size} needs about {need / 2**30:,.1f} GiB; this machine has "
+                            f"{have / 2**30:,.1f} GiB; make it smaller")
+
+
+class StartupError(UserError):
+    """Another rank failed to start (it printed its own error)."""
+
+
+def agree_started(world: World, error: BaseException | None, what: str = "start") -> None:
+    """Collective (every rank calls it): did every rank get here without an error? If not, the
+    failing ranks re-raise their own error and the others raise StartupError naming them."""
+    failed = error is not None
+    if not world.any(failed):
+        return
+    count = round(world.allreduce_mean(float(failed)) * world.size)
+    first = round(world.allreduce_mean(float(world.rank if failed else 0)) * world.size)
+    if failed:
+        raise error  # type: ignore[misc]
+    who = f"rank {first}" if count == 1 else f"{count} ranks"
+    raise StartupError(f"{who} failed to {what} (its error is printed above); rank {world.rank} stops too")
+
+
+def run_dir_in_use(out: Path) -> bool:
+    return (out / "latest").exists() or (out / "metrics.jsonl").exists() or any(out.glob("step-*"))
+
+
+class Trainer:
+    """Holds the model, optimizer, data and counters; `run()` trains to cfg.max_iters.
+
+    resume: a run or checkpoint directory to continue (settings checked by config.resume_config).
+    overwrite: cfg.out may hold an earlier run; its checkpoints, latest, metrics.jsonl and loss.png
+    are removed when `run()` starts (without it, such a directory is refused)."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, log: Callable[[str], None] = print,
+                 world: World | None = None, overwrite: bool = False) -> None:
+        self.log, self.overwrite = log, overwrite
+        self.world = world if world is not None else World()
+        self.is_main = self.world.is_main
+        error = None
+        try:
+            self._prepare(cfg, resume)  # no collectives in here
+        except Exception as e:
+            error = e
+        agree_started(self.world, error)
+        cfg = self.cfg
+        if cfg.allreduce_dtype != "float32":
+            self.world.reduce_dtype = cfg.allreduce_dtype
+        if cfg.device != "cpu":
+            if self.world.size > 1:
+                self.world.use_cuda()  # this rank's GPU and the gradient transport (NCCL or MPI)
+            self.model.to(cfg.device)
+        autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
+        self.captured = None  # the CUDA graph of forward+backward (--cuda-graph), recorded at the first step
+        self.world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
+        self.optimizer = make_optimizer(self.model, cfg, self.world)
+        self.grad_step = GradientStep(self.optimizer, self.world, self.scaler, cfg)
+        error = None
+        try:
+            if self.ckpt is not None:
+                self._load_optimizer(self.ckpt)
+        except Exception as e:
+            error = e
+        agree_started(self.world, error, "load the checkpoint")
+        apply_hyperparameters(self.optimizer, cfg)  # a resumed run takes this run's lr, betas, weight decay
+
+    # ---------------------------------------------------------------- start-up (no collectives)
+    def _prepare(self, cfg: TrainConfig, resume: str | None) -> None:
+        self.ckpt, st = None, None
+        if resume:
+            self.ckpt = ckpt_io.resolve(resume)
+            st = ckpt_io.read_state(self.ckpt)
+            cfg = resume_config(cfg, st, self.world.size)
+        self.cfg, self.out = cfg, Path(cfg.out)
+        if self.is_main:
+            self._check_out_dir()
+        files = resolve_corpus(cfg.data)
+        if self.ckpt is not None:
+            try:
+                self.tokenizer = load_tokenizer(self.ckpt / ckpt_io.TOKENIZER_FILE)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ckpt_io.CheckpointError(f"checkpoint file {self.ckpt / ckpt_io.TOKENIZER_FILE} cannot be "
+                                              f"loaded ({e}){self._earlier(self.ckpt)}") from None
+        else:
+            self.tokenizer = build_tokenizer(cfg, files)
+        mcfg = cfg.model_config(self.tokenizer.vocab_size)
+        check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True)
+        self.data = TokenData(tokenize_to_cache(files, self.tokenizer, cfg.cache_dir), mcfg.block_size,
+                              cfg.val_fraction)
+        self.model = GPT(mcfg, seed=cfg.seed)
+        self.model.dropout_rng = np.random.default_rng([cfg.seed, 7])
+        for m in self.model.modules():
+            if hasattr(m, "generator") and m.generator is None:
+                m.generator = self.model.dropout_rng
+        self.scaler = LossScaler(enabled=cfg.precision == "fp16")  # bf16 has float32's range: no scaling
+        self.schedule = make_schedule(cfg)  # rebuilt from this run's settings, also on resume
+        self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
+        if st is not None:
+            self._load_state(self.ckpt, st)
+
+    def _check_out_dir(self) -> None:
+        same_run = self.ckpt is not None and self.ckpt.parent.resolve() == self.out.resolve()
+        if same_run and self.overwrite:
+            raise UserError(f"--overwrite would delete the run {self.out} that --resume continues; use one of them")
+        if not same_run and not self.overwrite and self.out.is_dir() and run_dir_in_use(self.out):
+            raise UserError(f"--out {self.out} already holds a run (checkpoints or metrics.jsonl); continue it "
+                            f"with --resume {self.out}, or start over with --overwrite (deletes its checkpoints "
+                            f"and logs), or choose another --out")
+
+    def _load_state(self, ckpt: Path, st: dict) -> None:
+        where = ckpt / ckpt_io.STATE_FILE
+        try:
+            load_model(self.model, ckpt / ckpt_io.MODEL_FILE)
+        except ckpt_io.CheckpointError:
+            raise
+        except Exception as e:
+            raise ckpt_io.CheckpointError(f"cannot load checkpoint {ckpt}: {e}{self._earlier(ckpt)}") from None
+        if "loss_scaler" in st:
+            self.scaler.load_state_dict(st["loss_scaler"])
+        rng = st.get("dropout_rng")
+        try:
+            self.model.dropout_rng.bit_generator.state = rng
+        except (TypeError, ValueError, KeyError) as e:  # a resume without it would not be exact
+            raise ckpt_io.CheckpointError(f"checkpoint file {where}: dropout_rng is missing or malformed "
+                                          f"({type(e).__name__}: {e}); found {str(rng)[:80]!r}") from None
+        try:
+            self.step, self.tokens_seen = int(st["step"]), int(st["tokens_seen"])
+            self.best_val = float(st["best_val"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ckpt_io.CheckpointError(f"checkpoint file {where}: step/tokens_seen/best_val missing or "
+                                          f"malformed ({e})") from None
+
+    def _load_optimizer(self, ckpt: Path) -> None:
+        try:
+            load_optimizer(self.optimizer, ckpt / ckpt_io.OPTIM_FILE)
+        except ckpt_io.CheckpointError:
+            raise
+        except Exception as e:
+            raise ckpt_io.CheckpointError(f"cannot load checkpoint {ckpt}: {e}{self._earlier(ckpt)}") from None
+
+    @staticmethod
+    def _earlier(ckpt: Path) -> str:
+        prev = [str(p) for p in ckpt_io.list_checkpoints(ckpt.parent) if p != ckpt]
+        return f"; an earlier checkpoint may still load: --resume {prev[-1]}" if prev else ""
+
+    # ---------------------------------------------------------------- checkpoint
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per optimizer step over the whole job: batch_size x grad_accum x ranks."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world.size
+
+    def state(self) -> dict:
+        return {"format": 1, "step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                "model_config": self.model.config.to_dict(), "train_config": self.cfg.flat(),
+                "schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(),
+                "dropout_rng": self.model.dropout_rng.bit_generator.state,
+                "data_position": {"seed": self.cfg.seed, "next_step": self.step},
+                "tokenizer": ckpt_io.TOKENIZER_FILE, "world_size": self.world.size,
+                "global_batch_size": self.global_batch_size}
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint (every rank calls this: ZeRO gathers its shards first). Refuses
+        (NonFiniteLoss) when a weight or optimizer moment is not finite: checkpoints on disk stay usable."""
+        optimizer_state = self.optimizer.state_dict() if self.cfg.zero else None
+        ok = True
+        if self.is_main:
+            moments = (list(optimizer_state["arrays"].values()) if optimizer_state is not None else
+                       [v for st in self.optimizer.state.values() for v in st.values() if hasattr(v, "dtype")])
+            ok = all_finite([p.data for p in self.model.parameters()] + moments)
+        if self.world.any(not ok):
+            raise NonFiniteLoss(f"the weights or optimizer moments after step {self.step} are not finite; "
+                                f"checkpoint step-{self.step:06d} not written")
+        if not self.is_main:
+            return None
+
+        def write(d: Path) -> None:
+            save_model(self.model, d / ckpt_io.MODEL_FILE)
+
+            class Frozen:  # the already-gathered ZeRO state, in the shape save_optimizer expects
+                def state_dict(self) -> dict:
+                    return optimizer_state  # type: ignore[return-value]
+            save_optimizer(Frozen() if self.cfg.zero else self.optimizer, d / ckpt_io.OPTIM_FILE)
+            self.tokenizer.save(d / ckpt_io.TOKENIZER_FILE)
+            atomic_write(d / ckpt_io.STATE_FILE, json.dumps(self.state(), indent=1))
+        try:
+            return ckpt_io.save(self.out, self.step, write)
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write checkpoint step-{self.step:06d} "
+                            f"({e}); the previous checkpoint is kept") from e
+
+    # ---------------------------------------------------------------- steps
+    def batch(self, split: str, step: int, batch_size: int, seed: int) -> tuple[Any, Any]:
+        """Host arrays (B, T); the model uploads them to its device (GPT.forward, through pinned memory)."""
+        return self.data.get_batch(split, batch_size, seed, step)
+
+    def micro_batches(self, step: int) -> list[tuple[Any, Any]]:
+        """This rank's micro-batches for `step`: the global batch (ranks x grad_accum x batch_size
+        rows) is drawn once, then cut, so k micro-batches == one batch k times larger, and any
+        split of the same global batch over ranks sees the same rows."""
+        cfg, rank = self.cfg, self.world.rank
+        per_rank = cfg.batch_size * cfg.grad_accum
+        x, y = self.batch("train", step, self.global_batch_size, cfg.seed)
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        B = cfg.batch_size
+        return [(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B]) for i in range(cfg.grad_accum)]
+
+    def train_step(self) -> Any:
+        """One optimizer step; returns the mean loss of this rank's micro-batches (a 0-d array).
+        On the GPU nothing here waits for the device (but fp16's overflow check): see check_finite."""
+        cfg = self.cfg
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.schedule(self.step)
+        self.model.train()
+        if cfg.cuda_graph:  # one replay: the batch and the loss scale in, loss and grads out
+            from nn.cuda_graph import CapturedStep
+            if self.captured is None:
+                self.captured = CapturedStep(self.model, cfg.batch_size, cfg.model.block_size)
+            (x, y), = self.micro_batches(self.step)
+            total = self.captured(x, y, self.scaler.scale_value if self.scaler.enabled else 1.0)
+        else:
+            total = 0.0
+            for x, y in self.micro_batches(self.step):
+                _, loss = self.model(x, y)
+                self.scaler.scale(loss * (1.0 / cfg.grad_accum)).backward()
+                total = total + loss.data
+        self.grad_step(self.model.parameters(), self.step + 1)  # average, unscale, clip, update
+        self.step += 1
+        self.tokens_seen += self.global_batch_size * cfg.model.block_size
+        return total / cfg.grad_accum
+
+    def check_finite(self, loss: Any) -> float:
+        """Synchronise once: the loss averaged over ranks, after checking that no step since
+        the last check had a non-finite gradient norm (GPU) -> NonFiniteLoss naming the step."""
+        lossf = self.world.allreduce_mean(float(backend.to_numpy(loss)))
+        self.grad_step.raise_if_nonfinite()
+        if not math.isfinite(lossf):
+            raise NonFiniteLoss(f"loss is {lossf} at step {self.step}")
+        return lossf
+
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
+        self.model.eval()
+        out = {}
+        with no_grad():
+            for split in ("train", "val"):
+                losses = [float(self.model(*self.batch(split, i, self.cfg.batch_size, self.cfg.seed + 1))[1].item())
+                          for i in range(self.cfg.eval_iters)]
+                out[split] = float(np.mean(losses))
+        self.model.train()
+        return out
+
+    def sample_text(self, n_tokens: int, seed: int = 0) -> str:
+        from tinygrad_lm.sample import generate
+        start = np.asarray([[self.data.val[0]]], dtype=np.int64)
+        ids = generate(self.model, start, n_tokens, temperature=0.8, top_k=None, seed=seed)
+        return self.tokenizer.decode(backend.to_numpy(ids)[0].tolist())
+
+    # ---------------------------------------------------------------- loop
+    def _start_run_dir(self) -> Path:
+        """Rank 0: create cfg.out (clearing an old run with --overwrite); the metrics log path."""
+        metrics = self.out / "metrics.jsonl"
+        try:
+            if self.overwrite and self.ckpt is None and self.out.is_dir():
+                for d in list(self.out.glob("step-*")):
+                    shutil.rmtree(d) if d.is_dir() else d.unlink()
+                for name in ("latest", "metrics.jsonl", "loss.png"):
+                    (self.out / name).unlink(missing_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(metrics, self.step)
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot prepare the run directory ({e})") from e
+        return metrics
+
+    def run(self) -> int:
+        """Train to cfg.max_iters. 0: done or interrupted (checkpoint saved); 3: stopped on a non-finite value."""
+        cfg, mcfg = self.cfg, self.model.config
+        metrics = None
+        if self.is_main:
+            metrics_path = self._start_run_dir()
+            self.log(f"model: {self.model.num_parameters():,} parameters ({mcfg.n_layer} layers, {mcfg.n_head} "
+                     f"heads, width {mcfg.n_embd}, context {mcfg.block_size}, vocab {self.tokenizer.vocab_size}); "
+                     f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
+            self.log(f"global batch {self.global_batch_size} sequences = batch_size {cfg.batch_size} x grad_accum "
+                     f"{cfg.grad_accum} x {self.world.size} rank{'s' if self.world.size > 1 else ''}")
+            if self.step:
+                self.log(f"resumed at step {self.step}")
+            try:
+                metrics = open(metrics_path, "a", encoding="utf-8")
+            except OSError as e:
+                raise UserError(f"--out {self.out}: cannot open {metrics_path} ({e})") from e
+        interrupted = {"flag": False}
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if interrupted["flag"]:  # a second Ctrl-C: stop now (the last checkpoint is intact)
+                raise KeyboardInterrupt
+            interrupted["flag"] = True
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
+        bar = progress(total=cfg.max_iters, initial=self.step, desc="train", enabled=cfg.progress and self.is_main)
+        t_last, tokens_last = time.perf_counter(), self.tokens_seen
+        # Everything built so far (model, optimizer, data, imported libraries) lives for the whole
+        # run: freeze it out of Python's cyclic garbage collector, whose full collections would
+        # otherwise walk all of it several times a step (a GPU step's host time halved in bf16;
+        # benchmarks/RESULTS.md). The graph of each step is still collected as usual.
+        gc.collect()
+        gc.freeze()
+        try:
+            while self.step < cfg.max_iters:
+                try:
+                    loss = self.train_step()
+                    bar.update(1)
+                    last = self.step == cfg.max_iters
+                    if self.step % cfg.log_interval == 0 or self.step % cfg.ckpt_interval == 0 or last:
+                        lossf = self.check_finite(loss)  # the one device->host sync per log interval
+                        dt = time.perf_counter() - t_last
+                        tps = (self.tokens_seen - tokens_last) / max(dt, 1e-9)
+                        t_last, tokens_last = time.perf_counter(), self.tokens_seen
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                        if metrics:
+                            metrics.write(json.dumps({"step": self.step, "loss": lossf, "lr": lr,
+                                                      "tokens_per_s": tps}) + "\n")
+                            metrics.flush()
+                    if self.step % cfg.eval_interval == 0 or last:
+                        self._evaluate(bar, metrics)
+                    saved = self.step % cfg.ckpt_interval == 0 or last
+                    if saved:
+                        self.save_checkpoint()
+                    if self.world.any(interrupted["flag"]):  # every rank stops at the same step
+                        if not saved:
+                            self.save_checkpoint()
+                        if self.is_main:
+                            bar.write(f"interrupted at step {self.step}: checkpoint saved; "
+                                      f"continue with --resume {self.out}")
+                        return 0
+                except NonFiniteLoss as e:
+                    if self.is_main:
+                        self.log(f"error: {e}; stopping. The last good checkpoint is kept in {self.out}")
+                    return 3
+        finally:
+            gc.unfreeze()  # a caller's objects are collectable again
+            bar.close()
+            if metrics:
+                metrics.close()
+            signal.signal(signal.SIGINT, old_handler)
+        if self.is_main:
+            self.log(f"done: {self.step} steps, best val loss {self.best_val:.4f}, checkpoint in {self.out}")
+        return 0
+
+    def _evaluate(self, bar: Any, metrics: Any) -> None:
+        ev = self.estimate_loss()
+        self.best_val = min(self.best_val, ev["val"])
+        if not self.is_main:
+            return
+        bar.write(f"step {self.step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} (best {self.best_val:.4f})")
+        if self.cfg.sample_tokens > 0:
+            bar.write("---- sample ----\n" + self.sample_text(self.cfg.sample_tokens) + "\n----------------")
+        metrics.write(json.dumps({"step": self.step, "train_loss": ev["train"], "val_loss": ev["val"]}) + "\n")
+        metrics.flush()
+        plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
