@@ -105,7 +105,7 @@ def worker_torch(a: argparse.Namespace, tmp: str) -> dict:
     cfg = setup(a, tmp)
     files = resolve_corpus(cfg.data)
     tok = build_tokenizer(cfg, files)
-    data = TokenData(tokenize_to_cache(files, tok, cfg.cache_dir), cfg.block_size, cfg.val_fraction)
+    data = TokenData(tokenize_to_cache(files, tok, cfg.cache_dir), cfg.model.block_size, cfg.val_fraction)
     mcfg = cfg.model_config(tok.vocab_size)
     ours = GPT(mcfg, seed=cfg.seed)  # the Trainer's initial weights
     model = NanoGPT(mcfg)

@@ -51,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
     dt = time.perf_counter() - t0
     out = {"ranks": world.size, "zero": args.zero, "steps": args.steps, "device": args.device,
            "config": args.config, "transport": getattr(world, "transport", None),
-           "tokens_per_s": args.steps * cfg.batch_size * cfg.block_size * world.size / dt,
+           "tokens_per_s": args.steps * cfg.batch_size * cfg.model.block_size * world.size / dt,
            "step_ms": 1000 * dt / args.steps}
     # the same forward + backward without any communication: is the compute itself slower with N ranks?
     x, y = tr.micro_batches(0)[0]

@@ -102,7 +102,7 @@ def current_rss_mib() -> float:
 
 # ------------------------------------------------------------------ workers
 def freeze_gc() -> None:
-    """What the Trainer does before its loop (tinygrad_lm/train.py), done for both workers alike:
+    """What the Trainer does before its loop (tinygrad_lm/trainer.py), done for both workers alike:
     the objects built during set-up leave the cyclic garbage collector's generations."""
     import gc
     gc.collect()
