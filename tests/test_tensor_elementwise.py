@@ -121,21 +121,15 @@ def grad_at(fn, x: float) -> float:
     return float(t.grad[0])
 
 
-def gelu_tanh_derivative(x: float) -> float:
-    """By hand: y = x/2 (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3);
-    y' = (1 + tanh u)/2 + x/2 sech^2(u) sqrt(2/pi) (1 + 3*0.044715 x^2)."""
-    c = math.sqrt(2 / math.pi)
-    u = c * (x + 0.044715 * x ** 3)
-    return 0.5 * (1 + math.tanh(u)) + 0.5 * x * (1 / math.cosh(u) ** 2) * c * (1 + 3 * 0.044715 * x ** 2)
-
-
 def test_gelu_derivative_at_zero_is_one_half():
     assert grad_at(lambda t: t.gelu(), 0.0) == pytest.approx(0.5, abs=1e-15)
 
 
 @pytest.mark.parametrize("x", [-3.0, -1.0, -0.5, 0.5, 1.0, 2.0, 5.0])
-def test_gelu_derivative_closed_form(x):
-    assert grad_at(lambda t: t.gelu(), x) == pytest.approx(gelu_tanh_derivative(x), rel=1e-12, abs=1e-14)
+def test_gelu_derivative_against_central_differences(x):
+    h = 1e-5
+    f = lambda v: float(t64([v], False).gelu().numpy()[0])  # noqa: E731
+    assert grad_at(lambda t: t.gelu(), x) == pytest.approx((f(x + h) - f(x - h)) / (2 * h), rel=1e-8, abs=1e-10)
 
 
 @pytest.mark.parametrize("x,y", [(0.0, 0.0), (1.0, 0.8411919906082768), (-1.0, -0.15880800939172324)])
