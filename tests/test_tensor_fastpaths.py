@@ -12,6 +12,10 @@ The case builders (CASES) serve tests/test_gpu.py as well, for the CUDA entries.
 from __future__ import annotations
 
 import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import ml_dtypes
@@ -20,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tensor
 import tensor.functional as F
 from tensor import Tensor, backend, gradcheck
 from tensor.cpu.blocks import BLOCK
@@ -274,3 +279,15 @@ def test_scatter_add_rows_equals_the_reference(n: int, V: int, C: int, dtype: st
         ref = scatter_add_rows(ids, src, V)
     assert fast.dtype == ref.dtype and fast.shape == ref.shape == (V, C)
     assert_same([fast.astype(np.float64)], [ref.astype(np.float64)], dtype, "scatter_add_rows")
+
+
+def test_importing_tensor_loads_no_cuda_code_and_leaves_the_allocator_alone() -> None:
+    """No side effects at import: no tensor/cuda/ module, no CuPy, and no allocator tuning
+    (backend.tune_host_allocator is an explicit call)."""
+    code = ("import sys, tensor, tensor.functional, tensor.ops.indexing; from tensor import backend; "
+            "mods = [m for m in sys.modules if m.startswith('tensor.cuda.') or m == 'cupy']; "
+            "print(mods)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.stdout.strip() == "[]", out.stdout
+    assert "tune_host_allocator" not in inspect.getsource(tensor)
