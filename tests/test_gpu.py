@@ -434,13 +434,11 @@ def test_cuda_fast_path_equals_the_reference(op: str, dtype: str) -> None:
 
 
 def test_every_cuda_fast_path_is_checked_here() -> None:
-    from tensor.dispatch import FAST_PATHS, fast_class
-    from tensor.ops import all_ops
-    from test_tensor_fastpaths import CASES
+    from tensor.dispatch import fast_class
+    from test_tensor_fastpaths import CASES, reference_of, registered_class
     for name in _cuda_fast_paths():
         assert name in CASES
-        cls = fast_class(all_ops()[name], "cuda")
-        assert issubclass(cls, all_ops()[name]) and cls.__module__ == FAST_PATHS[name]["cuda"].split(":")[0]
+        assert fast_class(reference_of(name), "cuda") is registered_class(name, "cuda")
 
 
 @pytest.mark.parametrize("dtype", _CUDA_DTYPES)
