@@ -346,17 +346,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, compute_dtype:
 
 
 def relu(x: Tensor) -> Tensor:
+    """max(x, 0) elementwise; same shape as x."""
     return x.relu()
 
 
 def gelu(x: Tensor) -> Tensor:
-    """GELU, tanh approximation."""
+    """GELU, tanh approximation, elementwise; same shape as x (a fast path where one applies)."""
     return x.gelu()
 
 
 def sigmoid(x: Tensor) -> Tensor:
+    """1 / (1 + exp(-x)) elementwise; same shape as x."""
     return x.sigmoid()
 
 
 def tanh(x: Tensor) -> Tensor:
+    """tanh(x) elementwise; same shape as x."""
     return x.tanh()
