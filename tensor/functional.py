@@ -31,9 +31,6 @@ def to_f32(x: Any) -> Any:
     return x.astype(np.float32) if x.dtype.itemsize < 4 and x.dtype.kind != "i" else x
 
 
-_f32 = to_f32  # the old name, until nn/attention.py imports to_f32
-
-
 def uniform(generator: Any, shape: tuple, like: Any) -> Any:
     """U[0, 1) samples of `shape` on `like`'s device. A NumPy Generator also serves GPU tensors
     (drawn on the host, then copied), so dropout masks follow one checkpointable stream on any device."""
