@@ -11,8 +11,6 @@ from tensor.ops.indexing import where
 from tensor.ops.movement import cat, concatenate, split, squeeze, stack, unsqueeze
 from tensor.tensor import Function, Tensor, enable_grad, is_grad_enabled, no_grad
 
-backend.tune_host_allocator()  # NumPy temporaries reuse heap memory instead of page-faulting (see its docstring)
-
 __all__ = ["Tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError",
            "functional", "where", "concatenate", "cat", "stack", "split", "squeeze", "unsqueeze",
            "set_default_device", "get_default_device", "cuda_available", "all_ops"]

@@ -122,8 +122,9 @@ def tune_host_allocator() -> bool:
     gives them back on free, so the next step's temporaries page-fault their memory in
     again: a training step spent ~30% of its time there (benchmarks/RESULTS.md). Raising
     M_MMAP_THRESHOLD and M_TRIM_THRESHOLD makes malloc reuse them, as a caching allocator
-    would. Linux/glibc only; a no-op elsewhere or with TINYGRAD_LM_MALLOPT=0. Called once
-    when `tensor` is imported. Returns whether the setting was applied.
+    would. Linux/glibc only; a no-op elsewhere or with TINYGRAD_LM_MALLOPT=0. An explicit call,
+    once per process (the trainer and the CLI make it; importing `tensor` does not: no side
+    effects at import). Returns whether the setting was applied.
     """
     import os
     import sys

@@ -25,7 +25,12 @@ from typing import Any, Iterator
 from tensor.backend import device_of
 
 # reference Function name -> device -> "module:FastClass" (a subclass of the reference)
-FAST_PATHS: dict[str, dict[str, str]] = {}
+FAST_PATHS: dict[str, dict[str, str]] = {
+    "Gelu": {"cpu": "tensor.cpu.gelu:GeluCPU", "cuda": "tensor.cuda.gelu:GeluCUDA"},
+    "LayerNorm": {"cpu": "tensor.cpu.layernorm:LayerNormCPU", "cuda": "tensor.cuda.layernorm:LayerNormCUDA"},
+    "CrossEntropy": {"cuda": "tensor.cuda.cross_entropy:CrossEntropyCUDA"},
+    "Linear": {"cuda": "tensor.cuda.linear:LinearCUDA"},
+}
 
 _forced_reference = False  # set only by `reference_only()`; the env var is the other half of the switch
 _loaded: dict[str, type] = {}

@@ -1,8 +1,15 @@
-"""Fused ops: each is ONE node in the graph with a hand-derived backward (not
-composed from primitives), which saves memory and Python overhead.
+"""Fused ops: each is ONE node in the graph with its own backward (not composed from
+primitives), which saves memory and Python overhead.
 
-Half-precision inputs (float16/bfloat16) are computed in float32 where range
-matters (softmax, layer-norm statistics, losses) and cast back.
+Each Function below is the reference: the textbook formula in array code written once against
+`xp` (NumPy or CuPy), its derivative stated in one comment line. Faster code for the same
+formula lives beneath, as subclasses chosen by tensor/dispatch.py (`pick`): CPU NumPy tricks in
+tensor/cpu/, CUDA kernels in tensor/cuda/. The public functions at the bottom choose.
+
+Half-precision inputs (float16/bfloat16) are computed in float32 where range matters (softmax,
+layer-norm statistics, losses) and cast back.
+
+Array helpers for nn/ (public, documented below): `to_f32`, `uniform`, `gemm`, `sum_rows`, `sum_last`.
 """
 from __future__ import annotations
 
@@ -10,22 +17,23 @@ from typing import Any
 
 import numpy as np
 
-from tensor import backend, kernels
-from tensor.cuda import cublas
+from tensor import backend
 from tensor.backend import array_module
-from tensor.ops.elementwise import BLOCK, over_blocks
+from tensor.cpu import reductions as cpu_reductions
+from tensor.dispatch import fast_paths_enabled, pick
 from tensor.ops.indexing import scatter_add_rows
 from tensor.tensor import Function, Tensor, shape_str
 
 
-def _f32(x: Any) -> Any:
-    """float16/bfloat16 -> float32 for accumulation; other dtypes unchanged."""
+# ------------------------------------------------------------------ array helpers
+def to_f32(x: Any) -> Any:
+    """float16/bfloat16 -> float32 for accumulation; other dtypes (float32, float64, ints) unchanged."""
     return x.astype(np.float32) if x.dtype.itemsize < 4 and x.dtype.kind != "i" else x
 
 
 def uniform(generator: Any, shape: tuple, like: Any) -> Any:
-    """U[0, 1) samples on `like`'s device. A NumPy Generator also serves GPU tensors (drawn on
-    the host, then copied), so dropout masks follow one checkpointable stream on any device."""
+    """U[0, 1) samples of `shape` on `like`'s device. A NumPy Generator also serves GPU tensors
+    (drawn on the host, then copied), so dropout masks follow one checkpointable stream on any device."""
     xp = array_module(like)
     if generator is None:
         return xp.random.random(shape)
@@ -34,49 +42,46 @@ def uniform(generator: Any, shape: tuple, like: Any) -> Any:
 
 
 def gemm(a: Any, b: Any) -> Any:
-    """a @ b for 2-D arrays, in a's dtype. NumPy has no float16 GEMM (a scalar loop, ~80x slower)
-    and ml_dtypes' bfloat16 GEMM returns float32: on the CPU both multiply in float32 and round
-    the result back, which is what a GPU's half-precision GEMM does too (float32 accumulation)."""
+    """a (n, k) @ b (k, m) -> (n, m) in a's dtype. NumPy has no float16 GEMM (a scalar loop, ~80x
+    slower) and ml_dtypes' bfloat16 GEMM returns float32: on the CPU both multiply in float32 and
+    round the result back, which is what a GPU's half-precision GEMM does too (float32
+    accumulation). A few rows times a transposed weight take tensor/cpu/reductions.py's layout."""
     if array_module(a) is not np:
         return a @ b
     if a.dtype.itemsize < 4 and a.dtype.kind != "i":
         return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
-    if 1 < a.shape[0] <= 32 and b.flags.f_contiguous:
-        # few rows times a transposed weight (decoding): OpenBLAS is ~2x faster on the
-        # transposed product W @ a.T than on a @ W.T for these shapes (benchmarks/RESULTS.md)
-        return np.ascontiguousarray((b.T @ a.T).T)
+    if fast_paths_enabled() and cpu_reductions.gemm_supports(a, b):
+        return cpu_reductions.gemm(a, b)
     return a @ b
 
 
 def sum_rows(x: Any, out_dtype: Any = None) -> Any:
     """Sum over every axis but the last: (..., C) -> (C,), accumulated in float32 or wider,
-    returned in out_dtype (default x's dtype).
-
-    On the GPU one fused column-sum kernel (tensor/kernels.py): CuPy's reduction along a long
-    leading axis measured ~10x slower (bias and LayerNorm gradients, 16384 rows)."""
+    returned in out_dtype (default x's dtype). Fast paths: a GEMV on the CPU
+    (tensor/cpu/reductions.py), one column-sum kernel on the GPU (tensor/cuda/colsum.py)."""
     x2 = x.reshape(-1, x.shape[-1])
     out_dtype = x2.dtype if out_dtype is None else np.dtype(out_dtype)
-    if kernels.usable(x2) and backend.dtype_name(out_dtype) in kernels.FLOATS:
-        return kernels.column_sums(x2, out_dtype)
-    if array_module(x2) is np and x2.dtype in (np.float32, np.float64) and x2.shape[0] > 1:
-        # CPU: ones @ x, a GEMV, 2-4x faster than NumPy's reduction down the rows ((768, 128): 18 -> 5 us)
-        s = np.ones(x2.shape[0], dtype=x2.dtype) @ x2
-        return s if s.dtype == out_dtype else s.astype(out_dtype)
+    if fast_paths_enabled():
+        if array_module(x2) is np:
+            if cpu_reductions.sum_rows_supports(x2):
+                return cpu_reductions.sum_rows(x2, out_dtype)
+        else:
+            from tensor.cuda import colsum, common
+            if common.usable(x2) and backend.dtype_name(out_dtype) in common.FLOATS:
+                return colsum.column_sums(x2, out_dtype)
     s = x2.sum(axis=0, dtype=np.promote_types(out_dtype, np.float32))
     return s if s.dtype == out_dtype else s.astype(out_dtype)
 
 
 def sum_last(x: Any) -> Any:
-    """Sum over the last axis, keepdims: (..., C) -> (..., 1), as a matrix-vector product with ones.
-
-    NumPy's own reduction along a short last axis pays a fixed cost per row (~25 us for (768, 128)
-    float32, vs ~6 us for the GEMV); for a few rows (decoding) the plain reduction is cheaper."""
-    if x.size < 32 * x.shape[-1]:
-        return x.sum(axis=-1, keepdims=True)
-    xp = array_module(x)
-    return (x @ xp.ones(x.shape[-1], dtype=x.dtype))[..., None]
+    """Sum over the last axis, keepdims: (..., C) -> (..., 1), in x's dtype; a GEMV with ones for
+    many rows (tensor/cpu/reductions.py)."""
+    if fast_paths_enabled() and cpu_reductions.sum_last_supports(x):
+        return cpu_reductions.sum_last(x)
+    return x.sum(axis=-1, keepdims=True)
 
 
+# ------------------------------------------------------------------ the reference Functions
 def _softmax(x: Any, axis: int) -> Any:
     xp = array_module(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
@@ -85,11 +90,11 @@ def _softmax(x: Any, axis: int) -> Any:
 
 
 class Softmax(Function):
-    """y = exp(x) / sum(exp(x)) along `axis`."""
+    """y = exp(x) / sum(exp(x)) along `axis`; same shape as x."""
     # dx = y * (g - sum(g * y, axis))
     def forward(self, x, axis=-1):
         self.axis = axis
-        y = _softmax(_f32(x), axis).astype(x.dtype, copy=False)
+        y = _softmax(to_f32(x), axis).astype(x.dtype, copy=False)
         self.save_for_backward(y)
         return y
 
@@ -99,12 +104,12 @@ class Softmax(Function):
 
 
 class LogSoftmax(Function):
-    """y = x - logsumexp(x) along `axis`."""
+    """y = x - logsumexp(x) along `axis`; same shape as x."""
     # dx = g - softmax(x) * sum(g, axis)
     def forward(self, x, axis=-1):
         xp = array_module(x)
         self.axis = axis
-        x32 = _f32(x)
+        x32 = to_f32(x)
         shifted = x32 - x32.max(axis=axis, keepdims=True)
         y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
         y = y.astype(x.dtype, copy=False)
@@ -124,6 +129,28 @@ class CrossEntropy(Function):
     """
     # dlogits = (softmax(logits) - onehot(target)) * valid / n_valid
     def forward(self, logits, targets, ignore_index=-100):
+        t, valid = self.prepare(logits, targets, ignore_index)
+        xp = array_module(logits)
+        x = to_f32(logits).reshape(-1, logits.shape[-1])
+        t_safe = xp.where(valid, t, 0)
+        shifted = x - x.max(axis=1, keepdims=True)
+        sumexp = xp.exp(shifted).sum(axis=1, keepdims=True)
+        nll = xp.log(sumexp[:, 0]) - shifted[xp.arange(x.shape[0]), t_safe]
+        self.save_for_backward(shifted, sumexp, t_safe, valid)
+        return ((nll * valid).sum() / xp.maximum(self.n_valid, 1)).astype(self.out_dtype)
+
+    def backward(self, g):
+        shifted, sumexp, t_safe, valid = self.saved
+        xp = array_module(shifted)
+        p = xp.exp(shifted)
+        p /= sumexp                                           # softmax
+        p[xp.arange(p.shape[0]), t_safe] -= 1.0               # - onehot
+        p *= (valid * (g / xp.maximum(self.n_valid, 1))).astype(p.dtype)[:, None]
+        return p.reshape(self.in_shape).astype(self.in_dtype, copy=False), None
+
+    def prepare(self, logits: Any, targets: Any, ignore_index: int) -> tuple[Any, Any]:
+        """Check the arguments and record what every path shares (in_shape, in_dtype, out_dtype,
+        ignore_index, n_valid) -> (targets (N,), valid (N,) bool)."""
         xp = array_module(logits)
         C = logits.shape[-1]
         if targets.shape != logits.shape[:-1]:
@@ -131,136 +158,60 @@ class CrossEntropy(Function):
                              f"{shape_str(logits)} (expected {logits.shape[:-1]})")
         if targets.dtype.kind not in "iu":
             raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
-        x = _f32(logits).reshape(-1, C)
         t = targets.reshape(-1)
         valid = t != ignore_index
         # range check on the host only: on the GPU it would cost a synchronisation every step
         # (GPT.forward checks its targets on the host before they move to the device)
         if xp is np and bool(((t < 0) | (t >= C))[valid].any()):
             raise IndexError(f"cross_entropy: a target is outside [0, {C}) (ignore_index={ignore_index})")
-        n_valid = int(valid.sum()) if xp is np else valid.sum()
+        self.n_valid = int(valid.sum()) if xp is np else valid.sum()
         self.in_shape, self.in_dtype, self.ignore_index = logits.shape, logits.dtype, ignore_index
-        out_dtype = np.float32 if logits.dtype.itemsize < 4 else logits.dtype
-        if kernels.usable(logits):  # GPU: one kernel per pass (tensor/kernels.py), same formulas
-            x = logits.reshape(-1, C)
-            lse, nll = kernels.cross_entropy_forward(x, t, ignore_index)
-            self.save_for_backward(x, t, lse, n_valid, None)
-            return (nll.sum() / xp.maximum(n_valid, 1)).astype(out_dtype)
-        t_safe = xp.where(valid, t, 0)
-        shifted = x - x.max(axis=1, keepdims=True)
-        sumexp = xp.exp(shifted).sum(axis=1, keepdims=True)
-        rows = xp.arange(x.shape[0])
-        nll = xp.log(sumexp[:, 0]) - shifted[rows, t_safe]
-        loss = (nll * valid).sum() / xp.maximum(n_valid, 1)
-        self.save_for_backward(shifted, sumexp, t_safe, valid, n_valid)
-        return loss.astype(out_dtype)
-
-    def backward(self, g):
-        if self.saved[-1] is None:  # the fused GPU path
-            x, t, lse, n_valid, _ = self.saved
-            scale = g.astype(np.float32) / array_module(x).maximum(n_valid, 1)
-            dx = kernels.cross_entropy_backward(x, t, lse, scale, self.ignore_index)
-            return dx.reshape(self.in_shape).astype(self.in_dtype, copy=False), None
-        shifted, sumexp, t_safe, valid, n_valid = self.saved
-        xp = array_module(shifted)
-        p = xp.exp(shifted)
-        p /= sumexp
-        p[xp.arange(p.shape[0]), t_safe] -= 1.0
-        scale = g / xp.maximum(n_valid, 1)
-        p *= (valid * scale).astype(p.dtype)[:, None]
-        return p.reshape(self.in_shape).astype(self.in_dtype, copy=False), None
+        self.out_dtype = np.float32 if logits.dtype.itemsize < 4 else logits.dtype
+        return t, valid
 
 
 class LayerNorm(Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis.
-    x (..., C), weight (C,) or None, bias (C,) or None."""
-    # xhat = (x-mu)*rstd;  dxhat = g*w;  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat))
-    # dw = sum(g*xhat), db = sum(g)  over all leading axes
+    x (..., C), weight (C,) or None, bias (C,) or None -> y like x."""
+    # dxhat = g*w;  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat));  dw = sum(g*xhat), db = sum(g)
     def forward(self, x, weight=None, bias=None, eps=1e-5):
+        self.prepare(x, weight, bias)
         xp = array_module(x)
+        x32 = to_f32(x)
+        xc = x32 - x32.mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+        xhat = xc * rstd
+        y = xhat if weight is None else xhat * weight
+        y = y if bias is None else y + bias
+        self.save_for_backward(xhat, rstd, weight)
+        return y.astype(x.dtype, copy=False)
+
+    def backward(self, g):
+        xhat, rstd, weight = self.saved
+        g32 = to_f32(g)
+        dxhat = g32 if weight is None else g32 * weight
+        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        lead = tuple(range(g.ndim - 1))  # every axis but the last
+        dw = (g32 * xhat).sum(axis=lead).astype(weight.dtype, copy=False) if self.need_w else None
+        db = g32.sum(axis=lead).astype(g.dtype, copy=False) if self.need_b else None
+        return dx.astype(self.in_dtype, copy=False), dw, db
+
+    def prepare(self, x: Any, weight: Any, bias: Any) -> None:
+        """Check the parameter shapes; record in_dtype and has_bias (every path shares them)."""
         C = x.shape[-1]
         for name, p in (("weight", weight), ("bias", bias)):
             if p is not None and p.shape != (C,):
                 raise ValueError(f"layer_norm: {name} of shape {shape_str(p)} does not match the last axis of x "
                                  f"{shape_str(x)} (expected ({C},))")
-        self.has_bias, self.in_dtype = bias is not None, x.dtype
-        same = all(p is None or p.dtype == x.dtype for p in (weight, bias))
-        if same and kernels.usable(x, weight, bias):  # GPU: one fused kernel (tensor/kernels.py)
-            y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps)
-            self.save_for_backward(x, mean, rstd, weight, "fused")
-            return y
-        # The CPU path: rows in pieces of ~BLOCK elements, every pass over a piece in the L2 cache
-        # (ops/elementwise.py: over_blocks; backward on (4096, 384): 1.4x)
-        x2 = _f32(x).reshape(-1, C)
-        inv_c = 1.0 / C  # (sum * 1/C: ndarray.mean costs a Python-level wrapper per call)
-        xhat, y = xp.empty_like(x2), xp.empty_like(x2)
-        rstd = xp.empty((x2.shape[0], 1), dtype=x2.dtype)
+        self.has_bias, self.has_weight, self.in_dtype = bias is not None, weight is not None, x.dtype
 
-        def piece(i: int, j: int) -> None:  # rows i..j
-            xs, xh, ys, r = x2[i:j], xhat[i:j], y[i:j], rstd[i:j]
-            xp.subtract(xs, sum_last(xs) * inv_c, out=xh)   # x - mu
-            xp.multiply(xh, xh, out=ys)                      # the squares, in y's buffer
-            var = sum_last(ys)
-            var *= inv_c
-            var += eps
-            xp.sqrt(var, out=r)
-            xp.divide(1.0, r, out=r)                         # rstd
-            xh *= r                                          # xhat
-            if weight is not None:
-                xp.multiply(xh, weight, out=ys)
-            else:
-                ys[...] = xh
-            if bias is not None:
-                ys += bias
-        over_blocks(piece, x2.shape[0], max(1, BLOCK // max(C, 1)))
-        self.save_for_backward(xhat, rstd, weight)  # (rows, C) and (rows, 1)
-        return y.reshape(x.shape).astype(x.dtype, copy=False)
+    @property
+    def need_w(self) -> bool:
+        return self.has_weight and self.needs_grad[1]
 
-    def backward(self, g):
-        if len(self.saved) == 5:  # the fused GPU path
-            x, mean, rstd, weight, _ = self.saved
-            xp = array_module(x)
-            g = xp.ascontiguousarray(g)
-            need_w = weight is not None and self.needs_grad[1]
-            dx, gxhat = kernels.layer_norm_backward(x, weight, g, mean, rstd, want_gxhat=need_w)
-            dw = sum_rows(gxhat, weight.dtype) if need_w else None
-            db = sum_rows(g) if self.has_bias and self.needs_grad[2] else None
-            return dx, dw, db
-        xhat, rstd, weight = self.saved
-        C = g.shape[-1]
-        g2, xh2, r2 = _f32(g).reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1)
-        xp = array_module(g2)
-        inv_c = 1.0 / C
-        rows, block = g2.shape[0], max(1, BLOCK // max(C, 1))
-        need_w = weight is not None and self.needs_grad[1]
-        need_b = self.has_bias and self.needs_grad[2]
-        nb = -(-rows // block)
-        dws = xp.zeros((nb, C), dtype=g2.dtype) if need_w else None  # per-piece sums over rows,
-        dbs = xp.zeros((nb, C), dtype=g2.dtype) if need_b else None  # added in a fixed order below
-        w32 = None if weight is None else weight.astype(g2.dtype, copy=False)
-        dx = xp.empty_like(g2)
-
-        def piece(i: int, j: int) -> None:
-            gs, xs, ds = g2[i:j], xh2[i:j], dx[i:j]
-            tmp = gs * xs                                          # g * xhat
-            if need_w:
-                dws[i // block] = sum_rows(tmp)
-            if need_b:
-                dbs[i // block] = sum_rows(gs)
-            if w32 is not None:
-                xp.multiply(gs, w32, out=ds)                       # dxhat
-                m2 = (tmp @ w32)[:, None] * inv_c                  # mean(dxhat * xhat)
-            else:
-                ds[...] = gs
-                m2 = sum_last(tmp) * inv_c
-            ds -= sum_last(ds) * inv_c                             # - mean(dxhat)
-            xp.multiply(xs, m2, out=tmp)
-            ds -= tmp                                              # - xhat * mean(dxhat * xhat)
-            ds *= r2[i:j]
-        over_blocks(piece, rows, block)
-        dw = dws.sum(axis=0).astype(weight.dtype, copy=False) if need_w else None
-        db = dbs.sum(axis=0).astype(g.dtype, copy=False) if need_b else None
-        return dx.reshape(g.shape).astype(self.in_dtype, copy=False), dw, db
+    @property
+    def need_b(self) -> bool:
+        return self.has_bias and self.needs_grad[2]
 
 
 class Embedding(Function):
@@ -284,7 +235,7 @@ class Embedding(Function):
 
 
 class Dropout(Function):
-    """Zero each element with probability p and scale the rest by 1/(1-p) (training only)."""
+    """Zero each element with probability p and scale the rest by 1/(1-p) (training only); same shape as x."""
     # dx = g * mask / (1 - p)
     def forward(self, x, p=0.5, generator=None):
         keep = uniform(generator, x.shape, x) >= p
@@ -300,10 +251,28 @@ class Linear(Function):
     """y = x @ W.T + b with x (..., in), W (out, in), b (out,) or None -> (..., out).
 
     compute_dtype (mixed precision, nn.amp): x and W are cast to it for the product, y is in it
-    and the bias is added to it (in float on the GPU); each gradient comes back in its input's
-    own dtype (float32 for the float32 master weights), on the GPU straight out of the GEMM."""
-    # dx = g @ W,  dW = g^T x (over all rows),  db = sum of g over rows
+    and the bias is added to it; each gradient comes back in its input's own dtype (float32 for
+    the float32 master weights)."""
+    # dx = g @ W,  dW = g^T x (over all rows),  db = sum of g over rows (column sums)
     def forward(self, x, weight, bias=None, compute_dtype=None):
+        x, weight = self.prepare(x, weight, bias, compute_dtype)
+        y = gemm(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
+        if bias is not None:
+            y += bias.astype(y.dtype, copy=False)
+        return y
+
+    def backward(self, g):
+        x, w = self.saved
+        dx_t, dw_t, db_t = self.dtypes
+        g2 = g.reshape(-1, g.shape[-1]).astype(w.dtype, copy=False)
+        gx = gemm(g2, w).astype(dx_t, copy=False).reshape(x.shape[:-1] + (w.shape[1],)) if self.needs_grad[0] else None
+        gw = gemm(g2.T, x.reshape(-1, x.shape[-1])).astype(dw_t, copy=False) if self.needs_grad[1] else None
+        gb = sum_rows(g2, db_t) if self.has_bias and self.needs_grad[2] else None
+        return gx, gw, gb
+
+    def prepare(self, x: Any, weight: Any, bias: Any, compute_dtype: Any) -> tuple[Any, Any]:
+        """Check the shapes, record each input's dtype, cast x and W to compute_dtype and save
+        them -> (x, W) as the product sees them."""
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input of shape {shape_str(x)} has {x.shape[-1]} features, "
                              f"weight of shape {shape_str(weight)} expects {weight.shape[1]}")
@@ -313,36 +282,7 @@ class Linear(Function):
             weight = weight if weight.dtype == compute_dtype else weight.astype(compute_dtype)
         self.save_for_backward(x, weight)
         self.has_bias = bias is not None
-        # one 2-D GEMM over all rows of every leading axis
-        y = _mm(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
-        if bias is not None:
-            if kernels.usable(y, bias):  # GPU: one pass, any dtypes (CuPy's broadcast add is ~2x slower)
-                kernels.bias_add(y, bias)
-            elif bias.dtype == y.dtype:
-                y += bias
-            else:
-                y += bias.astype(y.dtype)
-        return y
-
-    def backward(self, g):
-        x, w = self.saved
-        dx_t, dw_t, db_t = self.dtypes
-        g2 = g.reshape(-1, g.shape[-1])
-        if g2.dtype != w.dtype:
-            g2 = g2.astype(w.dtype)
-        gx = _mm(g2, w, dx_t).reshape(x.shape[:-1] + (w.shape[1],)) if self.needs_grad[0] else None
-        gw = _mm(g2.T, x.reshape(-1, x.shape[-1]), dw_t) if self.needs_grad[1] else None
-        gb = sum_rows(g2, db_t) if self.has_bias and self.needs_grad[2] else None
-        return gx, gw, gb
-
-
-def _mm(a: Any, b: Any, out_dtype: Any = None) -> Any:
-    """a @ b (2-D, one dtype) -> out_dtype (default the inputs'): cuBLAS on the GPU, writing a
-    16-bit product's float32 result directly; `gemm` (and a cast) otherwise."""
-    out_dtype = np.dtype(out_dtype or a.dtype)
-    if a.dtype == b.dtype and cublas.usable(a, b) and (out_dtype == a.dtype or out_dtype == np.float32):
-        return cublas.matmul(a, b, out_dtype=out_dtype)
-    return gemm(a, b).astype(out_dtype, copy=False)
+        return x, weight
 
 
 # ------------------------------------------------------------------ public functions
@@ -371,12 +311,13 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
     """Mean negative log-likelihood. logits (..., C), targets int (...) -> scalar."""
-    return CrossEntropy.apply(logits, _ids_like(targets, logits), ignore_index=ignore_index)
+    ids = _ids_like(targets, logits)
+    return pick(CrossEntropy, _arr(logits), ids).apply(logits, ids, ignore_index=ignore_index)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalize over the last axis, then scale and shift. x (..., C); weight, bias (C,)."""
-    return LayerNorm.apply(x, weight, bias, eps=eps)
+    return pick(LayerNorm, _arr(x), _arr(weight), _arr(bias)).apply(x, weight, bias, eps=eps)
 
 
 def embedding(ids: Any, weight: Tensor) -> Tensor:
@@ -397,21 +338,25 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator: Any = N
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, compute_dtype: Any = None) -> Tensor:
     """x @ weight.T + bias. x (..., in), weight (out, in), bias (out,) -> (..., out).
     compute_dtype: run the product in this (16-bit) dtype; gradients keep each input's dtype."""
-    return Linear.apply(x, weight, bias, compute_dtype=compute_dtype)
+    return pick(Linear, _arr(x), _arr(weight), _arr(bias), compute_dtype=compute_dtype).apply(
+        x, weight, bias, compute_dtype=compute_dtype)
 
 
 def relu(x: Tensor) -> Tensor:
+    """max(x, 0) elementwise; same shape as x."""
     return x.relu()
 
 
 def gelu(x: Tensor) -> Tensor:
-    """GELU, tanh approximation."""
+    """GELU, tanh approximation, elementwise; same shape as x (a fast path where one applies)."""
     return x.gelu()
 
 
 def sigmoid(x: Tensor) -> Tensor:
+    """1 / (1 + exp(-x)) elementwise; same shape as x."""
     return x.sigmoid()
 
 
 def tanh(x: Tensor) -> Tensor:
+    """tanh(x) elementwise; same shape as x."""
     return x.tanh()

@@ -127,7 +127,12 @@ class Function:
 
     @property
     def name(self) -> str:
-        return type(self).__name__
+        """The op's name: its reference Function's, also when a fast path runs it (a subclass
+        defined in tensor/cpu/ or tensor/cuda/, chosen by tensor/dispatch.py)."""
+        cls = type(self)
+        while cls.__module__.startswith(("tensor.cpu.", "tensor.cuda.")):
+            cls = cls.__base__
+        return cls.__name__
 
     @classmethod
     def apply(cls, *inputs: Any, **kwargs: Any) -> "Tensor":
@@ -456,7 +461,7 @@ class Tensor:
     def tanh(self) -> "Tensor": return E.Tanh.apply(self)
     def sigmoid(self) -> "Tensor": return E.Sigmoid.apply(self)
     def relu(self) -> "Tensor": return E.Relu.apply(self)
-    def gelu(self) -> "Tensor": return E.Gelu.apply(self)
+    def gelu(self) -> "Tensor": return pick(E.Gelu, self.data).apply(self)  # or its fast path (tensor/dispatch.py)
     def abs(self) -> "Tensor": return E.Abs.apply(self)
     def __abs__(self) -> "Tensor": return E.Abs.apply(self)
 
@@ -586,6 +591,7 @@ def _index_arrays(index: Any) -> Any:
 
 
 # op families are imported last: they subclass Function defined above
+from tensor.dispatch import pick  # noqa: E402
 from tensor.ops import elementwise as E  # noqa: E402
 from tensor.ops import indexing as I  # noqa: E402
 from tensor.ops import matmul as M  # noqa: E402

@@ -289,7 +289,7 @@ def test_mixed_precision_linear_returns_float32_gradients_close_to_float64(preci
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(1, 1), (37, 5), (1000, 33), (16384, 384), (3, 7, 96)])
 def test_column_sums_kernel_matches_float64_and_repeats_bit_for_bit(dtype: str, shape: tuple) -> None:
-    """functional.sum_rows on the GPU (kernels.column_sums: partial sums per row slice, the last
+    """functional.sum_rows on the GPU (tensor/cuda/colsum.py: partial sums per row slice, the last
     block of each column tile adds them in order, counters reset for the next launch)."""
     from tensor.functional import sum_rows
     cp = backend.cupy_module()
@@ -376,7 +376,7 @@ def test_trainer_with_cuda_graph_matches_eager_losses(tmp_path) -> None:
 
 @pytest.mark.parametrize("Tk", [5, 33, 256, 1100])  # 1100: past a warp's 1024, the block-per-row kernels
 def test_causal_softmax_kernels_against_numpy(Tk: int) -> None:
-    from tensor import kernels
+    from tensor.cuda import softmax as kernels
     cp = backend.cupy_module()
     rng = np.random.default_rng(12)
     Tq, scale = min(Tk, 7), 0.3
@@ -395,10 +395,62 @@ def test_causal_softmax_kernels_against_numpy(Tk: int) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_split_and_merge_heads_are_the_transposes(dtype: str) -> None:
-    from tensor import kernels
+    from tensor.cuda import layout as kernels
     cp = backend.cupy_module()
     x = np.random.default_rng(13).standard_normal((3, 7, 3 * 4 * 5)).astype(_dtype(dtype))
     heads = backend.to_numpy(kernels.split_heads(cp.asarray(x), 4, 3))
     np.testing.assert_array_equal(heads, x.reshape(3, 7, 3, 4, 5).transpose(2, 0, 3, 1, 4))
     back = backend.to_numpy(kernels.merge_heads(cp.asarray(heads)))
     np.testing.assert_array_equal(back, x)
+
+
+# ------------------------------------------------------------------ every CUDA fast path against its reference
+def _cuda_fast_paths() -> list:
+    from tensor.dispatch import FAST_PATHS
+    return sorted(name for name, d in FAST_PATHS.items() if "cuda" in d)
+
+
+_CUDA_DTYPES = ["float32", "float16", "bfloat16"]
+
+
+@pytest.mark.parametrize("op", _cuda_fast_paths())
+@pytest.mark.parametrize("dtype", _CUDA_DTYPES + ["float64"])
+def test_cuda_fast_path_equals_the_reference(op: str, dtype: str) -> None:
+    """The CUDA class registered in FAST_PATHS against the reference Function on the same CuPy
+    inputs (tests/test_tensor_fastpaths.py draws the cases); float64 only where it applies (Linear:
+    cuBLAS), the others leave float64 to the reference."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from test_tensor_fastpaths import compare
+    if dtype == "float64" and op != "Linear":
+        pytest.skip("float64 takes the reference path (tensor/cuda/common.py: FLOATS)")
+
+    @settings(max_examples=10, deadline=None)
+    @given(data=st.data())
+    def check(data) -> None:
+        compare(op, data, dtype, device="cuda")
+    check()
+
+
+def test_every_cuda_fast_path_is_checked_here() -> None:
+    from tensor.dispatch import fast_class
+    from test_tensor_fastpaths import CASES, reference_of, registered_class
+    for name in _cuda_fast_paths():
+        assert name in CASES
+        assert fast_class(reference_of(name), "cuda") is registered_class(name, "cuda")
+
+
+@pytest.mark.parametrize("dtype", _CUDA_DTYPES)
+def test_cuda_sum_rows_equals_the_reference(dtype: str) -> None:
+    from tensor.dispatch import reference_only
+    cp = backend.cupy_module()
+    for shape in [(1, 3), (129, 40), (4096, 33)]:
+        x = cp.asarray(np.random.default_rng(1).standard_normal(shape).astype(_dtype(dtype)))
+        for out in (None, np.float32):
+            fast = F.sum_rows(x, out)
+            with reference_only():
+                ref = F.sum_rows(x, out)
+            assert fast.dtype == ref.dtype
+            np.testing.assert_allclose(backend.to_numpy(fast).astype(np.float64), backend.to_numpy(ref).astype(np.float64),
+                                       rtol=2e-2, atol=2e-2 * np.sqrt(shape[0]))

@@ -268,31 +268,3 @@ def test_fused_ops_float32_stay_float32():
         o.sum().backward()
     for t in (x, w, b, W):
         assert t.grad.dtype == np.float32
-
-
-def test_layer_norm_in_several_row_pieces(monkeypatch):
-    """The CPU LayerNorm works through the rows in pieces (functional.LayerNorm, over_blocks):
-    pieces of 7 rows give the results of one piece to float32 round-off (the row sums of a
-    small piece take NumPy's reduction, of a big one a GEMV; dw and db are summed per piece),
-    and both match the closed forms (float64)."""
-    import tensor.functional as F
-    from tensor.functional import layer_norm
-    rows, C = 40, 16
-    rng = np.random.default_rng(0)
-    x0 = (rng.standard_normal((rows, C)) * 2 + 1).astype(np.float32)
-    w0, b0 = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
-    g = rng.standard_normal((rows, C)).astype(np.float32)
-    out = []
-    for block in (1 << 20, 7 * C):
-        monkeypatch.setattr(F, "BLOCK", block)
-        x, w, b = (Tensor(a, requires_grad=True) for a in (x0, w0, b0))
-        y = layer_norm(x, w, b)
-        y.backward(Tensor(g))
-        out.append((y.numpy(), x.grad.copy(), w.grad.copy(), b.grad.copy()))
-    for a, b in zip(out[0], out[1]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    x64 = x0.astype(np.float64)
-    xhat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
-    np.testing.assert_allclose(out[1][0], xhat * w0 + b0, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out[1][2], (g * xhat).sum(0), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out[1][3], g.astype(np.float64).sum(0), rtol=1e-4, atol=1e-4)

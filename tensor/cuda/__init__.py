@@ -1,2 +1,14 @@
 """CUDA fast paths, one module per op (CuPy RawKernel/RawModule code and cuBLAS through ctypes).
-Nothing here is imported until an op first runs on the GPU (tensor/dispatch.py)."""
+Nothing here is imported until an op first runs on the GPU (tensor/dispatch.py).
+
+    common.py         usable(*arrays), CuPy itself, dtype tables, launch sizes
+    rows.py           ROW_COMMON: block-wide reductions the row kernels share; row_module
+    cublas.py         matmul through cuBLAS (gemmEx / gemmStridedBatchedEx)
+    gelu.py           GeluCUDA and its kernels
+    layernorm.py      LayerNormCUDA and its kernels
+    cross_entropy.py  CrossEntropyCUDA and its kernels
+    linear.py         LinearCUDA: cuBLAS products and the bias kernel
+    softmax.py        causal_softmax, softmax_backward (attention's)
+    layout.py         split_heads, merge_heads, bias_add
+    colsum.py         column_sums (behind functional.sum_rows)
+"""

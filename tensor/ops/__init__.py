@@ -6,6 +6,10 @@
 - movement.py     reshape permute broadcast_to concatenate stack split squeeze unsqueeze cast to-device
 - indexing.py     __getitem__ (basic and integer-array indexing), where, scatter-add
 - ../functional.py fused ops: softmax log_softmax cross_entropy layer_norm embedding dropout linear
+
+Each op here is the reference: its textbook formula in array code against `xp`. Faster versions
+of some (GELU, LayerNorm, cross-entropy, Linear) are subclasses in tensor/cpu/ and tensor/cuda/,
+chosen by tensor/dispatch.py; `all_ops` lists the references only.
 """
 
 

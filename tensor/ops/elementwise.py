@@ -3,10 +3,8 @@ gradient back to each input's shape (`unbroadcast`)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
-from tensor import kernels
-from tensor.cpu.blocks import BLOCK, over_blocks
 from tensor.backend import array_module
 from tensor.tensor import Function, unbroadcast
 
@@ -159,53 +157,17 @@ GELU_K = math.sqrt(2.0 / math.pi)
 
 
 class Gelu(Function):
-    """GELU, tanh approximation: y = 0.5 a (1 + tanh(k (a + 0.044715 a^3))), k = sqrt(2/pi)."""
+    """GELU, tanh approximation: y = 0.5 a (1 + tanh(k (a + 0.044715 a^3))), k = sqrt(2/pi); same shape as a.
+    Fast paths: tensor/cpu/gelu.py (cache-sized blocks), tensor/cuda/gelu.py (one kernel)."""
     # dy/da = 0.5 (1 + t) + 0.5 a (1 - t^2) k (1 + 3*0.044715 a^2),  t = tanh(k (a + 0.044715 a^3))
     def forward(self, a):
-        if kernels.usable(a):  # GPU: the same formula as one fused kernel (tensor/kernels.py)
-            self.save_for_backward(a, None)
-            return kernels.gelu_forward(a)
-        xp = array_module(a)
-        a1 = a.reshape(-1)  # (1-D, so that even a 0-d input gives arrays that `out=` accepts)
-        t, y = xp.empty_like(a1), xp.empty_like(a1)  # t is kept for backward
-
-        def piece(i: int, j: int) -> None:
-            ab, tb, yb = a1[i:j], t[i:j], y[i:j]
-            xp.multiply(ab, ab, out=tb)
-            tb *= 0.044715 * GELU_K
-            tb += GELU_K
-            tb *= ab
-            xp.tanh(tb, out=tb)                 # t
-            xp.add(tb, 1.0, out=yb)
-            yb *= ab
-            yb *= 0.5
-        over_blocks(piece, a1.size)
+        t = array_module(a).tanh(GELU_K * (a + 0.044715 * a * a * a))
         self.save_for_backward(a, t)
-        return y.reshape(a.shape)
+        return 0.5 * a * (1.0 + t)
 
     def backward(self, g):
         a, t = self.saved
-        if t is None:
-            return (kernels.gelu_backward(a, array_module(g).ascontiguousarray(g)),)
-        xp = array_module(a)
-        a1, g1 = a.reshape(-1), g.reshape(-1)
-        da = xp.empty(a1.shape, dtype=a.dtype)
-        r = xp.empty(min(BLOCK, a1.size), dtype=t.dtype)  # one block-sized temporary
-
-        def piece(i: int, j: int) -> None:
-            ab, tb, wb, rb = a1[i:j], t[i:j], da[i:j], r[:j - i]
-            xp.multiply(ab, ab, out=wb)         # the derivative above, factored with 1 - t^2 = (1 - t)(1 + t):
-            wb *= 1.5 * 0.044715 * GELU_K       #   (0.5 + 0.5 a (1 - t) k (1 + 3*0.044715 a^2)) (1 + t)
-            wb += 0.5 * GELU_K
-            wb *= ab
-            xp.subtract(1.0, tb, out=rb)
-            wb *= rb
-            wb += 0.5
-            xp.add(tb, 1.0, out=rb)
-            wb *= rb
-            wb *= g1[i:j]
-        over_blocks(piece, a1.size)
-        return (da.reshape(a.shape),)
+        return (g * (0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_K * (1.0 + 3 * 0.044715 * a * a)),)
 
 
 class Abs(Function):

@@ -1,0 +1,53 @@
+"""Linear on the GPU: the reference formulas (tensor/functional.py: Linear) with every product
+straight through cuBLAS (tensor/cuda/cublas.py), a 16-bit product's float32 gradient written by
+the GEMM itself, and the bias added by one kernel in float (tensor/cuda/layout.py: bias_add;
+CuPy's broadcast add is ~2x slower)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tensor.cuda import cublas
+from tensor.cuda.common import usable
+from tensor.cuda.layout import bias_add
+from tensor.functional import Linear, gemm, sum_rows
+
+
+def matmul(a: Any, b: Any, out_dtype: Any = None) -> Any:
+    """a @ b (2-D, one dtype) -> out_dtype (default the inputs'): cuBLAS writing a 16-bit
+    product's float32 result directly; `gemm` and a cast otherwise."""
+    out_dtype = np.dtype(out_dtype or a.dtype)
+    if a.dtype == b.dtype and cublas.usable(a, b) and (out_dtype == a.dtype or out_dtype == np.float32):
+        return cublas.matmul(a, b, out_dtype=out_dtype)
+    return gemm(a, b).astype(out_dtype, copy=False)
+
+
+class LinearCUDA(Linear):
+    """Linear through cuBLAS; saves x and W as the product sees them (as the reference)."""
+
+    @staticmethod
+    def supports(x: Any, weight: Any, bias: Any = None, compute_dtype: Any = None) -> bool:
+        """CuPy float16/bfloat16/float32/float64 x and W (cuBLAS applies)."""
+        return cublas.usable(x, weight)
+
+    def forward(self, x, weight, bias=None, compute_dtype=None):
+        x, weight = self.prepare(x, weight, bias, compute_dtype)
+        y = matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
+        if bias is not None:
+            if usable(y, bias):
+                bias_add(y, bias)
+            else:
+                y += bias.astype(y.dtype, copy=False)
+        return y
+
+    def backward(self, g):
+        x, w = self.saved
+        dx_t, dw_t, db_t = self.dtypes
+        g2 = g.reshape(-1, g.shape[-1])
+        if g2.dtype != w.dtype:
+            g2 = g2.astype(w.dtype)
+        gx = matmul(g2, w, dx_t).reshape(x.shape[:-1] + (w.shape[1],)) if self.needs_grad[0] else None
+        gw = matmul(g2.T, x.reshape(-1, x.shape[-1]), dw_t) if self.needs_grad[1] else None
+        gb = sum_rows(g2, db_t) if self.has_bias and self.needs_grad[2] else None
+        return gx, gw, gb

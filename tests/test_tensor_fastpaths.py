@@ -1,0 +1,304 @@
+"""Every fast path (tensor/dispatch.py: FAST_PATHS) against the reference Function it subclasses.
+
+For each registered op, Hypothesis draws shapes (0-d and one-row edge cases, sizes just below, at
+and above the CPU block boundaries of tensor/cpu/blocks.py), a dtype (float32, float64, float16,
+bfloat16) and which inputs want gradients; the fast class and the reference class run on the same
+inputs and upstream gradient, and their outputs and gradients must agree to the dtype's round-off.
+The array helpers with fast paths (sum_rows, sum_last, gemm, scatter_add_rows) are compared with
+`reference_only()`. The references themselves are gradchecked in float64.
+
+The case builders (CASES) serve tests/test_gpu.py as well, for the CUDA entries.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tensor
+import tensor.functional as F
+from tensor import Tensor, backend, gradcheck
+from tensor.cpu.blocks import BLOCK
+from tensor.dispatch import FAST_PATHS, fast_class, pick, reference_only
+from tensor.ops.indexing import scatter_add_rows
+
+DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+TOL = {"float64": 1e-9, "float32": 2e-4, "float16": 2e-2, "bfloat16": 8e-2}  # relative to the largest |value|
+FEW = settings(max_examples=20, deadline=None)
+
+
+# ------------------------------------------------------------------ cases: (arrays, requires_grad, kwargs)
+def _edge_sizes(block: int) -> list:
+    """Counts around a block boundary: 1, just below, at and just above one and two blocks."""
+    return sorted({1, max(1, block - 1), block, block + 1, 2 * block + 1})
+
+
+def gelu_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    shape = draw(st.sampled_from([(), (1,), (3, 5), (BLOCK - 1,), (BLOCK,), (BLOCK + 1,), (2, BLOCK + 3)]))
+    return [np.asarray(rng.standard_normal(shape) * 3).astype(dtype)], [True], {}
+
+
+def layer_norm_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    C = draw(st.sampled_from([1, 2, 3, 16, 1000, 1024]))
+    rows = draw(st.sampled_from(_edge_sizes(max(1, BLOCK // C)) + [31, 32, 33]))
+    lead = draw(st.sampled_from([(rows,), (1, rows)] + ([()] if rows == 1 else [])))
+    x = (rng.standard_normal(lead + (C,)) * 2 + 1).astype(dtype)
+    arrays, rg = [x], [True]
+    has_w, has_b = draw(st.booleans()), draw(st.booleans())
+    w = rng.standard_normal(C).astype(dtype) if has_w else None
+    b = rng.standard_normal(C).astype(dtype) if has_b else None
+    rg += [draw(st.booleans()) if has_w else False, draw(st.booleans()) if has_b else False]
+    return [x, w, b], rg, {"eps": draw(st.sampled_from([1e-5, 1e-3]))}
+
+
+def cross_entropy_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    C = draw(st.sampled_from([1, 2, 5, 33, 1000]))
+    lead = draw(st.sampled_from([(), (1,), (7,), (2, 3), (300,)]))
+    ignore = draw(st.sampled_from([-100, -1, 0]))
+    t = rng.integers(0, C, size=lead)
+    if draw(st.booleans()):
+        t = np.where(rng.random(lead) < 0.3, ignore, t)
+    return [(rng.standard_normal(lead + (C,)) * 3).astype(dtype), t.astype(np.int64)], [True, False], \
+        {"ignore_index": ignore}
+
+
+def linear_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    n_in, n_out = draw(st.sampled_from([1, 3, 16, 33])), draw(st.sampled_from([1, 4, 32]))
+    lead = draw(st.sampled_from([(), (1,), (5,), (2, 7), (40,)]))
+    x, w = rng.standard_normal(lead + (n_in,)).astype(dtype), rng.standard_normal((n_out, n_in)).astype(dtype)
+    b = rng.standard_normal(n_out).astype(dtype) if draw(st.booleans()) else None
+    rg = [draw(st.booleans()), True, b is not None and draw(st.booleans())]
+    compute = draw(st.sampled_from([None, np.float16, ml_dtypes.bfloat16])) if dtype == np.float32 else None
+    return [x, w, b], rg, {"compute_dtype": compute}
+
+
+CASES: dict[str, Callable] = {"Gelu": gelu_case, "LayerNorm": layer_norm_case, "CrossEntropy": cross_entropy_case,
+                              "Linear": linear_case}
+
+
+# ------------------------------------------------------------------ running one class
+def on(device: str, arrays: list) -> list:
+    """The case's arrays on `device` (None stays None)."""
+    return [None if a is None else backend.to_device(a, device) for a in arrays]
+
+
+def run(cls: type, arrays: list, rg: list, kwargs: dict, g: Any, device: str = "cpu") -> list:
+    """cls.apply on fresh Tensors of the float `arrays` (integer ones passed as arrays), backward
+    with upstream g -> [output, grad of each input that wants one] as float64 NumPy arrays."""
+    ts = [a if a is None or a.dtype.kind in "iu" else Tensor(a, requires_grad=r) for a, r in zip(on(device, arrays), rg)]
+    out = cls.apply(*ts, **kwargs)
+    res = [out.data]
+    if any(rg):
+        out.backward(Tensor(backend.to_device(g, device)))
+        for t, r in zip(ts, rg):
+            if r:
+                assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape, cls.__name__
+                res.append(t.grad)
+    return [backend.to_numpy(r).astype(np.float64) for r in res]
+
+
+def compare(op: str, data: Any, dtype_name: str, device: str = "cpu") -> None:
+    """The fast class registered for `op` on `device` against the reference, on one drawn case."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16), label="seed"))
+    arrays, rg, kwargs = CASES[op](data.draw, rng, DTYPES[dtype_name])
+    compare_on(op, arrays, rg, kwargs, dtype_name, device, rng)
+
+
+def compare_on(op: str, arrays: list, rg: list, kwargs: dict, dtype_name: str, device: str,
+               rng: np.random.Generator) -> None:
+    """The fast class for `op` on `device` against the reference on these inputs."""
+    ref = reference_of(op)
+    fast = fast_class(ref, device)
+    assert fast.supports(*on(device, arrays), **kwargs), f"{fast.__name__} does not support this case"
+    out = ref.apply(*[a if a is None or a.dtype.kind in "iu" else Tensor(a) for a in on(device, arrays)], **kwargs)
+    g = rng.standard_normal(out.shape).astype(out.dtype)  # one upstream gradient for both
+    what = (f"{fast.__name__} vs {op}, {dtype_name}, shapes {[None if a is None else a.shape for a in arrays]}, "
+            f"requires_grad {rg}, {kwargs}")
+    assert_same(run(fast, arrays, rg, kwargs, g, device), run(ref, arrays, rg, kwargs, g, device), dtype_name, what)
+
+
+def assert_same(fast: list, ref: list, dtype_name: str, what: str) -> None:
+    assert len(fast) == len(ref), what
+    tol = TOL[dtype_name]
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        assert a.shape == b.shape, f"{what}: result {i} has shape {a.shape}, expected {b.shape}"
+        scale = max(1.0, float(np.abs(b).max())) if b.size else 1.0
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=f"{what}: result {i}")
+
+
+def first(strategy: Any) -> Any:
+    """The first choice of a sampled_from/booleans strategy: a fixed case without Hypothesis."""
+    return strategy.elements[0] if hasattr(strategy, "elements") else False
+
+
+# ------------------------------------------------------------------ the registry
+def registered_class(name: str, device: str) -> type:
+    """The class FAST_PATHS registers for `name` on `device` (importing a tensor/cuda/ module loads no CuPy)."""
+    module, cls_name = FAST_PATHS[name][device].split(":")
+    return getattr(importlib.import_module(module), cls_name)
+
+
+def reference_of(name: str) -> type:
+    """The reference Function that the fast paths registered under `name` subclass."""
+    cls = registered_class(name, next(iter(FAST_PATHS[name])))
+    refs = [b for b in cls.__mro__[1:] if b.__name__ == name]
+    assert refs, f"{FAST_PATHS[name]} does not subclass a Function named {name}"
+    return refs[0]
+
+
+def test_every_fast_path_imports_subclasses_its_reference_and_is_tested() -> None:
+    for name, by_device in FAST_PATHS.items():
+        ref = reference_of(name)
+        assert not ref.__module__.startswith(("tensor.cpu.", "tensor.cuda.")), f"{name}: the reference lives in {ref.__module__}"
+        assert name in CASES, f"the fast paths of {name} have no case builder in CASES (tests/test_tensor_fastpaths.py)"
+        for device, spec in by_device.items():
+            assert device in ("cpu", "cuda"), spec
+            assert spec.split(":")[0].startswith(f"tensor.{device}."), f"{spec} should live in tensor/{device}/"
+            cls = registered_class(name, device)
+            if device == "cpu":  # the CUDA ones run in tests/test_gpu.py
+                assert fast_class(ref, device) is cls
+                assert name in CPU_TESTED, f"{spec} is not exercised by test_cpu_fast_path_equals_the_reference"
+            assert issubclass(cls, ref) and cls is not ref, spec
+            assert callable(getattr(cls, "supports", None)), f"{spec} has no supports()"
+            assert "forward" in vars(cls) and "backward" in vars(cls), f"{spec} must override forward and backward"
+
+
+CPU_TESTED = sorted(name for name, d in FAST_PATHS.items() if "cpu" in d)
+
+
+@pytest.mark.parametrize("op", CPU_TESTED)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@FEW
+@given(data=st.data())
+def test_cpu_fast_path_equals_the_reference(op: str, dtype: str, data: Any) -> None:
+    compare(op, data, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("C", [1, 3, 16, 1000])
+def test_cpu_layer_norm_over_several_pieces_with_every_gradient(C: int, dtype: str) -> None:
+    """Rows in several pieces and a ragged last one (tensor/cpu/layernorm.py), every input wanting
+    its gradient: the per-piece weight and bias sums must add up to the reference's."""
+    rng = np.random.default_rng(C)
+    rows = 2 * max(1, BLOCK // C) + 1
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((rows, C), (C,), (C,)))
+    compare_on("LayerNorm", [x, w, b], [True, True, True], {"eps": 1e-5}, dtype, "cpu", rng)
+    compare_on("LayerNorm", [x, None, b], [True, False, True], {"eps": 1e-5}, dtype, "cpu", rng)
+
+
+@pytest.mark.parametrize("op", CPU_TESTED)
+def test_pick_chooses_the_fast_path_unless_told_not_to(op: str, monkeypatch) -> None:
+    ref = reference_of(op)
+    arrays, _, kwargs = CASES[op](first, np.random.default_rng(0), np.float32)
+    assert pick(ref, *arrays, **kwargs) is fast_class(ref, "cpu")
+    with reference_only():
+        assert pick(ref, *arrays, **kwargs) is ref
+    monkeypatch.setenv("TINYGRAD_LM_FAST", "0")
+    assert pick(ref, *arrays, **kwargs) is ref
+
+
+def test_fast_paths_keep_the_reference_name() -> None:
+    x = Tensor(np.ones((2, 3)), requires_grad=True)
+    y = F.layer_norm(x.gelu())
+    assert y._ctx.name == "LayerNorm" and type(y._ctx).__name__ == "LayerNormCPU"
+    assert "grad_fn=LayerNorm" in repr(y)
+
+
+# ------------------------------------------------------------------ the references, gradchecked in float64
+@pytest.mark.parametrize("op", ["CrossEntropy", "Gelu", "LayerNorm", "Linear"])
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_reference_gradcheck_float64(op: str, data: Any) -> None:
+    ref = reference_of(op)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    small = {"Gelu": [(), (3,), (2, 3)], "LayerNorm": [(4,), (2, 5)], "CrossEntropy": [(3, 4), (4,)],
+             "Linear": [(2, 3), (3,)]}[op]
+    shape = data.draw(st.sampled_from(small))
+    if op == "Gelu":
+        arrays, rg, kw = [rng.standard_normal(shape) * 2], [True], {}
+    elif op == "LayerNorm":
+        C = shape[-1]
+        arrays, rg, kw = [rng.standard_normal(shape) * 2, rng.standard_normal(C), rng.standard_normal(C)], [True] * 3, {}
+    elif op == "CrossEntropy":
+        t = rng.integers(0, shape[-1], size=shape[:-1])
+        t = np.where(rng.random(shape[:-1]) < 0.3, -100, t)
+        arrays, rg, kw = [rng.standard_normal(shape), t], [True, False], {}
+    else:
+        arrays, rg, kw = [rng.standard_normal(shape), rng.standard_normal((4, shape[-1])), rng.standard_normal(4)], \
+            [True] * 3, {}
+    with reference_only():
+        ts = [Tensor(a, requires_grad=r) if r else a for a, r in zip(arrays, rg)]
+        grad_inputs = [t for t in ts if isinstance(t, Tensor)]
+
+        def fn(*xs: Tensor) -> Tensor:
+            it = iter(xs)
+            return ref.apply(*[next(it) if isinstance(t, Tensor) else t for t in ts], **kw)
+        assert gradcheck(fn, grad_inputs)
+
+
+# ------------------------------------------------------------------ array helpers with fast paths
+@FEW
+@given(rows=st.sampled_from([1, 2, 31, 32, 33, 300]), C=st.sampled_from([1, 7, 128]),
+       dtype=st.sampled_from(list(DTYPES)), out=st.sampled_from([None, "float32", "float64"]), seed=st.integers(0, 99))
+def test_sum_rows_and_sum_last_equal_the_reference(rows: int, C: int, dtype: str, out: Any, seed: int) -> None:
+    x = np.random.default_rng(seed).standard_normal((rows, C)).astype(DTYPES[dtype])
+    fast = [F.sum_rows(x, out), F.sum_rows(x.reshape(1, rows, C), out)]
+    if dtype in ("float32", "float64"):
+        fast.append(F.sum_last(x))
+    with reference_only():
+        ref = [F.sum_rows(x, out), F.sum_rows(x.reshape(1, rows, C), out)]
+        if dtype in ("float32", "float64"):
+            ref.append(F.sum_last(x))
+    for a, b in zip(fast, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    assert_same([a.astype(np.float64) for a in fast], [b.astype(np.float64) for b in ref], dtype, "sum_rows/sum_last")
+
+
+@FEW
+@given(n=st.sampled_from([1, 2, 17, 32, 33]), k=st.sampled_from([1, 8, 64]), m=st.sampled_from([1, 16, 65]),
+       dtype=st.sampled_from(list(DTYPES)), transposed=st.booleans(), seed=st.integers(0, 99))
+def test_gemm_equals_the_reference(n: int, k: int, m: int, dtype: str, transposed: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, k)).astype(DTYPES[dtype])
+    b = rng.standard_normal((m, k)).astype(DTYPES[dtype]).T if transposed else \
+        rng.standard_normal((k, m)).astype(DTYPES[dtype])
+    fast = F.gemm(a, b)
+    with reference_only():
+        ref = F.gemm(a, b)
+    assert fast.dtype == ref.dtype == a.dtype and fast.flags.c_contiguous
+    assert_same([fast.astype(np.float64)], [ref.astype(np.float64)], dtype, "gemm")
+
+
+@FEW
+@given(n=st.sampled_from([0, 1, 5, 40, 400]), V=st.sampled_from([1, 3, 50]), C=st.sampled_from([1, 4]),
+       dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 99))
+def test_scatter_add_rows_equals_the_reference(n: int, V: int, C: int, dtype: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ids = rng.zipf(1.5, size=n) % V  # some ids repeat more than HEAVY_COUNT times, others once
+    src = rng.standard_normal((n, C)).astype(dtype)
+    fast = scatter_add_rows(ids, src, V)
+    with reference_only():
+        ref = scatter_add_rows(ids, src, V)
+    assert fast.dtype == ref.dtype and fast.shape == ref.shape == (V, C)
+    assert_same([fast.astype(np.float64)], [ref.astype(np.float64)], dtype, "scatter_add_rows")
+
+
+def test_importing_tensor_loads_no_cuda_code_and_leaves_the_allocator_alone() -> None:
+    """No side effects at import: no tensor/cuda/ module, no CuPy, and no allocator tuning
+    (backend.tune_host_allocator is an explicit call)."""
+    code = ("import sys, tensor, tensor.functional, tensor.ops.indexing; from tensor import backend; "
+            "mods = [m for m in sys.modules if m.startswith('tensor.cuda.') or m == 'cupy']; "
+            "print(mods)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.stdout.strip() == "[]", out.stdout
+    assert "tune_host_allocator" not in inspect.getsource(tensor)
