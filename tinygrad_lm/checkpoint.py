@@ -395,7 +395,12 @@ def validate_state(path: Path, st: Any) -> dict:
         GPTConfig.from_dict(mc)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: key 'model_config': not a valid model configuration ({e})") from None
-    _expect(path, "train_config", isinstance(st["train_config"], dict), "an object", st["train_config"])
+    tc = st["train_config"]
+    _expect(path, "train_config", isinstance(tc, dict), "an object", tc)
+    for k, v in mc.items():  # the trainer writes both: they must agree
+        if k in tc and k != "vocab_size" and tc[k] != v:
+            raise CheckpointError(f"{path}: key 'model_config.{k}' is {_short(v)} but 'train_config.{k}' is "
+                                  f"{_short(tc[k])}; they were written together and must agree")
     sc = st["schedule"]
     _expect(path, "schedule", isinstance(sc, dict) and isinstance(sc.get("name"), str)
             and all(_finite(v) for k, v in sc.items() if k != "name"),
@@ -417,7 +422,8 @@ def validate_state(path: Path, st: Any) -> dict:
     _check_rng_state(path, st["dropout_rng"])
     dp = st["data_position"]
     _expect(path, "data_position", isinstance(dp, dict), "an object", dp)
-    _expect(path, "data_position.seed", _is_int(dp.get("seed")), "an integer", dp.get("seed", "(missing)"))
+    _expect(path, "data_position.seed", _is_int(dp.get("seed")) and dp["seed"] >= 0, "an integer >= 0",
+            dp.get("seed", "(missing)"))
     _expect(path, "data_position.next_step", dp.get("next_step") == st["step"] and _is_int(dp.get("next_step")),
             f"the step, {st['step']}", dp.get("next_step", "(missing)"))
     _expect(path, "tokenizer", isinstance(st["tokenizer"], str), "a file name", st["tokenizer"])
@@ -446,8 +452,14 @@ def _check_model_header(ckpt: Path, mc: dict) -> None:
         header = read_safetensors_header(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    want = param_shapes(GPTConfig.from_dict(mc))
+    cfg = GPTConfig.from_dict(mc)
     found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    layers = {k.split(".")[2] for k in found if k.startswith("transformer.h.")}
+    if len(layers) != cfg.n_layer or found.get("transformer.wte.weight") != (cfg.vocab_size, cfg.n_embd):
+        raise CheckpointError(f"{path}: its arrays do not match the model_config in {STATE_FILE}: {len(layers)} "
+                              f"layers and wte {found.get('transformer.wte.weight')} in the file, n_layer "
+                              f"{cfg.n_layer} and wte {(cfg.vocab_size, cfg.n_embd)} in the config")
+    want = param_shapes(cfg)
     if found != want:
         diff = sorted(set(want) ^ set(found)) or [f"{k}: {found[k]} vs {want[k]}" for k in want if found[k] != want[k]]
         raise CheckpointError(f"{path}: its arrays do not match the model_config in {STATE_FILE} "
@@ -471,6 +483,11 @@ def read_state(ckpt: str | os.PathLike, verify_files: bool = True) -> dict:
             raise CheckpointError(f"{ckpt / TOKENIZER_FILE}: the tokenizer has {tok['vocab_size']} tokens but the "
                                   f"model's vocab_size is {st['model_config']['vocab_size']}")
     _check_model_header(ckpt, st["model_config"])
+    if _stat(ckpt / OPTIM_FILE) is not None:  # its arrays are matched to the optimizer when the trainer loads it
+        try:
+            read_safetensors_header(ckpt / OPTIM_FILE)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{ckpt / OPTIM_FILE}: {e}") from None
     return st
 
 

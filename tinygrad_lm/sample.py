@@ -189,6 +189,7 @@ def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -
     Every problem with the files is a CheckpointError naming the file."""
     from nn.serialization import load_model
     from tinygrad_lm import checkpoint as ckpt_io
+    from tinygrad_lm.errors import UserError
     from tinygrad_lm.memory import check_fits
     from tinygrad_lm.model import GPT, GPTConfig
     ckpt = ckpt_io.resolve(path)
@@ -198,7 +199,10 @@ def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -
     if tok.vocab_size != cfg.vocab_size:
         raise ckpt_io.CheckpointError(f"{ckpt / ckpt_io.TOKENIZER_FILE}: {tok.vocab_size} tokens, but the model in "
                                       f"{ckpt} has vocab_size {cfg.vocab_size}")
-    check_fits(cfg, batch_size, "fp32", device, training=False)
+    try:
+        check_fits(cfg, batch_size, "fp32", device, training=False)
+    except UserError as e:
+        raise ckpt_io.CheckpointError(f"{ckpt / ckpt_io.STATE_FILE}: the model it describes is too big here: {e}") from None
     model = GPT(cfg)
     try:
         load_model(model, ckpt / ckpt_io.MODEL_FILE)
