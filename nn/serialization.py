@@ -219,7 +219,8 @@ def _bf16_names(path: str, raw: str, header: dict[str, Any]) -> set[str]:
     except (ValueError, RecursionError):
         names = None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise SafetensorsError(f"{path}: metadata {_BF16_AS_UINT16!r} should be a JSON list of names, found {raw[:80]!r}")
+        raise SafetensorsError(f"{path}: metadata {_BF16_AS_UINT16!r} should be a JSON list of names, "
+                               f"found {raw[:80]!r}")
     for n in names:
         if not isinstance(header.get(n), dict) or header[n].get("dtype") != "U16" or n == "__metadata__":
             raise SafetensorsError(f"{path}: metadata {_BF16_AS_UINT16!r} lists {n!r}, which is not a U16 array "
@@ -347,7 +348,8 @@ def load_optimizer(optimizer: Any, path: str | os.PathLike, schedule: Any = None
     path = os.fspath(path)
     arrays, metadata = load_safetensors(path)
     if _OPTIMIZER_KEY not in metadata:
-        raise SafetensorsError(f"{path}: no optimizer state in this safetensors file (metadata key {_OPTIMIZER_KEY!r} missing)")
+        raise SafetensorsError(f"{path}: no optimizer state in this safetensors file "
+                               f"(metadata key {_OPTIMIZER_KEY!r} missing)")
     try:
         meta = json.loads(metadata[_OPTIMIZER_KEY])
         sched = json.loads(metadata[_SCHEDULE_KEY]) if schedule is not None and _SCHEDULE_KEY in metadata else None

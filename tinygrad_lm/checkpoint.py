@@ -29,14 +29,13 @@ Policies:
   pruning and do not count: the resumed run replaces each when it saves that same step.
 * `latest` must hold one name `step-N`; anything else (a path, `..`, junk) is refused.
 
-`state.json` is validated by `read_state` (`validate_state`): every required key, its type
+`state.json` is validated by `read_state` (tinygrad_lm/checkpoint_schema.py): every required key, its type
 and its range; errors name the file, the key, what was found and what was expected.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -53,11 +52,8 @@ __all__ = ["CheckpointError", "resolve", "list_checkpoints", "save", "verify", "
 STATE_FILE, MODEL_FILE, OPTIM_FILE, TOKENIZER_FILE = "state.json", "model.safetensors", "optimizer.safetensors", "tokenizer.json"
 MANIFEST_FILE, LATEST_FILE = "manifest.json", "latest"
 MANIFEST_FORMAT = 1
-STATE_FORMATS = (1,)            # state.json "format" values this version reads
 _STEP_DIR = re.compile(r"step-(\d+)")
 _MAX_JSON = 64 << 20            # state.json / manifest.json larger than this are refused unread
-_REQUIRED = ("format", "step", "tokens_seen", "best_val", "model_config", "train_config", "schedule",
-             "loss_scaler", "dropout_rng", "data_position", "tokenizer")
 
 
 class CheckpointError(UserError):
@@ -82,7 +78,7 @@ def _stat(path: Path, follow: bool = True) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as e:  # ELOOP, ENAMETOOLONG, EACCES, embedded NUL...
-        raise CheckpointError(f"{_short(str(path))}: cannot access it ({e})") from None
+        raise CheckpointError(f"{str(path)[:200]}: cannot access it ({str(e)[:300]})") from None
 
 
 def _read_bytes(path: Path, limit: int) -> bytes:
@@ -146,7 +142,8 @@ def resolve(path: str | os.PathLike) -> Path:
     lst = _stat(latest)
     if lst is not None:
         if not stat.S_ISREG(lst.st_mode):
-            raise CheckpointError(f"{latest}: expected a one-line file naming a checkpoint, found a directory or special file")
+            raise CheckpointError(f"{latest}: expected a one-line file naming a checkpoint, found a directory or "
+                                  "special file")
         raw = _read_bytes(latest, 4096)
         try:
             name = raw.decode("utf-8").strip()
@@ -189,7 +186,8 @@ def _hint(run_dir: Path, bad: Path | None) -> str:
     good = newest_verified(run_dir, exclude=bad)
     if good is None:
         return ""
-    return f"; the newest checkpoint of this run that verifies is {good} (use it explicitly: --resume {good} / --ckpt {good})"
+    return (f"; the newest checkpoint of this run that verifies is {good} "
+            f"(use it explicitly: --resume {good} / --ckpt {good})")
 
 
 # ---------------------------------------------------------------- the manifest
@@ -348,97 +346,10 @@ def _prune(run: Path, step: int, keep: int) -> None:
 
 
 # ---------------------------------------------------------------- reading
-def _expect(path: Path, key: str, ok: bool, want: str, found: Any) -> None:
-    if not ok:
-        raise CheckpointError(f"{path}: key {key!r}: expected {want}, found {_short(found)}")
-
-
-def _num(v: Any) -> bool:
-    return type(v) in (int, float)
-
-
-def _finite(v: Any) -> bool:
-    return _num(v) and math.isfinite(v)
-
-
 def validate_state(path: Path, st: Any) -> dict:
-    """Check the shape, types and ranges of a parsed state.json; returns it. Errors name path and key."""
-    from nn.lr_scheduler import schedule_from_state_dict
-    from tinygrad_lm.model import GPTConfig
-    if not isinstance(st, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(st).__name__} {_short(st)}")
-    missing = [k for k in _REQUIRED if k not in st]
-    if missing:
-        raise CheckpointError(f"{path}: missing keys {missing} (a checkpoint's state needs {list(_REQUIRED)})")
-    f = st["format"]
-    _expect(path, "format", _is_int(f), "an integer format version", f)
-    if f not in STATE_FORMATS:
-        raise CheckpointError(f"{path}: key 'format': this version reads formats {list(STATE_FORMATS)}, found {f} "
-                              "(written by a newer or unknown version)")
-    _expect(path, "step", _is_int(st["step"]) and st["step"] >= 0, "an integer >= 0", st["step"])
-    _expect(path, "tokens_seen", _is_int(st["tokens_seen"]) and st["tokens_seen"] >= 0, "an integer >= 0",
-            st["tokens_seen"])
-    bv = st["best_val"]
-    _expect(path, "best_val", _num(bv) and not math.isnan(bv) and bv >= 0,
-            "a loss >= 0 (Infinity before the first evaluation)", bv)
-    mc = st["model_config"]
-    _expect(path, "model_config", isinstance(mc, dict), "an object", mc)
-    types = {"int": int, "float": (int, float), "bool": bool, "str": str}
-    from dataclasses import fields
-    for fld in fields(GPTConfig):
-        if fld.name in mc:
-            want = types.get(str(fld.type), object)
-            v = mc[fld.name]
-            ok = isinstance(v, want) and (want is bool or not isinstance(v, bool)) and (not _num(v) or _finite(v))
-            _expect(path, f"model_config.{fld.name}", ok, f"{fld.type}", v)
-    try:
-        GPTConfig.from_dict(mc)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: key 'model_config': not a valid model configuration ({e})") from None
-    tc = st["train_config"]
-    _expect(path, "train_config", isinstance(tc, dict), "an object", tc)
-    for k, v in mc.items():  # the trainer writes both: they must agree
-        if k in tc and k != "vocab_size" and tc[k] != v:
-            raise CheckpointError(f"{path}: key 'model_config.{k}' is {_short(v)} but 'train_config.{k}' is "
-                                  f"{_short(tc[k])}; they were written together and must agree")
-    sc = st["schedule"]
-    _expect(path, "schedule", isinstance(sc, dict) and isinstance(sc.get("name"), str)
-            and all(_finite(v) for k, v in sc.items() if k != "name"),
-            "an object with a 'name' and finite numbers", sc)
-    try:
-        schedule_from_state_dict(sc)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: key 'schedule': not a valid schedule ({e})") from None
-    ls = st["loss_scaler"]
-    _expect(path, "loss_scaler", isinstance(ls, dict), "an object", ls)
-    for k, ok, want in (("scale", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-                        ("growth_factor", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-                        ("backoff_factor", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-                        ("growth_interval", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-                        ("enabled", lambda v: type(v) is bool, "true or false"),
-                        ("clean_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-                        ("skipped_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0")):
-        _expect(path, f"loss_scaler.{k}", k in ls and ok(ls[k]), want, ls.get(k, "(missing)"))
-    _check_rng_state(path, st["dropout_rng"])
-    dp = st["data_position"]
-    _expect(path, "data_position", isinstance(dp, dict), "an object", dp)
-    _expect(path, "data_position.seed", _is_int(dp.get("seed")) and dp["seed"] >= 0, "an integer >= 0",
-            dp.get("seed", "(missing)"))
-    _expect(path, "data_position.next_step", dp.get("next_step") == st["step"] and _is_int(dp.get("next_step")),
-            f"the step, {st['step']}", dp.get("next_step", "(missing)"))
-    _expect(path, "tokenizer", isinstance(st["tokenizer"], str), "a file name", st["tokenizer"])
-    return st
-
-
-def _check_rng_state(path: Path, s: Any) -> None:
-    import numpy as np
-    want = "NumPy's bit_generator.state: {'bit_generator': 'PCG64', 'state': {...}, ...}"
-    _expect(path, "dropout_rng", isinstance(s, dict) and s.get("bit_generator") in
-            ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64") and isinstance(s.get("state"), dict), want, s)
-    try:
-        getattr(np.random, s["bit_generator"])().state = s
-    except (TypeError, ValueError, KeyError, OverflowError, IndexError) as e:
-        raise CheckpointError(f"{path}: key 'dropout_rng': not a valid {s['bit_generator']} state ({e})") from None
+    """Check the shape, types and ranges of a parsed state.json; returns it (tinygrad_lm/checkpoint_schema.py)."""
+    from tinygrad_lm.checkpoint_schema import validate_state as _validate
+    return _validate(path, st)
 
 
 def _check_model_header(ckpt: Path, mc: dict) -> None:
@@ -450,8 +361,8 @@ def _check_model_header(ckpt: Path, mc: dict) -> None:
         return
     try:
         header = read_safetensors_header(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except (OSError, ValueError) as e:  # (the message names the file)
+        raise CheckpointError(str(e)) from None
     cfg = GPTConfig.from_dict(mc)
     found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     layers = {k.split(".")[2] for k in found if k.startswith("transformer.h.")}
@@ -487,7 +398,7 @@ def read_state(ckpt: str | os.PathLike, verify_files: bool = True) -> dict:
         try:
             read_safetensors_header(ckpt / OPTIM_FILE)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{ckpt / OPTIM_FILE}: {e}") from None
+            raise CheckpointError(str(e)) from None
     return st
 
 

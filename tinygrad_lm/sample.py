@@ -202,7 +202,8 @@ def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -
     try:
         check_fits(cfg, batch_size, "fp32", device, training=False)
     except UserError as e:
-        raise ckpt_io.CheckpointError(f"{ckpt / ckpt_io.STATE_FILE}: the model it describes is too big here: {e}") from None
+        raise ckpt_io.CheckpointError(f"{ckpt / ckpt_io.STATE_FILE}: the model it describes is too big "
+                                      f"here: {e}") from None
     model = GPT(cfg)
     try:
         load_model(model, ckpt / ckpt_io.MODEL_FILE)
