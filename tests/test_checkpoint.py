@@ -368,3 +368,36 @@ def test_save_checks_its_arguments(tmp_path):
         C.save(tmp_path, -1, writer(0))
     with pytest.raises(ValueError, match="keep"):
         C.save(tmp_path, 1, writer(1), keep=0)
+
+
+# ------------------------------------------------------------------ the policy through the CLI
+def test_resume_refuses_a_damaged_latest_and_names_the_good_one(tmp_path):
+    import contextlib
+    import io
+    from tinygrad_lm.cli import main
+
+    def cli(*argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main(list(argv))
+            except SystemExit as e:
+                return e.code, err.getvalue()
+            except UserError as e:
+                return 2, f"error: {e}\n"
+        return 0, err.getvalue()
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 40)
+    run = tmp_path / "run"
+    code, err = cli("train", "--data", str(tmp_path / "corpus.txt"), "--n-layer", "1", "--n-head", "2",
+                    "--n-embd", "8", "--block-size", "8", "--batch-size", "2", "--max-iters", "4",
+                    "--eval-interval", "4", "--eval-iters", "1", "--ckpt-interval", "2", "--sample-tokens", "0",
+                    "--progress", "false", "--out", str(run), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0, err
+    _flip(run / "step-000004" / C.OPTIM_FILE, 200)
+    code, err = cli("train", "--resume", str(run), "--max-iters", "6")
+    assert code == 2 and err.startswith("error: "), err
+    assert "step-000004/optimizer.safetensors" in err and f"--resume {run / 'step-000002'}" in err, err
+    code, err = cli("train", "--resume", str(run / "step-000002"), "--max-iters", "3")
+    assert code == 0, err
+    # the resumed run saved step 3; the damaged step 4 (a later step) is still there, untouched
+    assert _steps(run) == [2, 3, 4] and C.resolve(run) == run / "step-000003"

@@ -517,3 +517,13 @@ def test_model_too_big_for_memory_is_refused_before_loading(tmp_path):
     d = C.save(tmp_path / "run", 0, write)
     code, err = run_main("sample", "--ckpt", str(d), "--max-new-tokens", "2")
     assert code == 2 and "--block-size 100000" in err and "attention" in err, err
+
+
+def test_cli_tunes_the_host_allocator(tmp_path, monkeypatch):
+    from tensor import backend
+    calls = []
+    monkeypatch.setattr(backend, "tune_host_allocator", lambda: calls.append(1) or True)
+    d, _ = make_ckpt(tmp_path)
+    code, err = run_main("sample", "--ckpt", str(d), "--max-new-tokens", "2")
+    assert code == 0, err
+    assert calls == [1]
