@@ -298,6 +298,14 @@ def test_resolve_permission_error(run):
         os.chmod(run, 0o755)
 
 
+def test_checkpoint_directory_without_state(run):
+    (run / "step-000004" / C.STATE_FILE).unlink()
+    with pytest.raises(C.CheckpointError, match=r"missing: .*step-000004/state\.json.*step-000002"):
+        C.resolve(run / "step-000004")
+    with pytest.raises(C.CheckpointError, match=r"step-000004.*no state\.json.*step-000002"):
+        C.resolve(run)
+
+
 def test_latest_naming_a_missing_directory_points_at_a_good_one(run):
     (run / "latest").write_text("step-000009\n")
     with pytest.raises(C.CheckpointError, match="step-000009.*step-000004"):

@@ -157,6 +157,8 @@ def resolve(path: str | os.PathLike) -> Path:
         if cst is None or not stat.S_ISREG(cst.st_mode):
             raise CheckpointError(f"checkpoint {ckpt} named by {latest} has no {STATE_FILE}" + _hint(p, ckpt))
         return ckpt
+    if _stat(p / MANIFEST_FILE) is not None:  # a checkpoint directory that lost its state
+        raise CheckpointError(f"checkpoint file missing: {p / STATE_FILE}" + _hint(p.parent, p))
     raise CheckpointError(f"no checkpoint at {p}: expected {latest} or {p / STATE_FILE}")
 
 
