@@ -16,6 +16,9 @@ unparseable or deeply nested text; edit safetensors headers (dtype, shape, offse
 files with the previous step's; add or remove files; point `latest` at junk. Structured edits
 are also tried "resealed" (`checkpoint.write_manifest` rerun over them, as a careless tool
 would), so the checks behind the manifest are exercised too.
+
+The counts are printed at the end of the module (pytest -s): mutants tried, refused, accepted
+as the same checkpoint, tracebacks (must be 0) and silent accepts (must be 0).
 """
 from __future__ import annotations
 
@@ -167,6 +170,31 @@ def state_values(draw, template: dict):
             C.write_manifest(run / STEP, step=4)
         return False, False
     return f"state.json {'.'.join(map(str, path))} = {'(deleted)' if delete else repr(value)} reseal={reseal}", apply
+
+
+@st.composite
+def manifest_values(draw, template: dict):
+    leaves = list(_leaves(template))
+    path, old = draw(st.sampled_from(leaves))
+    choices = [None, [], {}, "abc", math.nan, -1, 10 ** 30, True, "0" * 64]
+    if type(old) is int:
+        choices += [old + 1, old - 1]
+    value = draw(st.sampled_from(choices))
+    delete = draw(st.booleans())
+
+    def apply(run: Path) -> tuple[bool, bool]:
+        f = run / STEP / C.MANIFEST_FILE
+        doc = json.loads(f.read_text())
+        d = doc
+        for k in path[:-1]:
+            d = d[k]
+        if delete:
+            del d[path[-1]]
+        else:
+            d[path[-1]] = value
+        f.write_text(json.dumps(doc))
+        return doc == json.loads((run.parent.parent / "run" / STEP / C.MANIFEST_FILE).read_text()), False
+    return f"manifest.json {'.'.join(map(str, path))} = {'(deleted)' if delete else repr(value)}", apply
 
 
 @st.composite
@@ -332,15 +360,20 @@ def _template(pristine: Path) -> dict:
     return json.loads((pristine / "run" / STEP / C.STATE_FILE).read_text())
 
 
-def _mutations(template: dict):
-    return st.one_of(byte_edits(), state_values(template), state_texts(), json_whitespace(), header_edits(),
-                     swaps(), file_sets(), latests())
+def _mutations(template: dict, manifest: dict):
+    return st.one_of(byte_edits(), state_values(template), manifest_values(manifest), state_texts(),
+                     json_whitespace(), header_edits(), swaps(), file_sets(), latests())
 
 
 
 @pytest.fixture(scope="module")
 def template(pristine) -> dict:
     return _template(pristine)
+
+
+@pytest.fixture(scope="module")
+def manifest(pristine) -> dict:
+    return json.loads((pristine / "run" / STEP / C.MANIFEST_FILE).read_text())
 
 
 def _sample_argv(run: Path):
@@ -352,19 +385,23 @@ def _resume_argv(run: Path):
             "--eval-iters", "1"), False
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+# CI sizes; TINYGRAD_LM_FUZZ_EXAMPLES=N runs N sample mutants (and N/4 resumes) for a longer hunt
+_N = int(os.environ.get("TINYGRAD_LM_FUZZ_EXAMPLES", "200"))
+
+
+@settings(max_examples=_N, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
-def test_sample_on_damaged_checkpoints(pristine, template, data):
-    label, apply = data.draw(_mutations(template))
+def test_sample_on_damaged_checkpoints(pristine, template, manifest, data):
+    label, apply = data.draw(_mutations(template, manifest))
     _check(pristine, label, apply, _sample_argv)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=max(_N // 4, 1), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
-def test_resume_on_damaged_checkpoints(pristine, template, data):
-    label, apply = data.draw(_mutations(template))
+def test_resume_on_damaged_checkpoints(pristine, template, manifest, data):
+    label, apply = data.draw(_mutations(template, manifest))
     _check(pristine, label, apply, _resume_argv)
 
 
