@@ -27,6 +27,7 @@ import numpy as np
 
 from tensor import backend
 from tensor.tensor import no_grad
+from tinygrad_lm.errors import UserError
 
 
 # ------------------------------------------------------------------ the filters
@@ -189,7 +190,6 @@ def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -
     Every problem with the files is a CheckpointError naming the file."""
     from nn.serialization import load_model
     from tinygrad_lm import checkpoint as ckpt_io
-    from tinygrad_lm.errors import UserError
     from tinygrad_lm.memory import check_fits
     from tinygrad_lm.model import GPT, GPTConfig
     ckpt = ckpt_io.resolve(path)
@@ -240,6 +240,10 @@ class _TextStream:
         return text
 
 
+MAX_NEW_TOKENS = 1_000_000   # --max-new-tokens and --num-samples above these are refused as typos
+MAX_SAMPLES = 10_000
+
+
 def add_cli(sub: Any) -> None:
     p = sub.add_parser("sample", help="sample text from a checkpoint, streaming to the terminal")
     p.add_argument("--ckpt", required=True, help="run or checkpoint directory")
@@ -256,13 +260,8 @@ def add_cli(sub: Any) -> None:
     p.set_defaults(func=cli_sample)
 
 
-MAX_NEW_TOKENS = 1_000_000
-MAX_SAMPLES = 10_000
-
-
 def check_cli_args(args: argparse.Namespace) -> None:
     """Every flag in range, else UserError naming the flag, the value and what is expected."""
-    from tinygrad_lm.errors import UserError
     t = args.temperature
     if not (math.isfinite(t) and t >= 0):
         raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
@@ -287,7 +286,6 @@ def check_cli_args(args: argparse.Namespace) -> None:
 
 
 def _encode_prompt(tok: Any, text: str, what: str) -> list[int]:
-    from tinygrad_lm.errors import UserError
     try:
         return list(tok.encode(text, allowed_special="all"))
     except (ValueError, KeyError) as e:  # characters outside a char vocabulary, a bad special token
@@ -295,7 +293,6 @@ def _encode_prompt(tok: Any, text: str, what: str) -> list[int]:
 
 
 def cli_sample(args: argparse.Namespace) -> int:
-    from tinygrad_lm.errors import UserError
     backend.tune_host_allocator()
     try:
         check_cli_args(args)
