@@ -4,7 +4,9 @@ optimizer.safetensors, state.json, tokenizer.json and manifest.json.
 Atomicity: a checkpoint is first written, file by file with fsync, into
 `RUN/step-000500.tmp/`, sealed with its manifest, renamed to `RUN/step-000500/` (a
 directory rename is atomic), then the one-line pointer `RUN/latest` is replaced
-atomically. A crash at any moment leaves `latest` naming a complete checkpoint.
+atomically. A crash at any moment leaves `latest` naming a complete checkpoint (saving a
+step that already exists first sets the old copy aside as `step-N.old`, removed once
+`latest` names the new one).
 
 Integrity: `manifest.json` records the format version, the step, the byte size and
 SHA-256 of every other file in the directory, and the tokenizer's hash and vocabulary
@@ -29,8 +31,10 @@ Policies:
   pruning and do not count: the resumed run replaces each when it saves that same step.
 * `latest` must hold one name `step-N`; anything else (a path, `..`, junk) is refused.
 
-`state.json` is validated by `read_state` (tinygrad_lm/checkpoint_schema.py): every required key, its type
-and its range; errors name the file, the key, what was found and what was expected.
+`state.json` is validated by `read_state` (tinygrad_lm/checkpoint_schema.py): every required
+key, its type and its range; errors name the file, the key, what was found and what was
+expected. `read_state` also matches model.safetensors' header (names, shapes) to the
+model_config and the tokenizer's vocabulary size to vocab_size.
 """
 from __future__ import annotations
 
