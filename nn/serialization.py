@@ -28,8 +28,8 @@ import numpy as np
 
 from tensor import backend
 
-__all__ = ["atomic_write", "fsync_dir", "save_safetensors", "load_safetensors", "save_model", "load_model",
-           "save_optimizer", "load_optimizer"]
+__all__ = ["atomic_write", "fsync_dir", "save_safetensors", "load_safetensors", "read_safetensors_header",
+           "save_model", "load_model", "save_optimizer", "load_optimizer", "SafetensorsError"]
 
 _BF16_AS_UINT16 = "tinygrad_lm.bf16_as_uint16"   # metadata key: JSON list of names stored as uint16 bits
 _OPTIMIZER_KEY = "tinygrad_lm.optimizer"         # metadata key: JSON of Optimizer.state_dict()["meta"]
@@ -40,7 +40,14 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.in
            "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
            "U8": np.uint8, "BOOL": np.bool_}
 
+_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in _DTYPES.items()}, "BF16": 2}
+_MAX_HEADER = 100 << 20                          # a header larger than this is refused unread
+
 _native_bf16: bool | None = None
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that is corrupt or does not fit what loads it; the message names the file."""
 
 
 def _bfloat16() -> Any:
@@ -134,32 +141,91 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, Any],
 
 
 def _read_header(path: str, data: bytes) -> dict[str, Any]:
-    """Parse and sanity-check the header, with errors that say what is wrong with which file."""
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{path}: not a valid safetensors file ({why}); it may be truncated or corrupt")
+    """Parse and check the header against the file: dtypes, shapes, and offsets that tile the data
+    exactly. Errors say what is wrong with which file."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    return _parse_header(path, data[:8], data[8:8 + min(n, _MAX_HEADER)], len(data))
 
-    if len(data) < 8:
-        raise bad(f"only {len(data)} bytes")
-    n = int.from_bytes(data[:8], "little")
-    if 8 + n > len(data):
-        raise bad(f"the header claims {n} bytes but the file has {len(data)}")
+
+def _parse_header(path: str, prefix: bytes, rest: bytes, file_size: int) -> dict[str, Any]:
+    def bad(why: str) -> SafetensorsError:
+        return SafetensorsError(f"{path}: not a valid safetensors file ({why}); it may be truncated or corrupt")
+
+    if len(prefix) < 8:
+        raise bad(f"only {file_size} bytes")
+    n = int.from_bytes(prefix, "little")
+    if 8 + n > file_size:
+        raise bad(f"the header claims {n} bytes but the file has {file_size}")
+    if n > _MAX_HEADER:
+        raise bad(f"a {n}-byte header, more than {_MAX_HEADER}")
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(rest[:n])
     except (UnicodeDecodeError, ValueError) as e:
         raise bad(f"the header is not JSON: {e}") from None
+    except RecursionError:
+        raise bad("the header is JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
-    end = 0
+    meta = header.get("__metadata__", {})
+    if meta is not None and (not isinstance(meta, dict)
+                             or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise bad("__metadata__ is not a JSON object of strings")
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise bad(f"entry {name!r} has no valid data_offsets") from None
-    if 8 + n + end != len(data):
-        raise bad(f"the arrays should end at byte {8 + n + end} but the file has {len(data)} bytes")
+        if not isinstance(info, dict):
+            raise bad(f"entry {name!r} is not a JSON object")
+        code, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if code not in _ITEMSIZE:
+            raise bad(f"entry {name!r} has dtype {code!r}; known: {sorted(_ITEMSIZE)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"entry {name!r} has shape {shape!r}; expected a list of integers >= 0")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise bad(f"entry {name!r} has no valid data_offsets (found {offs!r})")
+        size = int(np.prod(shape, dtype=object)) * _ITEMSIZE[code]
+        if offs[1] - offs[0] != size:
+            raise bad(f"entry {name!r}: {code} {shape} needs {size} bytes but data_offsets {offs} span "
+                      f"{offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    end = 0
+    for a, b, name in spans:
+        if a != end:
+            raise bad(f"entry {name!r} starts at byte {a} of the data, expected {end} (overlapping or a gap)")
+        end = b
+    if 8 + n + end != file_size:
+        raise bad(f"the arrays should end at byte {8 + n + end} but the file has {file_size} bytes")
     return header
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Only the checked header of a safetensors file (reads the header bytes, not the arrays):
+    {"__metadata__": {...}, name: {"dtype", "shape", "data_offsets"}}."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        rest = f.read(min(n, _MAX_HEADER)) if n <= size else b""
+    return _parse_header(path, prefix, rest, size)
+
+
+def _bf16_names(path: str, raw: str, header: dict[str, Any]) -> set[str]:
+    """The metadata list of names stored as uint16 bit patterns of bfloat16, checked."""
+    try:
+        names = json.loads(raw)
+    except (ValueError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SafetensorsError(f"{path}: metadata {_BF16_AS_UINT16!r} should be a JSON list of names, "
+                               f"found {raw[:80]!r}")
+    for n in names:
+        if not isinstance(header.get(n), dict) or header[n].get("dtype") != "U16" or n == "__metadata__":
+            raise SafetensorsError(f"{path}: metadata {_BF16_AS_UINT16!r} lists {n!r}, which is not a U16 array "
+                                   "of the file")
+    return set(names)
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -177,8 +243,8 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     try:
         entries = deserialize(data)              # validated by the safetensors library itself
     except SafetensorError as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
-    as_bits = set(json.loads(metadata.pop(_BF16_AS_UINT16, "[]")))
+        raise SafetensorsError(f"{path}: not a valid safetensors file ({e})") from None
+    as_bits = _bf16_names(path, metadata.pop(_BF16_AS_UINT16, "[]"), header)
     out: dict[str, np.ndarray] = {}
     for name, info in entries:
         code = info["dtype"]
@@ -187,7 +253,7 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         elif code in _DTYPES:
             dtype = np.dtype(_DTYPES[code]).newbyteorder("<")
         else:
-            raise ValueError(f"{path}: {name!r} has dtype {code}, which this loader does not handle")
+            raise SafetensorsError(f"{path}: {name!r} has dtype {code}, which this loader does not handle")
         arr = np.frombuffer(info["data"], dtype=dtype).reshape(info["shape"])
         arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
         if name in as_bits:
@@ -213,6 +279,14 @@ def load_model(model: Any, path: str | os.PathLike, strict: bool = True) -> tupl
     Returns (missing, unexpected) names.
     """
     tensors, _ = load_safetensors(path)
+    for name, p in model.named_parameters():
+        arr = tensors.get(name)
+        if arr is None:
+            continue
+        p_float = np.dtype(p.dtype).kind == "f" or _is_bf16(np.dtype(p.dtype))
+        if p_float and not (arr.dtype.kind == "f" or _is_bf16(arr.dtype)):
+            raise SafetensorsError(f"{os.fspath(path)}: {name!r} is stored as {arr.dtype} {arr.shape}; the model's "
+                                   f"parameter is {np.dtype(p.dtype)} {tuple(p.shape)} (a floating dtype is needed)")
     try:
         return model.load_state_dict(tensors, strict=strict)
     except KeyError as e:
@@ -230,20 +304,63 @@ def save_optimizer(optimizer: Any, path: str | os.PathLike, schedule: Any = None
     save_safetensors(path, sd["arrays"], meta)
 
 
+def _check_optimizer_meta(path: str, meta: Any, arrays: dict[str, np.ndarray]) -> None:
+    """Types and ranges of the optimizer metadata, checked at load (not at the first step)."""
+    def bad(what: str) -> SafetensorsError:
+        return SafetensorsError(f"{path}: optimizer metadata {what}")
+
+    def finite(v: Any) -> bool:
+        return type(v) in (int, float) and np.isfinite(v)
+
+    if isinstance(meta, dict) and meta.get("zero1") is True:   # nn.distributed.ZeRO1 wraps the inner state
+        meta = meta.get("inner")
+    if not isinstance(meta, dict) or not isinstance(meta.get("type"), str):
+        raise bad(f"should be an object with a 'type' string, found {str(meta)[:80]!r}")
+    groups, state = meta.get("param_groups"), meta.get("state", {})
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise bad(f"'param_groups' should be a list of objects, found {str(groups)[:80]!r}")
+    for gi, g in enumerate(groups):
+        params = g.get("params")
+        if not isinstance(params, list) or not all(type(i) is int and i >= 0 for i in params):
+            raise bad(f"param group {gi}: 'params' should be a list of indices >= 0, found {str(params)[:80]!r}")
+        for k, v in g.items():
+            ok = (k == "params" or type(v) is bool or v is None or finite(v)
+                  or (isinstance(v, list) and all(finite(x) for x in v)))
+            if not ok or (k in ("lr", "eps", "weight_decay") and not (finite(v) and v >= 0)) \
+                    or (k == "betas" and not (isinstance(v, list) and len(v) == 2 and all(0 <= x < 1 for x in v))):
+                raise bad(f"param group {gi}: {k!r} = {str(v)[:80]!r} is not a valid setting")
+    if not isinstance(state, dict):
+        raise bad(f"'state' should be an object, found {str(state)[:80]!r}")
+    for key, st in state.items():
+        if not key.isdigit() or not isinstance(st, dict):
+            raise bad(f"'state' entry {key!r} should be '<index>': {{...}}, found {str(st)[:80]!r}")
+        for k, v in st.items():
+            if (k == "step" and not (type(v) is int and v >= 0)) or (k != "step" and not finite(v)):
+                raise bad(f"state {key}: {k!r} = {str(v)[:80]!r} is not valid (step: an integer >= 0)")
+    for name, arr in arrays.items():
+        if not (arr.dtype.kind == "f" or _is_bf16(arr.dtype)):
+            raise SafetensorsError(f"{path}: optimizer array {name!r} has dtype {arr.dtype}; expected floating point")
+
+
 def load_optimizer(optimizer: Any, path: str | os.PathLike, schedule: Any = None) -> None:
     """Restore an optimizer saved by `save_optimizer` (and the schedule's settings, if one is
     given and the file has them). Mismatches raise ValueError naming the file."""
     path = os.fspath(path)
     arrays, metadata = load_safetensors(path)
     if _OPTIMIZER_KEY not in metadata:
-        raise ValueError(f"{path}: no optimizer state in this safetensors file (metadata key {_OPTIMIZER_KEY!r} missing)")
+        raise SafetensorsError(f"{path}: no optimizer state in this safetensors file "
+                               f"(metadata key {_OPTIMIZER_KEY!r} missing)")
     try:
         meta = json.loads(metadata[_OPTIMIZER_KEY])
-    except ValueError as e:
-        raise ValueError(f"{path}: the optimizer metadata is not valid JSON ({e})") from None
+        sched = json.loads(metadata[_SCHEDULE_KEY]) if schedule is not None and _SCHEDULE_KEY in metadata else None
+    except (ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: the optimizer metadata is not valid JSON ({e})") from None
+    _check_optimizer_meta(path, meta, arrays)
     try:
         optimizer.load_state_dict({"meta": meta, "arrays": arrays})
-        if schedule is not None and _SCHEDULE_KEY in metadata:
-            schedule.load_state_dict(json.loads(metadata[_SCHEDULE_KEY]))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        if sched is not None:
+            if not isinstance(sched, dict):
+                raise ValueError(f"the schedule metadata should be an object, found {str(sched)[:80]!r}")
+            schedule.load_state_dict(sched)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SafetensorsError(f"{path}: {e}") from None

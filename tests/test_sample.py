@@ -330,18 +330,31 @@ def test_zero_new_tokens_returns_prompt():
 CHARS = "\n abcdefgh."   # 11 characters = V
 
 
-def make_ckpt(tmp_path: Path, with_tokenizer: bool = True, seed: int = 9) -> tuple[Path, GPT]:
+def valid_state(cfg: GPTConfig, step: int = 0) -> dict:
+    """A complete state.json for a checkpoint that was never trained (what read_state requires)."""
+    from nn.amp import LossScaler
+    from nn.lr_scheduler import WarmupCosine
+    return {"format": 1, "step": step, "tokens_seen": 0, "best_val": math.inf, "model_config": cfg.to_dict(),
+            "train_config": {}, "schedule": WarmupCosine(1e-3, 1e-4, 10, 100).state_dict(),
+            "loss_scaler": LossScaler(enabled=False).state_dict(),
+            "dropout_rng": np.random.default_rng(0).bit_generator.state,
+            "data_position": {"seed": 0, "next_step": step}, "tokenizer": "tokenizer.json"}
+
+
+def make_ckpt(tmp_path: Path, with_tokenizer: bool = True, seed: int = 9, chars: str = CHARS) -> tuple[Path, GPT]:
+    """A sealed checkpoint (tinygrad_lm.checkpoint.save) of a fresh model over `CHARS`."""
     from nn.serialization import save_model
     from tinygrad_lm import checkpoint as C
     from tinygrad_lm.tokenizer import CharTokenizer
     cfg = GPTConfig(len(CHARS), 16, n_layer=2, n_head=2, n_embd=16, pos_encoding="learned")
     model = GPT(cfg, seed=seed).eval()
-    d = tmp_path / "ckpt"
-    d.mkdir()
-    save_model(model, d / C.MODEL_FILE)
-    (d / C.STATE_FILE).write_text(json.dumps({"model_config": cfg.to_dict(), "step": 0}))
-    if with_tokenizer:
-        CharTokenizer(CHARS).save(d / C.TOKENIZER_FILE)
+
+    def write(d: Path) -> None:
+        save_model(model, d / C.MODEL_FILE)
+        C.atomic_write_text(d / C.STATE_FILE, json.dumps(valid_state(cfg)))
+        if with_tokenizer:
+            CharTokenizer(chars).save(d / C.TOKENIZER_FILE)
+    d = C.save(tmp_path / "run", 0, write)
     return d, model
 
 
@@ -392,20 +405,125 @@ def test_cli_smoke_and_seed(tmp_path):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (("--temperature", "-1"), "temperature"),
-    (("--top-p", "0"), "top_p"),
-    (("--top-k", "-2"), "top_k"),
-    (("--max-new-tokens", "-1"), "max_new_tokens"),
-    (("--prompt", ""), "empty"),
-    (("--prompt", "xyz"), "x"),
+    (("--temperature", "-1"), "--temperature"),
+    (("--temperature", "nan"), "--temperature"),
+    (("--temperature", "inf"), "--temperature"),
+    (("--top-p", "0"), "--top-p"),
+    (("--top-p", "nan"), "--top-p"),
+    (("--top-p", "1.5"), "--top-p"),
+    (("--top-k", "-2"), "--top-k"),
+    (("--top-k", "0"), "--top-k"),
+    (("--max-new-tokens", "-1"), "--max-new-tokens"),
+    (("--max-new-tokens", "10000000000"), "--max-new-tokens"),
+    (("--num-samples", "0"), "--num-samples"),
+    (("--seed", "-1"), "--seed"),
+    (("--prompt", ""), "--prompt.*empty"),
+    (("--prompt", "xyz"), "--prompt.*x.*y.*z"),
 ])
 def test_cli_bad_input(tmp_path, extra, match):
     d, _ = make_ckpt(tmp_path)
-    r = run_cli("--ckpt", str(d), "--prompt", "ab", *extra)
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr and re_search(match, r.stderr), r.stderr
+    code, err = run_main("sample", "--ckpt", str(d), "--prompt", "ab", *extra)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and re_search(match, err), err
+
+
+def run_main(*argv: str) -> tuple[int, str]:
+    """`tinygrad_lm.cli.main(argv)` in this process -> (exit status, stderr). Any exception other
+    than SystemExit escapes: a traceback is a failure."""
+    import contextlib
+    import io
+    from tinygrad_lm.cli import main
+    from tinygrad_lm.errors import UserError
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except UserError as e:  # what cli.main does with it (until every command relies on that)
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+    return code, err.getvalue()
 
 
 def re_search(pattern: str, text: str) -> bool:
     import re
     return re.search(pattern, text) is not None
+
+
+# ------------------------------------------------------------------ hardened CLI: files and devices
+def test_cli_device_cuda_without_cupy(tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed")
+    except Exception:
+        pass
+    d, _ = make_ckpt(tmp_path)
+    code, err = run_main("sample", "--ckpt", str(d), "--device", "cuda")
+    assert code == 2 and err.startswith("error: --device cuda needs CuPy") and err.count("\n") == 1, err
+    assert "cuda12" in err
+
+
+@pytest.mark.parametrize("how", ["missing", "file", "latest-junk", "latest-escape", "latest-huge", "latest-loop"])
+def test_cli_checkpoint_path_problems(tmp_path, how):
+    d, _ = make_ckpt(tmp_path)
+    run = d.parent
+    target = run
+    if how == "missing":
+        target = tmp_path / "nowhere"
+    elif how == "file":
+        target = d / "state.json"
+    elif how == "latest-junk":
+        (run / "latest").write_bytes(b"\xff\xfe junk")
+    elif how == "latest-escape":
+        (run / "latest").write_text("../../etc\n")
+    elif how == "latest-huge":
+        (run / "latest").write_text("step-" + "0" * 100_000)
+    elif how == "latest-loop":
+        (run / "latest").unlink()
+        os.symlink(run / "latest", run / "latest")
+    code, err = run_main("sample", "--ckpt", str(target), "--max-new-tokens", "2")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert (str(target) if how in ("missing", "file") else "latest") in err
+
+
+def test_replaced_tokenizer_is_refused(tmp_path):
+    """A permuted vocabulary of the same size, or one with 8 more characters, is not the model's."""
+    from tinygrad_lm import checkpoint as C
+    from tinygrad_lm.tokenizer import CharTokenizer
+    d, _ = make_ckpt(tmp_path)
+    CharTokenizer(CHARS[::-1]).save(d / C.TOKENIZER_FILE)
+    code, err = run_main("sample", "--ckpt", str(d), "--max-new-tokens", "2")
+    assert code == 2 and "tokenizer.json" in err and "SHA-256" in err, err
+    # resealed (the manifest rewritten to match): the vocabulary size still disagrees with the model
+    CharTokenizer(CHARS + "ijklmnop").save(d / C.TOKENIZER_FILE)
+    C.write_manifest(d)
+    code, err = run_main("sample", "--ckpt", str(d), "--max-new-tokens", "2")
+    assert code == 2 and "tokenizer.json" in err and "19 tokens" in err and "vocab_size is 11" in err, err
+
+
+def test_model_too_big_for_memory_is_refused_before_loading(tmp_path):
+    """block_size 100000 needs (1, H, T, T) scores of 80 GB: refused at once, nothing allocated."""
+    from nn.serialization import save_model
+    from tinygrad_lm import checkpoint as C
+    from tinygrad_lm.tokenizer import CharTokenizer
+    cfg = GPTConfig(len(CHARS), 100_000, n_layer=1, n_head=2, n_embd=16)   # sinusoidal: no (T, C) table
+
+    def write(d):
+        save_model(GPT(cfg), d / C.MODEL_FILE)
+        C.atomic_write_text(d / C.STATE_FILE, json.dumps(valid_state(cfg)))
+        CharTokenizer(CHARS).save(d / C.TOKENIZER_FILE)
+    d = C.save(tmp_path / "run", 0, write)
+    code, err = run_main("sample", "--ckpt", str(d), "--max-new-tokens", "2")
+    assert code == 2 and "--block-size 100000" in err and "attention" in err, err
+
+
+def test_cli_tunes_the_host_allocator(tmp_path, monkeypatch):
+    from tensor import backend
+    calls = []
+    monkeypatch.setattr(backend, "tune_host_allocator", lambda: calls.append(1) or True)
+    d, _ = make_ckpt(tmp_path)
+    code, err = run_main("sample", "--ckpt", str(d), "--max-new-tokens", "2")
+    assert code == 0, err
+    assert calls == [1]

@@ -216,6 +216,121 @@ def test_load_optimizer_mismatch_names_the_file(tmp_path):
         load_optimizer(other, plain)
 
 
+# ---------------------------------------------------------------------- hardened loading
+def _raw(header: dict, data: bytes) -> bytes:
+    import json
+    import struct
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize("header,data,match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 16, "needs 8 bytes"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlapping"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 10 ** 30]}}, b"\0" * 8, "data_offsets|needs"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": "0-8"}}, b"\0" * 8, "data_offsets"),
+    ({"a": {"dtype": "Q99", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype 'Q99'"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "shape"),
+    ({"a": {"dtype": "F32", "shape": None, "data_offsets": [0, 8]}}, b"\0" * 8, "shape"),
+    ({"a": [1, 2]}, b"", "not a JSON object"),
+    ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
+    ({"__metadata__": {"tinygrad_lm.bf16_as_uint16": "{}"}}, b"", "JSON list"),
+    ({"__metadata__": {"tinygrad_lm.bf16_as_uint16": '["a"]'},
+      "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "not a U16"),
+])
+def test_bad_headers_are_refused(tmp_path, header, data, match):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_raw(header, data))
+    with pytest.raises(ser.SafetensorsError, match=f"bad.safetensors.*({match})"):
+        load_safetensors(path)
+
+
+def test_deeply_nested_header_is_refused(tmp_path):
+    import struct
+    path = tmp_path / "deep.safetensors"
+    h = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(struct.pack("<Q", len(h)) + h)
+    with pytest.raises(ValueError, match="deep.safetensors"):
+        load_safetensors(path)
+    with pytest.raises(ValueError, match="deep.safetensors"):
+        ser.read_safetensors_header(path)
+
+
+def test_read_header_only(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_safetensors(path, {"w": np.zeros((3, 4), np.float32)})
+    h = ser.read_safetensors_header(path)
+    assert h["w"]["dtype"] == "F32" and h["w"]["shape"] == [3, 4]
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="x.safetensors"):
+        ser.read_safetensors_header(path)
+
+
+def test_integer_array_into_float_parameter_is_refused(tmp_path):
+    path = tmp_path / "ints.safetensors"
+    sd = Net().state_dict()
+    sd["wte"] = np.zeros((5, 3), np.int32)
+    save_safetensors(path, sd)
+    with pytest.raises(ValueError, match=r"ints.safetensors: 'wte' is stored as int32 \(5, 3\).*float32 \(5, 3\)"):
+        load_model(Net(), path)
+
+
+def test_shape_mismatch_names_both_shapes(tmp_path):
+    path = tmp_path / "shape.safetensors"
+    sd = Net().state_dict()
+    sd["wte"] = np.zeros((6, 3), np.float32)
+    save_safetensors(path, sd)
+    with pytest.raises(KeyError, match=r"shape.safetensors.*wte.*\(6, 3\).*\(5, 3\)"):
+        load_model(Net(), path)
+
+
+def _meta_edit(path, fn):
+    import json
+    arrays, meta = load_safetensors(path)
+    m = json.loads(meta[ser._OPTIMIZER_KEY])
+    fn(m)
+    meta[ser._OPTIMIZER_KEY] = json.dumps(m)
+    save_safetensors(path, arrays, meta)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["param_groups"][0].update(lr="abc"), "'lr'"),
+    (lambda m: m["param_groups"][0].update(lr=-1.0), "'lr'"),
+    (lambda m: m["param_groups"][0].update(betas=[2.0, 0.5]), "'betas'"),
+    (lambda m: m["param_groups"][0].update(betas=None), "'betas'"),
+    (lambda m: m["param_groups"][0].update(params="all"), "'params'"),
+    (lambda m: m["param_groups"][1].update(eps=float("nan")), "'eps'"),
+    (lambda m: m["state"]["0"].update(step="x"), "'step'"),
+    (lambda m: m["state"]["0"].update(step=-3), "'step'"),
+    (lambda m: m.update(state=[1]), "'state'"),
+    (lambda m: m.update(param_groups={"a": 1}), "'param_groups'"),
+    (lambda m: m.update(type=None), "'type'"),
+])
+def test_bad_optimizer_metadata_is_refused_at_load(tmp_path, edit, match):
+    a = Net()
+    opt = _opt(a)
+    _train(a, opt, WarmupCosine(1e-2, 1e-3, 1, 4), range(2))
+    path = tmp_path / "optimizer.safetensors"
+    save_optimizer(opt, path)
+    _meta_edit(path, edit)
+    with pytest.raises(ser.SafetensorsError, match=f"optimizer.safetensors: optimizer metadata .*{match}"):
+        load_optimizer(_opt(Net()), path)
+
+
+def test_bad_schedule_metadata_is_refused(tmp_path):
+    a = Net()
+    opt = _opt(a)
+    path = tmp_path / "optimizer.safetensors"
+    save_optimizer(opt, path, schedule=WarmupCosine(1e-2, 1e-3, 1, 4))
+    arrays, meta = load_safetensors(path)
+    meta[ser._SCHEDULE_KEY] = '{"name": "WarmupCosine", "max_lr": null}'
+    save_safetensors(path, arrays, meta)
+    with pytest.raises(ser.SafetensorsError, match="optimizer.safetensors"):
+        load_optimizer(_opt(Net()), path, schedule=WarmupCosine(1, 1, 1, 1))
+
+
 def test_no_pickle_anywhere():
     import inspect
     for mod in (ser,):

@@ -19,6 +19,7 @@ each row gets the same result as running its prompt alone.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from tensor import backend
 from tensor.tensor import no_grad
+from tinygrad_lm.errors import UserError
 
 
 # ------------------------------------------------------------------ the filters
@@ -182,23 +184,37 @@ def generate(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0
 
 
 # ------------------------------------------------------------------ checkpoint + CLI
-def load_checkpoint_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from a run or checkpoint directory."""
+def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) from a run or checkpoint directory, verified first
+    (tinygrad_lm.checkpoint); refuses a model that would not fit in memory before building it.
+    Every problem with the files is a CheckpointError naming the file."""
     from nn.serialization import load_model
     from tinygrad_lm import checkpoint as ckpt_io
+    from tinygrad_lm.memory import check_fits
     from tinygrad_lm.model import GPT, GPTConfig
-    from tinygrad_lm.tokenizer import load_tokenizer
     ckpt = ckpt_io.resolve(path)
-    st = ckpt_io.read_state(ckpt)
-    tok_path = ckpt / ckpt_io.TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no tokenizer ({tok_path} is missing); "
-                                      "sampling needs it to turn the prompt into ids")
-    model = GPT(GPTConfig.from_dict(st["model_config"]))
-    load_model(model, ckpt / ckpt_io.MODEL_FILE)
+    st = ckpt_io.read_state(ckpt)  # verifies every file against the manifest first
+    tok = ckpt_io.load_tokenizer(ckpt, verify_files=False)
+    cfg = GPTConfig.from_dict(st["model_config"])
+    if tok.vocab_size != cfg.vocab_size:
+        raise ckpt_io.CheckpointError(f"{ckpt / ckpt_io.TOKENIZER_FILE}: {tok.vocab_size} tokens, but the model in "
+                                      f"{ckpt} has vocab_size {cfg.vocab_size}")
+    try:
+        check_fits(cfg, batch_size, "fp32", device, training=False)
+    except UserError as e:
+        raise ckpt_io.CheckpointError(f"{ckpt / ckpt_io.STATE_FILE}: the model it describes is too big "
+                                      f"here: {e}") from None
+    model = GPT(cfg)
+    try:
+        load_model(model, ckpt / ckpt_io.MODEL_FILE)
+    except FileNotFoundError:
+        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no {ckpt_io.MODEL_FILE}") from None
+    except (OSError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ckpt_io.CheckpointError(f"cannot load {ckpt / ckpt_io.MODEL_FILE}: {msg}") from None
     if device != "cpu":
         model.to(device)
-    return model.eval(), load_tokenizer(tok_path)
+    return model.eval(), tok
 
 
 class _TextStream:
@@ -224,33 +240,68 @@ class _TextStream:
         return text
 
 
+MAX_NEW_TOKENS = 1_000_000   # --max-new-tokens and --num-samples above these are refused as typos
+MAX_SAMPLES = 10_000
+
+
 def add_cli(sub: Any) -> None:
     p = sub.add_parser("sample", help="sample text from a checkpoint, streaming to the terminal")
     p.add_argument("--ckpt", required=True, help="run or checkpoint directory")
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200, help=f"0 .. {MAX_NEW_TOKENS:,}")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (k >= 1)")
+    p.add_argument("--top-p", type=float, default=None, help="keep the smallest set reaching this mass, in (0, 1]")
+    p.add_argument("--num-samples", type=int, default=1, help=f"1 .. {MAX_SAMPLES:,}")
+    p.add_argument("--seed", type=int, default=None, help="an integer >= 0")
     p.add_argument("--stop", action="append", default=[], help="stop at this token string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.set_defaults(func=cli_sample)
 
 
-def cli_sample(args: argparse.Namespace) -> int:
-    from tinygrad_lm.checkpoint import CheckpointError
+def check_cli_args(args: argparse.Namespace) -> None:
+    """Every flag in range, else UserError naming the flag, the value and what is expected."""
+    t = args.temperature
+    if not (math.isfinite(t) and t >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (leave it out to keep every token), got {args.top_k}")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0.0 < args.top_p <= 1.0):
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens must be in [0, {MAX_NEW_TOKENS:,}], got {args.max_new_tokens}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num-samples must be in [1, {MAX_SAMPLES:,}], got {args.num_samples}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    if not args.prompt:
+        raise UserError("--prompt is empty; give at least one character")
+    if args.device == "cuda":
+        try:
+            import cupy  # noqa: F401
+        except Exception as e:  # ImportError, or a CuPy that finds no CUDA
+            raise UserError(f"--device cuda needs CuPy, which cannot be imported ({type(e).__name__}: {e}); install "
+                            "the extra matching your CUDA: pip install 'tinygrad-lm[cuda12]' (or [cuda13])") from None
+
+
+def _encode_prompt(tok: Any, text: str, what: str) -> list[int]:
     try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-        if args.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        return list(tok.encode(text, allowed_special="all"))
+    except (ValueError, KeyError) as e:  # characters outside a char vocabulary, a bad special token
+        raise UserError(f"{what} cannot be encoded with the checkpoint's tokenizer: {e}") from None
+
+
+def cli_sample(args: argparse.Namespace) -> int:
+    backend.tune_host_allocator()
+    try:
+        check_cli_args(args)
         model, tok = load_checkpoint_model(args.ckpt, args.device)
-        ids = tok.encode(args.prompt, allowed_special="all")
-        _prompts([ids], model.config.vocab_size)  # empty prompt, ids past the model's vocabulary
-        stops = [t for s in args.stop for t in tok.encode(s, allowed_special="all")[:1]]
-    except (CheckpointError, ValueError, KeyError, RuntimeError) as e:
+        ids = _encode_prompt(tok, args.prompt, "--prompt")
+        if not ids:
+            raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")
+        stops = [t for s in args.stop for t in _encode_prompt(tok, s, f"--stop {s!r}")[:1]]
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for i in range(args.num_samples):
