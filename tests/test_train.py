@@ -129,7 +129,7 @@ def test_checkpoint_contents(tmp_path, corpus):
     assert (run / "latest").read_text().strip() == "step-000004"
     ck = ckpt_io.resolve(run)
     assert ck == run / "step-000004"
-    assert {p.name for p in ck.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json"}
+    assert {p.name for p in ck.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json", "manifest.json"}
     st = json.loads((ck / "state.json").read_text())
     assert st["step"] == 4 and st["tokens_seen"] == 4 * 4 * 8
     assert st["model_config"]["n_embd"] == 16

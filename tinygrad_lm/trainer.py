@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -38,25 +37,7 @@ from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, 
 from tinygrad_lm.model import GPT, GPTConfig
 from tinygrad_lm.plot import plot_losses, truncate_metrics
 from tinygrad_lm.progress import progress
-from tinygrad_lm.tokenizer import load_tokenizer
-
-try:
-    from tinygrad_lm.memory import check_fits
-except ImportError:  # until tinygrad_lm.memory lands: a rough host-memory bound
-    def check_fits(model_cfg: GPTConfig, batch_size: int, precision: str, device: str, training: bool) -> None:
-        """UserError when weights, gradients, AdamW moments and activations clearly exceed host memory."""
-        C, T, L, V, H = model_cfg.n_embd, model_cfg.block_size, model_cfg.n_layer, model_cfg.vocab_size, model_cfg.n_head
-        params = V * C + T * C + L * 12 * C * C
-        need = params * 4 * (4 if training else 1) + batch_size * L * (16 * T * C + 3 * H * T * T) * 4
-        try:
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return
-        if device == "cpu" and need > have:
-            raise UserError(f"the model ({params:,} parameters, n_layer {L}, n_embd {C}, block_size {T}) with "
-                            f"batch_size {batch_size} needs about {need / 2**30:,.1f} GiB; this machine has "
-                            f"{have / 2**30:,.1f} GiB; make it smaller")
-
+from tinygrad_lm.memory import check_fits
 
 class StartupError(UserError):
     """Another rank failed to start (it printed its own error)."""
@@ -131,11 +112,7 @@ class Trainer:
             self._check_out_dir()
         files = resolve_corpus(cfg.data)
         if self.ckpt is not None:
-            try:
-                self.tokenizer = load_tokenizer(self.ckpt / ckpt_io.TOKENIZER_FILE)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ckpt_io.CheckpointError(f"checkpoint file {self.ckpt / ckpt_io.TOKENIZER_FILE} cannot be "
-                                              f"loaded ({e}){self._earlier(self.ckpt)}") from None
+            self.tokenizer = ckpt_io.load_tokenizer(self.ckpt, verify_files=False)  # verified by read_state
         else:
             self.tokenizer = build_tokenizer(cfg, files)
         mcfg = cfg.model_config(self.tokenizer.vocab_size)
