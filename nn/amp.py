@@ -104,10 +104,11 @@ class LossScaler:
             bad = fast.unscale_multi(grads, inv)
         else:
             bad = None
-            for g in grads:
-                g *= inv
-                b = ~backend.array_module(g).isfinite(g).all()
-                bad = b if bad is None else (bad | b)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what we look for
+                for g in grads:
+                    g *= inv
+                    b = ~backend.array_module(g).isfinite(g).all()
+                    bad = b if bad is None else (bad | b)
         self._found_inf = bool(backend.to_numpy(bad).any()) if bad is not None else False
         return not self._found_inf
 
