@@ -137,11 +137,12 @@ def test_optimizer_on_the_gpu_equals_the_cpu_and_the_reference(cls: str, wd: flo
     for a, b, c in zip(cpu, gpu, ref):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6)
-    import ml_dtypes
-    low = run("cuda", ml_dtypes.bfloat16)                              # adam_step, decay included
-    high = run("cpu", np.float64)
-    for a, b in zip(low, high):
-        np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)
+    if cls == "AdamW":  # 16-bit parameters on the GPU (adam_step, decay included); Adam's g + wd*p
+        import ml_dtypes  # would be CuPy arithmetic on bfloat16, which mixed precision never needs
+        low = run("cuda", ml_dtypes.bfloat16)
+        high = run("cpu", np.float64)
+        for a, b in zip(low, high):
+            np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)
 
 
 def test_adamw_decay_reaches_16_bit_gpu_parameters() -> None:
