@@ -305,6 +305,7 @@ class SGD(Optimizer):
         return {k: xp.zeros_like(p) for k in self._state_array_names(group)}
 
     def _update(self, p: Any, g: Any, state: dict[str, Any], group: dict[str, Any]) -> None:
+        # g = g + wd p;  b = mu b + g;  p -= lr (g + mu b) with Nesterov, else p -= lr b  (the only path)
         lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
         if wd != 0:
             g = g + wd * p                        # g + wd*p: a new array, p.grad stays as backward made it
