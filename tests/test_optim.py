@@ -277,6 +277,17 @@ def test_grad_shape_mismatch_is_an_error():
         SGD([p], lr=0.1).step()
 
 
+@pytest.mark.parametrize("make", [lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ps: AdamW(ps, lr=0.1)])
+def test_a_bad_grad_changes_no_parameter(make):
+    a, b = Parameter(np.ones(2)), Parameter(np.ones(2))
+    opt = make([a, b])
+    a.grad, b.grad = np.ones(2), np.ones(3)                      # the second one is wrong
+    with pytest.raises(ValueError, match=r"parameter 1 is \(2,\) on cpu but its grad is \(3,\)"):
+        opt.step()
+    np.testing.assert_array_equal(a.data, [1.0, 1.0])            # checked before anything moved
+    assert a._version == 0 and opt.state == {}
+
+
 # ====================================================================== state_dict
 def _groups(model: Tiny) -> list[dict]:
     ps = dict(model.named_parameters())
