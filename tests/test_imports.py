@@ -98,3 +98,19 @@ def test_the_checker_finds_each_kind_of_offence(tmp_path) -> None:
                    "from tensor.functional import _f32 (a private name)",
                    "from tensor.ops import ... (tensor.ops internals)",
                    "Tensor._make (a private name of tensor/)"]
+
+
+def test_optimizer_clip_and_amp_load_their_cuda_paths_only_on_the_gpu() -> None:
+    """nn.optim, nn.utils and nn.amp import tensor/cuda/adam.py and clip.py (and so CuPy) the
+    first time a GPU array reaches them, not at import and not on a CPU step."""
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np\n"
+            "import nn.optim, nn.utils, nn.amp\n"
+            "from nn.module import Parameter\n"
+            "p = Parameter(np.ones(3)); p.grad = np.ones(3)\n"
+            "nn.utils.clip_grad_norm_([p], 1.0); nn.amp.LossScaler().unscale_([p]); nn.optim.AdamW([p]).step()\n"
+            "print(sorted(m for m in sys.modules if m in ('tensor.cuda.adam', 'tensor.cuda.clip', 'cupy')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
