@@ -6,6 +6,7 @@ memory. Here the same passes, in the same order on the same values (so the resul
 for bit), run block by block over flat views: a BLOCK of p, g, m, v and the scratch stays in L2
 across all of them, the AdamW decay p *= 1 - lr*wd included, and the only temporary is one
 BLOCK-sized scratch array. A parameter of at most BLOCK elements is one block.
+
 Chosen by nn.optim.adam_step when fast paths are on (tensor/dispatch.py) and `supports` says yes.
 """
 from __future__ import annotations
