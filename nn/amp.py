@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from nn.module import Module
-from tensor import backend, kernels
+from tensor import backend
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -80,29 +80,35 @@ class LossScaler:
         self.clean_steps = 0
         self.skipped_steps = 0
         self._found_inf: bool | None = None
-        self._upload = None  # pinned-memory uploads of the GPU kernel's tables (made on first use)
 
     def scale(self, loss: Any) -> Any:
         return loss * self.scale_value if self.enabled else loss
 
     def unscale_(self, params: Iterable[Any]) -> bool:
         """Divide every grad by the scale in place; return True when all are finite.
-        One device->host synchronisation (as in PyTorch's GradScaler)."""
+        One device->host synchronisation (as in PyTorch's GradScaler).
+
+            g <- g * (1 / scale);   found_inf = any(not isfinite(g))      (every grad g)
+
+        On the GPU, float32 grads take one multi-tensor launch for all of it (tensor/cuda/clip.py:
+        unscale_multi) instead of three per parameter; TINYGRAD_LM_FAST=0 forces the loop below."""
         if not self.enabled:
             return True
         inv = 1.0 / self.scale_value
         grads = [p.grad for p in params if p.grad is not None]
-        if grads and all(g.dtype == np.float32 for g in grads) and kernels.usable(*grads):
-            # GPU: one multi-tensor launch instead of three per parameter
-            if self._upload is None:
-                self._upload = backend.HostToDevice()
-            bad = kernels.unscale_multi(grads, inv, self._upload)
+        fast = None
+        if grads and type(grads[0]) is not np.ndarray:
+            from tensor.cuda import clip               # imported on the first GPU call, not with nn
+            fast = clip if clip.supports(*grads) else None
+        if fast is not None:
+            bad = fast.unscale_multi(grads, inv)
         else:
             bad = None
-            for g in grads:
-                g *= inv
-                b = ~backend.array_module(g).isfinite(g).all()
-                bad = b if bad is None else (bad | b)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what we look for
+                for g in grads:
+                    g *= inv
+                    b = ~backend.array_module(g).isfinite(g).all()
+                    bad = b if bad is None else (bad | b)
         self._found_inf = bool(backend.to_numpy(bad).any()) if bad is not None else False
         return not self._found_inf
 

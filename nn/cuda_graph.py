@@ -91,7 +91,7 @@ class CapturedStep:
 
     def _forward_backward(self) -> Any:
         _, loss = self.model(self.x, self.y)
-        (loss * Tensor._make(self.scale, False)).backward()
+        (loss * Tensor(self.scale)).backward()  # the device scalar itself (no copy): read at replay
         return loss.data
 
     def __call__(self, x: Any, y: Any, loss_scale: float = 1.0) -> Any:

@@ -12,6 +12,12 @@ The shared machinery lives in `Optimizer`:
   module of the data, so the same code runs on NumPy and CuPy; then bumps `p._version`, so a
   graph that saved the old value refuses to backpropagate through the new one.
   Parameters whose `.grad` is None are skipped (their step count does not advance).
+* Each update rule is first written as its formula on whole arrays (SGD's `_update`,
+  `adam_reference`): that is the definition. Adam's update also has fast paths beneath it,
+  chosen by `adam_step` with the same switch as every op's (tensor/dispatch.py:
+  TINYGRAD_LM_FAST=0 or `reference_only()` forces the reference): tensor/cpu/adam.py (NumPy in
+  cache-sized blocks, equal bit for bit) and tensor/cuda/adam.py (one fused kernel per
+  parameter, or one launch for all float32 ones); each is tested against the reference.
 * `state_dict()` gives `{"meta": <JSON-able dict>, "arrays": {"state.<i>.<name>": ndarray}}`,
   ready for `nn.serialization.save_optimizer` (the arrays go into safetensors, the meta into its
   header). `load_state_dict()` checks everything before changing anything.
@@ -24,12 +30,12 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from tensor import backend
-from tensor import kernels
 from tensor.backend import array_module
-from tensor.cpu.blocks import BLOCK, over_blocks
+from tensor.cpu import adam as cpu_adam
+from tensor.dispatch import fast_paths_enabled
 from tensor.tensor import Tensor
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "adam_reference", "adam_step"]
 
 ParamsArg = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -127,14 +133,16 @@ class Optimizer:
                 p.grad = None
 
     def step(self) -> None:
-        """Apply one update to every parameter that has a gradient."""
-        for i, group, p in self._indexed_params():
+        """Apply one update to every parameter that has a gradient. Every gradient is checked
+        first: a mismatched one raises ValueError before any parameter changes."""
+        todo = [(i, group, p) for i, group, p in self._indexed_params() if p.grad is not None]
+        for i, _, p in todo:
             g = p.grad
-            if g is None:
-                continue
             if type(g) is not type(p.data) or g.shape != p.data.shape:
                 raise ValueError(f"{type(self).__name__}.step: parameter {i} is {_shape(p)} on "
                                  f"{p.device} but its grad is {_shape(g)} on {backend.device_of(g)}")
+        for i, group, p in todo:
+            g = p.grad
             state = self.state.get(i)
             if state is None:
                 state = self.state[i] = {"step": 0, **self._init_state(p.data, group)}
@@ -297,6 +305,7 @@ class SGD(Optimizer):
         return {k: xp.zeros_like(p) for k in self._state_array_names(group)}
 
     def _update(self, p: Any, g: Any, state: dict[str, Any], group: dict[str, Any]) -> None:
+        # g = g + wd p;  b = mu b + g;  p -= lr (g + mu b) with Nesterov, else p -= lr b  (the only path)
         lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
         if wd != 0:
             g = g + wd * p                        # g + wd*p: a new array, p.grad stays as backward made it
@@ -309,61 +318,62 @@ class SGD(Optimizer):
 
 
 # ====================================================================== Adam / AdamW
-def _adam_step(xp: Any, p: Any, g: Any, m: Any, v: Any, t: int, lr: float, beta1: float, beta2: float,
-               eps: float, decay: float = 1.0) -> None:
-    """The Adam update of p in place (Kingma & Ba, Algorithm 1, with the efficient ordering):
+def adam_reference(p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float, eps: float,
+                   step: int, decay: float = 1.0) -> None:
+    """The Adam update of p in place (Kingma & Ba, Algorithm 1), the formulas on whole arrays:
 
         m <- beta1 * m + (1 - beta1) * g              first moment, a running mean of g
         v <- beta2 * v + (1 - beta2) * g^2            second moment, a running mean of g^2
         m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)     bias correction (m, v start at 0)
         p <- p - lr * m_hat / (sqrt(v_hat) + eps)
 
-    computed as p -= (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), PyTorch's order.
-    decay: AdamW's decoupled weight decay p <- p * decay (= 1 - lr*wd), applied first.
-    Uses one scratch array the size of p (one BLOCK-sized one, for big NumPy parameters updated
-    block by block). On the GPU the whole update is one fused kernel
-    (tensor/kernels.py: adam_step, the same formulas).
+    The last line is computed as p -= m / (sqrt(v) / sqrt(1 - beta2^t) + eps) * (lr / (1 - beta1^t)),
+    PyTorch's order (no v_hat array), which the fast paths follow too. decay: AdamW's decoupled
+    weight decay p <- p * decay (decay = 1 - lr*wd), applied first. p, g, m, v: one shape; t = step.
     """
-    if kernels.usable(p, g, m, v) and g.dtype == p.dtype:
-        kernels.adam_step(p, g, m, v, lr, beta1, beta2, eps, t)
-        return
-    bias1, bias2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    xp = array_module(p)
+    # p = decay p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr * m_hat / (sqrt(v_hat) + eps)
+    if decay != 1.0:
+        p *= decay
+    m[...] = beta1 * m + (1.0 - beta1) * g
+    v[...] = beta2 * v + (1.0 - beta2) * (g * g)
+    p -= m / (xp.sqrt(v) / math.sqrt(1.0 - beta2 ** step) + eps) * (lr / (1.0 - beta1 ** step))
 
-    def piece(pb, gb, mb, vb, tmp):               # the same pieces of p, g, m, v
-        if decay != 1.0:
-            pb *= decay                           # p = p - lr*wd*p (AdamW)
-        xp.multiply(gb, 1.0 - beta1, out=tmp)
-        mb *= beta1
-        mb += tmp                                 # m = beta1*m + (1-beta1)*g
-        xp.multiply(gb, gb, out=tmp)
-        tmp *= 1.0 - beta2
-        vb *= beta2
-        vb += tmp                                 # v = beta2*v + (1-beta2)*g^2
-        xp.sqrt(vb, out=tmp)
-        tmp /= math.sqrt(bias2)
-        tmp += eps                                # denom = sqrt(v_hat) + eps
-        xp.divide(mb, tmp, out=tmp)
-        tmp *= lr / bias1                         # lr * m_hat / denom
-        pb -= tmp
-    arrays = (p, g, m, v)
-    if xp is np and p.size > BLOCK and all(a.flags.c_contiguous for a in arrays):
-        # big parameters in cache-sized blocks: the 13 passes over a block stay in L2 (ops/elementwise.py)
-        flat = [a.reshape(-1) for a in arrays]
-        tmp = np.empty(BLOCK, dtype=p.dtype)
-        over_blocks(lambda i, j: piece(*(a[i:j] for a in flat), tmp[:j - i]), p.size)
+
+def adam_step(p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float, eps: float,
+              step: int, decay: float = 1.0) -> None:
+    """One Adam update in place (arguments as `adam_reference`): the fast path beneath the reference
+    when one takes these arrays -- tensor/cpu/adam.py (NumPy, in cache-sized blocks, equal bit for
+    bit) or tensor/cuda/adam.py (one fused kernel, computed in double) -- else the reference itself.
+    TINYGRAD_LM_FAST=0 or `tensor.dispatch.reference_only()` forces the reference."""
+    fast = _adam_fast_path(p, g, m, v)
+    (fast.adam_step if fast is not None else adam_reference)(p, g, m, v, lr, beta1, beta2, eps, step, decay)
+
+
+def _adam_fast_path(p: Any, g: Any, m: Any, v: Any) -> Any:
+    """The module tensor.cpu.adam or tensor.cuda.adam when its `supports(p, g, m, v)`, else None."""
+    if not fast_paths_enabled():
+        return None
+    if type(p) is np.ndarray:
+        fast = cpu_adam
     else:
-        piece(p, g, m, v, xp.empty_like(p))
+        from tensor.cuda import adam as fast     # imported on the first GPU step, not with nn
+    return fast if fast.supports(p, g, m, v) else None
 
 
 class Adam(Optimizer):
     """Adam with coupled L2 weight decay (PyTorch's `Adam`):
 
         g <- g + wd * p        (only if weight_decay > 0; the decay then goes through the moments)
-        then the Adam update (see `_adam_step`).
+        then the Adam update (see `adam_reference`).
+
+    On the GPU, float32 parameters are queued and updated together after the loop, in one
+    multi-tensor kernel launch (tensor/cuda/adam.py: adam_multi, the same formulas as adam_step).
     """
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        self._pending: list = []  # GPU updates queued for one adam_multi launch in _finish_step
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _validate(self, group: dict[str, Any], where: str) -> None:
@@ -382,43 +392,41 @@ class Adam(Optimizer):
         xp = array_module(p)
         return {"exp_avg": xp.zeros_like(p), "exp_avg_sq": xp.zeros_like(p)}
 
+    def _decayed(self, p: Any, g: Any, lr: float, wd: float) -> tuple[Any, float]:
+        """(the gradient the moments see, the factor p is multiplied by first)."""
+        return (g + wd * p if wd != 0 else g), 1.0    # coupled L2: g + wd*p (a new array)
+
     def _update(self, p: Any, g: Any, state: dict[str, Any], group: dict[str, Any]) -> None:
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         beta1, beta2 = group["betas"]
-        if wd != 0:
-            g = g + wd * p                        # coupled L2: g + wd*p (a new array)
-        _adam_step(array_module(p), p, g, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                   lr, float(beta1), float(beta2), eps)
+        g, decay = self._decayed(p, g, lr, wd)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if type(p) is not np.ndarray:
+            from tensor.cuda import adam as cuda_adam
+            if cuda_adam.supports_multi(p, g, m, v):  # float32 on the GPU, fast paths on
+                self._pending.append((p, g, m, v, lr, decay, float(beta1), float(beta2), eps, state["step"]))
+                return
+        adam_step(p, g, m, v, lr, float(beta1), float(beta2), eps, state["step"], decay)
+
+    def _finish_step(self) -> None:
+        if self._pending:
+            from tensor.cuda import adam as cuda_adam
+            pending, self._pending = self._pending, []
+            cuda_adam.adam_multi(pending)
 
 
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter), PyTorch's `AdamW`:
 
         p <- p - lr * wd * p   (= p * (1 - lr*wd); the decay never enters the moments)
-        then the Adam update with the raw gradient (see `_adam_step`).
+        then the Adam update with the raw gradient (see `adam_reference`).
 
     Give 1-D parameters (biases, LayerNorm gains) a group with weight_decay=0, as nanoGPT does.
     """
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
-        self._pending: list = []
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
-    def _update(self, p: Any, g: Any, state: dict[str, Any], group: dict[str, Any]) -> None:
-        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-        beta1, beta2 = group["betas"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        if p.dtype == np.float32 and g.dtype == np.float32 and kernels.usable(p, g, m, v):
-            # GPU: queued, then one kernel updates every parameter (_finish_step); same formulas
-            self._pending.append((p, g, m, v, lr, 1.0 - lr * wd, float(beta1), float(beta2), eps, state["step"]))
-            return
-        _adam_step(array_module(p), p, g, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                   lr, float(beta1), float(beta2), eps, decay=1.0 - lr * wd)  # p = p - lr*wd*p first
-
-    def _finish_step(self) -> None:
-        if self._pending:
-            if getattr(self, "_upload", None) is None:
-                self._upload = backend.HostToDevice()
-            kernels.adam_multi(self._pending, self._upload)
-            self._pending = []
+    def _decayed(self, p: Any, g: Any, lr: float, wd: float) -> tuple[Any, float]:
+        return g, 1.0 - lr * wd                       # p = p - lr*wd*p first, inside the update

@@ -1,4 +1,14 @@
-"""Gradient utilities: global-norm gradient clipping."""
+"""Gradient utilities: global-norm gradient clipping.
+
+The formula, on whole arrays (the reference, any device and dtype):
+
+    norm = sqrt( sum over params p, elements i of grad_p[i]^2 )
+    grad_p <- grad_p * min(1, max_norm / (norm + 1e-6))          (in place, every p)
+
+On the GPU, float32 gradients take the multi-tensor kernels of tensor/cuda/clip.py instead
+(3 launches in all rather than 2-3 per parameter), chosen with the switch every fast path
+shares (tensor/dispatch.py: TINYGRAD_LM_FAST=0 or `reference_only()` forces the reference).
+"""
 from __future__ import annotations
 
 import math
@@ -6,20 +16,25 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tensor import backend, kernels
 from tensor.backend import array_module
 from tensor.tensor import Tensor
 
-__all__ = ["clip_grad_norm_"]
-
-_upload = None  # the pinned-memory uploader of the GPU path's small tables (made on first use)
+__all__ = ["clip_grad_norm_", "sum_of_squares"]
 
 
-def _sum_of_squares(g: Any) -> Any:
-    """sum(g^2) as a 0-d array on g's device, accumulated in float32 (float64 for float64)."""
+def sum_of_squares(g: Any) -> Any:
+    """sum(g^2) = g . g as a 0-d array on g's device, accumulated in float32 (float64 for float64)."""
     acc = np.float64 if g.dtype == np.float64 else np.float32
     flat = g.reshape(-1).astype(acc, copy=False)
     return array_module(g).dot(flat, flat)
+
+
+def _multi_tensor(gs: list) -> Any:
+    """tensor.cuda.clip when its kernels take these gradients (float32 on the GPU), else None."""
+    if type(gs[0]) is np.ndarray:
+        return None
+    from tensor.cuda import clip                  # imported on the first GPU call, not with nn
+    return clip if clip.supports(*gs) else None
 
 
 def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
@@ -48,22 +63,18 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     if not grads:
         return 0.0
     gs = [g for _, g in grads]
-    tables = None
-    if all(g.dtype == np.float32 for g in gs) and kernels.usable(*gs):
-        # GPU: a multi-tensor kernel (2 launches for the norm, 1 to clip) instead of 2 per parameter
-        global _upload
-        if _upload is None:
-            _upload = backend.HostToDevice()
-        total, tables = kernels.sum_of_squares_multi(gs, _upload)
+    fast = _multi_tensor(gs)
+    if fast is not None:
+        total, tables = fast.sum_of_squares_multi(gs)
     else:
         total = None
         for g in gs:
-            s = _sum_of_squares(g)
+            s = sum_of_squares(g)
             total = s if total is None else total + s
     if not sync:
         dnorm = array_module(total).sqrt(total)
-        if tables is not None:
-            kernels.clip_multi(tables, total, max_norm)
+        if fast is not None:
+            fast.clip_multi(tables, total, max_norm)
         else:
             xp = array_module(total)
             coef = xp.where(xp.isfinite(dnorm), xp.minimum(max_norm / (dnorm + 1e-6), 1.0), 1.0)
@@ -73,15 +84,15 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     norm = math.sqrt(float(total))                # one device -> host transfer
     if not math.isfinite(norm):
         if error_if_nonfinite:
-            bad = next((i, g) for i, g in grads if not math.isfinite(float(_sum_of_squares(g))))
+            bad = next((i, g) for i, g in grads if not math.isfinite(float(sum_of_squares(g))))
             raise FloatingPointError(
                 f"clip_grad_norm_: the total gradient norm is {norm} (non-finite); first offending "
                 f"parameter: index {bad[0]}, shape {tuple(bad[1].shape)}. Gradients left unchanged. "
                 "Pass error_if_nonfinite=False to get the norm back and skip the step yourself.")
         return norm
     if norm > max_norm:
-        if tables is not None:
-            kernels.clip_multi(tables, total, max_norm)
+        if fast is not None:
+            fast.clip_multi(tables, total, max_norm)
         else:
             coef = max_norm / (norm + 1e-6)
             for g in gs:

@@ -1,8 +1,9 @@
-"""Optimizers (SGD, Adam, AdamW) and clip_grad_norm_.
+"""Optimizers (SGD, Adam, AdamW), clip_grad_norm_ and the loss scaler's unscale.
 
 Expected values are computed here with plain NumPy formulas written out in full (closed forms
 where one exists), never by calling the code under test. Parameters are float64 so the
-comparisons can be tight.
+comparisons can be tight. The CPU fast path of Adam (tensor/cpu/adam.py) is checked against the
+reference update (nn.optim.adam_reference), which the closed-form tests check under both paths.
 """
 from __future__ import annotations
 
@@ -12,12 +13,18 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from nn.amp import LossScaler
 from nn.lr_scheduler import apply_lr
 from nn.module import Module, Parameter
-from nn.optim import SGD, Adam, AdamW
+from nn.optim import SGD, Adam, AdamW, adam_reference, adam_step
 from nn.utils import clip_grad_norm_
 from tensor import backend
+from tensor.cpu import adam as cpu_adam
+from tensor.cpu.blocks import BLOCK
+from tensor.dispatch import reference_only
 from tensor.tensor import Tensor
 
 RTOL, ATOL = 1e-12, 1e-15
@@ -120,7 +127,9 @@ def adam_closed_form(p0, gs, lr, b1, b2, eps):
     return p
 
 
-def test_adam_bias_correction_closed_form():
+@pytest.mark.parametrize("fast", ["1", "0"])  # fast path (tensor/cpu/adam.py), reference
+def test_adam_bias_correction_closed_form(fast, monkeypatch):
+    monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
     p0 = np.array([[0.5, -1.0], [2.0, 0.1]])
     gs = [g for (g,) in grad_sequence([(2, 2)], 6, seed=3)]
     p = Parameter(p0.copy())
@@ -128,7 +137,9 @@ def test_adam_bias_correction_closed_form():
     np.testing.assert_allclose(p.data, adam_closed_form(p0, gs, 0.01, 0.8, 0.95, 1e-6), rtol=1e-11)
 
 
-def test_adam_constant_gradient_moves_lr_per_step():
+@pytest.mark.parametrize("fast", ["1", "0"])  # fast path (tensor/cpu/adam.py), reference
+def test_adam_constant_gradient_moves_lr_per_step(fast, monkeypatch):
+    monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
     # with a constant g, m_hat = g and v_hat = g^2 exactly: each step is lr * g / (|g| + eps)
     p0, g = np.array([1.0, 1.0, 1.0]), np.array([0.5, -2.0, 1e-3])
     p = Parameter(p0.copy())
@@ -136,7 +147,9 @@ def test_adam_constant_gradient_moves_lr_per_step():
     np.testing.assert_allclose(p.data, p0 - 5 * 0.1 * g / (np.abs(g) + 1e-8), rtol=1e-9)
 
 
-def test_adam_coupled_l2_goes_through_the_moments():
+@pytest.mark.parametrize("fast", ["1", "0"])  # fast path (tensor/cpu/adam.py), reference
+def test_adam_coupled_l2_goes_through_the_moments(fast, monkeypatch):
+    monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
     p0 = np.array([1.0, -0.5])
     gs = [g for (g,) in grad_sequence([(2,)], 4, seed=5)]
     lr, b1, b2, eps, wd = 0.02, 0.9, 0.999, 1e-8, 0.1
@@ -151,7 +164,9 @@ def test_adam_coupled_l2_goes_through_the_moments():
     np.testing.assert_allclose(p.data, e, rtol=1e-11)
 
 
-def test_adamw_groups_decay_only_where_asked_and_lr_schedule():
+@pytest.mark.parametrize("fast", ["1", "0"])  # fast path (tensor/cpu/adam.py), reference
+def test_adamw_groups_decay_only_where_asked_and_lr_schedule(fast, monkeypatch):
+    monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
     model = Tiny()
     params = dict(model.named_parameters())
     decay = [p for p in params.values() if p.ndim >= 2]
@@ -260,6 +275,17 @@ def test_grad_shape_mismatch_is_an_error():
     p.grad = np.ones(3)
     with pytest.raises(ValueError, match="grad is"):
         SGD([p], lr=0.1).step()
+
+
+@pytest.mark.parametrize("make", [lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ps: AdamW(ps, lr=0.1)])
+def test_a_bad_grad_changes_no_parameter(make):
+    a, b = Parameter(np.ones(2)), Parameter(np.ones(2))
+    opt = make([a, b])
+    a.grad, b.grad = np.ones(2), np.ones(3)                      # the second one is wrong
+    with pytest.raises(ValueError, match=r"parameter 1 is \(2,\) on cpu but its grad is \(3,\)"):
+        opt.step()
+    np.testing.assert_array_equal(a.data, [1.0, 1.0])            # checked before anything moved
+    assert a._version == 0 and opt.state == {}
 
 
 # ====================================================================== state_dict
@@ -410,6 +436,157 @@ def test_clip_grad_norm_no_grads():
     assert clip_grad_norm_([Parameter(np.zeros(2))], 1.0) == 0.0
     with pytest.raises(ValueError, match="max_norm"):
         clip_grad_norm_([Parameter(np.zeros(2))], -1.0)
+
+
+# ====================================================================== Adam: fast path vs reference
+SIZES = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 3 * BLOCK + 5]   # around the block boundary
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.sampled_from(SIZES), dtype=st.sampled_from(["float32", "float64"]),
+       decay=st.sampled_from([1.0, 1.0 - 3e-4, 0.9]), steps=st.integers(1, 8),
+       lr=st.floats(1e-4, 0.5), beta1=st.sampled_from([0.0, 0.8, 0.9]), beta2=st.sampled_from([0.95, 0.999]),
+       eps=st.sampled_from([1e-8, 1e-3]), seed=st.integers(0, 2 ** 16))
+def test_cpu_adam_fast_path_equals_the_reference_bit_for_bit(n, dtype, decay, steps, lr, beta1, beta2, eps, seed):
+    """tensor/cpu/adam.py (blocked, one scratch array) does the reference's passes in the same
+    order on the same values: p, m and v agree exactly after many steps, on every side of a block."""
+    rng = np.random.default_rng(seed)
+    p0 = rng.standard_normal(n).astype(dtype)
+    grads = [(rng.standard_normal(n) * 10.0 ** rng.integers(-3, 2)).astype(dtype) for _ in range(steps)]
+    fast, ref = [p0.copy(), np.zeros_like(p0), np.zeros_like(p0)], [p0.copy(), np.zeros_like(p0), np.zeros_like(p0)]
+    for t, g in enumerate(grads, start=1):
+        assert cpu_adam.supports(fast[0], g, fast[1], fast[2])
+        cpu_adam.adam_step(fast[0], g, fast[1], fast[2], lr, beta1, beta2, eps, t, decay)
+        adam_reference(ref[0], g, ref[1], ref[2], lr, beta1, beta2, eps, t, decay)
+    for name, a, b in zip(("p", "m", "v"), fast, ref):
+        assert a.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_cpu_adam_fast_path_low_precision_and_the_formula(dtype):
+    """The reference itself against the formula in float64 (one step from zero moments:
+    p - lr * g / (|g| + eps), after the decay), and the fast path equal to the reference."""
+    rng = np.random.default_rng(3)
+    n = BLOCK + 3
+    p0, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    runs = []
+    for step in (cpu_adam.adam_step, adam_reference):
+        p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+        step(p, g, m, v, 0.01, 0.9, 0.999, 1e-8, 1, 0.99)
+        runs.append((p, m, v))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    g64 = g.astype(np.float64)
+    want = p0.astype(np.float64) * 0.99 - 0.01 * g64 / (np.abs(g64) + 1e-8)
+    tol = 1e-6 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(runs[0][0].astype(np.float64), want, rtol=tol, atol=tol)
+
+
+def test_adam_step_chooses_the_fast_path_unless_switched_off(monkeypatch):
+    calls = []
+    real = cpu_adam.adam_step
+    monkeypatch.setattr(cpu_adam, "adam_step", lambda *a: (calls.append(a[0].size), real(*a)))
+    arrays = [np.ones(5), np.full(5, 0.5), np.zeros(5), np.zeros(5)]
+    adam_step(*arrays, 0.1, 0.9, 0.999, 1e-8, 1)
+    assert calls == [5]
+    with reference_only():
+        adam_step(*arrays, 0.1, 0.9, 0.999, 1e-8, 2)
+    monkeypatch.setenv("TINYGRAD_LM_FAST", "0")
+    adam_step(*arrays, 0.1, 0.9, 0.999, 1e-8, 3)
+    assert calls == [5]
+    monkeypatch.setenv("TINYGRAD_LM_FAST", "1")
+    strided = [np.ones((BLOCK + 1, 2))[:, 0], np.full(BLOCK + 1, 0.5), np.zeros(BLOCK + 1), np.zeros(BLOCK + 1)]
+    assert not cpu_adam.supports(*strided)                       # a big strided view: the reference
+    adam_step(*strided, 0.1, 0.9, 0.999, 1e-8, 1)
+    assert calls == [5]
+    np.testing.assert_allclose(strided[0], 1.0 - 0.1 * 0.5 / (0.5 + 1e-8), rtol=1e-12)
+
+
+def test_adamw_on_a_transposed_gradient_equals_the_contiguous_one():
+    rng = np.random.default_rng(8)
+    p0, g = rng.standard_normal((300, 400)), rng.standard_normal((400, 300))
+    out = []
+    for grad in (g.T, np.ascontiguousarray(g.T)):               # 120000 elements > BLOCK
+        p = Parameter(p0.copy())
+        opt = AdamW([p], lr=0.01, weight_decay=0.1)
+        for _ in range(3):
+            p.grad = grad
+            opt.step()
+        out.append(p.data)
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+# ====================================================================== clip: closed form
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=5), scale=st.floats(1e-3, 1e3),
+       max_norm=st.floats(0.0, 50.0), sync=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_clip_grad_norm_equals_the_closed_form(sizes, scale, max_norm, sync, seed):
+    """norm = sqrt(sum of every g^2); every g *= min(1, max_norm / (norm + 1e-6))."""
+    rng = np.random.default_rng(seed)
+    ps = [Parameter(np.zeros(n)) for n in sizes]
+    host = [rng.standard_normal(n) * scale for n in sizes]
+    for p, h in zip(ps, host):
+        p.grad = h.copy()
+    norm = clip_grad_norm_(ps, max_norm, sync=sync)
+    want = math.sqrt(sum(float(np.sum(h * h)) for h in host))
+    assert float(norm) == pytest.approx(want, rel=1e-12, abs=1e-300)
+    coef = min(1.0, max_norm / (want + 1e-6))
+    for p, h in zip(ps, host):
+        np.testing.assert_allclose(p.grad, h * coef, rtol=1e-12, atol=1e-300)
+
+
+def test_clip_grad_norm_no_sync_on_cpu_leaves_nonfinite_grads_alone():
+    a, b = Parameter(np.zeros(2)), Parameter(np.zeros(2))
+    a.grad, b.grad = np.array([3.0, 4.0]), np.array([np.nan, 1.0])
+    norm = clip_grad_norm_([a, b], 1.0, sync=False)
+    assert np.isnan(norm)
+    np.testing.assert_array_equal(a.grad, [3.0, 4.0])
+
+
+# ====================================================================== LossScaler
+def test_loss_scaler_unscales_and_counts():
+    s = LossScaler(init_scale=8.0, growth_interval=2)
+    ps = [Parameter(np.zeros(3, np.float32)), Parameter(np.zeros(2, np.float32)), Parameter(np.zeros(1, np.float32))]
+    ps[0].grad, ps[1].grad = np.array([8.0, -16.0, 4.0], np.float32), np.array([1.0, 2.0], np.float32)
+    assert s.scale(3.0) == 24.0
+    assert s.unscale_(ps)                                        # grads / 8, all finite
+    np.testing.assert_array_equal(ps[0].grad, [1.0, -2.0, 0.5])
+    np.testing.assert_array_equal(ps[1].grad, [0.125, 0.25])
+    s.update()
+    assert s.unscale_(ps)
+    s.update()
+    assert s.scale_value == 16.0 and s.clean_steps == 0           # two clean steps: grown
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_loss_scaler_detects_inf_and_nan_and_backs_off(bad):
+    s = LossScaler(init_scale=1024.0)
+    a, b = Parameter(np.zeros((50, 40), np.float32)), Parameter(np.zeros(2, np.float32))
+    a.grad, b.grad = np.ones((50, 40), np.float32), np.ones(2, np.float32)
+    a.grad[17, 33] = bad                                          # one bad element deep inside
+    assert not s.unscale_([a, b])
+    s.update()
+    assert s.scale_value == 512.0 and s.skipped_steps == 1
+    big = Parameter(np.zeros(2, np.float32))
+    big.grad = np.array([3e38, 1.0], np.float32)                  # finite, but overflows when divided
+    s2 = LossScaler(init_scale=0.5)
+    assert not s2.unscale_([big])
+
+
+def test_loss_scaler_disabled_and_state_round_trip():
+    s = LossScaler(enabled=False)
+    p = Parameter(np.zeros(1))
+    p.grad = np.array([np.inf])
+    assert s.scale(2.0) == 2.0 and s.unscale_([p])
+    s.update()
+    on = LossScaler(init_scale=4.0, growth_interval=3)
+    on.clean_steps, on.skipped_steps = 2, 5
+    back = LossScaler()
+    back.load_state_dict(json.loads(json.dumps(on.state_dict())))
+    assert back.state_dict() == on.state_dict()
+    with pytest.raises(ValueError, match="LossScaler"):
+        LossScaler(backoff_factor=1.5)
 
 
 # ====================================================================== GPU
