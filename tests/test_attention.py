@@ -277,10 +277,10 @@ def test_saved_memory_matches_docstring(dtype, p):
 # ------------------------------------------------------------------ the CPU path in chunks of the batch
 @pytest.mark.parametrize("mask_kind,p", [("none", 0.0), ("padding", 0.0), ("none", 0.2)])
 def test_chunked_batch_equals_one_chunk(monkeypatch, mask_kind, p):
-    """The CPU path works through the batch in ~1 MB chunks of scores (nn/attention.py,
+    """The CPU path works through the batch in ~1 MB chunks of scores (tensor/cpu/attention.py,
     _over_batch): one batch item per chunk gives exactly the values and gradients of one chunk
     for everything (each head is computed the same way), and both match the naive reference."""
-    import nn.attention as attention
+    import tensor.cpu.attention as attention
     B, T, H, D = 5, 16, 2, 8
     rng = np.random.default_rng(0)
     qkv0 = rng.standard_normal((B, T, 3 * H * D)).astype(np.float32)

@@ -291,7 +291,9 @@ def test_idx_must_be_2d(shape):
     (dict(n_embd=30, n_head=4), "divisible"),
     (dict(n_layer=0), "n_layer"),
     (dict(vocab_size=-1), "vocab_size"),
-    (dict(pos_encoding="rope"), "pos_encoding"),
+    (dict(pos_encoding="alibi"), "pos_encoding"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(pos_encoding="rope", n_embd=12, n_head=4), "even head size"),
     (dict(dropout=1.0), "dropout"),
     (dict(n_embd=15, n_head=3), "even"),
 ])
