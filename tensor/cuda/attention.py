@@ -35,7 +35,7 @@ def causal_forward(q: Any, k: Any, v: Any, dropout_p: float = 0.0, generator: An
     p = causal_softmax(s, 1.0 / math.sqrt(q.shape[-1]), q.dtype)
     del s
     keep = uniform(generator, p.shape, p) >= dropout_p if dropout_p > 0.0 else None
-    pd = p if keep is None else p * (keep * np.float32(1.0 / (1.0 - dropout_p))).astype(p.dtype)
+    pd = p if keep is None else (p.astype(np.float32) * (keep * np.float32(1.0 / (1.0 - dropout_p)))).astype(p.dtype)
     return cublas.matmul(pd, v), p, keep
 
 
@@ -48,7 +48,7 @@ def causal_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any = None, dr
     if keep is not None:
         drop = keep * np.float32(1.0 / (1.0 - dropout_p))
         dp *= drop
-        pd = p * drop.astype(p.dtype)
+        pd = (p.astype(np.float32) * drop).astype(p.dtype)  # (16-bit arithmetic in float32: astype only)
     ds = softmax_backward(p, dp, 1.0 / math.sqrt(q.shape[-1]))
     del dp
     dq, dk, dv = out
