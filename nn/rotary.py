@@ -3,11 +3,12 @@ GPT-NeoX and Hugging Face's Llama: channel i of a head is paired with channel i 
 its neighbour i + 1, as in RoFormer's and Meta's interleaved layout), and the pair at position m
 is rotated by the angle m * theta_i, theta_i = base^(-2i/D), i < D/2:
 
-    rotate_half([x1, x2]) = [-x2, x1]                    (x1, x2: the two halves of the last axis)
-    rope(x, m) = x * cos(m theta) + rotate_half(x) * sin(m theta)     (theta repeated for both halves)
+    (x1, x2) = (x[..., :D/2], x[..., D/2:])
+    rope(x, m) = (x1 cos(m theta) - x2 sin(m theta),  x2 cos(m theta) + x1 sin(m theta))
 
-Applied to q and k after the heads are split, so q_m . k_n = q . R(n - m) k depends on the two
-positions only through n - m (tests/test_rope_rmsnorm.py checks it); no parameters.
+(= x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1) and the angles repeated for
+both halves.) Applied to q and k after the heads are split, so q_m . k_n = q . R((n - m) theta) k
+depends on the two positions only through n - m (tests/test_rope_rmsnorm.py checks it); no parameters.
 """
 from __future__ import annotations
 
@@ -21,48 +22,54 @@ from tensor.tensor import Function, Tensor, shape_str
 
 
 def rotary_tables(length: int, dim: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos(m theta), sin(m theta) for positions m < length, each (length, dim) float32 (computed in float64)."""
+    """cos(m theta), sin(m theta) for positions m < length, each (length, dim/2) float32 (computed in float64)."""
     if dim % 2:
         raise ValueError(f"rotary: the head dimension must be even, got {dim}")
     theta = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)     # (dim/2,)
     angle = np.arange(length, dtype=np.float64)[:, None] * theta[None, :]
-    angle = np.concatenate([angle, angle], axis=-1)                     # the same angle for both halves
     return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
-def rotate_half(x: Any) -> Any:
-    """[x1, x2] -> [-x2, x1] over the last axis (a quarter turn of every pair (i, i + D/2))."""
-    xp = array_module(x)
+def rotate(x: Any, cos: Any, sin: Any) -> Any:
+    """(x1 cos - x2 sin, x2 cos + x1 sin) for the halves x1, x2 of x's last axis (a new array)."""
     h = x.shape[-1] // 2
-    return xp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+    x1, x2 = x[..., :h], x[..., h:]
+    y = array_module(x).empty_like(x)
+    y1, y2 = y[..., :h], y[..., h:]
+    y1[...] = x1 * cos
+    y1 -= x2 * sin
+    y2[...] = x2 * cos
+    y2 += x1 * sin
+    return y
 
 
 class Rotary(Function):
-    """x (..., T, D) -> x * cos + rotate_half(x) * sin; cos, sin broadcastable to x (not differentiated)."""
-    # a rotation R of each pair: dx = R^T g = g * cos - rotate_half(g * sin)
+    """x (..., T, D) -> each pair (x1, x2) = (x[..., i], x[..., i + D/2]) rotated by its angle;
+    cos, sin (..., T, D/2) broadcastable against either half of x (not differentiated)."""
+    # y = R x with R a rotation: dx = R^T g, the rotation by minus the angle (sin -> -sin)
     def forward(self, x, cos, sin):
-        if x.shape[-1] % 2 or cos.shape[-1] != x.shape[-1]:
-            raise ValueError(f"rotary: x {shape_str(x)} needs an even last axis matching the tables {shape_str(cos)}")
+        if x.shape[-1] % 2 or 2 * cos.shape[-1] != x.shape[-1]:
+            raise ValueError(f"rotary: x {shape_str(x)} needs an even last axis, twice that of the tables {shape_str(cos)}")
         cos, sin = cos.astype(x.dtype, copy=False), sin.astype(x.dtype, copy=False)
         self.save_for_backward(cos, sin)
-        return x * cos + rotate_half(x) * sin
+        return rotate(x, cos, sin)
 
     def backward(self, g):
         cos, sin = self.saved
-        return g * cos - rotate_half(g * sin), None, None
+        return rotate(g, cos, -sin), None, None
 
 
 def apply_rotary(x: Tensor, cos: Any, sin: Any) -> Tensor:
-    """Rotate x (B, H, T, D) by tables cos, sin of shape (T, D), or (B, T, D) for per-row positions."""
+    """Rotate x (B, H, T, D) by tables cos, sin of shape (T, D/2), or (B, T, D/2) for per-row positions."""
     if getattr(cos, "ndim", 0) == 3:
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): the same angles for every head
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): the same angles for every head
     return Rotary.apply(x, cos, sin)
 
 
 class RotaryEmbedding(Module):
     """The position hook of attention: forward(q, k, positions) -> (q, k) rotated, q and k
     (B, H, T, D), positions (T,) or (B, T) ints below max_len (default 0..T-1).
-    Holds the cos/sin tables (max_len, D) as buffers; no parameters."""
+    Holds the cos/sin tables (max_len, D/2) as buffers; no parameters."""
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
         self.head_dim, self.max_len, self.base = head_dim, max_len, base
