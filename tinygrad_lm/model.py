@@ -28,6 +28,8 @@ POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 
 @dataclass
 class GPTConfig:
+    """The model's shape and options (DESIGN.md): pos_encoding "sinusoidal" | "learned" | "rope",
+    norm "layernorm" | "rmsnorm" (ln_1, ln_2 and ln_f)."""
     vocab_size: int
     block_size: int
     n_layer: int = 4
