@@ -49,7 +49,8 @@ class Rotary(Function):
     # y = R x with R a rotation: dx = R^T g, the rotation by minus the angle (sin -> -sin)
     def forward(self, x, cos, sin):
         if x.shape[-1] % 2 or 2 * cos.shape[-1] != x.shape[-1]:
-            raise ValueError(f"rotary: x {shape_str(x)} needs an even last axis, twice that of the tables {shape_str(cos)}")
+            raise ValueError(f"rotary: x {shape_str(x)} needs an even last axis, twice that of the tables "
+                             f"{shape_str(cos)}")
         cos, sin = cos.astype(x.dtype, copy=False), sin.astype(x.dtype, copy=False)
         self.save_for_backward(cos, sin)
         return rotate(x, cos, sin)
@@ -81,7 +82,8 @@ class RotaryEmbedding(Module):
         if positions is None:
             positions = xp.arange(q.shape[-2])
         # (checked on the host only: on the GPU the check would wait for the device)
-        if type(positions) is np.ndarray and positions.size and (positions.min() < 0 or positions.max() >= self.max_len):
+        host = type(positions) is np.ndarray and positions.size
+        if host and (positions.min() < 0 or positions.max() >= self.max_len):
             raise ValueError(f"RotaryEmbedding: positions must lie in [0, {self.max_len}), got values in "
                              f"[{positions.min()}, {positions.max()}]")
         cos, sin = self.cos.data[positions], self.sin.data[positions]

@@ -313,7 +313,8 @@ def test_reference_sdpa_gradcheck(case, p):
     seed = int(q.size + 10 * k.shape[2])
     with reference_only():
         assert gradcheck(lambda q, k, v: scaled_dot_product_attention(
-            q, k, v, causal=causal, mask=mask, dropout_p=p, generator=np.random.default_rng(seed)), [_t(q), _t(k), _t(v)])
+            q, k, v, causal=causal, mask=mask, dropout_p=p, generator=np.random.default_rng(seed)),
+            [_t(q), _t(k), _t(v)])
 
 
 @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),

@@ -85,7 +85,8 @@ def test_dispatch_picks_the_cuda_paths_and_the_reference_elsewhere() -> None:
     from tensor.cuda.attention import CudaCausalAttentionQKV, CudaScaledDotProductAttention
     from tensor.dispatch import pick
     x = Tensor(np.zeros((1, 2, 4, 8), np.float32), device="cuda").data
-    assert pick(ScaledDotProductAttention, x, x, x, mask=None, causal=True, dropout_p=0.1) is CudaScaledDotProductAttention
+    fast = pick(ScaledDotProductAttention, x, x, x, mask=None, causal=True, dropout_p=0.1)
+    assert fast is CudaScaledDotProductAttention
     assert pick(ScaledDotProductAttention, x, x, x, mask=x[0, 0] > 0, causal=True) is ScaledDotProductAttention
     assert pick(ScaledDotProductAttention, x.astype(np.float64), x, x, causal=True) is ScaledDotProductAttention
     qkv = Tensor(np.zeros((1, 4, 24), np.float32), device="cuda").data
