@@ -178,7 +178,8 @@ class CpuScaledDotProductAttention(ScaledDotProductAttention):
 
     def backward(self, g):
         q, k, v, p, keep, o = self.saved
-        return attention_backward(g, q, k, v, p, keep, self.dropout_p, o=o)
+        grads = attention_backward(g, q, k, v, p, keep, self.dropout_p, o=o)
+        return tuple(d.astype(q.dtype, copy=False) for d in grads)  # (16-bit inputs: computed in float32)
 
 
 class CpuCausalAttentionQKV(CausalAttentionQKV):
