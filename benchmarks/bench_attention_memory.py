@@ -5,6 +5,8 @@ and count the bytes its nodes keep in their `saved` tuples until backward:
 
   fused      `scaled_dot_product_attention` (one node) and `causal_attention_qkv` (one node,
              heads split inside the op from the fused (B, T, 3C) projection)
+  pieces     merge_heads(scaled_dot_product_attention(*split_heads(qkv))), the composition a
+             position hook (RoPE) goes into (nn/attention.py)
   composed   s = (q @ k.swapaxes(-1, -2)) * D**-0.5; s = s.masked_fill(~allowed, -inf);
              e = (s - s.max(-1, keepdims=True).detach()).exp(); p = e / e.sum(-1, keepdims=True);
              [p = dropout(p)]; out = p @ v        (every op reachable from `out` via fn.inputs)
@@ -36,7 +38,7 @@ import numpy as np
 from _common import emit, machine_info
 
 import tensor.functional as F  # noqa: E402
-from nn.attention import causal_attention_qkv, scaled_dot_product_attention  # noqa: E402
+from nn.attention import causal_attention_qkv, merge_heads, scaled_dot_product_attention, split_heads  # noqa: E402
 from tensor import Function, Tensor  # noqa: E402
 
 CONFIGS = {
@@ -122,9 +124,11 @@ def run_config(B: int, H: int, T: int, D: int, n_layer: int, dropout_p: float) -
             qkv, H, dropout_p=dropout_p, generator=np.random.default_rng(1)), [qkv]),
         "composed": measure(lambda: composed(q, k, v, dropout_p, np.random.default_rng(1)), [q, k, v]),
     }
-    claim = P * 4 + (P if dropout_p else 0)  # nn/attention.py docstring: P in float32 + bool keep-mask
+    res["pieces"] = measure(lambda: merge_heads(scaled_dot_product_attention(
+        *split_heads(qkv, H), causal=True, dropout_p=dropout_p, generator=np.random.default_rng(1))), [qkv])
+    claim = P * 4 + (P if dropout_p else 0)  # tensor/cpu/attention.py docstring: P in float32 + bool keep-mask
     res["docstring_claim_bytes"] = claim
-    res["claim_matches"] = all(res[k]["saved_bytes"] == claim for k in ("fused_sdpa", "fused_qkv"))
+    res["claim_matches"] = all(res[k]["saved_bytes"] == claim for k in ("fused_sdpa", "fused_qkv", "pieces"))
     res["composed_over_fused"] = round(res["composed"]["saved_bytes"] / res["fused_sdpa"]["saved_bytes"], 3)
     res["shape"] = dict(B=B, H=H, T=T, D=D, dropout_p=dropout_p, n_layer=n_layer, P_elements=P)
     return res
@@ -167,7 +171,7 @@ def write_results(path: str, results: dict, info: dict, cmd: str) -> None:
               "The composed graph's *alive* bytes are about twice its *saved* bytes (24 bytes per score without",
               "dropout): a node's `inputs` holds the input Tensors and so their data, so the scaled, masked and",
               "shifted scores stay allocated too until backward, needed or not. The fused op's alive bytes",
-              "equal its saved bytes (plus ~2 KiB of Python objects). Docstring claim (nn/attention.py): P,",
+              "equal its saved bytes (plus ~2 KiB of Python objects). Docstring claim (tensor/cpu/attention.py): P,",
               "B·H·Tq·Tk elements of the input dtype, plus a bool keep-mask with dropout: confirmed for float32",
               "here and for float16/float64 by tests/test_attention.py::test_saved_memory_matches_docstring (the",
               "docstring used to say P is kept in float32 for half inputs; it is kept in the half dtype).", ""]

@@ -7,9 +7,11 @@ from typing import Any
 import numpy as np
 
 import tensor.functional as F
-from nn.attention import causal_attention_qkv
+from nn.attention import causal_attention_qkv, merge_heads, scaled_dot_product_attention, split_heads
 from nn.module import Module, Parameter
-from tensor.tensor import Tensor
+from nn.rotary import RotaryEmbedding
+from tensor.backend import array_module
+from tensor.tensor import Function, Tensor, shape_str
 
 
 def _rng(rng: np.random.Generator | None) -> np.random.Generator:
@@ -68,6 +70,61 @@ class LayerNorm(Module):
         return f"{self.ndim}, eps={self.eps}"
 
 
+class RMSNormFunction(Function):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (Zhang & Sennrich, 2019).
+    x (..., C), weight (C,); statistics in float32 for half inputs."""
+    # r = 1/sqrt(mean(x^2) + eps), xhat = x*r, dxhat = g*w: dx = r * (dxhat - xhat * mean(dxhat*xhat)), dw = sum(g*xhat)
+    def forward(self, x, weight, eps=1e-5):
+        if weight.shape != x.shape[-1:]:
+            raise ValueError(f"rms_norm: weight of shape {shape_str(weight)} does not match the last axis of x "
+                             f"{shape_str(x)} (expected ({x.shape[-1]},))")
+        xp = array_module(x)
+        x32 = x.astype(np.float32) if x.dtype.itemsize < 4 else x
+        r = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)
+        xhat = x32 * r
+        self.save_for_backward(xhat, r, weight)
+        return (xhat * weight.astype(xhat.dtype, copy=False)).astype(x.dtype, copy=False)
+
+    def backward(self, g):
+        xhat, r, w = self.saved
+        g32 = g.astype(xhat.dtype, copy=False)
+        dxhat = g32 * w.astype(xhat.dtype, copy=False)
+        dx = r * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        dw = (g32 * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)
+        return dx.astype(g.dtype, copy=False), dw.astype(w.dtype, copy=False)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over the last axis: x (..., C), weight (C,) -> (..., C)."""
+    return RMSNormFunction.apply(x, weight, eps=eps)
+
+
+class RMSNorm(Module):
+    """Scale the last axis (size C) to unit root mean square, then by a weight (no bias, no centring)."""
+
+    def __init__(self, ndim: int, eps: float = 1e-5) -> None:
+        self.ndim, self.eps = ndim, eps
+        self.weight = Parameter(np.ones(ndim, dtype=np.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.ndim}, eps={self.eps}"
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, ndim: int, bias: bool = True) -> Module:
+    """LayerNorm(ndim, bias=bias) for "layernorm", RMSNorm(ndim) (weight only) for "rmsnorm"."""
+    if kind == "layernorm":
+        return LayerNorm(ndim, bias=bias)
+    if kind == "rmsnorm":
+        return RMSNorm(ndim)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
 class Dropout(Module):
     """Inverted dropout with probability p, active in training mode only.
     `generator` (a numpy/CuPy Generator) makes the masks reproducible."""
@@ -94,27 +151,40 @@ class GELU(Module):
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention: one fused c_attn (C -> 3C), heads, c_proj (C -> C).
 
-    forward(x (B, T, C), mask=None) -> (B, T, C); mask (B, T) bool marks real (True)
-    vs padding (False) keys, for batches of prompts of different lengths.
+    forward(x (B, T, C), mask=None, cache=None, positions=None) -> (B, T, C); mask (B, T) bool
+    marks real (True) vs padding (False) keys, for batches of prompts of different lengths;
+    positions (T,) or (B, T) feed the position hook `rotary` (RoPE, nn/rotary.py) when given.
     `generator` (as in Dropout) draws the attention-dropout masks; the trainer sets it,
     like every Dropout's, so that a resumed run draws the same masks.
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
-                 rng: np.random.Generator | None = None, generator: Any = None) -> None:
+                 rng: np.random.Generator | None = None, generator: Any = None,
+                 rotary: RotaryEmbedding | None = None) -> None:
         if n_embd % n_head:
             raise ValueError(f"CausalSelfAttention: n_embd {n_embd} is not divisible by n_head {n_head}")
         self.n_embd, self.n_head, self.dropout, self.generator = n_embd, n_head, dropout, generator
         self.c_attn = Linear(n_embd, 3 * n_embd, bias=bias, rng=rng)
         self.c_proj = Linear(n_embd, n_embd, bias=bias, rng=rng)
         self.resid_dropout = Dropout(dropout)
+        self.rotary = rotary
 
-    def forward(self, x: Tensor, mask: Any = None, cache: Any = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Any = None, cache: Any = None, positions: Any = None) -> Tensor:
         """cache: a KVCache for incremental decoding (inference), or None."""
-        if cache is not None:
-            return self.c_proj(cache.attend(self.c_attn(x), self.n_head, mask))
         p = self.dropout if self.training else 0.0
-        y = causal_attention_qkv(self.c_attn(x), self.n_head, mask=mask, dropout_p=p, generator=self.generator)
+        qkv = self.c_attn(x)                                  # (B, T, 3C)
+        if self.rotary is None and cache is None:
+            # nothing between split and sdpa: the composition below as one node, fused where it pays
+            y = causal_attention_qkv(qkv, self.n_head, mask=mask, dropout_p=p, generator=self.generator)
+        else:
+            q, k, v = split_heads(qkv, self.n_head)           # (B, H, T, D) each
+            if self.rotary is not None:
+                q, k = self.rotary(q, k, positions)           # the position hook
+            if cache is not None:
+                k, v = cache.append(k, v)                     # every key so far: (B, H, L, D)
+                mask = None if mask is None else mask[:, :k.shape[2]]
+            y = scaled_dot_product_attention(q, k, v, causal=True, mask=mask, dropout_p=p, generator=self.generator)
+            y = merge_heads(y)                                # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def extra_repr(self) -> str:
@@ -136,17 +206,19 @@ class MLP(Module):
 
 
 class Block(Module):
-    """Pre-LayerNorm Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+    norm: "layernorm" or "rmsnorm" for ln_1 and ln_2; rotary: attention's position hook or None."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
-                 rng: np.random.Generator | None = None) -> None:
-        self.ln_1 = LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, rng)
-        self.ln_2 = LayerNorm(n_embd, bias=bias)
+                 rng: np.random.Generator | None = None, norm: str = "layernorm",
+                 rotary: RotaryEmbedding | None = None) -> None:
+        self.ln_1 = make_norm(norm, n_embd, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, rng, rotary=rotary)
+        self.ln_2 = make_norm(norm, n_embd, bias)
         self.mlp = MLP(n_embd, dropout, bias, rng)
 
-    def forward(self, x: Tensor, mask: Any = None, cache: Any = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask=mask, cache=cache)
+    def forward(self, x: Tensor, mask: Any = None, cache: Any = None, positions: Any = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask=mask, cache=cache, positions=positions)
         return x + self.mlp(self.ln_2(x))
 
 

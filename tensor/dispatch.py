@@ -76,3 +76,13 @@ def pick(ref: type, *arrays: Any, **kwargs: Any) -> type:
     if cls is not None and cls.supports(*arrays, **kwargs):
         return cls
     return ref
+
+# attention (tensor/attention.py): the CPU and CUDA fast paths beneath its reference pieces
+FAST_PATHS.update({
+    "ScaledDotProductAttention": {"cpu": "tensor.cpu.attention:CpuScaledDotProductAttention",
+                                  "cuda": "tensor.cuda.attention:CudaScaledDotProductAttention"},
+    "CausalAttentionQKV": {"cpu": "tensor.cpu.attention:CpuCausalAttentionQKV",
+                           "cuda": "tensor.cuda.attention:CudaCausalAttentionQKV"},
+    "SplitHeads": {"cuda": "tensor.cuda.attention:CudaSplitHeads"},
+    "MergeHeads": {"cuda": "tensor.cuda.attention:CudaMergeHeads"},
+})

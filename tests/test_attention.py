@@ -1,9 +1,11 @@
-"""Attention: the fused `scaled_dot_product_attention` and `causal_attention_qkv` ops, and
-the CausalSelfAttention layer.
+"""Attention: the reference pieces (tensor/attention.py: split_heads, scaled_dot_product_attention,
+merge_heads, and their composition CausalAttentionQKV), the CPU fast paths beneath them
+(tensor/cpu/attention.py), the KV cache and the CausalSelfAttention layer.
 
 Values are checked against a naive NumPy attention written here (loops over query rows,
--inf masking, explicit softmax); gradients against central differences (tensor.gradcheck,
-float64); and the memory the fused op keeps for backward against the module docstring.
+-inf masking, explicit softmax); the references' gradients against central differences
+(tensor.gradcheck, float64); every CPU fast path against its reference, forward and backward;
+and the memory the ops keep for backward against the module docstrings.
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nn import CausalSelfAttention
-from nn.attention import causal_attention_qkv, scaled_dot_product_attention
+from nn.attention import KVCache, causal_attention_qkv, merge_heads, scaled_dot_product_attention, split_heads
 from tensor import Tensor, gradcheck, no_grad
+from tensor.attention import CausalAttentionQKV, MergeHeads, ScaledDotProductAttention, SplitHeads
+from tensor.cpu import attention as cpu_attention
+from tensor.dispatch import FAST_PATHS, fast_class, reference_only
 
 N = settings.default.max_examples
 FEW = settings(max_examples=max(5, N // 5))  # gradchecks of whole layers (many parameters)
@@ -259,7 +264,7 @@ def _saved_bytes(out, inputs):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_saved_memory_matches_docstring(dtype, p):
-    """nn/attention.py: P (B*H*Tq*Tk elements of the input dtype) + a bool keep-mask with dropout;
+    """tensor/cpu/attention.py: P (B*H*Tq*Tk elements of the input dtype) + a bool keep-mask with dropout;
     O is kept too, as a view of the op's own output (no copy: checked here)."""
     B, H, Tq, Tk, D = 2, 3, 5, 7, 4
     rng = np.random.default_rng(0)
@@ -277,10 +282,10 @@ def test_saved_memory_matches_docstring(dtype, p):
 # ------------------------------------------------------------------ the CPU path in chunks of the batch
 @pytest.mark.parametrize("mask_kind,p", [("none", 0.0), ("padding", 0.0), ("none", 0.2)])
 def test_chunked_batch_equals_one_chunk(monkeypatch, mask_kind, p):
-    """The CPU path works through the batch in ~1 MB chunks of scores (nn/attention.py,
+    """The CPU path works through the batch in ~1 MB chunks of scores (tensor/cpu/attention.py,
     _over_batch): one batch item per chunk gives exactly the values and gradients of one chunk
     for everything (each head is computed the same way), and both match the naive reference."""
-    import nn.attention as attention
+    import tensor.cpu.attention as attention
     B, T, H, D = 5, 16, 2, 8
     rng = np.random.default_rng(0)
     qkv0 = rng.standard_normal((B, T, 3 * H * D)).astype(np.float32)
@@ -299,3 +304,178 @@ def test_chunked_batch_equals_one_chunk(monkeypatch, mask_kind, p):
         q, k, v = (qkv0.reshape(B, T, 3, H, D)[:, :, i].transpose(0, 2, 1, 3).astype(np.float64) for i in range(3))
         ref = naive_attention(q, k, v, causal=True, mask=mask)
         np.testing.assert_allclose(results[1][0], ref.transpose(0, 2, 1, 3).reshape(B, T, H * D), atol=1e-5)
+
+
+# ------------------------------------------------------------------ the reference pieces, float64
+@given(attn_case(), st.sampled_from([0.0, 0.3]))
+def test_reference_sdpa_gradcheck(case, p):
+    q, k, v, causal, mask = case
+    seed = int(q.size + 10 * k.shape[2])
+    with reference_only():
+        assert gradcheck(lambda q, k, v: scaled_dot_product_attention(
+            q, k, v, causal=causal, mask=mask, dropout_p=p, generator=np.random.default_rng(seed)),
+            [_t(q), _t(k), _t(v)])
+
+
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 2**32 - 1))
+def test_reference_split_and_merge_are_inverse_permutations_and_gradcheck(B, T, H, D, parts, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, T, parts * H * D))
+    with reference_only():
+        heads = split_heads(_t(x), H, parts)
+        for j, h in enumerate(heads):  # channel j*C + h*D + d of token t is element (h, t, d) of part j
+            want = x[:, :, j * H * D:(j + 1) * H * D].reshape(B, T, H, D).transpose(0, 2, 1, 3)
+            np.testing.assert_array_equal(h.numpy(), want)
+            np.testing.assert_array_equal(merge_heads(h).numpy(), x[:, :, j * H * D:(j + 1) * H * D])
+        w = [rng.standard_normal((B, H, T, D)) for _ in range(parts)]
+        assert gradcheck(lambda x: sum((h * wj).sum() for h, wj in zip(split_heads(x, H, parts), w)), [_t(x)])
+        assert gradcheck(lambda y: merge_heads(y), [_t(rng.standard_normal((B, H, T, D)))])
+
+
+@settings(max_examples=max(5, N // 3), deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.sampled_from(["none", "padding"]),
+       st.sampled_from([0.0, 0.3]), st.integers(0, 2**32 - 1))
+def test_reference_fused_qkv_equals_the_pieces_and_gradchecks(B, T, H, D, mask_kind, p, seed):
+    """CausalAttentionQKV (one node) is merge_heads(sdpa(*split_heads(qkv))): same values and gradients."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, T, 3 * H * D))
+    mask = rng.random((B, T)) < 0.7 if mask_kind == "padding" else None
+    g = rng.standard_normal((B, T, H * D))
+
+    def pieces(x):
+        q, k, v = split_heads(x, H)
+        return merge_heads(scaled_dot_product_attention(q, k, v, causal=True, mask=mask, dropout_p=p,
+                                                        generator=np.random.default_rng(seed)))
+
+    def fused(x):
+        return CausalAttentionQKV.apply(x, n_head=H, mask=mask, dropout_p=p, generator=np.random.default_rng(seed))
+
+    with reference_only():
+        res = []
+        for f in (pieces, fused):
+            t = _t(x)
+            y = f(t)
+            y.backward(Tensor(g))
+            res.append((y.numpy(), t.grad))
+        np.testing.assert_allclose(res[1][0], res[0][0], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(res[1][1], res[0][1], rtol=1e-12, atol=1e-12)
+        assert gradcheck(fused, [_t(x)])
+
+
+# ------------------------------------------------------------------ CPU fast paths = the reference
+def _run(cls, arrays, g, **kw):
+    ts = [Tensor(a, requires_grad=True) for a in arrays]
+    y = cls.apply(*ts, **kw)
+    y.backward(Tensor(g))
+    return [y.numpy()] + [t.grad for t in ts]
+
+
+TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-6),
+       np.float16: dict(rtol=1e-2, atol=2e-3)}
+
+
+@settings(max_examples=max(10, N // 2), deadline=None)
+@given(attn_case(), st.sampled_from([0.0, 0.25]), st.sampled_from([np.float64, np.float32, np.float16]),
+       st.sampled_from([1 << 20, 1, 200, 1000]))
+def test_cpu_sdpa_equals_reference(case, p, dtype, chunk_bytes):
+    """Hypothesis-drawn (B, H, Tq, Tk, D), causal or not, padding and full masks, Tq < Tk (the
+    KV-cache case), dropout with the same generator, and score chunks from one batch item to all."""
+    q, k, v, causal, mask = case
+    cls = fast_class(ScaledDotProductAttention, "cpu")
+    assert cls is cpu_attention.CpuScaledDotProductAttention
+    g = np.random.default_rng(1).standard_normal(q.shape)
+    arrays = [a.astype(dtype) for a in (q, k, v)]
+    kw = dict(mask=mask, causal=causal, dropout_p=p)
+    old = cpu_attention.SCORE_CHUNK_BYTES
+    cpu_attention.SCORE_CHUNK_BYTES = chunk_bytes
+    try:
+        fast = _run(cls, arrays, g.astype(dtype), generator=np.random.default_rng(5), **kw)
+    finally:
+        cpu_attention.SCORE_CHUNK_BYTES = old
+    ref = _run(ScaledDotProductAttention, arrays, g.astype(dtype), generator=np.random.default_rng(5), **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+        assert a.dtype == b.dtype == dtype, name
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), err_msg=name, **TOL[dtype])
+
+
+@settings(max_examples=max(10, N // 2), deadline=None)
+@given(st.integers(1, 4), st.integers(1, 9), st.integers(1, 3), st.integers(1, 4), st.sampled_from(["none", "padding"]),
+       st.sampled_from([0.0, 0.25]), st.sampled_from([np.float64, np.float32, np.float16]),
+       st.sampled_from([1 << 20, 1, 300]), st.integers(0, 2**32 - 1))
+def test_cpu_fused_qkv_equals_reference(B, T, H, D, mask_kind, p, dtype, chunk_bytes, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, T, 3 * H * D)).astype(dtype)
+    g = rng.standard_normal((B, T, H * D)).astype(dtype)
+    mask = rng.random((B, T)) < 0.7 if mask_kind == "padding" else None
+    cls = fast_class(CausalAttentionQKV, "cpu")
+    assert cls is cpu_attention.CpuCausalAttentionQKV
+    kw = dict(n_head=H, mask=mask, dropout_p=p)
+    old = cpu_attention.SCORE_CHUNK_BYTES
+    cpu_attention.SCORE_CHUNK_BYTES = chunk_bytes
+    try:
+        fast = _run(cls, [x], g, generator=np.random.default_rng(seed), **kw)
+    finally:
+        cpu_attention.SCORE_CHUNK_BYTES = old
+    ref = _run(CausalAttentionQKV, [x], g, generator=np.random.default_rng(seed), **kw)
+    for name, a, b in zip(("out", "dqkv"), fast, ref):
+        assert a.dtype == b.dtype == dtype, name
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), err_msg=name, **TOL[dtype])
+
+
+def test_every_attention_fast_path_subclasses_its_reference():
+    refs = {c.__name__: c for c in (ScaledDotProductAttention, CausalAttentionQKV, SplitHeads, MergeHeads)}
+    for name, ref in refs.items():
+        assert name in FAST_PATHS
+        for device, spec in FAST_PATHS[name].items():
+            if device == "cpu":  # (CUDA ones import CuPy modules: tests/test_gpu_attention.py)
+                cls = fast_class(ref, device)
+                assert issubclass(cls, ref) and cls is not ref and callable(cls.supports)
+            else:
+                assert spec.startswith("tensor.cuda.attention:")
+
+
+def test_cpu_merge_heads_of_the_fast_sdpa_output_is_a_view():
+    """The CPU sdpa writes O in the merged layout (B, T, H, D): merge_heads then copies nothing."""
+    rng = np.random.default_rng(0)
+    q, k, v = (Tensor(rng.standard_normal((2, 3, 4, 5)).astype(np.float32)) for _ in range(3))
+    o = scaled_dot_product_attention(q, k, v)
+    y = merge_heads(o)
+    assert np.shares_memory(y.data, o.data) and y.data.flags.c_contiguous
+
+
+# ------------------------------------------------------------------ KV cache
+def test_kv_cache_append_returns_every_key_and_refuses_grad_mode_and_overflow():
+    rng = np.random.default_rng(0)
+    cache = KVCache(2, 3, 5, 4, np.zeros(1, np.float32))
+    ks = [rng.standard_normal((2, 3, t, 4)).astype(np.float32) for t in (2, 3)]
+    with pytest.raises(RuntimeError, match="no_grad"):
+        cache.append(Tensor(ks[0]), Tensor(ks[0]))
+    with no_grad():
+        k, v = cache.append(Tensor(ks[0]), Tensor(ks[0] + 1))
+        assert k.shape == (2, 3, 2, 4)
+        k, v = cache.append(Tensor(ks[1]), Tensor(ks[1] + 1))
+        np.testing.assert_array_equal(k.numpy(), np.concatenate(ks, axis=2))
+        np.testing.assert_array_equal(v.numpy(), np.concatenate(ks, axis=2) + 1)
+        with pytest.raises(ValueError, match="exceed the cache size 5"):
+            cache.append(Tensor(ks[0][:, :, :1]), Tensor(ks[0][:, :, :1]))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cached_layer_equals_the_full_layer(masked):
+    """Tokens fed in pieces through a KV cache (split, sdpa over the cached keys, merge) give the
+    full causal layer's outputs, with and without a key-padding mask."""
+    rng = np.random.default_rng(2)
+    m = CausalSelfAttention(12, 3, rng=rng)
+    x = rng.standard_normal((2, 7, 12)).astype(np.float32)
+    mask = np.ones((2, 7), bool)
+    if masked:
+        mask[0, :2] = False
+    with no_grad():
+        full = m(Tensor(x), mask=mask if masked else None).numpy()
+        cache = KVCache(2, 3, 7, 4, x)
+        parts = [m(Tensor(x[:, a:b]), mask=mask if masked else None, cache=cache).numpy()
+                 for a, b in ((0, 3), (3, 4), (4, 7))]
+    got = np.concatenate(parts, axis=1)
+    rows = (slice(None), slice(2, None)) if masked else (slice(None),)  # (fully masked rows are 0 either way)
+    np.testing.assert_allclose(got[rows], full[rows], rtol=1e-5, atol=1e-6)

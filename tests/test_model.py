@@ -187,10 +187,25 @@ def reference_forward(sd: dict, cfg: GPTConfig, idx: np.ndarray) -> np.ndarray:
     if cfg.pos_encoding == "sinusoidal":
         pe = np.array([[pe_formula(t, j, C) for j in range(C)] for t in range(T)])
         x = wte[idx] * math.sqrt(C) + pe
+    elif cfg.pos_encoding == "rope":
+        x = wte[idx]
     else:
         x = wte[idx] + g("transformer.wpe.weight")[:T]
 
+    def rope(a):  # a (B, H, T, D): channel i pairs with i + D/2, rotated by t * 10000^(-2i/D) at position t
+        D = a.shape[-1]
+        out = a.copy()
+        for t in range(T):
+            for i in range(D // 2):
+                th = t * 10000.0 ** (-2 * i / D)
+                x1, x2 = a[:, :, t, i], a[:, :, t, i + D // 2]
+                out[:, :, t, i] = x1 * math.cos(th) - x2 * math.sin(th)
+                out[:, :, t, i + D // 2] = x2 * math.cos(th) + x1 * math.sin(th)
+        return out
+
     def ln(x, name):
+        if cfg.norm == "rmsnorm":
+            return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * g(name + ".weight")
         mu = x.mean(-1, keepdims=True)
         var = ((x - mu) ** 2).mean(-1, keepdims=True)
         return (x - mu) / np.sqrt(var + 1e-5) * g(name + ".weight") + g(name + ".bias")
@@ -202,6 +217,8 @@ def reference_forward(sd: dict, cfg: GPTConfig, idx: np.ndarray) -> np.ndarray:
         h = f"transformer.h.{i}"
         q, k, v = np.split(lin(ln(x, h + ".ln_1"), h + ".attn.c_attn"), 3, axis=-1)
         q, k, v = (a.reshape(B, T, H, C // H).transpose(0, 2, 1, 3) for a in (q, k, v))
+        if cfg.pos_encoding == "rope":
+            q, k = rope(q), rope(k)
         s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(C // H)
         s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
@@ -214,12 +231,15 @@ def reference_forward(sd: dict, cfg: GPTConfig, idx: np.ndarray) -> np.ndarray:
     return ln(x, "transformer.ln_f") @ wte.T
 
 
-@pytest.mark.parametrize("pos_encoding", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("pos_encoding,norm", [("sinusoidal", "layernorm"), ("learned", "layernorm"),
+                                               ("rope", "layernorm"), ("rope", "rmsnorm"), ("learned", "rmsnorm")])
 @pytest.mark.parametrize("bias", [True, False])
-def test_logits_match_independent_numpy_forward(pos_encoding, bias):
-    """Embedding (x sqrt(C) + sinusoid, or + wpe), pre-LN blocks, causal attention, GELU(tanh),
-    ln_f and the tied head, against a NumPy re-implementation (random, non-init weights)."""
-    cfg = GPTConfig(vocab_size=17, block_size=12, n_layer=2, n_head=4, n_embd=16, bias=bias, pos_encoding=pos_encoding)
+def test_logits_match_independent_numpy_forward(pos_encoding, norm, bias):
+    """Embedding (x sqrt(C) + sinusoid, + wpe, or rotary q/k), pre-norm blocks (LayerNorm or RMSNorm),
+    causal attention, GELU(tanh), ln_f and the tied head, against a NumPy re-implementation
+    (random, non-init weights)."""
+    cfg = GPTConfig(vocab_size=17, block_size=12, n_layer=2, n_head=4, n_embd=16, bias=bias, pos_encoding=pos_encoding,
+                    norm=norm)
     model = GPT(cfg, seed=4)
     rng = np.random.default_rng(0)
     sd = {k: (v + 0.2 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in model.state_dict().items()}
@@ -248,10 +268,12 @@ def test_causality_future_tokens_do_not_change_past_logits():
 
 
 # ------------------------------------------------------------------ gradients
-@pytest.mark.parametrize("pos_encoding", ["sinusoidal", "learned"])
-def test_gradcheck_gpt_loss_float64(pos_encoding):
+@pytest.mark.parametrize("pos_encoding,norm", [("sinusoidal", "layernorm"), ("learned", "layernorm"),
+                                               ("rope", "rmsnorm")])
+def test_gradcheck_gpt_loss_float64(pos_encoding, norm):
     V = 7
-    model = GPT(GPTConfig(vocab_size=V, block_size=5, n_layer=1, n_head=2, n_embd=8, pos_encoding=pos_encoding), seed=0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=5, n_layer=1, n_head=2, n_embd=8, pos_encoding=pos_encoding,
+                          norm=norm), seed=0)
     rng = np.random.default_rng(0)
     for p in model.parameters():  # float64, and larger than 0.02 so every path carries real gradient
         p.data = (p.data.astype(np.float64) + 0.3 * rng.standard_normal(p.shape))
@@ -291,7 +313,9 @@ def test_idx_must_be_2d(shape):
     (dict(n_embd=30, n_head=4), "divisible"),
     (dict(n_layer=0), "n_layer"),
     (dict(vocab_size=-1), "vocab_size"),
-    (dict(pos_encoding="rope"), "pos_encoding"),
+    (dict(pos_encoding="alibi"), "pos_encoding"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(pos_encoding="rope", n_embd=12, n_head=4), "even head size"),
     (dict(dropout=1.0), "dropout"),
     (dict(n_embd=15, n_head=3), "even"),
 ])
@@ -305,6 +329,17 @@ def test_config_dict_round_trip_and_unknown_keys():
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="n_embed"):
         GPTConfig.from_dict({**cfg.to_dict(), "n_embed": 3})
+    cfg = tiny(pos_encoding="rope", norm="rmsnorm")
+    assert cfg.to_dict()["norm"] == "rmsnorm" and GPTConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in tiny().to_dict().items() if k != "norm"}  # a checkpoint from before `norm`
+    assert GPTConfig.from_dict(old).norm == "layernorm"
+
+
+def test_rmsnorm_state_dict_names_have_no_bias():
+    names = set(GPT(tiny(norm="rmsnorm", pos_encoding="rope")).state_dict())
+    assert {"transformer.h.0.ln_1.weight", "transformer.h.0.ln_2.weight", "transformer.ln_f.weight"} <= names
+    assert not any(n.endswith(("ln_1.bias", "ln_2.bias", "ln_f.bias")) for n in names)
+    assert not any("wpe" in n for n in names)  # rope: no position parameters
 
 
 # ------------------------------------------------------------------ PyTorch export (optional)

@@ -1,6 +1,10 @@
 """The GPT: token embedding (x sqrt(C)) + sinusoidal positions, n_layer pre-LayerNorm
 blocks, a final LayerNorm and an lm_head tied to the token embedding (DESIGN.md).
 
+Options: pos_encoding "learned" (a wpe table added to the unscaled wte, nanoGPT) or "rope"
+(rotary positions on q and k inside attention, nn/rotary.py; the unscaled wte, no position
+parameters); norm "rmsnorm" (nn.layers.RMSNorm, weight only) for ln_1, ln_2 and ln_f.
+
 Parameter names and layouts are nanoGPT's, so `model.state_dict()` loads into a
 PyTorch nanoGPT-style model (see examples/export_to_pytorch.py).
 """
@@ -14,16 +18,19 @@ from typing import Any
 import numpy as np
 
 import tensor.functional as F
-from nn import Block, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, SinusoidalPositionalEncoding
+from nn import Block, Dropout, Embedding, Linear, Module, ModuleList, RotaryEmbedding, SinusoidalPositionalEncoding
 from nn.init import gpt_init_
+from nn.layers import NORMS, make_norm
 from tensor import backend
 from tensor.tensor import Tensor
 
-POS_ENCODINGS = ("sinusoidal", "learned")
+POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 
 
 @dataclass
 class GPTConfig:
+    """The model's shape and options (DESIGN.md): pos_encoding "sinusoidal" | "learned" | "rope",
+    norm "layernorm" | "rmsnorm" (ln_1, ln_2 and ln_f)."""
     vocab_size: int
     block_size: int
     n_layer: int = 4
@@ -32,6 +39,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     pos_encoding: str = "sinusoidal"
+    norm: str = "layernorm"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -51,6 +59,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"GPTConfig: sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig: rope needs an even head size n_embd / n_head, got "
+                             f"{self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}")
+        if self.norm not in NORMS:
+            raise ValueError(f"GPTConfig: norm must be one of {NORMS}, got {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
 
@@ -59,6 +72,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        """The inverse of to_dict; keys added since (norm) take their defaults when absent."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -74,8 +88,11 @@ class Transformer(Module):
         if cfg.pos_encoding == "learned":
             self.wpe = Embedding(cfg.block_size, cfg.n_embd, rng=rng)
         self.drop = Dropout(cfg.dropout)
-        self.h = ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, rng) for _ in range(cfg.n_layer))
-        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
+        head = cfg.n_embd // cfg.n_head
+        self.h = ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, rng, norm=cfg.norm,
+                                  rotary=RotaryEmbedding(head, cfg.block_size) if cfg.pos_encoding == "rope" else None)
+                            for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
 
 
 class GPT(Module):
@@ -97,6 +114,8 @@ class GPT(Module):
         tok = self.transformer.wte(idx)
         if cfg.pos_encoding == "sinusoidal":
             x = tok * math.sqrt(cfg.n_embd) + self.pos(positions)
+        elif cfg.pos_encoding == "rope":  # positions enter inside attention (nn/rotary.py)
+            x = tok
         else:
             x = tok + self.transformer.wpe(positions)
         return self.transformer.drop(x)
@@ -143,7 +162,7 @@ class GPT(Module):
                 positions = xp.asarray(positions)
         x = self.embed(idx, positions)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask=mask, cache=caches[i] if caches else None)
+            x = block(x, mask=mask, cache=caches[i] if caches else None, positions=positions)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits, targets) if targets is not None else None

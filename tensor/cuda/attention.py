@@ -1,0 +1,138 @@
+"""CUDA fast paths of attention (tensor/attention.py): cuBLAS batched GEMMs in the input dtype
+(tensor cores for 16 bits, no operand copies: tensor/cuda/cublas.py), float32 scores, the fused
+causal softmax and its backward (tensor/cuda/softmax.py), and the heads' layouts in one kernel
+pass each (tensor/cuda/layout.py).
+
+They apply to causal attention without a padding mask on contiguous float16/bfloat16/float32 CuPy
+arrays (the softmax kernel builds the causal mask itself), with or without dropout (its keep-mask
+drawn as the reference draws it); anything else runs the reference on CuPy. Memory kept for
+backward: contiguous Q, K, V (one copy of the heads, which frees the fused qkv buffer), P in the
+input dtype and, with dropout, the bool keep-mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tensor.attention import CausalAttentionQKV, MergeHeads, ScaledDotProductAttention, SplitHeads, check_sdpa_args
+from tensor.cuda import cublas
+from tensor.cuda.common import empty, usable
+from tensor.cuda.layout import merge_heads, split_heads
+from tensor.cuda.softmax import causal_softmax, softmax_backward
+from tensor.functional import uniform
+
+
+def _fits(*arrays: Any, mask: Any = None, causal: bool = True) -> bool:
+    return mask is None and causal and usable(*arrays) and cublas.usable(*arrays)
+
+
+def causal_forward(q: Any, k: Any, v: Any, dropout_p: float = 0.0, generator: Any = None) -> tuple:
+    """(O, P, keep-mask or None) for contiguous q (.., Tq, D), k, v (.., Tk, D): S = Q K^T in
+    float32, P = causal softmax(S / sqrt(D)) in the input dtype, O = dropout(P) V."""
+    s = cublas.matmul(q, k.swapaxes(-1, -2), out_dtype=np.float32)
+    p = causal_softmax(s, 1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    del s
+    keep = uniform(generator, p.shape, p) >= dropout_p if dropout_p > 0.0 else None
+    pd = p if keep is None else (p.astype(np.float32) * (keep * np.float32(1.0 / (1.0 - dropout_p)))).astype(p.dtype)
+    return cublas.matmul(pd, v), p, keep
+
+
+def causal_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any = None, dropout_p: float = 0.0,
+                    out: tuple = (None, None, None)) -> tuple:
+    """(dQ, dK, dV), each written into `out` where given: dP = g V^T (float32, times the dropout
+    mask), dS by the fused softmax backward, then three GEMMs."""
+    dp = cublas.matmul(g, v.swapaxes(-1, -2), out_dtype=np.float32)
+    pd = p
+    if keep is not None:
+        drop = keep * np.float32(1.0 / (1.0 - dropout_p))
+        dp *= drop
+        pd = (p.astype(np.float32) * drop).astype(p.dtype)  # (16-bit arithmetic in float32: astype only)
+    ds = softmax_backward(p, dp, 1.0 / math.sqrt(q.shape[-1]))
+    del dp
+    dq, dk, dv = out
+    return (cublas.matmul(ds, k, out=dq), cublas.matmul(ds.swapaxes(-1, -2), q, out=dk),
+            cublas.matmul(pd.swapaxes(-1, -2), g, out=dv))
+
+
+class CudaSplitHeads(SplitHeads):
+    """(B, T, parts*C) -> (parts, B, H, T, D) contiguous in one kernel pass; backward: one merge pass."""
+
+    @staticmethod
+    def supports(x: Any, *arrays: Any, **kwargs: Any) -> bool:
+        return usable(x)
+
+    def forward(self, x, n_head=1, parts=3):
+        super().forward(x, n_head, parts)  # the shape check
+        return split_heads(x, n_head, parts)
+
+    def backward(self, g):
+        return (merge_heads(g) if usable(g) else super().backward(g)[0],)
+
+
+class CudaMergeHeads(MergeHeads):
+    """(B, H, T, D) -> (B, T, H*D) in one kernel pass; backward: one split pass."""
+
+    @staticmethod
+    def supports(x: Any, *arrays: Any, **kwargs: Any) -> bool:
+        return usable(x) and x.ndim == 4
+
+    def forward(self, x):
+        self.n_head = x.shape[1]
+        return merge_heads(x[None])
+
+    def backward(self, g):
+        return (split_heads(g, self.n_head, 1)[0] if usable(g) else super().backward(g)[0],)
+
+
+class CudaScaledDotProductAttention(ScaledDotProductAttention):
+    """Causal attention by cuBLAS and the fused softmax kernels (no padding mask)."""
+
+    @staticmethod
+    def supports(q: Any, k: Any = None, v: Any = None, mask: Any = None, causal: bool = True, **kwargs: Any) -> bool:
+        return _fits(q, k, v, mask=mask, causal=causal)
+
+    def forward(self, q, k, v, mask=None, causal=True, dropout_p=0.0, generator=None):
+        check_sdpa_args(q, k, v, causal, dropout_p)
+        o, p, keep = causal_forward(q, k, v, dropout_p, generator)
+        self.save_for_backward(q, k, v, p, keep)
+        self.dropout_p = dropout_p
+        return o
+
+    def backward(self, g):
+        q, k, v, p, keep = self.saved
+        if g.dtype != q.dtype:
+            g = g.astype(q.dtype)
+        return causal_backward(g if g.flags.c_contiguous else g.copy(), q, k, v, p, keep, self.dropout_p)
+
+
+class CudaCausalAttentionQKV(CausalAttentionQKV):
+    """The fused composition: one split pass makes every head contiguous for cuBLAS's strided
+    batches, one merge pass writes the output; backward: g split in one pass, dQ, dK, dV land in
+    one buffer, merged into d(qkv) in one pass."""
+
+    @staticmethod
+    def supports(qkv: Any, mask: Any = None, **kwargs: Any) -> bool:
+        return _fits(qkv, mask=mask)
+
+    def forward(self, qkv, n_head=1, mask=None, dropout_p=0.0, generator=None):
+        B, T, C3 = qkv.shape
+        if C3 % (3 * n_head):
+            raise ValueError(f"attention: qkv of shape {qkv.shape} does not split into 3 x {n_head} heads")
+        heads = split_heads(qkv, n_head, 3)  # (3, B, H, T, D)
+        q, k, v = heads[0], heads[1], heads[2]
+        o, p, keep = causal_forward(q, k, v, dropout_p, generator)
+        self.save_for_backward(q, k, v, p, keep)
+        self.n_head, self.dropout_p = n_head, dropout_p
+        return merge_heads(o[None])
+
+    def backward(self, g):
+        q, k, v, p, keep = self.saved
+        if g.dtype != q.dtype:
+            g = g.astype(q.dtype)
+        if not g.flags.c_contiguous:
+            g = g.copy()
+        d3 = empty((3,) + q.shape, q.dtype)
+        causal_backward(split_heads(g, self.n_head, 1)[0], q, k, v, p, keep, self.dropout_p, out=(d3[0], d3[1], d3[2]))
+        return (merge_heads(d3),)
