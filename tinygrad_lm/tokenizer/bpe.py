@@ -120,14 +120,16 @@ class BPETokenizer:
             if any("\ud800" <= c <= "\udfff" for c in name):
                 raise ValueError(f"special token {name!r} is not valid Unicode (it holds a lone surrogate)")
             i = as_id(i, f"special token {name!r}'s id")
+            if i < 0:
+                raise ValueError(f"special token {name!r} has the negative id {i}, expected {n} to {end - 1}")
             if i < n:
                 raise ValueError(
                     f"special token {name!r} has id {i}, inside the merged vocabulary (ids below {n})"
                 )
             if i >= end:
                 raise ValueError(
-                    f"special token {name!r} has id {i}; the {len(special_tokens)} special tokens must have "
-                    f"the ids right after the merged vocabulary, {n} to {end - 1}"
+                    f"special token {name!r} has id {i}, past the vocabulary: {len(special_tokens)} special "
+                    f"token(s) take the ids right after the merged vocabulary, {n} to {end - 1}"
                 )
             if i in self._special_by_id:
                 raise ValueError(f"special tokens {self._special_by_id[i]!r} and {name!r} share id {i}")
