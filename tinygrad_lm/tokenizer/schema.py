@@ -20,6 +20,7 @@ import binascii
 import json
 import math
 import os
+import string
 from typing import Any, Union
 
 from tinygrad_lm.tokenizer.base import (
@@ -37,10 +38,17 @@ CHAR_FIELDS = {"type": True, "version": True, "chars": True}
 KINDS = ("bpe", "char")
 
 # A split pattern must cut this text into pieces that cover every character (a pattern that skips
-# characters would lose them when encoding), within PATTERN_TIMEOUT seconds.
+# characters would lose them when encoding), within PATTERN_TIMEOUT seconds: some prose, then every
+# ordered pair of characters from different classes (letters, digits, marks, punctuation, symbols,
+# spaces, controls), so each class is seen alone and next to each other class.
+_PROBE_CHARS = ["a", "Z", "é", "日", "7", "٣", ".", "'", "“", "—", "(", "😀", "+", "$", " ", "\t", "\n", "\r\n",
+                "\u00a0", "\u3000", "\u0301", "\u200d", "\x00", "\x7f", "\ufeff", "\U0010ffff"]
+_PROBE_CHARS += [c for c in string.punctuation if c not in _PROBE_CHARS]
 PATTERN_PROBE = (
     "Hello, World! It's 2024-12-02: we'll see 3.14159 & 100% naïve café résumé — “quotes” 日本語 中文, "
-    "한국어. 😀👩\u200d👦 e\u0301 \t tab\n new\r\n  lines   end\x00\x07\x7f\u00a0\u2028\u3000\ufeff\U0010ffff  "
+    "한국어. 😀👩\u200d👦 e\u0301 \t tab\n new\r\n  lines   end "
+    + "".join(a + b for a in _PROBE_CHARS for b in _PROBE_CHARS)
+    + "".join(_PROBE_CHARS) + string.printable + " ".join(string.printable)
 )
 PATTERN_TIMEOUT = 2.0
 
