@@ -27,13 +27,13 @@ from tinygrad_lm.tokenizer.base import (
     TextSource,
     TokenizerFileError,
     as_id,
+    as_texts,
     bad_id_error,
     compile_pattern,
     resolve_pattern,
     special_regex,
     split,
     surrogate_error,
-    as_texts,
 )
 from tinygrad_lm.tokenizer.train_bpe import count_pretokens, learn_merges
 
@@ -245,7 +245,10 @@ class BPETokenizer:
         return [t for t in tok if t >= 0]
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Encode `text`, treating special-token strings as ordinary text."""
+        """Encode `text`, treating special-token strings as ordinary text.
+
+        A ValueError if the split pattern skips a character of `text` or `text` holds a lone surrogate.
+        """
         pieces = split(self._regex, text)
         if sum(map(len, pieces)) != len(text):
             raise ValueError(
