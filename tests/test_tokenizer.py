@@ -648,6 +648,36 @@ def test_constructor_checks_special_ids_and_merges():
     assert tok.vocab_size == 259 and tok.decode([257, 258]) == EOT + PAD
 
 
+def test_split_patterns_that_would_expand_in_memory_are_refused(tmp_path):
+    # the regex engine expands counted repeats when compiling: a{100000000} alone takes gigabytes
+    for pattern in [r"a{100000000}|\s|.", r"(?:(?:a{100}){100}){100}|.", r"\S{20000,}|\s|.", "x" * 200_000]:
+        with pytest.raises(ValueError, match=r"repeat counts .* exceeds 10000|more than the limit of 100000"):
+            BPETokenizer([], pattern=pattern)
+        with pytest.raises(ValueError, match=r"repeat counts|limit"):
+            BPETokenizer.train("abc", 300, pattern=pattern)
+        path = tmp_path / "tok.json"
+        path.write_text(json.dumps({"type": "bpe", "version": 1, "pattern": pattern, "merges": []}))
+        with pytest.raises(ValueError, match=r"field 'pattern': split pattern .*(repeat counts|limit)"):
+            load_tokenizer(path)
+    assert BPETokenizer([], pattern=r"\p{N}{1,3}|\S{2,99}|\s|.").vocab_size == 256  # small counts are fine
+
+
+def test_all_tokens_together_are_limited(monkeypatch):
+    import tinygrad_lm.tokenizer.bpe as bpe
+    import tinygrad_lm.tokenizer.train_bpe as train_bpe
+
+    text = "ab " * 10 + "abababab " * 20 + "abcdefghijklmnop " * 3
+    unlimited = BPETokenizer.train(text, 300, pattern="gpt2")
+    monkeypatch.setattr(bpe, "MAX_VOCAB_BYTES", 300)
+    # token lengths 2, 3, 4, ...: 256 + 2 + (3 + ... + 9) = 300, and merge 8's 10 bytes pass the limit
+    with pytest.raises(ValueError, match=r"merge 8 \(263, 97\) brings the tokens to 310 bytes in all"):
+        BPETokenizer([(97, 98)] + [(256 + i, 97) for i in range(30)])
+    monkeypatch.setattr(train_bpe, "MAX_VOCAB_BYTES", 300)  # training stops before the limit
+    tok = BPETokenizer.train(text, 300, pattern="gpt2")
+    assert 0 < len(tok.merges) < len(unlimited.merges) and tok.merges == unlimited.merges[: len(tok.merges)]
+    assert sum(len(tok.token_bytes(i)) for i in range(tok.vocab_size)) <= 300
+
+
 def test_save_refuses_what_load_would_refuse(tmp_path):
     tok = BPETokenizer.train("abc abc", 260, pattern=r"\w+")
     with pytest.raises(ValueError, match=r"skips the character"):

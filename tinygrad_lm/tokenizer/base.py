@@ -30,6 +30,15 @@ AllowedSpecial = Union[str, Iterable[str]]
 # would describe a terabyte; every merged token is checked against this before it is built.
 # Training skips a pair that would make a longer token (only runs of over 2**16 bytes could).
 MAX_TOKEN_BYTES = 1 << 16
+# The most bytes all tokens together may hold (real vocabularies hold a few MiB), so that no
+# merges list, however long its tokens, allocates more than this.
+MAX_VOCAB_BYTES = 1 << 26
+# The regex engine expands a counted repeat such as `a{1000000}` into that many copies when it
+# compiles (gigabytes for a few characters of pattern), so a split pattern's counts {m}, {m,},
+# {m,n}, multiplied together (a conservative bound when they nest), must stay below this.
+MAX_PATTERN_REPEATS = 10_000
+MAX_PATTERN_CHARS = 100_000
+_COUNTED_REPEAT = regex.compile(r"\{(\d+)")
 
 
 class TokenizerFileError(UserError, ValueError):
@@ -50,6 +59,17 @@ def compile_pattern(pattern: str) -> regex.Pattern:
     """Compile a split pattern; a bad regex is a ValueError that quotes it."""
     if not isinstance(pattern, str):
         raise ValueError(f"split pattern must be a string ('gpt2', 'gpt4' or a regex), got {pattern!r}")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"split pattern has {len(pattern)} characters, more than the limit of {MAX_PATTERN_CHARS}")
+    repeats = 1
+    for m in _COUNTED_REPEAT.finditer(pattern):
+        digits = m.group(1)
+        repeats *= max(1, int(digits)) if len(digits) <= 6 else MAX_PATTERN_REPEATS + 1
+        if repeats > MAX_PATTERN_REPEATS:
+            raise ValueError(
+                f"split pattern {pattern[:80]!r} has repeat counts ({{m}}, {{m,}}, {{m,n}}) whose product exceeds "
+                f"{MAX_PATTERN_REPEATS}; the regex engine would expand them in memory"
+            )
     try:
         return regex.compile(pattern)
     except (regex.error, RecursionError, OverflowError) as e:

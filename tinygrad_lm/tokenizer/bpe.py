@@ -22,6 +22,7 @@ from tinygrad_lm.tokenizer import schema
 from tinygrad_lm.tokenizer.base import (
     FORMAT_VERSION,
     MAX_TOKEN_BYTES,
+    MAX_VOCAB_BYTES,
     PATTERNS,
     AllowedSpecial,
     TextSource,
@@ -79,6 +80,7 @@ class BPETokenizer:
         vocab = [bytes([i]) for i in range(256)]
         bytes_to_id = {b: i for i, b in enumerate(vocab)}
         self.merges: list[tuple[int, int]] = []
+        total_bytes = 256
         for rank, pair in enumerate(merges):
             if isinstance(pair, (str, bytes)) or len(pair) != 2:
                 raise ValueError(f"merge {rank} is {pair!r}, not a pair of token ids")
@@ -90,6 +92,12 @@ class BPETokenizer:
                 raise ValueError(
                     f"merge {rank} ({a}, {b}) makes a token of {len(vocab[a]) + len(vocab[b])} bytes, "
                     f"longer than the limit of {MAX_TOKEN_BYTES}"
+                )
+            total_bytes += len(vocab[a]) + len(vocab[b])
+            if total_bytes > MAX_VOCAB_BYTES:
+                raise ValueError(
+                    f"merge {rank} ({a}, {b}) brings the tokens to {total_bytes} bytes in all, more than the "
+                    f"limit of {MAX_VOCAB_BYTES}"
                 )
             token = vocab[a] + vocab[b]
             if token in bytes_to_id:

@@ -1,6 +1,7 @@
 """Command line: `python -m tinygrad_lm tokenizer train|encode|decode`.
 
-    python -m tinygrad_lm tokenizer train --data corpus/ --vocab-size 4096 --special-token '<|endoftext|>' --out tok.json
+    python -m tinygrad_lm tokenizer train --data corpus/ --vocab-size 4096 --out tok.json \\
+        --special-token '<|endoftext|>'
     python -m tinygrad_lm tokenizer encode -t tok.json --text "some text"      # ids on stdout
     python -m tinygrad_lm tokenizer decode -t tok.json --ids "83 1024 290"     # text on stdout
 

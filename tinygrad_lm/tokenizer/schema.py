@@ -41,8 +41,8 @@ KINDS = ("bpe", "char")
 # characters would lose them when encoding), within PATTERN_TIMEOUT seconds: some prose, then every
 # ordered pair of characters from different classes (letters, digits, marks, punctuation, symbols,
 # spaces, controls), so each class is seen alone and next to each other class.
-_PROBE_CHARS = ["a", "Z", "é", "日", "7", "٣", ".", "'", "“", "—", "(", "😀", "+", "$", " ", "\t", "\n", "\r\n",
-                "\u00a0", "\u3000", "\u0301", "\u200d", "\x00", "\x7f", "\ufeff", "\U0010ffff"]
+_PROBE_CHARS = ["a", "Z", "é", "日", "7", "٣", ".", "'", "“", "—", "(", "😀", "+", "$", " ", "\t", "\n",
+                "\r\n", "\u00a0", "\u3000", "\u0301", "\u200d", "\x00", "\x7f", "\ufeff", "\U0010ffff"]
 _PROBE_CHARS += [c for c in string.punctuation if c not in _PROBE_CHARS]
 PATTERN_PROBE = (
     "Hello, World! It's 2024-12-02: we'll see 3.14159 & 100% naïve café résumé — “quotes” 日本語 中文, "
@@ -269,7 +269,9 @@ def read_tiktoken_ranks(path: PathLike) -> list[bytes]:
         if rank in ranked:
             raise TokenizerFileError(f"{where}: rank {rank} appears a second time")
         if token in rank_of:
-            raise TokenizerFileError(f"{where}: token {token[:40]!r} appears a second time (first as rank {rank_of[token]})")
+            raise TokenizerFileError(
+                f"{where}: token {token[:40]!r} appears a second time (first as rank {rank_of[token]})"
+            )
         ranked[rank] = token
         rank_of[token] = rank
     n = len(ranked)

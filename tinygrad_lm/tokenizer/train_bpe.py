@@ -14,7 +14,8 @@ Defensive case: should the best pair's bytes already be a token (the same bytes 
 by a second split, e.g. ("ab", "c") after ("a", "bc"); we have not seen it happen, but
 nothing here rules it out), the words are rewritten to that existing token and no new
 token is made, so token bytes stay unique, as the tiktoken format needs. A pair whose
-token would be longer than MAX_TOKEN_BYTES is never merged.
+token would be longer than MAX_TOKEN_BYTES is never merged, and training stops before the
+tokens together would hold more than MAX_VOCAB_BYTES (the limits a loaded file is held to).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Iterable, Sequence
 import regex
 
 from tinygrad_lm.progress import progress as progress_bar
-from tinygrad_lm.tokenizer.base import MAX_TOKEN_BYTES, special_regex, split, utf8
+from tinygrad_lm.tokenizer.base import MAX_TOKEN_BYTES, MAX_VOCAB_BYTES, special_regex, split, utf8
 
 
 def merge_pair(ids: list[int], a: int, b: int, new: int) -> list[int]:
@@ -73,6 +74,7 @@ def learn_merges(word_counts: dict[str, int], n_merges: int, progress: bool = Fa
     heapq.heapify(heap)
 
     merges: list[tuple[int, int]] = []
+    total_bytes = 256  # bytes of all tokens, kept below MAX_VOCAB_BYTES
     bar = progress_bar(total=n_merges, desc="merging", enabled=progress)
     while len(merges) < n_merges and heap:
         neg_count, a, b = heapq.heappop(heap)
@@ -85,7 +87,10 @@ def learn_merges(word_counts: dict[str, int], n_merges: int, progress: bool = Fa
             continue
         token = vocab[a] + vocab[b]
         new_id = bytes_to_id.get(token)
+        if new_id is None and total_bytes + len(token) > MAX_VOCAB_BYTES:
+            break  # the vocabulary is full (a loaded file could not hold more)
         if new_id is None:  # a genuinely new token (the usual case)
+            total_bytes += len(token)
             new_id = len(vocab)
             vocab.append(token)
             bytes_to_id[token] = new_id
