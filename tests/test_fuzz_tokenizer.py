@@ -198,7 +198,9 @@ def check_mutant(path: Path) -> str:
     """'refused' or 'loaded'; a loaded mutant that misbehaves fails an assertion (a silent accept)."""
     try:
         tok = load_tokenizer(path)
-    except TokenizerFileError:
+    except TokenizerFileError as e:
+        message = str(e)
+        assert message.startswith(f"tokenizer file {path}") and "\n" not in message and len(message) < 800, message
         return "refused"
     n = tok.vocab_size
     assert n > 0, f"{path}: loaded with an empty vocabulary"

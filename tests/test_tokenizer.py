@@ -609,7 +609,7 @@ def test_the_good_file_of_the_bad_file_table_loads(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (b"\xff\xfe{}", r"is not UTF-8 text \(byte 0xff at offset 0\)"),
-    (b"{\"type\": ", r"is not valid JSON: Expecting value at line 1 column 10"),
+    (b"{\"type\": ", r"is not valid JSON: Expecting value \(line 1, column 10\)"),
     (b"[" * 100_000 + b"]" * 100_000, r"nested too deeply"),
     (b"[1, 2]", r"holds a list of 2 entries, expected a JSON object"),
     (b"null", r"holds null, expected a JSON object"),

@@ -58,7 +58,7 @@ def resolve_pattern(pattern: str) -> str:
 def compile_pattern(pattern: str) -> regex.Pattern:
     """Compile a split pattern; a bad regex is a ValueError that quotes it."""
     if not isinstance(pattern, str):
-        raise ValueError(f"split pattern must be a string ('gpt2', 'gpt4' or a regex), got {pattern!r}")
+        raise ValueError(f"split pattern must be a string ('gpt2', 'gpt4' or a regex), got {short(pattern)}")
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ValueError(f"split pattern has {len(pattern)} characters, more than the limit of {MAX_PATTERN_CHARS}")
     repeats = 1
@@ -67,13 +67,13 @@ def compile_pattern(pattern: str) -> regex.Pattern:
         repeats *= max(1, int(digits)) if len(digits) <= 6 else MAX_PATTERN_REPEATS + 1
         if repeats > MAX_PATTERN_REPEATS:
             raise ValueError(
-                f"split pattern {pattern[:80]!r} has repeat counts ({{m}}, {{m,}}, {{m,n}}) whose product exceeds "
+                f"split pattern {short(pattern)} has repeat counts ({{m}}, {{m,}}, {{m,n}}) whose product exceeds "
                 f"{MAX_PATTERN_REPEATS}; the regex engine would expand them in memory"
             )
     try:
         return regex.compile(pattern)
     except (regex.error, RecursionError, OverflowError) as e:
-        raise ValueError(f"invalid split pattern {pattern!r}: {e}") from None
+        raise ValueError(f"invalid split pattern {short(pattern, 200)}: {e}") from None
 
 
 def split(compiled: regex.Pattern, text: str) -> list[str]:
@@ -125,14 +125,20 @@ def surrogate_error(text: str, start: int = 0) -> ValueError:
     return ValueError(f"text is not valid Unicode: lone surrogate U+{ord(text[index]):04X} at index {index}")
 
 
+def short(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to about `limit` characters, for error messages (a bad file may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def as_id(value: Any, what: str) -> int:
     """`value` as a Python int (NumPy integers too); bools, floats, strings... are a ValueError naming `what`."""
     if isinstance(value, bool):
-        raise ValueError(f"{what} is {value!r}, not an integer id")
+        raise ValueError(f"{what} is {short(value)}, not an integer id")
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"{what} is {value!r}, not an integer id") from None
+        raise ValueError(f"{what} is {short(value)}, not an integer id") from None
 
 
 def bad_id_error(ids: Sequence[Any], size: int, valid: Callable[[int], bool]) -> ValueError:
@@ -141,7 +147,7 @@ def bad_id_error(ids: Sequence[Any], size: int, valid: Callable[[int], bool]) ->
         try:
             i = operator.index(i)
         except TypeError:
-            return ValueError(f"token id {i!r} at position {position} is not an integer")
+            return ValueError(f"token id {short(i)} at position {position} is not an integer")
         if not (0 <= i < size) or not valid(i):
             return ValueError(f"token id {i} at position {position} is not in the vocabulary (size {size})")
     return ValueError("ids must be a sequence of integers")

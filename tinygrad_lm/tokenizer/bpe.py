@@ -32,6 +32,7 @@ from tinygrad_lm.tokenizer.base import (
     bad_id_error,
     compile_pattern,
     resolve_pattern,
+    short,
     special_regex,
     split,
     surrogate_error,
@@ -83,7 +84,7 @@ class BPETokenizer:
         total_bytes = 256
         for rank, pair in enumerate(merges):
             if isinstance(pair, (str, bytes)) or len(pair) != 2:
-                raise ValueError(f"merge {rank} is {pair!r}, not a pair of token ids")
+                raise ValueError(f"merge {rank} is {short(pair)}, not a pair of token ids")
             a, b = as_id(pair[0], f"merge {rank}'s first id"), as_id(pair[1], f"merge {rank}'s second id")
             new_id = 256 + rank
             if not (0 <= a < new_id and 0 <= b < new_id):
@@ -124,23 +125,23 @@ class BPETokenizer:
         self._special_by_id: dict[int, str] = {}
         for name, i in special_tokens.items():
             if not isinstance(name, str) or not name:
-                raise ValueError(f"special token {name!r} must be a non-empty string")
+                raise ValueError(f"special token {short(name)} must be a non-empty string")
             if any("\ud800" <= c <= "\udfff" for c in name):
-                raise ValueError(f"special token {name!r} is not valid Unicode (it holds a lone surrogate)")
-            i = as_id(i, f"special token {name!r}'s id")
+                raise ValueError(f"special token {short(name)} is not valid Unicode (it holds a lone surrogate)")
+            i = as_id(i, f"special token {short(name)}'s id")
             if i < 0:
-                raise ValueError(f"special token {name!r} has the negative id {i}, expected {n} to {end - 1}")
+                raise ValueError(f"special token {short(name)} has the negative id {i}, expected {n} to {end - 1}")
             if i < n:
                 raise ValueError(
-                    f"special token {name!r} has id {i}, inside the merged vocabulary (ids below {n})"
+                    f"special token {short(name)} has id {i}, inside the merged vocabulary (ids below {n})"
                 )
             if i >= end:
                 raise ValueError(
-                    f"special token {name!r} has id {i}, past the vocabulary: {len(special_tokens)} special "
+                    f"special token {short(name)} has id {i}, past the vocabulary: {len(special_tokens)} special "
                     f"token(s) take the ids right after the merged vocabulary, {n} to {end - 1}"
                 )
             if i in self._special_by_id:
-                raise ValueError(f"special tokens {self._special_by_id[i]!r} and {name!r} share id {i}")
+                raise ValueError(f"special tokens {short(self._special_by_id[i])} and {short(name)} share id {i}")
             self.special_tokens[name] = i
             self._special_by_id[i] = name
         # id -> bytes for every id below vocab_size (the ids n..end-1 are all special tokens)
@@ -260,7 +261,7 @@ class BPETokenizer:
         pieces = split(self._regex, text)
         if sum(map(len, pieces)) != len(text):
             raise ValueError(
-                f"split pattern {self.pattern!r} does not match every character of the text; "
+                f"split pattern {short(self.pattern, 200)} does not match every character of the text; "
                 "a pattern must cover all text or the skipped characters would be lost"
             )
         cache = self._cache

@@ -30,6 +30,7 @@ from tinygrad_lm.tokenizer.base import (
     compile_pattern,
     first_uncovered,
     resolve_pattern,
+    short,
 )
 
 PathLike = Union[str, os.PathLike]
@@ -80,7 +81,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     d = {}
     for key, value in pairs:
         if key in d:
-            raise ValueError(f"the key {key!r} appears twice in one object")
+            raise ValueError(f"the key {short(key)} appears twice in one object")
         d[key] = value
     return d
 
@@ -103,7 +104,7 @@ def read_json(path: PathLike) -> dict:
         d = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise TokenizerFileError(
-            f"tokenizer file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            f"tokenizer file {path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
         ) from None
     except ValueError as e:  # a duplicate key, or an integer with thousands of digits
         raise TokenizerFileError(f"tokenizer file {path} is not a valid tokenizer JSON: {e}") from None
@@ -125,7 +126,7 @@ def check_kind(d: Any, source: str) -> str:
     kind = d["type"]
     if kind not in KINDS:
         raise TokenizerFileError(
-            f"{source}: unknown tokenizer type {kind!r} in field 'type' (expected one of {list(KINDS)})"
+            f"{source}: unknown tokenizer type {short(kind)} in field 'type' (expected one of {list(KINDS)})"
         )
     return kind
 
@@ -133,11 +134,11 @@ def check_kind(d: Any, source: str) -> str:
 def _check_fields(d: Any, kind: str, fields: dict[str, bool], source: str) -> None:
     """The type, version and key set of a tokenizer dict (`fields`: name -> required)."""
     if check_kind(d, source) != kind:
-        raise TokenizerFileError(f"{source}: expected a tokenizer of type {kind!r}, got type {d['type']!r}")
+        raise TokenizerFileError(f"{source}: expected a tokenizer of type {kind!r}, got type {short(d['type'])}")
     unknown = [k for k in d if k not in fields]
     if unknown:
         raise TokenizerFileError(
-            f"{source}: unknown field {unknown[0]!r} in a {kind} tokenizer (expected the fields {list(fields)})"
+            f"{source}: unknown field {short(unknown[0])} in a {kind} tokenizer (expected the fields {list(fields)})"
         )
     missing = [k for k, required in fields.items() if required and k not in d]
     if missing:
@@ -145,7 +146,7 @@ def _check_fields(d: Any, kind: str, fields: dict[str, bool], source: str) -> No
     version = d["version"]
     if not _is_int(version) or version != FORMAT_VERSION:
         raise TokenizerFileError(
-            f"{source}: unsupported {kind} tokenizer version {version!r} in field 'version' "
+            f"{source}: unsupported {kind} tokenizer version {short(version)} in field 'version' "
             f"(this code reads version {FORMAT_VERSION})"
         )
 
@@ -164,11 +165,11 @@ def check_pattern(pattern: Any, source: str) -> str:
         raise TokenizerFileError(f"{source}: field 'pattern': {e}") from None
     except TimeoutError:
         raise TokenizerFileError(
-            f"{source}: field 'pattern' {pattern!r} took over {PATTERN_TIMEOUT}s to split a short test text"
+            f"{source}: field 'pattern' {short(pattern)} took over {PATTERN_TIMEOUT}s to split a short test text"
         ) from None
     if uncovered is not None:
         raise TokenizerFileError(
-            f"{source}: field 'pattern' {pattern!r} skips the character {PATTERN_PROBE[uncovered]!r} of a test "
+            f"{source}: field 'pattern' {short(pattern)} skips the character {PATTERN_PROBE[uncovered]!r} of a test "
             "text; a split pattern must match every character, or encoding would lose text"
         )
     return pattern
@@ -195,7 +196,7 @@ def check_bpe_fields(d: Any, source: str) -> tuple[str, list[tuple[int, int]], d
     for name, i in specials.items():
         if not _is_int(i):
             raise TokenizerFileError(
-                f"{source}: field 'special_tokens': {name!r} has id {json_kind(i)}, expected an integer id"
+                f"{source}: field 'special_tokens': {short(name)} has id {json_kind(i)}, expected an integer id"
             )
     return pattern, [(a, b) for a, b in merges], dict(specials)
 
