@@ -775,7 +775,9 @@ def test_cli_bad_tokenizer_and_input_files(cli_files, capsys):
            match=r"--allowed-special names unknown special tokens \['<\|nope\|>'\]")
     _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "a\udcff", match=r"--text: .*lone surrogate U\+DCFF")
     _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "x", "-o", str(d / "no" / "ids.txt"),
-           match=r"--out .*the folder .*no does not exist")
+           match=r"--out .*no does not exist")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "x", "-o", str(d / "corpus.txt" / "ids.txt"),
+           match=r"--out .*corpus.txt is not a folder")
     _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "x", "-o", str(d), match=r"--out .* is a folder")
 
 

@@ -84,7 +84,8 @@ def check_writable(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is a folder, expected a file path")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise UserError(f"{flag} {path}: the folder {parent} does not exist")
+        problem = "is not a folder" if parent.exists() else "does not exist"
+        raise UserError(f"{flag} {path}: {parent} {problem}")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise UserError(f"{flag} {path}: permission denied, cannot write there")
 
