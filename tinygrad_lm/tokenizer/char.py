@@ -62,8 +62,10 @@ class CharTokenizer:
         if special_tokens:
             raise ValueError("CharTokenizer does not support special tokens")
         chars: set[str] = set()
-        for text in progress_bar(as_texts(text_or_iterable), desc="reading", enabled=progress):
+        bar = progress_bar(as_texts(text_or_iterable), desc="reading", enabled=progress)
+        for text in bar:
             chars.update(text)
+        bar.close()
         if vocab_size is not None and len(chars) > vocab_size:
             raise ValueError(f"the corpus has {len(chars)} distinct characters, more than vocab_size={vocab_size}")
         return cls("".join(sorted(chars)))

@@ -49,10 +49,12 @@ def count_pretokens(
     """Count each distinct pre-token over all texts; special-token strings are cut out first."""
     counts: Counter = Counter()
     special = special_regex(frozenset(special_tokens)) if special_tokens else None
-    for text in progress_bar(texts, desc="pre-tokenizing", enabled=progress):
+    bar = progress_bar(texts, desc="pre-tokenizing", enabled=progress)
+    for text in bar:
         chunks = special.split(text)[::2] if special else [text]  # even entries: the text between
         for chunk in chunks:
             counts.update(split(compiled, chunk))
+    bar.close()
     return counts
 
 
