@@ -814,6 +814,8 @@ def test_cli_train_bad_flags_fail_before_training(cli_files, capsys):
     _fails(capsys, "tokenizer", "train", "--data", data, "--pattern", r"\w+", "--out", out,
            match=r"--pattern '\\\\w\+' skips the character")
     _fails(capsys, "tokenizer", "train", "--data", data, "--special-token", "", "--out", out, match="is empty")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--special-token", "<|\udcff|>", "--out", out,
+           match="is not valid UTF-8")
     _fails(capsys, "tokenizer", "train", "--data", str(d / "none*.txt"), "--out", out, match=r"--data .* not a file")
     _fails(capsys, "tokenizer", "train", "--data", data, "--out", str(d / "missing" / "t.json"),
            match=r"--out .*does not exist")

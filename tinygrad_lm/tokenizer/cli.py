@@ -151,6 +151,8 @@ def _cli_train(args: argparse.Namespace) -> int:
         for name in specials:
             if not name:
                 raise UserError("--special-token '' is empty; a special token needs at least one character")
+            if any("\ud800" <= c <= "\udfff" for c in name):
+                raise UserError(f"--special-token {name!r} is not valid UTF-8 text")
         if len(set(specials)) != len(specials):
             raise UserError(f"--special-token: the same token is given twice: {specials}")
         try:
@@ -183,7 +185,7 @@ def _cli_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _allowed_special(spec: str, tok) -> str | set[str]:
+def _allowed_special(spec: str, tok: BPETokenizer | CharTokenizer) -> str | set[str]:
     if spec in ("all", "none", "none_raise"):
         return spec
     names = {name for name in spec.split(",") if name}
