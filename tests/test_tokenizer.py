@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from collections import Counter
 
@@ -628,13 +629,19 @@ def test_files_that_are_not_tokenizer_json(tmp_path, content, message):
         BPETokenizer.load(path)
 
 
-def test_unreadable_tokenizer_paths(tmp_path):
-    from tinygrad_lm.tokenizer import TokenizerFileError
+def test_unreadable_tokenizer_paths(tmp_path, monkeypatch):
+    from tinygrad_lm.tokenizer import TokenizerFileError, schema
 
     with pytest.raises(TokenizerFileError, match=r"cannot read tokenizer file .*missing.json: No such file"):
         load_tokenizer(tmp_path / "missing.json")
     with pytest.raises(TokenizerFileError, match=r"cannot read tokenizer file .*: Is a directory"):
         load_tokenizer(tmp_path)
+    with pytest.raises(TokenizerFileError, match=r"cannot read tokenizer file .*: embedded null byte"):
+        load_tokenizer("tok\0.json")
+    if os.path.exists("/dev/zero"):  # endless: reading stops past the limit
+        monkeypatch.setattr(schema, "MAX_FILE_BYTES", 1000)
+        with pytest.raises(TokenizerFileError, match=r"/dev/zero is larger than 1000 bytes"):
+            load_tokenizer("/dev/zero")
 
 
 def test_constructor_checks_special_ids_and_merges():

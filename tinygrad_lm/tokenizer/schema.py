@@ -37,6 +37,7 @@ PathLike = Union[str, os.PathLike]
 BPE_FIELDS = {"type": True, "version": True, "pattern": True, "special_tokens": False, "merges": True}
 CHAR_FIELDS = {"type": True, "version": True, "chars": True}
 KINDS = ("bpe", "char")
+MAX_FILE_BYTES = 1 << 28  # a tokenizer file of a million merges takes about 15 MB
 
 # A split pattern must cut this text into pieces that cover every character (a pattern that skips
 # characters would lose them when encoding), within PATTERN_TIMEOUT seconds: some prose, then every
@@ -86,13 +87,21 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return d
 
 
-def read_json(path: PathLike) -> dict:
-    """The JSON object in the file at `path`; anything else is a TokenizerFileError naming the file."""
+def read_file(path: PathLike, what: str) -> bytes:
+    """The bytes of a tokenizer file, at most MAX_FILE_BYTES (so /dev/zero cannot fill the memory)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise TokenizerFileError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
+            data = f.read(MAX_FILE_BYTES + 1)
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise TokenizerFileError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise TokenizerFileError(f"{what} {path} is larger than {MAX_FILE_BYTES} bytes; expected a tokenizer file")
+    return data
+
+
+def read_json(path: PathLike) -> dict:
+    """The JSON object in the file at `path`; anything else is a TokenizerFileError naming the file."""
+    data = read_file(path, "tokenizer file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -241,11 +250,7 @@ def read_tiktoken_ranks(path: PathLike) -> list[bytes]:
     Ranks must be the numbers 0..n-1, each once; token bytes distinct, non-empty and at
     most MAX_TOKEN_BYTES long; ranks 0-255 the single bytes 0-255 in order.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise TokenizerFileError(f"cannot read tiktoken file {path}: {e.strerror or e}") from None
+    data = read_file(path, "tiktoken file")
     ranked: dict[int, bytes] = {}
     rank_of: dict[bytes, int] = {}
     for line_no, line in enumerate(data.splitlines(), 1):
