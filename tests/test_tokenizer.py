@@ -615,7 +615,7 @@ def test_the_good_file_of_the_bad_file_table_loads(tmp_path):
     (b"[1, 2]", r"holds a list of 2 entries, expected a JSON object"),
     (b"null", r"holds null, expected a JSON object"),
     (b'{"type": "bpe", "type": "char"}', r"the key 'type' appears twice"),
-    (b'{"type": ' + b"1" * 5000 + b"}", r"not a valid tokenizer JSON"),
+    (b'{"type": ' + b"1" * 5000 + b"}", r"not a valid tokenizer JSON|unknown tokenizer type"),  # 3.10: no limit
     (b"", r"is not valid JSON"),
 ])
 def test_files_that_are_not_tokenizer_json(tmp_path, content, message):
@@ -645,6 +645,10 @@ def test_unreadable_tokenizer_paths(tmp_path, monkeypatch):
 
 
 def test_constructor_checks_special_ids_and_merges():
+    with pytest.raises(ValueError, match=r"unknown tokenizer type (an integer too long to show|1+\.\.\.) "):
+        from tinygrad_lm.tokenizer import tokenizer_from_dict
+
+        tokenizer_from_dict({"type": 10**5000})
     with pytest.raises(ValueError, match=r"id 10000000000, past the vocabulary"):
         BPETokenizer([], special_tokens={EOT: 10**10})  # never allocates up to the id
     with pytest.raises(ValueError, match=r"merge 0's second id is 'b', not an integer"):

@@ -127,7 +127,10 @@ def surrogate_error(text: str, start: int = 0) -> ValueError:
 
 def short(value: Any, limit: int = 60) -> str:
     """repr(value) cut to about `limit` characters, for error messages (a bad file may hold anything)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return "an integer too long to show"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
