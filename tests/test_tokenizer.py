@@ -523,7 +523,11 @@ GOOD_BPE = {"type": "bpe", "version": 1, "pattern": "gpt4", "merges": [[97, 98],
             "special_tokens": {EOT: 258}}
 
 
+_DROP = object()
+
+
 def _with(**changes) -> dict:
+    """GOOD_BPE with some fields changed (or dropped, for the value _DROP)."""
     d = dict(GOOD_BPE)
     for key, value in changes.items():
         if value is _DROP:
@@ -533,7 +537,6 @@ def _with(**changes) -> dict:
     return d
 
 
-_DROP = object()
 _DOUBLING = [[97, 97]] + [[256 + i, 256 + i] for i in range(40)]  # would describe 2**41 bytes
 
 BAD_BPE = [
