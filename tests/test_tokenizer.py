@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from collections import Counter
 
@@ -16,10 +17,10 @@ from tinygrad_lm.tokenizer import (
     GPT4_PATTERN,
     BPETokenizer,
     CharTokenizer,
-    _merge_pair,
     add_cli,
     load_tokenizer,
 )
+from tinygrad_lm.tokenizer.train_bpe import merge_pair as _merge_pair
 
 # Deterministic hypothesis runs, no per-example deadline (first encodes fill caches). These
 # properties are cheap, so they draw 3x the active profile's examples (300 under the default).
@@ -501,7 +502,7 @@ def test_cli_train_encode_decode(tmp_path, capsys):
     assert capsys.readouterr().out == HELD_OUT
 
     # a special token in the text without --allowed-special is a one-line error
-    assert run_cli("tokenizer", "encode", "-t", str(out), "--text", EOT) == 1
+    assert run_cli("tokenizer", "encode", "-t", str(out), "--text", EOT) == 2
     assert "special token" in capsys.readouterr().err
 
 
@@ -512,4 +513,363 @@ def test_cli_char_and_glob(tmp_path):
     assert run_cli("tokenizer", "train", "--type", "char", "--data", str(tmp_path / "x*.txt"),
                    "--out", str(out)) == 0
     assert load_tokenizer(out).chars == "abcde"
-    assert run_cli("tokenizer", "train", "--data", str(tmp_path / "nothing*"), "--out", str(out)) == 1
+    assert run_cli("tokenizer", "train", "--data", str(tmp_path / "nothing*"), "--out", str(out)) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# bad tokenizer files: every field checked before use, one clear TokenizerFileError
+
+GOOD_BPE = {"type": "bpe", "version": 1, "pattern": "gpt4", "merges": [[97, 98], [256, 99]],
+            "special_tokens": {EOT: 258}}
+
+
+_DROP = object()
+
+
+def _with(**changes) -> dict:
+    """GOOD_BPE with some fields changed (or dropped, for the value _DROP)."""
+    d = dict(GOOD_BPE)
+    for key, value in changes.items():
+        if value is _DROP:
+            del d[key]
+        else:
+            d[key] = value
+    return d
+
+
+_DOUBLING = [[97, 97]] + [[256 + i, 256 + i] for i in range(40)]  # would describe 2**41 bytes
+
+BAD_BPE = [
+    (_with(type="wordpiece"), r"unknown tokenizer type 'wordpiece' in field 'type'"),
+    (_with(type=_DROP), r"no 'type' field"),
+    (_with(version=2), r"field 'version'.*reads version 1"),
+    (_with(version=True), r"version True"),
+    (_with(version=1.0), r"version 1.0"),
+    (_with(pattern=123), r"field 'pattern' is the integer 123, expected a string"),
+    (_with(pattern=None), r"field 'pattern' is null"),
+    (_with(pattern="(unclosed"), r"field 'pattern': invalid split pattern"),
+    (_with(pattern=r"\w+"), r"field 'pattern' .* skips the character"),
+    (_with(pattern=_DROP), r"no 'pattern' field"),
+    (_with(merges=5), r"field 'merges' is the integer 5, expected a list"),
+    (_with(merges={"a": 1}), r"field 'merges' is an object"),
+    (_with(merges=[[97]]), r"merge 0 is \[the integer 97\], expected a pair"),
+    (_with(merges=[[97, 98, 99]]), r"merge 0 is .*expected a pair"),
+    (_with(merges=[[97, None]]), r"merge 0 is \[the integer 97, null\]"),
+    (_with(merges=[[97, 98.0]]), r"merge 0 is .*the number 98.0"),
+    (_with(merges=[[97, True]]), r"merge 0 is .*the boolean true"),
+    (_with(merges=["ab"]), r"merge 0 is the string 'ab'"),
+    (_with(merges=[[97, 300]]), r"field 'merges': merge 0 \(97, 300\) uses an id that is not yet defined"),
+    (_with(merges=[[-1, 97]]), r"merge 0 \(-1, 97\) uses an id that is not yet defined"),
+    (_with(merges=[[97, 98], [97, 98]]), r"merge 1 \(97, 98\) makes b'ab', which is already token 256"),
+    (_with(merges=[[97, 98], [256, 99], [97, 98]]), r"merge 2 \(97, 98\).*already token 256"),
+    (_with(merges=_DOUBLING, special_tokens={}), r"merge 16 .* 131072 bytes, longer than the limit of 65536"),
+    (_with(special_tokens=[EOT]), r"field 'special_tokens' is a list of 1 entries, expected an object"),
+    (_with(special_tokens={EOT: None}), r"'<\|endoftext\|>' has id null, expected an integer"),
+    (_with(special_tokens={EOT: "258"}), r"has id the string '258'"),
+    (_with(special_tokens={EOT: -1}), r"negative id -1"),
+    (_with(special_tokens={EOT: 100}), r"id 100, inside the merged vocabulary \(ids below 258\)"),
+    (_with(special_tokens={EOT: 10**9}), r"id 1000000000, past the vocabulary: .* 258 to 258"),
+    (_with(special_tokens={EOT: 259}), r"id 259, past the vocabulary"),
+    (_with(special_tokens={EOT: 258, PAD: 258}), r"share id 258"),
+    (_with(special_tokens={"": 258}), r"special token '' must be a non-empty string"),
+    (_with(special_tokens={"\ud800": 258}), r"lone surrogate"),
+    (_with(extra=1), r"unknown field 'extra'"),
+    ({"type": "char", "version": 1, "chars": ""}, r"field 'chars' is empty"),
+    ({"type": "char", "version": 1, "chars": "abca"}, r"field 'chars': chars contain duplicates: \['a'\]"),
+    ({"type": "char", "version": 1, "chars": 5}, r"field 'chars' is the integer 5, expected a string"),
+    ({"type": "char", "version": 1, "chars": ["a"]}, r"field 'chars' is a list"),
+    ({"type": "char", "version": 1, "chars": "a\ud800"}, r"lone surrogate"),
+    ({"type": "char", "version": 1}, r"no 'chars' field"),
+    ({"type": "char", "version": 0, "chars": "ab"}, r"version 0"),
+    ({"type": "char", "version": 1, "chars": "ab", "merges": []}, r"unknown field 'merges'"),
+]
+
+
+@pytest.mark.parametrize("d, message", BAD_BPE, ids=range(len(BAD_BPE)))
+def test_bad_tokenizer_files_are_named_errors(tmp_path, d, message):
+    from tinygrad_lm.errors import UserError
+    from tinygrad_lm.tokenizer import TokenizerFileError, tokenizer_from_dict
+
+    path = tmp_path / "tok.json"
+    path.write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=message) as info:
+        load_tokenizer(path)
+    assert str(info.value).startswith(f"tokenizer file {path}: ")
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    with pytest.raises(TokenizerFileError, match=message):  # the same checks without a file
+        tokenizer_from_dict(d)
+    if d.get("type") in ("bpe", "char"):
+        cls = BPETokenizer if d["type"] == "bpe" else CharTokenizer
+        with pytest.raises(TokenizerFileError, match=message):
+            cls.from_dict(d)
+
+
+def test_the_good_file_of_the_bad_file_table_loads(tmp_path):
+    path = tmp_path / "tok.json"
+    path.write_text(json.dumps(GOOD_BPE))
+    tok = load_tokenizer(path)
+    assert tok.vocab_size == 259 and tok.token_bytes(257) == b"abc" and tok.special_tokens == {EOT: 258}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe{}", r"is not UTF-8 text \(byte 0xff at offset 0\)"),
+    (b"{\"type\": ", r"is not valid JSON: Expecting value \(line 1, column 10\)"),
+    (b"[" * 100_000 + b"]" * 100_000, r"nested too deeply"),
+    (b"[1, 2]", r"holds a list of 2 entries, expected a JSON object"),
+    (b"null", r"holds null, expected a JSON object"),
+    (b'{"type": "bpe", "type": "char"}', r"the key 'type' appears twice"),
+    (b'{"type": ' + b"1" * 5000 + b"}", r"not a valid tokenizer JSON|unknown tokenizer type"),  # 3.10: no limit
+    (b"", r"is not valid JSON"),
+])
+def test_files_that_are_not_tokenizer_json(tmp_path, content, message):
+    from tinygrad_lm.tokenizer import TokenizerFileError
+
+    path = tmp_path / "tok.json"
+    path.write_bytes(content)
+    with pytest.raises(TokenizerFileError, match=message):
+        load_tokenizer(path)
+    with pytest.raises(TokenizerFileError, match=message):
+        BPETokenizer.load(path)
+
+
+def test_unreadable_tokenizer_paths(tmp_path, monkeypatch):
+    from tinygrad_lm.tokenizer import TokenizerFileError, schema
+
+    with pytest.raises(TokenizerFileError, match=r"cannot read tokenizer file .*missing.json: No such file"):
+        load_tokenizer(tmp_path / "missing.json")
+    with pytest.raises(TokenizerFileError, match=r"cannot read tokenizer file .*: Is a directory"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(TokenizerFileError, match=r"cannot read tokenizer file .*: embedded null byte"):
+        load_tokenizer("tok\0.json")
+    if os.path.exists("/dev/zero"):  # endless: reading stops past the limit
+        monkeypatch.setattr(schema, "MAX_FILE_BYTES", 1000)
+        with pytest.raises(TokenizerFileError, match=r"/dev/zero is larger than 1000 bytes"):
+            load_tokenizer("/dev/zero")
+
+
+def test_constructor_checks_special_ids_and_merges():
+    with pytest.raises(ValueError, match=r"unknown tokenizer type (an integer too long to show|1+\.\.\.) "):
+        from tinygrad_lm.tokenizer import tokenizer_from_dict
+
+        tokenizer_from_dict({"type": 10**5000})
+    with pytest.raises(ValueError, match=r"id 10000000000, past the vocabulary"):
+        BPETokenizer([], special_tokens={EOT: 10**10})  # never allocates up to the id
+    with pytest.raises(ValueError, match=r"merge 0's second id is 'b', not an integer"):
+        BPETokenizer([(97, "b")])
+    with pytest.raises(ValueError, match=r"merge 0 is 'ab', not a pair"):
+        BPETokenizer(["ab"])
+    tok = BPETokenizer([(97, 98)], special_tokens={PAD: 258, EOT: 257})  # any order of the next ids
+    assert tok.vocab_size == 259 and tok.decode([257, 258]) == EOT + PAD
+
+
+def test_split_patterns_that_would_expand_in_memory_are_refused(tmp_path):
+    # the regex engine expands counted repeats when compiling: a{100000000} alone takes gigabytes
+    for pattern in [r"a{100000000}|\s|.", r"(?:(?:a{100}){100}){100}|.", r"\S{20000,}|\s|.", "x" * 200_000]:
+        with pytest.raises(ValueError, match=r"repeat counts .* exceeds 10000|more than the limit of 100000"):
+            BPETokenizer([], pattern=pattern)
+        with pytest.raises(ValueError, match=r"repeat counts|limit"):
+            BPETokenizer.train("abc", 300, pattern=pattern)
+        path = tmp_path / "tok.json"
+        path.write_text(json.dumps({"type": "bpe", "version": 1, "pattern": pattern, "merges": []}))
+        with pytest.raises(ValueError, match=r"field 'pattern': split pattern .*(repeat counts|limit)"):
+            load_tokenizer(path)
+    assert BPETokenizer([], pattern=r"\p{N}{1,3}|\S{2,99}|\s|.").vocab_size == 256  # small counts are fine
+
+
+def test_all_tokens_together_are_limited(monkeypatch):
+    import tinygrad_lm.tokenizer.bpe as bpe
+    import tinygrad_lm.tokenizer.train_bpe as train_bpe
+
+    text = "ab " * 10 + "abababab " * 20 + "abcdefghijklmnop " * 3
+    unlimited = BPETokenizer.train(text, 300, pattern="gpt2")
+    monkeypatch.setattr(bpe, "MAX_VOCAB_BYTES", 300)
+    # token lengths 2, 3, 4, ...: 256 + 2 + (3 + ... + 9) = 300, and merge 8's 10 bytes pass the limit
+    with pytest.raises(ValueError, match=r"merge 8 \(263, 97\) brings the tokens to 310 bytes in all"):
+        BPETokenizer([(97, 98)] + [(256 + i, 97) for i in range(30)])
+    monkeypatch.setattr(train_bpe, "MAX_VOCAB_BYTES", 300)  # training stops before the limit
+    tok = BPETokenizer.train(text, 300, pattern="gpt2")
+    assert 0 < len(tok.merges) < len(unlimited.merges) and tok.merges == unlimited.merges[: len(tok.merges)]
+    assert sum(len(tok.token_bytes(i)) for i in range(tok.vocab_size)) <= 300
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    tok = BPETokenizer.train("abc abc", 260, pattern=r"\w+")
+    with pytest.raises(ValueError, match=r"skips the character"):
+        tok.save(tmp_path / "tok.json")
+    with pytest.raises(ValueError, match="no characters"):
+        CharTokenizer.train("").save(tmp_path / "char.json")
+    assert not list(tmp_path.iterdir())
+
+
+def _ranks_file(path, lines: list[str]) -> None:
+    import base64
+
+    singles = [f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)]
+    path.write_text("".join(singles + lines))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["!!!! 256\n"], r"line 257: '!!!!' is not valid base64|line 257: b'!!!!' is not valid base64"),
+    (["YWI= x\n"], r"line 257: rank b'x' is not a non-negative integer"),
+    (["YWI= -3\n"], r"rank b'-3' is not a non-negative integer"),
+    (["YWI= 256 7\n"], r"line 257: expected 'base64 rank'"),
+    (["YWI= 256\n", "YWM= 256\n"], r"line 258: rank 256 appears a second time"),
+    (["YWI= 256\n", "YWI= 257\n"], r"line 258: token b'ab' appears a second time \(first as rank 256\)"),
+    (["YWI= 257\n"], r"rank 256 is missing"),
+    (["YWJj 256\n"], r"token 256 \(b'abc'\) is not a merge of two lower-ranked tokens"),
+    (["= 256\n"], r"is 0 bytes long|not valid base64"),
+])
+def test_bad_tiktoken_files(tmp_path, lines, message):
+    from tinygrad_lm.tokenizer import TokenizerFileError
+
+    path = tmp_path / "tok.tiktoken"
+    _ranks_file(path, lines)
+    with pytest.raises(TokenizerFileError, match=message):
+        BPETokenizer.from_tiktoken(path)
+
+
+def test_tiktoken_file_short_or_missing(tmp_path):
+    from tinygrad_lm.tokenizer import TokenizerFileError
+
+    path = tmp_path / "short.tiktoken"
+    path.write_text("YQ== 0\n")
+    with pytest.raises(TokenizerFileError, match="has 1 ranks; the 256 single bytes must come first"):
+        BPETokenizer.from_tiktoken(path)
+    with pytest.raises(TokenizerFileError, match="cannot read tiktoken file"):
+        BPETokenizer.from_tiktoken(tmp_path / "missing.tiktoken")
+
+
+def test_decode_names_bad_ids_and_vocab_size(tok):
+    with pytest.raises(ValueError, match=r"token id 658 at position 2 is not in the vocabulary \(size 658\)"):
+        tok.decode([1, 2, 658])
+    with pytest.raises(ValueError, match=r"token id 'x' at position 0 is not an integer"):
+        tok.decode(["x"])
+    with pytest.raises(ValueError, match=r"token id 1.5 at position 1 is not an integer"):
+        CharTokenizer("ab").decode([0, 1.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: every bad input is one `error: ...` line and exit status 2
+
+
+@pytest.fixture()
+def cli_files(tmp_path):
+    (tmp_path / "corpus.txt").write_text(CORPUS[:3000], encoding="utf-8")
+    tok = BPETokenizer.train(CORPUS[:3000], 300, special_tokens=[EOT])
+    tok.save(tmp_path / "tok.json")
+    return tmp_path
+
+
+def _fails(capsys, *argv: str, match: str) -> None:
+    import re
+
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert re.search(match, lines[-1]), lines[-1]
+
+
+def test_cli_bad_tokenizer_and_input_files(cli_files, capsys):
+    d = cli_files
+    tok = str(d / "tok.json")
+    (d / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (d / "bad.json").write_text('{"type": "bpe", "version": 1, "pattern": 123, "merges": []}')
+    _fails(capsys, "tokenizer", "encode", "-t", str(d / "nope.json"), "--text", "x", match="No such file")
+    _fails(capsys, "tokenizer", "encode", "-t", str(d), "--text", "x", match="Is a directory")
+    _fails(capsys, "tokenizer", "encode", "-t", str(d / "corpus.txt"), "--text", "x", match="not valid JSON")
+    _fails(capsys, "tokenizer", "decode", "-t", str(d / "bad.json"), "--ids", "1", match=r"field 'pattern'")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "-i", str(d / "nope.txt"), match=r"--input .*No such file")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "-i", str(d), match=r"--input .*Is a directory")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "-i", str(d / "latin1.txt"),
+           match=r"--input .*latin1.txt is not UTF-8 text: byte 0xe9 at offset 3")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "a" + EOT,
+           match=r"--text: text contains the special token '<\|endoftext\|>' at index 1; pass --allowed-special")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "x", "--allowed-special", "<|nope|>",
+           match=r"--allowed-special names unknown special tokens \['<\|nope\|>'\]")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "a\udcff", match=r"--text: .*lone surrogate U\+DCFF")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "x", "-o", str(d / "no" / "ids.txt"),
+           match=r"--out .*no does not exist")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "x", "-o", str(d / "corpus.txt" / "ids.txt"),
+           match=r"--out .*corpus.txt is not a folder")
+    _fails(capsys, "tokenizer", "encode", "-t", tok, "--text", "x", "-o", str(d), match=r"--out .* is a folder")
+
+
+def test_cli_decode_bad_ids(cli_files, capsys):
+    import numpy as np
+
+    d = cli_files
+    tok = str(d / "tok.json")
+    _fails(capsys, "tokenizer", "decode", "-t", tok, "--ids", "1 2 x3", match=r"--ids: 'x3' at position 2 is not an")
+    _fails(capsys, "tokenizer", "decode", "-t", tok, "--ids", "1,300",
+           match=r"--ids: token id 300 at position 1 is not in the vocabulary \(size 300\)")
+    _fails(capsys, "tokenizer", "decode", "-t", tok, "--ids", "-1", match=r"token id -1 at position 0")
+    np.save(d / "f.npy", np.array([1.5, 2.0]))
+    _fails(capsys, "tokenizer", "decode", "-t", tok, "-i", str(d / "f.npy"), match=r"holds float64 values")
+    (d / "junk.npy").write_bytes(b"not numpy")
+    _fails(capsys, "tokenizer", "decode", "-t", tok, "-i", str(d / "junk.npy"), match=r"is not a .npy array")
+    (d / "ids.txt").write_text("1 2 99999\n")
+    _fails(capsys, "tokenizer", "decode", "-t", tok, "-i", str(d / "ids.txt"),
+           match=r"--input .*ids.txt: token id 99999 at position 2")
+
+
+def test_cli_train_bad_flags_fail_before_training(cli_files, capsys):
+    d = cli_files
+    data = str(d / "corpus.txt")
+    out = str(d / "new.json")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--vocab-size", "100", "--out", out,
+           match=r"--vocab-size 100 is out of range: expected 256 to")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--vocab-size", "256", "--special-token", EOT,
+           "--out", out, match=r"--vocab-size 256 is out of range: expected 257")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--vocab-size", str(10**12), "--out", out,
+           match=r"--vocab-size 1000000000000 is out of range")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--pattern", "(oops", "--out", out,
+           match=r"--pattern: invalid split pattern '\(oops'")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--pattern", r"\w+", "--out", out,
+           match=r"--pattern '\\\\w\+' skips the character")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--special-token", "", "--out", out, match="is empty")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--special-token", "<|\udcff|>", "--out", out,
+           match="is not valid UTF-8")
+    _fails(capsys, "tokenizer", "train", "--data", str(d / "none*.txt"), "--out", out, match=r"--data .* not a file")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--out", str(d / "missing" / "t.json"),
+           match=r"--out .*does not exist")
+    _fails(capsys, "tokenizer", "train", "--data", data, "--out", out, "--tiktoken", str(d),
+           match=r"--tiktoken .* is a folder")
+    _fails(capsys, "tokenizer", "train", "--type", "char", "--data", data, "--special-token", EOT, "--out", out,
+           match=r"--special-token needs --type bpe")
+    (d / "latin1.txt").write_bytes(b"caf\xe9")
+    _fails(capsys, "tokenizer", "train", "--data", str(d / "latin1.txt"), "--out", out,
+           match=r"--data .*latin1.txt is not UTF-8 text")
+    (d / "empty.txt").write_text("")
+    _fails(capsys, "tokenizer", "train", "--type", "char", "--data", str(d / "empty.txt"), "--out", out,
+           match=r"hold no text")
+    assert not (d / "new.json").exists()
+
+
+def test_cli_unwritable_output_keeps_old_file(cli_files, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root can write into a read-only folder")
+    d = cli_files / "ro"
+    d.mkdir()
+    (d / "ids.txt").write_text("old")
+    d.chmod(0o500)
+    try:
+        _fails(capsys, "tokenizer", "encode", "-t", str(cli_files / "tok.json"), "--text", "x",
+               "-o", str(d / "ids.txt"), match=r"--out .*permission denied")
+        assert (d / "ids.txt").read_text() == "old"
+    finally:
+        d.chmod(0o700)
+
+
+def test_cli_main_exits_2_with_one_line(cli_files, capsys):
+    try:
+        cli.build_parser()
+    except ImportError as e:
+        pytest.skip(f"dispatcher cannot import every command module yet: {e}")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["tokenizer", "decode", "-t", str(cli_files / "tok.json"), "--ids", "100000"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ids: token id 100000") and err.count("\n") == 1
