@@ -100,4 +100,4 @@ class KVCache:
         self.k[:, :, self.length:L] = k.data
         self.v[:, :, self.length:L] = v.data
         self.length = L
-        return Tensor._make(self.k[:, :, :L], False), Tensor._make(self.v[:, :, :L], False)
+        return Tensor.wrap(self.k[:, :, :L]), Tensor.wrap(self.v[:, :, :L])

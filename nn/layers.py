@@ -247,4 +247,4 @@ class SinusoidalPositionalEncoding(Module):
         if type(positions) is np.ndarray and positions.size and int(positions.max()) >= self.block_size:
             raise ValueError(f"SinusoidalPositionalEncoding: position {int(positions.max())} is past "
                              f"block_size {self.block_size}")
-        return Tensor._make(self.pe.data[positions], False)
+        return Tensor.wrap(self.pe.data[positions])

@@ -234,6 +234,12 @@ class Tensor:
             raise TypeError(f"Tensor: only floating tensors can require grad, got dtype {self.data.dtype}")
 
     @classmethod
+    def wrap(cls, data: Any) -> "Tensor":
+        """A NumPy/CuPy array as a constant Tensor as it is: no copy, no dtype or device checks (for hot
+        paths that already hold an array of the right backend, e.g. a KV cache's view)."""
+        return cls._make(data, False)
+
+    @classmethod
     def _make(cls, data: Any, requires_grad: bool) -> "Tensor":
         t = object.__new__(cls)
         t.data, t.grad, t.requires_grad, t._ctx, t._version = data, None, requires_grad, None, 0

@@ -81,8 +81,36 @@ def linear_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
     return [x, w, b], rg, {"compute_dtype": compute}
 
 
+def sdpa_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    """Causal, no mask, no dropout (what the CUDA path takes too); Tq < Tk is the KV-cache case."""
+    B, H, D = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 8, 32]))
+    Tk = draw(st.sampled_from([1, 5, 64, 65]))
+    Tq = draw(st.sampled_from(sorted({1, max(1, Tk - 3), Tk})))
+    q, k, v = (rng.standard_normal((B, H, T, D)).astype(dtype) for T in (Tq, Tk, Tk))
+    return [q, k, v], [True, True, True], {"causal": True}
+
+
+def attention_qkv_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    B, T = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 7, 64, 65]))
+    H, D = draw(st.sampled_from([1, 4])), draw(st.sampled_from([2, 16]))
+    return [rng.standard_normal((B, T, 3 * H * D)).astype(dtype)], [True], {"n_head": H}
+
+
+def split_heads_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    B, T, H, D = (draw(st.sampled_from(c)) for c in ([1, 3], [1, 7], [1, 4], [1, 16]))
+    parts = draw(st.sampled_from([1, 3]))
+    return [rng.standard_normal((B, T, parts * H * D)).astype(dtype)], [True], {"n_head": H, "parts": parts}
+
+
+def merge_heads_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    B, T, H, D = (draw(st.sampled_from(c)) for c in ([1, 3], [1, 7], [1, 4], [1, 16]))
+    return [rng.standard_normal((B, H, T, D)).astype(dtype)], [True], {}
+
+
 CASES: dict[str, Callable] = {"Gelu": gelu_case, "LayerNorm": layer_norm_case, "CrossEntropy": cross_entropy_case,
-                              "Linear": linear_case}
+                              "Linear": linear_case, "ScaledDotProductAttention": sdpa_case,
+                              "CausalAttentionQKV": attention_qkv_case, "SplitHeads": split_heads_case,
+                              "MergeHeads": merge_heads_case}
 
 
 # ------------------------------------------------------------------ running one class

@@ -27,13 +27,9 @@ import numpy as np
 
 from tensor.attention import (CausalAttentionQKV, ScaledDotProductAttention, allowed_keys, check_sdpa_args,
                               split_forward)
-from tensor.functional import uniform
+from tensor.functional import to_f32, uniform
 
 SCORE_CHUNK_BYTES = 1 << 20  # the softmax works on ~1 MB of scores at a time (module docstring)
-
-
-def _f32(x: Any) -> Any:
-    return x.astype(np.float32) if x.dtype.itemsize < 4 and x.dtype.kind not in "iub" else x
 
 
 def gemm_dtype(x: Any) -> Any:
@@ -132,12 +128,12 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropou
         dq, dk, dv = (_batch_slice(a, lo, hi, lead) for a in grads)
         pd = ps if ms is None else ps * ms * (1.0 / (1.0 - dropout_p))
         np.matmul(pd.swapaxes(-1, -2), gs, out=dv)            # dV = Pd^T g
-        dst = _f32(vs @ gs.swapaxes(-1, -2))                  # dP^T, then dS^T in its buffer
+        dst = to_f32(vs @ gs.swapaxes(-1, -2))                  # dP^T, then dS^T in its buffer
         if ms is not None:
             dst *= (ms * (1.0 / (1.0 - dropout_p))).swapaxes(-1, -2)
-        pt32 = _f32(ps.swapaxes(-1, -2))
+        pt32 = to_f32(ps.swapaxes(-1, -2))
         if os_ is not None:  # rowsum(dP * P) = g . O, one GEMV over all (query, head) rows
-            go = _f32(gs * os_)
+            go = to_f32(gs * os_)
             rowsum = (go.reshape(-1, go.shape[-1]) @ np.ones(go.shape[-1], go.dtype)).reshape(dst.shape[:-2] + (1, -1))
         else:
             rowsum = (dst * pt32).sum(axis=-2, keepdims=True)
