@@ -211,6 +211,7 @@ def test_missing_or_malformed_dropout_rng_is_an_error(tmp_path, corpus, capsys, 
     else:
         st["dropout_rng"] = bad
     f.write_text(json.dumps(st))
+    ckpt_io.write_manifest(f.parent)  # sealed again: the schema check itself must catch it, not the checksum
     expect_error(["train", "--resume", str(run), "--max-iters", "2"], capsys, "dropout_rng", str(f))
 
 
