@@ -96,6 +96,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from tensor import backend
+    backend.tune_host_allocator()  # as `python -m tinygrad_lm sample` does
     C.set_threads(args.threads)
     torch.set_num_threads(args.threads)
 

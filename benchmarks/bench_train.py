@@ -152,6 +152,7 @@ def worker_ours(a: argparse.Namespace, graph: bool = False) -> dict:
     from nn.utils import clip_grad_norm_
     from tensor import backend
     from tinygrad_lm.model import GPT
+    backend.tune_host_allocator()  # as the trainer does (python -m tinygrad_lm train)
 
     C.set_threads(a.threads)
     rss_import = current_rss_mib()
