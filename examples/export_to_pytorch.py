@@ -3,7 +3,7 @@
     python examples/export_to_pytorch.py --checkpoint runs/demo --out gpt.pt   # a trained run
     python examples/export_to_pytorch.py --out gpt.pt                          # a fresh tiny GPT
 
-Our parameter names and layouts already are nanoGPT's (DESIGN.md): `transformer.wte.weight`
+Our parameter names and layouts already are nanoGPT's (docs/DESIGN.md): `transformer.wte.weight`
 (V, C), `transformer.h.0.attn.c_attn.weight` (3C, C), ... and a Linear weight is (out, in)
 exactly like `torch.nn.Linear`'s. So the export is a plain copy, no transposes; the one
 addition is `lm_head.weight`, which nanoGPT lists separately although it is tied to wte.

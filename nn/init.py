@@ -36,7 +36,7 @@ def ones_(p: Parameter) -> Parameter:
 
 
 def gpt_init_(model: Module, n_layer: int, rng: np.random.Generator) -> None:
-    """The GPT init rule (DESIGN.md): weights N(0, 0.02); residual output projections
+    """The GPT init rule (docs/DESIGN.md): weights N(0, 0.02); residual output projections
     (`*.c_proj.weight`) N(0, 0.02 / sqrt(2 n_layer)); biases 0; LayerNorm weights 1."""
     from nn.layers import Embedding, LayerNorm, Linear
     for _, m in model.named_modules():

@@ -265,7 +265,7 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
 # ---------------------------------------------------------------- models
 def save_model(model: Any, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write `model.state_dict()` (DESIGN.md names, e.g. `transformer.h.0.attn.c_attn.weight`)
+    """Write `model.state_dict()` (docs/DESIGN.md names, e.g. `transformer.h.0.attn.c_attn.weight`)
     to a safetensors file, atomically. The header carries {"format": "pt"} so Hugging Face tools
     accept it, plus `metadata`."""
     save_safetensors(path, model.state_dict(), {"format": "pt", **(metadata or {})})

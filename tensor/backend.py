@@ -1,6 +1,6 @@
 """Backends: NumPy on the CPU, CuPy on an NVIDIA GPU.
 
-The backend rule (DESIGN.md): op code is written once against the *array module*
+The backend rule (docs/DESIGN.md): op code is written once against the *array module*
 of its inputs, `xp = array_module(x)`, so the same forward/backward runs on
 `numpy.ndarray` and `cupy.ndarray`. This file is the only place that knows
 about CuPy; the only global state is the default device.

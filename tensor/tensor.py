@@ -1,5 +1,5 @@
 """The autograd core: `Function` (one op, forward and backward side by side),
-`Tensor` (an array plus the op that made it) and the reverse-mode engine.
+`Tensor` (an array plus the op that made it); the reverse-mode engine is in tensor/autograd.py.
 
 How it works, in four lines:
   * `SomeOp.apply(*inputs)` runs `forward` on the raw arrays and, in grad mode,
@@ -10,86 +10,15 @@ How it works, in four lines:
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from tensor import backend
-
-# ----------------------------------------------------------------- grad mode
-_grad_enabled = True
-
-
-@contextlib.contextmanager
-def no_grad() -> Iterator[None]:
-    """Inside `with no_grad():` no graph is recorded (inference, optimizer steps)."""
-    global _grad_enabled
-    prev, _grad_enabled = _grad_enabled, False
-    try:
-        yield
-    finally:
-        _grad_enabled = prev
-
-
-@contextlib.contextmanager
-def enable_grad() -> Iterator[None]:
-    global _grad_enabled
-    prev, _grad_enabled = _grad_enabled, True
-    try:
-        yield
-    finally:
-        _grad_enabled = prev
-
-
-def is_grad_enabled() -> bool:
-    return _grad_enabled
-
-
-# ----------------------------------------------------------------- helpers
-def unbroadcast(grad: Any, shape: tuple) -> Any:
-    """Sum `grad` over the axes that broadcasting added or stretched, back to `shape`.
-
-    If y = broadcast(x) then dL/dx = sum of dL/dy over every copy of x.
-    """
-    if grad.shape == shape:
-        return grad
-    extra = grad.ndim - len(shape)
-    if extra:
-        grad = grad.sum(axis=tuple(range(extra)))
-    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
-    if stretched:
-        grad = grad.sum(axis=stretched, keepdims=True)
-    return grad
-
-
-def shape_str(x: Any) -> str:
-    return "(" + ", ".join(str(s) for s in x.shape) + ")" if hasattr(x, "shape") else type(x).__name__
-
+from tensor import autograd, backend
+from tensor.autograd import enable_grad, is_grad_enabled, no_grad, run_backward, shape_str, unbroadcast  # noqa: F401
 
 # ----------------------------------------------------------------- Function
-def _topological_order(root: Any) -> list:
-    """Graph nodes (ops, and leaf tensors that need grad), each after all its inputs (iterative DFS)."""
-    order: list = []
-    visited: set[int] = set()
-    stack: list = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
-        if isinstance(node, Function):
-            for inp, need in zip(node.inputs, node.needs_grad):
-                if need and id(inp) not in visited:
-                    stack.append((inp, False))
-    return order
-
-
 class Function:
     """Base class of every differentiable op.
 
@@ -163,7 +92,7 @@ class Function:
         if isinstance(data, np.generic):  # NumPy returns scalars from full reductions and 0-d ufuncs
             data = np.asarray(data)
         out = Tensor._make(data, False)
-        if _grad_enabled and cls.differentiable and any(needs):
+        if autograd.grad_enabled and cls.differentiable and any(needs):
             fn.inputs = tuple(t._ctx if isinstance(t, Tensor) and t._ctx is not None else t for t in inputs)
             fn.needs_grad = tuple(needs)
             fn.out_shape, fn.out_dtype = data.shape, data.dtype
@@ -343,7 +272,7 @@ class Tensor:
 
     # ------------------------------------------------------------ in place
     def _check_inplace(self, what: str) -> None:
-        if self.requires_grad and _grad_enabled:
+        if self.requires_grad and autograd.grad_enabled:
             raise RuntimeError(f"{what}: in-place change of a tensor of shape {self.shape} that requires "
                                "grad would not be recorded; use an out-of-place op or `with no_grad():`")
 
@@ -410,40 +339,7 @@ class Tensor:
             if gradient.shape != self.shape:
                 raise RuntimeError(f"backward: gradient of shape {gradient.shape} does not match "
                                    f"output of shape {self.shape}")
-        # nodes are ops (Functions) and leaf tensors; a non-leaf tensor is represented by its op
-        root = self._ctx if self._ctx is not None else self
-        grads: dict[int, Any] = {id(root): gradient}
-        shared = {id(gradient)}  # arrays a leaf's .grad must not alias (the caller's, another leaf's)
-        for node in reversed(_topological_order(root)):
-            g = grads.pop(id(node), None)
-            if g is None:
-                continue
-            if isinstance(node, Tensor):  # a leaf: accumulate
-                t = node
-                if g.dtype != t.data.dtype:
-                    g = g.astype(t.data.dtype)
-                elif t.grad is None and (g.base is not None or id(g) in shared or isinstance(g, np.generic)):
-                    g = xp.array(g)  # an owned, writable array: optimizers and clipping update .grad in place
-                t.grad = g if t.grad is None else t.grad + g
-                shared.add(id(t.grad))
-                continue
-            fn = node
-            if fn.saved is None:
-                raise RuntimeError(f"{fn.name}.backward: the graph was already freed by an earlier "
-                                   "backward(); call backward(retain_graph=True) the first time to "
-                                   "backpropagate through it twice")
-            fn.check_versions()
-            in_grads = fn.backward(g)
-            if not retain_graph:
-                fn.release()
-            for inp, ig, need in zip(fn.inputs, in_grads, fn.needs_grad):
-                if need and ig is not None:
-                    dtype = inp.out_dtype if isinstance(inp, Function) else inp.data.dtype
-                    if ig.dtype != dtype:  # e.g. an fp32 residual grad flowing into an fp16 branch
-                        ig = ig.astype(dtype)
-                    k = id(inp)
-                    prev = grads.get(k)
-                    grads[k] = ig if prev is None else prev + ig
+        run_backward(self._ctx if self._ctx is not None else self, gradient, retain_graph)
 
     # ------------------------------------------------------------ ops (methods)
     # arithmetic, defined in tensor/ops/elementwise.py

@@ -1,4 +1,4 @@
-"""The GPT of DESIGN.md: nanoGPT names and layouts, weight tying, the init rule, the
+"""The GPT of docs/DESIGN.md: nanoGPT names and layouts, weight tying, the init rule, the
 initial loss, sinusoidal positions, gradients (gradcheck in float64) and input errors.
 
 Expected values are closed forms (log V, 0.02 / sqrt(2 n_layer), the Vaswani et al.
@@ -179,7 +179,7 @@ def test_sinusoidal_table_matches_formula():
 
 
 def reference_forward(sd: dict, cfg: GPTConfig, idx: np.ndarray) -> np.ndarray:
-    """An independent float64 NumPy forward pass of the DESIGN.md GPT from a state_dict."""
+    """An independent float64 NumPy forward pass of the docs/DESIGN.md GPT from a state_dict."""
     B, T = idx.shape
     C, H = cfg.n_embd, cfg.n_head
     g = lambda k: sd[k].astype(np.float64) if k in sd else 0.0  # noqa: E731 (bias=False -> 0)

@@ -1,4 +1,4 @@
-"""Training checkpoints (DESIGN.md): a directory holding model.safetensors,
+"""Training checkpoints (docs/DESIGN.md): a directory holding model.safetensors,
 optimizer.safetensors, state.json, tokenizer.json and manifest.json.
 
 Atomicity: a checkpoint is first written, file by file with fsync, into

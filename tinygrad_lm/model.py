@@ -1,5 +1,5 @@
 """The GPT: token embedding (x sqrt(C)) + sinusoidal positions, n_layer pre-LayerNorm
-blocks, a final LayerNorm and an lm_head tied to the token embedding (DESIGN.md).
+blocks, a final LayerNorm and an lm_head tied to the token embedding (docs/DESIGN.md).
 
 Options: pos_encoding "learned" (a wpe table added to the unscaled wte, nanoGPT) or "rope"
 (rotary positions on q and k inside attention, nn/rotary.py; the unscaled wte, no position
@@ -29,7 +29,7 @@ POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 
 @dataclass
 class GPTConfig:
-    """The model's shape and options (DESIGN.md): pos_encoding "sinusoidal" | "learned" | "rope",
+    """The model's shape and options (docs/DESIGN.md): pos_encoding "sinusoidal" | "learned" | "rope",
     norm "layernorm" | "rmsnorm" (ln_1, ln_2 and ln_f)."""
     vocab_size: int
     block_size: int
