@@ -141,12 +141,7 @@ class Trainer:
 
     def _load_state(self, ckpt: Path, st: dict) -> None:
         where = ckpt / ckpt_io.STATE_FILE
-        try:
-            load_model(self.model, ckpt / ckpt_io.MODEL_FILE)
-        except ckpt_io.CheckpointError:
-            raise
-        except Exception as e:
-            raise ckpt_io.CheckpointError(f"cannot load checkpoint {ckpt}: {e}{self._earlier(ckpt)}") from None
+        self._load_file(load_model, self.model, ckpt, ckpt_io.MODEL_FILE)
         if "loss_scaler" in st:
             self.scaler.load_state_dict(st["loss_scaler"])
         rng = st.get("dropout_rng")
@@ -163,11 +158,15 @@ class Trainer:
                                           f"malformed ({e})") from None
 
     def _load_optimizer(self, ckpt: Path) -> None:
+        self._load_file(load_optimizer, self.optimizer, ckpt, ckpt_io.OPTIM_FILE)
+
+    def _load_file(self, load: Callable[[Any, Path], Any], into: Any, ckpt: Path, name: str) -> None:
+        """load(into, ckpt/name); a file that does not fit `into` (names, shapes, metadata) -> CheckpointError."""
         try:
-            load_optimizer(self.optimizer, ckpt / ckpt_io.OPTIM_FILE)
-        except ckpt_io.CheckpointError:
-            raise
-        except Exception as e:
+            load(into, ckpt / name)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            if isinstance(e, ckpt_io.CheckpointError):
+                raise
             raise ckpt_io.CheckpointError(f"cannot load checkpoint {ckpt}: {e}{self._earlier(ckpt)}") from None
 
     @staticmethod
