@@ -115,6 +115,9 @@ class NanoGPT(tnn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        if cfg.pos_encoding == "rope" or cfg.norm != "layernorm":  # nanoGPT has neither
+            raise ValueError(f"NanoGPT twin: pos_encoding {cfg.pos_encoding!r} with norm {cfg.norm!r} has no "
+                             "nanoGPT counterpart; export a model with learned or sinusoidal positions and LayerNorm")
         self.cfg = cfg
         modules = dict(wte=tnn.Embedding(cfg.vocab_size, cfg.n_embd),
                        h=tnn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
