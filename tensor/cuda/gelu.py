@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from tensor.backend import array_module
 from tensor.cuda.common import cupy as _cp, usable
 from tensor.ops.elementwise import Gelu
 
@@ -54,4 +53,7 @@ class GeluCUDA(Gelu):
         return gelu_forward(a)
 
     def backward(self, g):
-        return (gelu_backward(self.saved[0], array_module(g).ascontiguousarray(g)),)
+        x = self.saved[0]
+        if g.dtype != x.dtype or not g.flags.c_contiguous:  # the kernel takes g like x (0-d stays 0-d)
+            g = g.astype(x.dtype, order="C")
+        return (gelu_backward(x, g),)
