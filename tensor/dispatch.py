@@ -30,6 +30,13 @@ FAST_PATHS: dict[str, dict[str, str]] = {
     "LayerNorm": {"cpu": "tensor.cpu.layernorm:LayerNormCPU", "cuda": "tensor.cuda.layernorm:LayerNormCUDA"},
     "CrossEntropy": {"cuda": "tensor.cuda.cross_entropy:CrossEntropyCUDA"},
     "Linear": {"cuda": "tensor.cuda.linear:LinearCUDA"},
+    # attention (tensor/attention.py): beneath its reference pieces and their fused composition
+    "ScaledDotProductAttention": {"cpu": "tensor.cpu.attention:CpuScaledDotProductAttention",
+                                  "cuda": "tensor.cuda.attention:CudaScaledDotProductAttention"},
+    "CausalAttentionQKV": {"cpu": "tensor.cpu.attention:CpuCausalAttentionQKV",
+                           "cuda": "tensor.cuda.attention:CudaCausalAttentionQKV"},
+    "SplitHeads": {"cuda": "tensor.cuda.attention:CudaSplitHeads"},
+    "MergeHeads": {"cuda": "tensor.cuda.attention:CudaMergeHeads"},
 }
 
 _forced_reference = False  # set only by `reference_only()`; the env var is the other half of the switch
@@ -76,13 +83,3 @@ def pick(ref: type, *arrays: Any, **kwargs: Any) -> type:
     if cls is not None and cls.supports(*arrays, **kwargs):
         return cls
     return ref
-
-# attention (tensor/attention.py): the CPU and CUDA fast paths beneath its reference pieces
-FAST_PATHS.update({
-    "ScaledDotProductAttention": {"cpu": "tensor.cpu.attention:CpuScaledDotProductAttention",
-                                  "cuda": "tensor.cuda.attention:CudaScaledDotProductAttention"},
-    "CausalAttentionQKV": {"cpu": "tensor.cpu.attention:CpuCausalAttentionQKV",
-                           "cuda": "tensor.cuda.attention:CudaCausalAttentionQKV"},
-    "SplitHeads": {"cuda": "tensor.cuda.attention:CudaSplitHeads"},
-    "MergeHeads": {"cuda": "tensor.cuda.attention:CudaMergeHeads"},
-})
