@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py          # prints JSON: ms per call, reference / fused
 
 Each op runs forward + backward on a GPT-sized tensor (batch 64, T 256, C 384, 6 heads,
-vocab 65); TINYGRAD_LM_FAST=0 selects the reference path for the "before" column.
+vocab 65); tensor.dispatch.reference_only() selects the reference path for the "before" column.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import cupy as cp  # noqa: E402
 import tensor.functional as F  # noqa: E402
 from nn import Parameter  # noqa: E402
 from nn.functional import causal_attention_qkv  # noqa: E402
+from tensor.dispatch import reference_only  # noqa: E402
 from nn.optim import AdamW  # noqa: E402
 from tensor import Tensor  # noqa: E402
 
@@ -71,12 +72,11 @@ def main() -> None:
     for dtype in ("float32", "float16"):
         for name in cases(dtype):
             row = {}
-            for mode, flag in (("reference_ms", "0"), ("fused_ms", "1")):
-                os.environ["TINYGRAD_LM_FAST"] = flag
-                row[mode] = round(time_ms(cases(dtype)[name]), 3)
+            with reference_only():
+                row["reference_ms"] = round(time_ms(cases(dtype)[name]), 3)
+            row["fused_ms"] = round(time_ms(cases(dtype)[name]), 3)
             row["speedup"] = round(row["reference_ms"] / row["fused_ms"], 2)
             out["ops"][f"{name} [{dtype}]"] = row
-    os.environ["TINYGRAD_LM_FAST"] = "1"
     print(json.dumps(out, indent=1))
 
 

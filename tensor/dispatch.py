@@ -12,8 +12,9 @@ backward only; nothing outside the class depends on how it saves.
 
 `FAST_PATHS` maps the reference class name and the device to "module:Class"; modules are imported
 the first time they are chosen, so importing `tensor` loads no CUDA code. One switch forces the
-reference everywhere: the environment variable `TINYGRAD_LM_FAST=0` (read at each call, so a test
-can set it), or `with reference_only(): ...`.
+reference everywhere: the environment variable `TINYGRAD_LM_FAST=0` (read once, at the first op: a
+lookup in os.environ costs microseconds, and the CPU decoder asks ~100 times a token), or, in code,
+`with reference_only(): ...`.
 """
 from __future__ import annotations
 
@@ -40,12 +41,18 @@ FAST_PATHS: dict[str, dict[str, str]] = {
 }
 
 _forced_reference = False  # set only by `reference_only()`; the env var is the other half of the switch
+_env_fast: bool | None = None  # TINYGRAD_LM_FAST != "0", read at the first call
 _loaded: dict[str, type] = {}
 
 
 def fast_paths_enabled() -> bool:
-    """False inside `reference_only()` or when TINYGRAD_LM_FAST=0 is set."""
-    return not _forced_reference and os.environ.get("TINYGRAD_LM_FAST", "1") != "0"
+    """False inside `reference_only()` or when TINYGRAD_LM_FAST=0 was set when the first op ran."""
+    global _env_fast
+    if _forced_reference:
+        return False
+    if _env_fast is None:
+        _env_fast = os.environ.get("TINYGRAD_LM_FAST", "1") != "0"
+    return _env_fast
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+
+from tensor import dispatch
 import pytest
 
 from tensor import Tensor, backend, gradcheck
@@ -146,7 +148,7 @@ def test_fused_kernels_match_the_reference_ops(dtype: str, monkeypatch) -> None:
         return res
 
     fused = run()
-    monkeypatch.setenv("TINYGRAD_LM_FAST", "0")
+    monkeypatch.setattr(dispatch, "_env_fast", False)
     ref = run()
     for k in ref:
         np.testing.assert_allclose(fused[k], ref[k], err_msg=k, **tol)
@@ -165,7 +167,7 @@ def test_fused_adam_matches_reference(monkeypatch) -> None:
         return backend.to_numpy(p.data)
 
     fused = run()
-    monkeypatch.setenv("TINYGRAD_LM_FAST", "0")
+    monkeypatch.setattr(dispatch, "_env_fast", False)
     np.testing.assert_allclose(fused, run(), rtol=1e-10, atol=1e-12)
 
 

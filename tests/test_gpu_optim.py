@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from tensor import dispatch
 import pytest
 
 from tensor import backend
@@ -131,9 +133,9 @@ def test_optimizer_on_the_gpu_equals_the_cpu_and_the_reference(cls: str, wd: flo
         return [_f64(p.data) for p in ps]
 
     cpu, gpu = run("cpu"), run("cuda")
-    monkeypatch.setenv("TINYGRAD_LM_FAST", "0")
+    monkeypatch.setattr(dispatch, "_env_fast", False)
     ref = run("cuda")
-    monkeypatch.setenv("TINYGRAD_LM_FAST", "1")
+    monkeypatch.setattr(dispatch, "_env_fast", True)
     for a, b, c in zip(cpu, gpu, ref):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6)
@@ -193,7 +195,7 @@ def test_clip_grad_norm_fast_and_reference_paths_agree(sync: bool, monkeypatch) 
     host = [rng.standard_normal(s).astype(np.float32) * 3 for s in shapes]
     out = []
     for fast in ("1", "0"):
-        monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
+        monkeypatch.setattr(dispatch, "_env_fast", fast != "0")
         ps = [Parameter(np.zeros(s, np.float32), device="cuda") for s in shapes]
         for p, h in zip(ps, host):
             p.grad = backend.to_device(h.copy(), "cuda")
@@ -224,7 +226,7 @@ def test_unscale_multi_against_the_reference(bad, monkeypatch) -> None:
     scale = 0.25 if bad == "overflow" else 3.0
     verdicts, grads = [], []
     for fast in ("1", "0"):
-        monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
+        monkeypatch.setattr(dispatch, "_env_fast", fast != "0")
         ps = [Parameter(np.zeros(s, np.float32), device="cuda") for s in shapes]
         for p, h in zip(ps, host):
             p.grad = backend.to_device(h.copy(), "cuda")

@@ -12,6 +12,8 @@ import math
 
 import ml_dtypes
 import numpy as np
+
+from tensor import dispatch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -129,7 +131,7 @@ def adam_closed_form(p0, gs, lr, b1, b2, eps):
 
 @pytest.mark.parametrize("fast", ["1", "0"])  # fast path (tensor/cpu/adam.py), reference
 def test_adam_bias_correction_closed_form(fast, monkeypatch):
-    monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
+    monkeypatch.setattr(dispatch, "_env_fast", fast != "0")
     p0 = np.array([[0.5, -1.0], [2.0, 0.1]])
     gs = [g for (g,) in grad_sequence([(2, 2)], 6, seed=3)]
     p = Parameter(p0.copy())
@@ -139,7 +141,7 @@ def test_adam_bias_correction_closed_form(fast, monkeypatch):
 
 @pytest.mark.parametrize("fast", ["1", "0"])  # fast path (tensor/cpu/adam.py), reference
 def test_adam_constant_gradient_moves_lr_per_step(fast, monkeypatch):
-    monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
+    monkeypatch.setattr(dispatch, "_env_fast", fast != "0")
     # with a constant g, m_hat = g and v_hat = g^2 exactly: each step is lr * g / (|g| + eps)
     p0, g = np.array([1.0, 1.0, 1.0]), np.array([0.5, -2.0, 1e-3])
     p = Parameter(p0.copy())
@@ -149,7 +151,7 @@ def test_adam_constant_gradient_moves_lr_per_step(fast, monkeypatch):
 
 @pytest.mark.parametrize("fast", ["1", "0"])  # fast path (tensor/cpu/adam.py), reference
 def test_adam_coupled_l2_goes_through_the_moments(fast, monkeypatch):
-    monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
+    monkeypatch.setattr(dispatch, "_env_fast", fast != "0")
     p0 = np.array([1.0, -0.5])
     gs = [g for (g,) in grad_sequence([(2,)], 4, seed=5)]
     lr, b1, b2, eps, wd = 0.02, 0.9, 0.999, 1e-8, 0.1
@@ -166,7 +168,7 @@ def test_adam_coupled_l2_goes_through_the_moments(fast, monkeypatch):
 
 @pytest.mark.parametrize("fast", ["1", "0"])  # fast path (tensor/cpu/adam.py), reference
 def test_adamw_groups_decay_only_where_asked_and_lr_schedule(fast, monkeypatch):
-    monkeypatch.setenv("TINYGRAD_LM_FAST", fast)
+    monkeypatch.setattr(dispatch, "_env_fast", fast != "0")
     model = Tiny()
     params = dict(model.named_parameters())
     decay = [p for p in params.values() if p.ndim >= 2]
@@ -492,10 +494,10 @@ def test_adam_step_chooses_the_fast_path_unless_switched_off(monkeypatch):
     assert calls == [5]
     with reference_only():
         adam_step(*arrays, 0.1, 0.9, 0.999, 1e-8, 2)
-    monkeypatch.setenv("TINYGRAD_LM_FAST", "0")
+    monkeypatch.setattr(dispatch, "_env_fast", False)
     adam_step(*arrays, 0.1, 0.9, 0.999, 1e-8, 3)
     assert calls == [5]
-    monkeypatch.setenv("TINYGRAD_LM_FAST", "1")
+    monkeypatch.setattr(dispatch, "_env_fast", True)
     strided = [np.ones((BLOCK + 1, 2))[:, 0], np.full(BLOCK + 1, 0.5), np.zeros(BLOCK + 1), np.zeros(BLOCK + 1)]
     assert not cpu_adam.supports(*strided)                       # a big strided view: the reference
     adam_step(*strided, 0.1, 0.9, 0.999, 1e-8, 1)

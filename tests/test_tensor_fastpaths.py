@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
+
+from tensor import dispatch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -232,7 +234,7 @@ def test_pick_chooses_the_fast_path_unless_told_not_to(op: str, monkeypatch) -> 
     assert pick(ref, *arrays, **kwargs) is fast_class(ref, "cpu")
     with reference_only():
         assert pick(ref, *arrays, **kwargs) is ref
-    monkeypatch.setenv("TINYGRAD_LM_FAST", "0")
+    monkeypatch.setattr(dispatch, "_env_fast", False)
     assert pick(ref, *arrays, **kwargs) is ref
 
 
@@ -332,3 +334,16 @@ def test_importing_tensor_loads_no_cuda_code_and_leaves_the_allocator_alone() ->
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert out.stdout.strip() == "[]", out.stdout
     assert "tune_host_allocator" not in inspect.getsource(tensor)
+
+
+def test_environment_switch_forces_the_reference_in_a_new_process() -> None:
+    """TINYGRAD_LM_FAST=0 (read once, at the first op) turns every fast path off for the process."""
+    import subprocess
+    import sys
+    code = ("import numpy as np; from tensor.dispatch import pick; from tensor.ops.elementwise import Gelu; "
+            "print(pick(Gelu, np.ones(3, np.float32)).__name__)")
+    root = __file__.rsplit("/tests/", 1)[0]
+    for flag, want in (("0", "Gelu"), ("1", "GeluCPU")):
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
+                             env={**__import__("os").environ, "TINYGRAD_LM_FAST": flag})
+        assert out.stdout.strip() == want, (flag, out.stdout, out.stderr)
