@@ -37,7 +37,9 @@ def split_heads(x: Tensor, n_head: int, parts: int = 3) -> tuple[Tensor, ...]:
     """x (B, T, parts*C) -> `parts` tensors (B, H, T, D), D = C / n_head: channel j*C + h*D + d of
     token t is element (h, t, d) of part j (nanoGPT's c_attn layout: q heads | k heads | v heads)."""
     heads = pick(SplitHeads, x.data).apply(x, n_head=n_head, parts=parts)  # (parts, B, H, T, D)
-    return tuple(heads[i] for i in range(parts))
+    if heads.requires_grad:
+        return tuple(heads[i] for i in range(parts))
+    return tuple(Tensor.wrap(h) for h in heads.data)  # no graph to record (decoding): plain views
 
 
 def merge_heads(x: Tensor) -> Tensor:

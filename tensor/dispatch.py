@@ -42,7 +42,8 @@ FAST_PATHS: dict[str, dict[str, str]] = {
 
 _forced_reference = False  # set only by `reference_only()`; the env var is the other half of the switch
 _env_fast: bool | None = None  # TINYGRAD_LM_FAST != "0", read at the first call
-_loaded: dict[str, type] = {}
+_loaded: dict[str, type] = {}  # "module:Class" -> the imported class
+_chosen: dict[tuple, type | None] = {}  # (reference, array type) -> its fast class or None
 
 
 def fast_paths_enabled() -> bool:
@@ -86,7 +87,10 @@ def pick(ref: type, *arrays: Any, **kwargs: Any) -> type:
     its `supports(*arrays, **kwargs)` is true."""
     if not fast_paths_enabled():
         return ref
-    cls = fast_class(ref, device_of(arrays[0]))
+    key = (ref, type(arrays[0]))  # the array type says the device; pick runs for every op, so remember
+    cls = _chosen.get(key, ref)
+    if cls is ref:
+        cls = _chosen[key] = fast_class(ref, device_of(arrays[0]))
     if cls is not None and cls.supports(*arrays, **kwargs):
         return cls
     return ref
