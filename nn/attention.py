@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tensor.attention import CausalAttentionQKV, MergeHeads, ScaledDotProductAttention, SplitHeads
+from tensor.attention import CausalAttentionQKV, MergeHeads, ScaledDotProductAttention, SplitHeads, split_forward
 from tensor.backend import array_module
 from tensor.dispatch import pick
 from tensor.tensor import Tensor, is_grad_enabled
@@ -36,10 +36,10 @@ def _mask_array(mask: Any, like: Tensor) -> Any:
 def split_heads(x: Tensor, n_head: int, parts: int = 3) -> tuple[Tensor, ...]:
     """x (B, T, parts*C) -> `parts` tensors (B, H, T, D), D = C / n_head: channel j*C + h*D + d of
     token t is element (h, t, d) of part j (nanoGPT's c_attn layout: q heads | k heads | v heads)."""
+    if not (x.requires_grad and is_grad_enabled()):  # no graph to record (decoding): the reference's views,
+        return tuple(Tensor.wrap(h) for h in split_forward(x.data, n_head, parts))  # no copy, no op
     heads = pick(SplitHeads, x.data).apply(x, n_head=n_head, parts=parts)  # (parts, B, H, T, D)
-    if heads.requires_grad:
-        return tuple(heads[i] for i in range(parts))
-    return tuple(Tensor.wrap(h) for h in heads.data)  # no graph to record (decoding): plain views
+    return tuple(heads[i] for i in range(parts))
 
 
 def merge_heads(x: Tensor) -> Tensor:

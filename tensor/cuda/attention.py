@@ -29,7 +29,7 @@ def _fits(*arrays: Any, mask: Any = None, causal: bool = True) -> bool:
 
 
 def causal_forward(q: Any, k: Any, v: Any, dropout_p: float = 0.0, generator: Any = None) -> tuple:
-    """(O, P, keep-mask or None) for contiguous q (.., Tq, D), k, v (.., Tk, D): S = Q K^T in
+    """(O, P, keep-mask or None) for q (.., Tq, D), k, v (.., Tk, D) of any strides cuBLAS takes: S = Q K^T in
     float32, P = causal softmax(S / sqrt(D)) in the input dtype, O = dropout(P) V."""
     s = cublas.matmul(q, k.swapaxes(-1, -2), out_dtype=np.float32)
     p = causal_softmax(s, 1.0 / math.sqrt(q.shape[-1]), q.dtype)
@@ -91,7 +91,8 @@ class CudaScaledDotProductAttention(ScaledDotProductAttention):
 
     @staticmethod
     def supports(q: Any, k: Any = None, v: Any = None, mask: Any = None, causal: bool = True, **kwargs: Any) -> bool:
-        return _fits(q, k, v, mask=mask, causal=causal)
+        # strided q, k, v too (cuBLAS takes them as they are): a decoding step's views of the KV cache
+        return mask is None and causal and usable(q, k, v, contiguous=False) and cublas.usable(q, k, v)
 
     def forward(self, q, k, v, mask=None, causal=True, dropout_p=0.0, generator=None):
         check_sdpa_args(q, k, v, causal, dropout_p)
