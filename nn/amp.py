@@ -43,8 +43,7 @@ def low_dtype(precision: str) -> Any:
     if precision == "fp16":
         return np.dtype(np.float16)
     if precision == "bf16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(backend.optional_module("ml_dtypes", "bf16", "--precision bf16 on the CPU").bfloat16)
     return None
 
 

@@ -51,8 +51,12 @@ class SafetensorsError(ValueError):
 
 
 def _bfloat16() -> Any:
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(backend.optional_module("ml_dtypes", "bf16", "bfloat16 on the CPU").bfloat16)
+
+
+def _safetensors(submodule: str = "") -> Any:
+    """safetensors (or safetensors.numpy): every model, optimizer and checkpoint file (extra [safetensors])."""
+    return backend.optional_module("safetensors" + submodule, "safetensors", "reading and writing weights")
 
 
 def _is_bf16(dtype: Any) -> bool:
@@ -63,7 +67,7 @@ def _supports_native_bf16() -> bool:
     """Can this safetensors version write a bfloat16 NumPy array as BF16? (checked once)"""
     global _native_bf16
     if _native_bf16 is None:
-        from safetensors.numpy import save
+        save = _safetensors(".numpy").save
         try:
             _native_bf16 = b'"BF16"' in save({"x": np.zeros(1, _bfloat16())})
         except Exception:
@@ -117,7 +121,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, Any],
 
     `metadata` is a flat str -> str dict stored in the header (put JSON in the values for more).
     """
-    from safetensors.numpy import save
+    save = _safetensors(".numpy").save
 
     meta = dict(metadata or {})
     for k, v in meta.items():
@@ -233,7 +237,8 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
     Raises FileNotFoundError for a missing file, ValueError naming the file for a corrupt one.
     """
-    from safetensors import SafetensorError, deserialize
+    st = _safetensors()
+    SafetensorError, deserialize = st.SafetensorError, st.deserialize
 
     path = os.fspath(path)
     with open(path, "rb") as f:

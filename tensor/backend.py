@@ -7,6 +7,7 @@ about CuPy; the only global state is the default device.
 """
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any
 
@@ -15,6 +16,19 @@ import numpy as np
 DEVICES = ("cpu", "cuda")
 _default_device = "cpu"
 _cupy: ModuleType | None = None
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the pyproject extra that brings it."""
+
+
+def optional_module(name: str, extra: str, purpose: str) -> ModuleType:
+    """Import an optional dependency, or raise MissingExtra naming the extra to install
+    (`pip install 'tinygrad-lm[EXTRA]'`). The only dependency every path needs is NumPy."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise MissingExtra(f"{purpose} needs the '{name}' package: pip install 'tinygrad-lm[{extra}]'") from e
 
 
 def cupy_module() -> ModuleType:

@@ -269,3 +269,33 @@ def test_overwrite_never_deletes_the_run_being_resumed(tmp_path, corpus, capsys)
     run = tmp_path / "run"
     expect_error(["train", "--resume", str(run), "--max-iters", "2", "--overwrite"], capsys, "--overwrite", str(run))
     assert ckpt_io.resolve(run).name == "step-000001"
+
+
+# ------------------------------------------------------------------ optional packages
+@pytest.mark.parametrize("blocked, argv, extra", [
+    ("safetensors", ["train", "--max-iters", "1"], "[safetensors]"),
+    ("regex", ["train", "--tokenizer", "bpe:300", "--max-iters", "1"], "[bpe]"),
+])
+def test_a_missing_optional_package_names_its_extra(tmp_path, corpus, blocked, argv, extra):
+    """NumPy is the one dependency: without an optional package the command says which extra to install."""
+    import subprocess
+    import sys
+    code = (f"import sys; sys.modules[{blocked!r}] = None; from tinygrad_lm.cli import main; "
+            f"main({argv + ['--data', str(corpus), '--out', str(tmp_path / 'run'), '--cache-dir', str(tmp_path / 'c')]!r})")
+    root = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and extra in r.stderr and "error:" in r.stderr, r.stderr
+
+
+def test_char_tokenizer_and_model_need_only_numpy():
+    """Importing the model and the char tokenizer loads none of the optional packages."""
+    import subprocess
+    import sys
+    code = ("import sys\nfor m in ('regex', 'safetensors', 'ml_dtypes', 'tqdm'): sys.modules[m] = None\n"
+            "import numpy as np\nfrom tinygrad_lm.model import GPT, GPTConfig\nfrom tinygrad_lm.tokenizer import CharTokenizer\n"
+            "t = CharTokenizer.train('hello world')\nm = GPT(GPTConfig(vocab_size=t.vocab_size, block_size=8, n_layer=1, "
+            "n_head=2, n_embd=8))\nidx = np.array([t.encode('hello')])\nprint(m(idx, idx)[1].item() > 0)")
+    root = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "True", (r.stdout, r.stderr)

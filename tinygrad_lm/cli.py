@@ -15,6 +15,7 @@ import importlib
 import sys
 from typing import Any, NoReturn
 
+from tensor.backend import MissingExtra
 from tinygrad_lm.errors import UserError
 
 # command modules, in the order shown by --help
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(2)
     try:
         rc = args.func(args)
-    except UserError as e:
+    except (UserError, MissingExtra) as e:  # bad input, or an optional package not installed
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

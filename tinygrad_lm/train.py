@@ -79,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cli_train(args: argparse.Namespace) -> int:
     backend.tune_host_allocator()
+    backend.optional_module("safetensors", "safetensors", "writing checkpoints")  # now, not at the first checkpoint
     cfg, error = None, None
     try:  # no collectives yet: a failure here on one rank must not leave the others waiting
         cfg = config_from_args(args)

@@ -5,12 +5,15 @@ Nothing here knows about a particular tokenizer; `bpe.py`, `char.py` and `schema
 from __future__ import annotations
 
 import operator
+import re
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
-import regex
-
+from tensor.backend import optional_module
 from tinygrad_lm.errors import UserError
+
+if TYPE_CHECKING:
+    import regex
 
 # Split patterns, exactly as tiktoken ships them (r50k_base for GPT-2, cl100k_base
 # for GPT-4). The possessive forms (`++`, `?+`) are equivalent to the original
@@ -38,7 +41,7 @@ MAX_VOCAB_BYTES = 1 << 26
 # {m,n}, multiplied together (a conservative bound when they nest), must stay below this.
 MAX_PATTERN_REPEATS = 10_000
 MAX_PATTERN_CHARS = 100_000
-_COUNTED_REPEAT = regex.compile(r"\{(\d+)")
+_COUNTED_REPEAT = re.compile(r"\{(\d+)")
 
 
 class TokenizerFileError(UserError, ValueError):
@@ -53,6 +56,11 @@ class TokenizerFileError(UserError, ValueError):
 def resolve_pattern(pattern: str) -> str:
     """Map a pattern name ("gpt2", "gpt4") to its regex; any other string is a regex itself."""
     return PATTERNS.get(pattern, pattern)
+
+
+def regex_module() -> Any:
+    """The `regex` package (the split patterns' Unicode classes such as \\p{L}; extra [bpe])."""
+    return optional_module("regex", "bpe", "the BPE tokenizer's split patterns")
 
 
 def compile_pattern(pattern: str) -> regex.Pattern:
@@ -70,9 +78,10 @@ def compile_pattern(pattern: str) -> regex.Pattern:
                 f"split pattern {short(pattern)} has repeat counts ({{m}}, {{m,}}, {{m,n}}) whose product exceeds "
                 f"{MAX_PATTERN_REPEATS}; the regex engine would expand them in memory"
             )
+    rx = regex_module()
     try:
-        return regex.compile(pattern)
-    except (regex.error, RecursionError, OverflowError) as e:
+        return rx.compile(pattern)
+    except (rx.error, RecursionError, OverflowError) as e:
         raise ValueError(f"invalid split pattern {short(pattern, 200)}: {e}") from None
 
 
@@ -101,7 +110,7 @@ def first_uncovered(compiled: regex.Pattern, text: str, timeout: float | None = 
 def special_regex(specials: frozenset[str]) -> regex.Pattern:
     """One regex matching any of `specials`, longest first, captured (for re.split)."""
     alternatives = sorted(specials, key=lambda s: (-len(s), s))
-    return regex.compile("(" + "|".join(regex.escape(s) for s in alternatives) + ")")
+    return re.compile("(" + "|".join(re.escape(s) for s in alternatives) + ")")
 
 
 def as_texts(text_or_iterable: TextSource) -> Iterable[str]:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
-from typing import Iterable, Sequence
-
-import regex
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from tinygrad_lm.progress import progress as progress_bar
+if TYPE_CHECKING:
+    import regex
+
 from tinygrad_lm.tokenizer.base import MAX_TOKEN_BYTES, MAX_VOCAB_BYTES, special_regex, split, utf8
 
 
