@@ -125,3 +125,24 @@ def run_backward(root: Any, gradient: Any, retain_graph: bool = False) -> None:
                 k = id(inp)
                 prev = grads.get(k)
                 grads[k] = ig if prev is None else prev + ig
+
+
+def backward(out: Any, gradient: Any = None, retain_graph: bool = False) -> None:
+    """Tensor.backward: check the seed gradient (implicit only for a one-element output), then
+    run_backward from the op that made `out`."""
+    from tensor.tensor import Tensor
+    if not out.requires_grad:
+        raise RuntimeError(f"backward: tensor of shape {out.shape} does not require grad "
+                           "(no input had requires_grad=True, or it was made under no_grad)")
+    xp = backend.array_module(out.data)
+    if gradient is None:
+        if out.data.size != 1:
+            raise RuntimeError(f"backward: an implicit gradient needs a one-element output, got shape "
+                               f"{out.shape}; pass gradient= of that shape")
+        gradient = xp.ones_like(out.data)
+    else:
+        gradient = gradient.data if isinstance(gradient, Tensor) else xp.asarray(gradient, dtype=out.dtype)
+        if gradient.shape != out.shape:
+            raise RuntimeError(f"backward: gradient of shape {gradient.shape} does not match "
+                               f"output of shape {out.shape}")
+    run_backward(out._ctx if out._ctx is not None else out, gradient, retain_graph)

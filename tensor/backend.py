@@ -129,6 +129,21 @@ def device_to_host(x: Any) -> np.ndarray:
     return cupy_module().asnumpy(x)
 
 
+def as_array(data: Any, dtype: Any, device: str | None) -> Any:
+    """Arrays keep their device unless `device` is given; other data goes to the default device."""
+    is_array = isinstance(data, np.ndarray) or device_of(data) == "cuda"
+    if is_array:
+        arr = data
+    else:
+        arr = np.asarray(data)
+        if dtype is None and arr.dtype == np.float64 and not isinstance(data, np.generic):
+            arr = arr.astype(np.float32)  # Python floats and lists default to float32
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    target = device or (device_of(arr) if is_array else get_default_device())
+    return to_device(arr, target)
+
+
 def tune_host_allocator() -> bool:
     """Keep freed large arrays in the process heap instead of returning them to the OS.
 

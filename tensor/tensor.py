@@ -125,23 +125,6 @@ class Function:
 
 
 # ----------------------------------------------------------------- Tensor
-def _as_array(data: Any, dtype: Any, device: str | None) -> Any:
-    """Arrays keep their device unless `device` is given; other data goes to the default device."""
-    if isinstance(data, Tensor):
-        data = data.data
-    is_array = isinstance(data, np.ndarray) or backend.device_of(data) == "cuda"
-    if is_array:
-        arr = data
-    else:
-        arr = np.asarray(data)
-        if dtype is None and arr.dtype == np.float64 and not isinstance(data, np.generic):
-            arr = arr.astype(np.float32)  # Python floats and lists default to float32
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
-    target = device or (backend.device_of(arr) if is_array else backend.get_default_device())
-    return backend.to_device(arr, target)
-
-
 class Tensor:
     """An n-dimensional array (NumPy or CuPy) that records how it was computed.
 
@@ -154,7 +137,7 @@ class Tensor:
 
     def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None,
                  device: str | None = None) -> None:
-        self.data = _as_array(data, dtype, device)
+        self.data = backend.as_array(data.data if isinstance(data, Tensor) else data, dtype, device)
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx: Function | None = None
@@ -320,26 +303,12 @@ class Tensor:
 
     # ------------------------------------------------------------ autograd
     def backward(self, gradient: Any = None, retain_graph: bool = False) -> None:
-        """Backpropagate from this tensor into every leaf that requires grad.
+        """Backpropagate from this tensor into every leaf that requires grad (tensor/autograd.py).
 
         `gradient` (dL/dself, same shape) may be omitted only for a one-element tensor.
         Gradients accumulate into `.grad`; saved buffers are freed unless retain_graph.
         """
-        if not self.requires_grad:
-            raise RuntimeError(f"backward: tensor of shape {self.shape} does not require grad "
-                               "(no input had requires_grad=True, or it was made under no_grad)")
-        xp = backend.array_module(self.data)
-        if gradient is None:
-            if self.data.size != 1:
-                raise RuntimeError(f"backward: an implicit gradient needs a one-element output, got shape "
-                                   f"{self.shape}; pass gradient= of that shape")
-            gradient = xp.ones_like(self.data)
-        else:
-            gradient = gradient.data if isinstance(gradient, Tensor) else xp.asarray(gradient, dtype=self.dtype)
-            if gradient.shape != self.shape:
-                raise RuntimeError(f"backward: gradient of shape {gradient.shape} does not match "
-                                   f"output of shape {self.shape}")
-        run_backward(self._ctx if self._ctx is not None else self, gradient, retain_graph)
+        autograd.backward(self, gradient, retain_graph)
 
     # ------------------------------------------------------------ ops (methods)
     # arithmetic, defined in tensor/ops/elementwise.py
