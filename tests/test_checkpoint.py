@@ -34,7 +34,8 @@ def state(step: int, cfg: GPTConfig = CFG) -> dict:
             "train_config": {"seed": 0}, "schedule": WarmupCosine(1e-3, 1e-4, 10, 100).state_dict(),
             "loss_scaler": LossScaler(enabled=False).state_dict(),
             "dropout_rng": np.random.default_rng(step).bit_generator.state,
-            "data_position": {"seed": 0, "next_step": step}, "tokenizer": C.TOKENIZER_FILE}
+            "data_position": {"seed": 0, "next_step": step}, "tokenizer": C.TOKENIZER_FILE,
+            "world_size": 1, "global_batch_size": 1}
 
 
 def writer(step: int, seed: int = 0):
@@ -47,7 +48,7 @@ def writer(step: int, seed: int = 0):
         opt.step()
         save_optimizer(opt, d / C.OPTIM_FILE)
         CharTokenizer(CHARS).save(d / C.TOKENIZER_FILE)
-        C.atomic_write_text(d / C.STATE_FILE, json.dumps(state(step), indent=1))
+        C.atomic_write(d / C.STATE_FILE, json.dumps(state(step), indent=1))
     return write
 
 

@@ -338,7 +338,8 @@ def valid_state(cfg: GPTConfig, step: int = 0) -> dict:
             "train_config": {}, "schedule": WarmupCosine(1e-3, 1e-4, 10, 100).state_dict(),
             "loss_scaler": LossScaler(enabled=False).state_dict(),
             "dropout_rng": np.random.default_rng(0).bit_generator.state,
-            "data_position": {"seed": 0, "next_step": step}, "tokenizer": "tokenizer.json"}
+            "data_position": {"seed": 0, "next_step": step}, "tokenizer": "tokenizer.json",
+            "world_size": 1, "global_batch_size": 1}
 
 
 def make_ckpt(tmp_path: Path, with_tokenizer: bool = True, seed: int = 9, chars: str = CHARS) -> tuple[Path, GPT]:
@@ -351,7 +352,7 @@ def make_ckpt(tmp_path: Path, with_tokenizer: bool = True, seed: int = 9, chars:
 
     def write(d: Path) -> None:
         save_model(model, d / C.MODEL_FILE)
-        C.atomic_write_text(d / C.STATE_FILE, json.dumps(valid_state(cfg)))
+        C.atomic_write(d / C.STATE_FILE, json.dumps(valid_state(cfg)))
         if with_tokenizer:
             CharTokenizer(chars).save(d / C.TOKENIZER_FILE)
     d = C.save(tmp_path / "run", 0, write)
@@ -461,7 +462,7 @@ def test_cli_device_cuda_without_cupy(tmp_path):
         pass
     d, _ = make_ckpt(tmp_path)
     code, err = run_main("sample", "--ckpt", str(d), "--device", "cuda")
-    assert code == 2 and err.startswith("error: --device cuda needs CuPy") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith("error: --device cuda") and "needs CuPy" in err and err.count("\n") == 1, err
     assert "cuda12" in err
 
 
@@ -512,7 +513,7 @@ def test_model_too_big_for_memory_is_refused_before_loading(tmp_path):
 
     def write(d):
         save_model(GPT(cfg), d / C.MODEL_FILE)
-        C.atomic_write_text(d / C.STATE_FILE, json.dumps(valid_state(cfg)))
+        C.atomic_write(d / C.STATE_FILE, json.dumps(valid_state(cfg)))
         CharTokenizer(CHARS).save(d / C.TOKENIZER_FILE)
     d = C.save(tmp_path / "run", 0, write)
     code, err = run_main("sample", "--ckpt", str(d), "--max-new-tokens", "2")

@@ -175,13 +175,13 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, corpus, monkeyp
 def test_crash_before_latest_is_updated_keeps_previous(tmp_path, corpus, monkeypatch):
     cfg = config(tmp_path, corpus, max_iters=4, ckpt_interval=2)
     t, _ = quiet_trainer(cfg)
-    real = ckpt_io.atomic_write_text
+    real = ckpt_io.atomic_write
 
     def crash_on_latest(path, text):
         if Path(path).name == "latest" and "step-000004" in text:
             raise OSError("simulated crash before the pointer moved")
         return real(path, text)
-    monkeypatch.setattr(ckpt_io, "atomic_write_text", crash_on_latest)
+    monkeypatch.setattr(ckpt_io, "atomic_write", crash_on_latest)
     with pytest.raises(UserError, match="simulated crash"):
         t.run()
     monkeypatch.undo()
@@ -208,7 +208,7 @@ def test_keep_prunes_oldest_by_step_number(tmp_path):
     """Pruning keeps the newest `keep` checkpoints by step, also past step 999999 (7 digits)."""
     def writer(step):
         def write(d):
-            ckpt_io.atomic_write_text(d / "state.json", json.dumps({"step": step}))
+            ckpt_io.atomic_write(d / "state.json", json.dumps({"step": step}))
         return write
     for step in (999_998, 999_999, 1_000_000, 1_000_001):
         ckpt_io.save(tmp_path, step, writer(step), keep=2)

@@ -51,7 +51,7 @@ from nn.serialization import atomic_write, fsync_dir, read_safetensors_header
 from tinygrad_lm.errors import UserError
 
 __all__ = ["CheckpointError", "resolve", "list_checkpoints", "save", "verify", "write_manifest", "read_state",
-           "validate_state", "load_tokenizer", "newest_verified", "fsync_dir", "atomic_write_text"]
+           "validate_state", "load_tokenizer", "newest_verified", "fsync_dir", "atomic_write"]
 
 STATE_FILE, MODEL_FILE, OPTIM_FILE, TOKENIZER_FILE = "state.json", "model.safetensors", "optimizer.safetensors", "tokenizer.json"
 MANIFEST_FILE, LATEST_FILE = "manifest.json", "latest"
@@ -62,11 +62,6 @@ _MAX_JSON = 64 << 20            # state.json / manifest.json larger than this ar
 
 class CheckpointError(UserError):
     """A checkpoint is missing, damaged or inconsistent; the message names the file."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """The project's atomic write, for the text files of a checkpoint (state.json, latest)."""
-    atomic_write(path, text)
 
 
 # ---------------------------------------------------------------- small readers
@@ -330,7 +325,7 @@ def save(run_dir: str | os.PathLike, step: int, write_files: Callable[[Path], An
         os.replace(final, aside)
     os.replace(tmp, final)
     fsync_dir(run)
-    atomic_write_text(run / LATEST_FILE, name + "\n")
+    atomic_write(run / LATEST_FILE, name + "\n")
     if aside.exists():
         shutil.rmtree(aside, ignore_errors=True)
     _prune(run, step, keep)

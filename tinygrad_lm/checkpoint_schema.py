@@ -23,7 +23,7 @@ __all__ = ["validate_state", "STATE_FORMATS", "REQUIRED_KEYS"]
 
 STATE_FORMATS = (1,)            # state.json "format" values this version reads
 REQUIRED_KEYS = ("format", "step", "tokens_seen", "best_val", "model_config", "train_config", "schedule",
-                 "loss_scaler", "dropout_rng", "data_position", "tokenizer")
+                 "loss_scaler", "dropout_rng", "data_position", "tokenizer", "world_size", "global_batch_size")
 
 
 def _expect(path: Path, key: str, ok: bool, want: str, found: Any) -> None:
@@ -102,6 +102,14 @@ def validate_state(path: Path, st: Any) -> dict:
     _expect(path, "data_position.next_step", dp.get("next_step") == st["step"] and _is_int(dp.get("next_step")),
             f"the step, {st['step']}", dp.get("next_step", "(missing)"))
     _expect(path, "tokenizer", isinstance(st["tokenizer"], str), "a file name", st["tokenizer"])
+    for k in ("world_size", "global_batch_size"):
+        _expect(path, k, _is_int(st[k]) and st[k] >= 1, "an integer >= 1", st[k])
+    tc = st["train_config"]
+    per_rank = tc.get("batch_size"), tc.get("grad_accum", 1)
+    if all(_is_int(v) for v in per_rank):  # (their own types are the config's to check)
+        want = per_rank[0] * per_rank[1] * st["world_size"]
+        _expect(path, "global_batch_size", st["global_batch_size"] == want,
+                f"batch_size x grad_accum x world_size = {want}", st["global_batch_size"])
     return st
 
 

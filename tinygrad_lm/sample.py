@@ -279,10 +279,9 @@ def check_cli_args(args: argparse.Namespace) -> None:
         raise UserError("--prompt is empty; give at least one character")
     if args.device == "cuda":
         try:
-            import cupy  # noqa: F401
-        except Exception as e:  # ImportError, or a CuPy that finds no CUDA
-            raise UserError(f"--device cuda needs CuPy, which cannot be imported ({type(e).__name__}: {e}); install "
-                            "the extra matching your CUDA: pip install 'tinygrad-lm[cuda12]' (or [cuda13])") from None
+            backend.cupy_module()  # names the extra to install
+        except RuntimeError as e:
+            raise UserError(f"--device cuda: {e}") from None
 
 
 def _encode_prompt(tok: Any, text: str, what: str) -> list[int]:
@@ -294,16 +293,12 @@ def _encode_prompt(tok: Any, text: str, what: str) -> list[int]:
 
 def cli_sample(args: argparse.Namespace) -> int:
     backend.tune_host_allocator()
-    try:
-        check_cli_args(args)
-        model, tok = load_checkpoint_model(args.ckpt, args.device)
-        ids = _encode_prompt(tok, args.prompt, "--prompt")
-        if not ids:
-            raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")
-        stops = [t for s in args.stop for t in _encode_prompt(tok, s, f"--stop {s!r}")[:1]]
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_cli_args(args)  # bad input raises UserError: `error: ...`, exit 2 (tinygrad_lm/cli.py)
+    model, tok = load_checkpoint_model(args.ckpt, args.device)
+    ids = _encode_prompt(tok, args.prompt, "--prompt")
+    if not ids:
+        raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")
+    stops = [t for s in args.stop for t in _encode_prompt(tok, s, f"--stop {s!r}")[:1]]
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         out = _TextStream(tok)
