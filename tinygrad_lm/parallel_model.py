@@ -103,7 +103,7 @@ class TensorParallelGPT(GPT):
         """Parameter name -> how it is split (tensor_parallel.KINDS: rep, rows, qkv, cols, vocab)."""
         kinds = {}
         for mname, m in self.named_modules():
-            for pname, kind in getattr(m, "tp_kinds", {}).items():
+            for pname, kind in getattr(m, "shard_kinds", {}).items():
                 kinds[f"{mname}.{pname}" if mname else pname] = kind
         return {n: kinds.get(n, "rep") for n, _ in self.named_parameters()}
 

@@ -160,7 +160,7 @@ class ColumnParallelLinear(Linear):
     def __init__(self, weight: Parameter, bias: Parameter | None, comm: Any, parts: int = 1) -> None:
         self.weight, self.bias, self.comm = weight, bias, comm
         self.out_features, self.in_features = weight.shape[0] * comm.size, weight.shape[1]
-        self.tp_kinds = {"weight": "qkv" if parts == 3 else "rows", "bias": "qkv" if parts == 3 else "rows"}
+        self.shard_kinds = {"weight": "qkv" if parts == 3 else "rows", "bias": "qkv" if parts == 3 else "rows"}
 
     @classmethod
     def from_linear(cls, lin: Linear, comm: Any, parts: int = 1) -> "ColumnParallelLinear":
@@ -185,7 +185,7 @@ class RowParallelLinear(Linear):
     def __init__(self, weight: Parameter, bias: Parameter | None, comm: Any) -> None:
         self.weight, self.bias, self.comm = weight, bias, comm
         self.out_features, self.in_features = weight.shape[0], weight.shape[1] * comm.size
-        self.tp_kinds = {"weight": "cols", "bias": "rep"}
+        self.shard_kinds = {"weight": "cols", "bias": "rep"}
 
     @classmethod
     def from_linear(cls, lin: Linear, comm: Any) -> "RowParallelLinear":
@@ -211,7 +211,7 @@ class VocabParallelEmbedding(Module):
     def __init__(self, weight: Parameter, comm: Any, num_embeddings: int) -> None:
         self.weight, self.comm, self.num_embeddings = weight, comm, num_embeddings
         self.start = comm.rank * weight.shape[0]
-        self.tp_kinds = {"weight": "vocab"}
+        self.shard_kinds = {"weight": "vocab"}
 
     @classmethod
     def from_embedding(cls, emb: Any, comm: Any) -> "VocabParallelEmbedding":

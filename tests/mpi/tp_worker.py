@@ -123,11 +123,18 @@ def pieces(out: Path) -> int:
     return 0
 
 
-def train(out: Path, corpus: str, steps: int, batch: int, tp: int, zero: int, resume: str | None) -> int:
+def tp_config(corpus: str, out: str, batch: int, steps: int, zero: int = 0, tp: int = 1) -> object:
+    """dp_worker's tiny GPT (4 heads, so tp 2 and 4 divide them) with a schedule that does not depend on
+    `steps` (so a run resumed to more steps continues the same schedule)."""
     from dp_worker import tiny_config
+    return dataclasses.replace(tiny_config(corpus, out, batch, steps, zero=zero), tp=tp, lr_decay_iters=8,
+                               model=dataclasses.replace(tiny_config(corpus, out, batch, steps).model, n_head=4))
+
+
+def train(out: Path, corpus: str, steps: int, batch: int, tp: int, zero: int, resume: str | None) -> int:
     from tinygrad_lm.train import Trainer
     world = init()
-    cfg = dataclasses.replace(tiny_config(corpus, str(out / "run"), batch, steps, zero=zero), tp=tp)
+    cfg = tp_config(corpus, str(out / "run"), batch, steps, zero=zero, tp=tp)
     trainer = Trainer(cfg, world=world, log=lambda s: None, resume=resume)
 
     def work() -> int:
