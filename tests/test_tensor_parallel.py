@@ -153,3 +153,45 @@ def test_tp2_checkpoint_resumes_on_one_process_and_on_dp2(tmp_path: Path, single
                      str(ckpt)], timeout=240)
     assert dp.returncode == 0, dp.stdout + dp.stderr
     check_equal(tmp_path / "dp2", (single["ref5"][0][STEPS:], single["ref5"][1]), 2)
+
+
+def test_tp2_zero1_checkpoint_resumes_resharded_on_dp2_x_tp2(tmp_path: Path, single: dict) -> None:
+    """Weights and the ZeRO-1 moments saved unsharded by tp 2, loaded by dp 2 x tp 2 (both split again)."""
+    first = run_mpi(2, [str(WORKER), "train", str(tmp_path / "a"), single["corpus"], str(STEPS), str(BATCH), "2",
+                        "1"], timeout=240)
+    assert first.returncode == 0, first.stdout + first.stderr
+    ckpt = tmp_path / "a" / "run" / f"step-{STEPS:06d}"
+    again = run_mpi(4, [str(WORKER), "train", str(tmp_path / "b"), single["corpus"], "5", str(BATCH // 2), "2", "1",
+                        str(ckpt)], timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    check_equal(tmp_path / "b", (single["ref5"][0][STEPS:], single["ref5"][1]), 4)
+
+
+def test_cli_tp2_trains_and_sample_loads_its_checkpoint_on_one_process(tmp_path: Path, corpus: str) -> None:
+    common = ["-m", "tinygrad_lm", "train", "--data", corpus, "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+              "--block-size", "8", "--batch-size", "2", "--eval-iters", "1", "--progress", "false",
+              "--max-iters", "2", "--eval-interval", "2", "--cache-dir", str(tmp_path / "cache")]
+    r = run_mpi(2, common + ["--tp", "2", "--out", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "layout: dp 1 x pp 1 x tp 2 = 2 ranks" in r.stdout
+    import subprocess
+    from tests.test_mpi import mpi_env
+    s = subprocess.run([sys.executable, "-m", "tinygrad_lm", "sample", "--ckpt", str(tmp_path / "run"),
+                        "--max-new-tokens", "5"], cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=60)
+    assert s.returncode == 0, s.stderr
+
+
+@pytest.mark.parametrize("n,flags,message", [
+    (2, ["--tp", "2", "--n-head", "3", "--n-embd", "12"], "--tp 2: n_head 3 is not divisible by tp"),
+    (3, ["--tp", "2"], "the job has 3 ranks but --dp 1 x --pp 1 x --tp 2 = 2"),
+    (2, ["--tp", "2", "--dp", "2"], "the job has 2 ranks but --dp 2 x --pp 1 x --tp 2 = 4"),
+], ids=["n_head", "world", "dp"])
+def test_bad_layouts_fail_on_every_rank_before_training(tmp_path: Path, corpus: str, n: int, flags: list,
+                                                        message: str) -> None:
+    args = ["-m", "tinygrad_lm", "train", "--data", corpus, "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+            "--block-size", "8", "--max-iters", "2", "--progress", "false", "--out", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache")]
+    r = run_mpi(n, args + flags, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.count(message) == n, r.stderr  # every rank says why
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -98,6 +98,11 @@ class TensorParallelGPT(GPT):
         raise NotImplementedError("TensorParallelGPT: incremental decoding runs on one process; load the "
                                   "checkpoint into a GPT (python -m tinygrad_lm sample)")
 
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all tp ranks, vocabulary padding left out)."""
+        kinds, tp, V = self.tp_kinds(), self.comm.size, self.config.vocab_size
+        return sum(int(np.prod(full_shape(kinds[n], p.shape, tp, V))) for n, p in self.named_parameters())
+
     # ------------------------------------------------------------ layout
     def tp_kinds(self) -> dict[str, str]:
         """Parameter name -> how it is split (tensor_parallel.KINDS: rep, rows, qkv, cols, vocab)."""
