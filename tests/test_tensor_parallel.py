@@ -83,12 +83,15 @@ def test_pieces_equal_the_unsplit_ops_and_the_collectives_are_counted(tmp_path: 
     assert res["backward"] == {"allreduce": 2 * L + 1}
 
 
-def reference(corpus: str, out: Path, batch: int, steps: int, resume: str | None = None) -> tuple[list, dict]:
+def reference(corpus: str, out: Path, batch: int, steps: int, resume: str | None = None,
+              device: str = "cpu") -> tuple[list, dict]:
     """One process: the losses of each step and the final weights."""
+    import dataclasses
     sys.path.insert(0, str(WORKER.parent))
     from tp_worker import tp_config
     from tinygrad_lm.train import Trainer
-    t = Trainer(tp_config(corpus, str(out), batch, steps), log=lambda s: None, resume=resume)
+    cfg = dataclasses.replace(tp_config(corpus, str(out), batch, steps), device=device)
+    t = Trainer(cfg, log=lambda s: None, resume=resume)
     losses = []
     while t.step < steps:
         losses.append(float(t.train_step()))
@@ -150,7 +153,7 @@ def test_tp2_checkpoint_resumes_on_one_process_and_on_dp2(tmp_path: Path, single
         assert_close(weights[k], v, k)
     # dp 2 (tp 1), resumed to 5 steps
     dp = run_mpi(2, [str(WORKER), "train", str(tmp_path / "dp2"), single["corpus"], "5", str(BATCH // 2), "1", "0",
-                     str(ckpt)], timeout=240)
+                     f"resume={ckpt}"], timeout=240)
     assert dp.returncode == 0, dp.stdout + dp.stderr
     check_equal(tmp_path / "dp2", (single["ref5"][0][STEPS:], single["ref5"][1]), 2)
 
@@ -162,7 +165,7 @@ def test_tp2_zero1_checkpoint_resumes_resharded_on_dp2_x_tp2(tmp_path: Path, sin
     assert first.returncode == 0, first.stdout + first.stderr
     ckpt = tmp_path / "a" / "run" / f"step-{STEPS:06d}"
     again = run_mpi(4, [str(WORKER), "train", str(tmp_path / "b"), single["corpus"], "5", str(BATCH // 2), "2", "1",
-                        str(ckpt)], timeout=240)
+                        f"resume={ckpt}"], timeout=240)
     assert again.returncode == 0, again.stdout + again.stderr
     check_equal(tmp_path / "b", (single["ref5"][0][STEPS:], single["ref5"][1]), 4)
 
@@ -195,3 +198,16 @@ def test_bad_layouts_fail_on_every_rank_before_training(tmp_path: Path, corpus: 
     assert r.returncode == 2
     assert r.stderr.count(message) == n, r.stderr  # every rank says why
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_gpu_tp2_on_cuda_equals_one_gpu_process(tmp_path: Path, single: dict, zero: int) -> None:
+    """The same code with CuPy arrays: 2 ranks (sharing one GPU: host-staged; one GPU each: NCCL)
+    against one process on the GPU."""
+    from tensor import backend
+    if not backend.cuda_available():
+        pytest.skip("needs CuPy and an NVIDIA GPU")
+    r = run_mpi(2, [str(WORKER), "train", str(tmp_path), single["corpus"], str(STEPS), str(BATCH), "2", str(zero),
+                    "device=cuda"], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_equal(tmp_path, reference(single["corpus"], tmp_path / "ref", BATCH, STEPS, device="cuda"), 2)

@@ -302,11 +302,12 @@ def clip_grad_norm_shared_(params: Sequence[Any], max_norm: float, shared: Share
     norm exceeds max_norm), the norm taken over every rank's parameters, each counted once:
     norm^2 = sum over ranks of sum_p w_p |grad_p|^2 (see SharedNorm). Returns the norm, a float
     (one small all-reduce and one device sync); non-finite: grads left as they are."""
-    total = 0.0
+    total = None  # a 0-d array on the grads' device: one sync below, not one per parameter
     for p in params:
         if p.grad is not None:
-            total += shared.weight(p) * float(sum_of_squares(p.grad))
-    norm = float(np.sqrt(shared.comm.allreduce_scalar(total, "sum")))
+            s = sum_of_squares(p.grad) * shared.weight(p)
+            total = s if total is None else total + s
+    norm = float(np.sqrt(shared.comm.allreduce_scalar(float(total) if total is not None else 0.0, "sum")))
     if np.isfinite(norm) and max_norm > 0 and norm > max_norm:
         for p in params:
             if p.grad is not None:

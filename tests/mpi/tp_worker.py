@@ -3,11 +3,11 @@
 MODE pieces OUT:  f, g, the column-, row- and vocabulary-parallel pieces against the unsplit ops
                   (float64, tp = N), and the collectives of one GPT forward and backward;
                   rank 0 writes OUT/pieces.json.
-MODE train OUT CORPUS STEPS BATCH TP ZERO [RESUME]: a few training steps of a tiny GPT on the
+MODE train OUT CORPUS STEPS BATCH TP ZERO [resume=CKPT] [device=cuda]: a few training steps of a tiny GPT on the
                   layout dp = N / TP x tp = TP (batch BATCH per data-parallel rank); rank 0 writes
                   OUT/result.json (losses) and OUT/weights.npz (the full weights); every rank
                   writes OUT/replicated.<rank>.json (checksums of its replicated parameters).
-                  A checkpoint is saved at the end (OUT/run). RESUME: a checkpoint to start from.
+                  A checkpoint is saved at the end (OUT/run); resume=CKPT: a checkpoint to start from.
 """
 from __future__ import annotations
 
@@ -131,10 +131,11 @@ def tp_config(corpus: str, out: str, batch: int, steps: int, zero: int = 0, tp: 
                                model=dataclasses.replace(tiny_config(corpus, out, batch, steps).model, n_head=4))
 
 
-def train(out: Path, corpus: str, steps: int, batch: int, tp: int, zero: int, resume: str | None) -> int:
+def train(out: Path, corpus: str, steps: int, batch: int, tp: int, zero: int, resume: str | None,
+          device: str = "cpu") -> int:
     from tinygrad_lm.train import Trainer
     world = init()
-    cfg = tp_config(corpus, str(out / "run"), batch, steps, zero=zero, tp=tp)
+    cfg = dataclasses.replace(tp_config(corpus, str(out / "run"), batch, steps, zero=zero, tp=tp), device=device)
     trainer = Trainer(cfg, world=world, log=lambda s: None, resume=resume)
 
     def work() -> int:
@@ -160,7 +161,8 @@ def main() -> int:
     if mode == "pieces":
         return pieces(out)
     corpus, steps, batch, tp, zero = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-    return train(out, corpus, steps, batch, tp, zero, sys.argv[8] if len(sys.argv) > 8 else None)
+    extra = dict(a.split("=", 1) for a in sys.argv[8:])  # resume=CKPT, device=cuda
+    return train(out, corpus, steps, batch, tp, zero, extra.get("resume"), extra.get("device", "cpu"))
 
 
 if __name__ == "__main__":
