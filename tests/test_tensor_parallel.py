@@ -68,6 +68,16 @@ def test_layout_errors_name_the_flag() -> None:
     assert check_layout(make_config(None, None, tp=2, n_head=4), 4) == 2
 
 
+def test_memory_estimate_divides_what_tp_splits() -> None:
+    from tinygrad_lm.memory import estimate
+    from tinygrad_lm.model import GPTConfig
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    one, two = estimate(cfg, 4, tp=1), estimate(cfg, 4, tp=2)
+    for k in ("parameters", "gradients", "optimizer", "logits"):
+        assert two[k] == one[k] // 2, k
+    assert two["other activations"] == one["other activations"]  # replicated ones dominate: kept whole
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_pieces_equal_the_unsplit_ops_and_the_collectives_are_counted(tmp_path: Path, n: int) -> None:
     r = run_mpi(n, [str(WORKER), "pieces", str(tmp_path)], timeout=120)
@@ -182,6 +192,15 @@ def test_cli_tp2_trains_and_sample_loads_its_checkpoint_on_one_process(tmp_path:
     s = subprocess.run([sys.executable, "-m", "tinygrad_lm", "sample", "--ckpt", str(tmp_path / "run"),
                         "--max-new-tokens", "5"], cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=60)
     assert s.returncode == 0, s.stderr
+
+
+def test_a_rank_that_dies_mid_run_ends_the_tp_job(tmp_path: Path, single: dict) -> None:
+    import time
+    t0 = time.time()
+    r = run_mpi(2, [str(WORKER), "train", str(tmp_path), single["corpus"], str(STEPS), str(BATCH), "2", "0",
+                    "fail=1"], timeout=90)
+    assert r.returncode != 0 and "injected failure on rank 1" in r.stdout + r.stderr
+    assert time.time() - t0 < 60
 
 
 @pytest.mark.parametrize("n,flags,message", [

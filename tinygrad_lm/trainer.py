@@ -149,7 +149,7 @@ class Trainer:
         else:
             self.tokenizer = build_tokenizer(cfg, files)
         mcfg = cfg.model_config(self.tokenizer.vocab_size)
-        check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True)
+        check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True, tp=cfg.tp)
         self.data = TokenData(tokenize_to_cache(files, self.tokenizer, cfg.cache_dir), mcfg.block_size,
                               cfg.val_fraction)
         self.model = GPT(mcfg, seed=cfg.seed)

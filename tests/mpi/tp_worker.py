@@ -3,11 +3,12 @@
 MODE pieces OUT:  f, g, the column-, row- and vocabulary-parallel pieces against the unsplit ops
                   (float64, tp = N), and the collectives of one GPT forward and backward;
                   rank 0 writes OUT/pieces.json.
-MODE train OUT CORPUS STEPS BATCH TP ZERO [resume=CKPT] [device=cuda]: a few training steps of a tiny GPT on the
+MODE train OUT CORPUS STEPS BATCH TP ZERO [resume=CKPT] [device=cuda] [fail=1]: a few training steps of a tiny GPT on the
                   layout dp = N / TP x tp = TP (batch BATCH per data-parallel rank); rank 0 writes
                   OUT/result.json (losses) and OUT/weights.npz (the full weights); every rank
                   writes OUT/replicated.<rank>.json (checksums of its replicated parameters).
-                  A checkpoint is saved at the end (OUT/run); resume=CKPT: a checkpoint to start from.
+                  A checkpoint is saved at the end (OUT/run); resume=CKPT: a checkpoint to start from;
+                  fail=1: rank 1 raises before step 2 while rank 0 waits in its collectives (the job must end).
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def tp_config(corpus: str, out: str, batch: int, steps: int, zero: int = 0, tp: 
 
 
 def train(out: Path, corpus: str, steps: int, batch: int, tp: int, zero: int, resume: str | None,
-          device: str = "cpu") -> int:
+          device: str = "cpu", fail: bool = False) -> int:
     from tinygrad_lm.train import Trainer
     world = init()
     cfg = dataclasses.replace(tp_config(corpus, str(out / "run"), batch, steps, zero=zero, tp=tp), device=device)
@@ -141,6 +142,8 @@ def train(out: Path, corpus: str, steps: int, batch: int, tp: int, zero: int, re
     def work() -> int:
         losses = []
         while trainer.step < steps:
+            if fail and world.rank == 1 and trainer.step == 1:
+                raise RuntimeError("injected failure on rank 1")
             losses.append(trainer.check_finite(trainer.train_step()))
         trainer.save_checkpoint()
         weights = trainer.model.state_dict()  # full layout (a collective with tp)
@@ -162,7 +165,8 @@ def main() -> int:
         return pieces(out)
     corpus, steps, batch, tp, zero = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
     extra = dict(a.split("=", 1) for a in sys.argv[8:])  # resume=CKPT, device=cuda
-    return train(out, corpus, steps, batch, tp, zero, extra.get("resume"), extra.get("device", "cpu"))
+    return train(out, corpus, steps, batch, tp, zero, extra.get("resume"), extra.get("device", "cpu"),
+                 extra.get("fail") == "1")
 
 
 if __name__ == "__main__":
