@@ -318,7 +318,7 @@ def clip_grad_norm_shared_(params: Sequence[Any], max_norm: float, shared: Share
 # ---------------------------------------------------------------- counting collectives
 class CountingComm:
     """Wraps a Communicator and counts its collectives: calls[name] and nbytes[name] (bytes of
-    the buffer each rank hands in). Everything else is passed through."""
+    the buffer each rank hands in), for every collective it has. Everything else is passed through."""
 
     def __init__(self, comm: Any) -> None:
         self.comm = comm
@@ -345,5 +345,15 @@ class CountingComm:
         self._count("allreduce_scalar", np.zeros(1))
         return self.comm.allreduce_scalar(value, op)
 
-    def __getattr__(self, name: str) -> Any:  # broadcast, barrier, any, ... (not counted)
-        return getattr(self.comm, name)
+    OTHERS = ("broadcast", "reduce_scatter", "send", "recv", "barrier", "any", "all")
+
+    def __getattr__(self, name: str) -> Any:
+        """The other collectives, counted too (by calls; bytes of a first array argument)."""
+        attr = getattr(self.comm, name)
+        if name not in self.OTHERS:
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._count(name, args[0] if args and hasattr(args[0], "nbytes") else np.zeros(0))
+            return attr(*args, **kwargs)
+        return counted
