@@ -233,6 +233,7 @@ def main() -> None:
            "tp_bytes": tp_bytes(configs, tps, args.memory_batch)}
     if not args.skip_throughput:
         out["tp_throughput"] = tp_throughput(args, configs, layouts)
+    out["load_average_end"] = os.getloadavg()
     print(json.dumps(out, indent=1))
 
 
