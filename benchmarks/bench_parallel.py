@@ -1,7 +1,8 @@
 """Model parallelism (issue 17): what tensor parallelism saves per rank, what it sends, how it scales.
 
     python benchmarks/bench_parallel.py                                  # here: tp 1, 2 (2 cores)
-    python benchmarks/bench_parallel.py --tp 1,2,4,8 --mixes 2x2,4x2,2x4 --steps 10   # the 16-core host
+    python benchmarks/bench_parallel.py --tp 1,2,3,4,6,8 --mixes 2x2,4x2,2x4,2x3 --steps 10   # the 16-core host
+    python benchmarks/bench_parallel.py --device cuda --tp 1,2 --batch 16 --steps 10           # ranks sharing one GPU
 
 Sections (one function each; the pipeline-parallel rows live in their own functions):
 
@@ -151,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = make_config("shakespeare-char", None, data=args.data, out=os.path.join(args.tmp, f"run{world.size}"),
                       progress=False, sample_tokens=0, cache_dir=os.path.join(args.tmp, "cache"),
                       max_iters=args.steps + args.warmup, eval_interval=10 ** 6, ckpt_interval=10 ** 6,
-                      batch_size=args.batch, tp=args.tp_one, dp=args.dp_one, **CONFIGS[args.config])
+                      batch_size=args.batch, tp=args.tp_one, dp=args.dp_one, device=args.device, **CONFIGS[args.config])
     tr = Trainer(cfg, world=world, log=lambda s: None)
     for _ in range(args.warmup):
         tr.train_step()
@@ -159,10 +160,14 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     for _ in range(args.steps):
         tr.train_step()
+    if args.device == "cuda":
+        from tensor import backend
+        backend.cupy_module().cuda.Device().synchronize()
     world.barrier()
     dt = time.perf_counter() - t0
     if world.rank == 0:
-        out = {"config": args.config, "dp": args.dp_one, "tp": args.tp_one, "ranks": world.size,
+        out = {"config": args.config, "device": args.device, "transport": getattr(world, "transport", None),
+               "dp": args.dp_one, "tp": args.tp_one, "ranks": world.size,
                "batch_per_dp_rank": args.batch, "steps": args.steps,
                "tokens_per_s": args.steps * tr.global_batch_size * cfg.model.block_size / dt,
                "step_ms": 1000 * dt / args.steps}
@@ -188,7 +193,8 @@ def tp_throughput(args: argparse.Namespace, configs: list[str], layouts: list[tu
                     continue
                 cmd = [mpiexec(), "-n", str(dp * tp), sys.executable, os.path.abspath(__file__), "--worker",
                        "--config", name, "--tp-one", str(tp), "--dp-one", str(dp), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--data", args.data, "--tmp", tmp]
+                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--data", args.data, "--tmp", tmp,
+                       "--device", args.device]
                 r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
                 line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
                 if r.returncode or not line:
@@ -212,6 +218,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="sequences per data-parallel rank")
     p.add_argument("--memory-batch", type=int, default=2)
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: every rank on the GPU (ranks sharing one GPU go through host memory)")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
     p.add_argument("--worker", action="store_true")
     p.add_argument("--config", default="gpt-medium")
