@@ -40,6 +40,7 @@ from tinygrad_lm.plot import plot_losses, truncate_metrics
 from tinygrad_lm.progress import progress
 from tinygrad_lm.memory import check_fits
 
+
 class ParallelLayout:
     """The (dp, pp, tp) grid of a job (nn.distributed.Grid) and the data-parallel world the
     gradients are averaged over. One process, or tp = pp = 1: dp_world is the world itself.
@@ -363,7 +364,7 @@ class Trainer:
                      f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
             dp = self.dp_world.size
             self.log(f"global batch {self.global_batch_size} sequences = batch_size {cfg.batch_size} x grad_accum "
-                     f"{cfg.grad_accum} x {dp} data-parallel rank{'s' if dp > 1 else ''}")
+                     f"{cfg.grad_accum} x {dp} {'data-parallel ' if cfg.tp * cfg.pp > 1 else ''}rank{'s' if dp > 1 else ''}")
             if cfg.tp > 1 or cfg.pp > 1:
                 self.log(f"layout: dp {dp} x pp {cfg.pp} x tp {cfg.tp} = {self.world.size} ranks"
                          + ("; samples at evaluation are off (they decode on one process)" if cfg.sample_tokens else ""))
