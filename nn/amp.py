@@ -111,6 +111,15 @@ class LossScaler:
         self._found_inf = bool(backend.to_numpy(bad).any()) if bad is not None else False
         return not self._found_inf
 
+    def agree(self, comm: Any) -> bool:
+        """After unscale_: when the gradients are split over comm's ranks (model parallelism), an
+        overflow on any rank is an overflow on all of them (one small all-reduce); returns True when
+        every rank's gradients are finite, so every rank steps or skips together."""
+        if not self.enabled or self._found_inf is None:
+            return True
+        self._found_inf = comm.any(self._found_inf)
+        return not self._found_inf
+
     def update(self) -> None:
         """After an overflow: scale *= backoff and the step counts as skipped; after
         growth_interval clean steps in a row: scale *= growth."""

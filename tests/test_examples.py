@@ -51,9 +51,9 @@ def matches(promise: list[str], printed: str) -> None:
         i += 1
 
 
-def test_the_tour_is_numbered_1_to_6_and_in_the_readme() -> None:
+def test_the_tour_is_numbered_1_to_7_and_in_the_readme() -> None:
     names = sorted(p.name for p in EX.glob("0[1-9]_*.py"))
-    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06"]
+    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06", "07"]
     readme = (ROOT / "README.md").read_text()
     learn = readme.split("## Learn", 1)[1].split("\n## ", 1)[0]
     positions = [learn.index(f"examples/{n}") for n in names]
@@ -141,3 +141,18 @@ def test_06_under_mpiexec_two_ranks(corpus: Path) -> None:
     promise = [l for l in promised_output(p) if l != "..."]
     matches([l.replace("4.4...", "...").replace("step  49", "step   1").replace("2.7...", "...") for l in promise],
             out)
+
+
+def test_07_runs_as_one_process() -> None:
+    out = run(script("07"))
+    assert "tensor parallel over 1 rank:" in out and "max |y_split - y| = 0.0e+00" in out
+
+
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install 'tinygrad-lm[mpi]')")
+def test_07_under_mpiexec_two_ranks_equals_the_whole_mlp() -> None:
+    pytest.importorskip("mpi4py")
+    p = script("07")
+    out = run(p, launcher=[mpiexec(), "-n", "2"], timeout=120)
+    matches(promised_output(p), out)
+    for gap in re.findall(r"= ([\d.]+e[-+]\d+)", out):
+        assert float(gap) < 1e-5, out  # float32 round-off

@@ -73,6 +73,11 @@ class TrainConfig:
     cuda_graph: bool = False         # GPU: record forward+backward once as a CUDA graph, replay it each step
     progress: bool = True
     collective_timeout: float = 0.0  # seconds a collective may take before the job is aborted; 0: no limit
+    # parallel layout (a property of the launch, not of the run: a run resumes on any layout)
+    tp: int = 1                      # tensor-parallel ranks (Megatron-LM: heads, MLP and vocabulary split)
+    pp: int = 1                      # pipeline-parallel stages (blocks split; micro-batches = grad_accum)
+    dp: int = 0                      # data-parallel ranks; 0: world size / (tp x pp)
+    pp_schedule: str = "1f1b"        # pipeline schedule: "gpipe" or "1f1b"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -153,10 +158,24 @@ def validate(cfg: TrainConfig) -> None:
     elif cfg.tokenizer != "char" and not cfg.tokenizer.endswith(".json"):
         raise _bad("tokenizer", f"expected 'char', 'bpe:VOCAB' or a tokenizer .json file, got {cfg.tokenizer!r}")
     choices = {"allreduce_dtype": ("float32", "float16"), "zero": (0, 1), "precision": tuple(PRECISIONS),
-               "device": ("cpu", "cuda")}
+               "device": ("cpu", "cuda"), "pp_schedule": ("gpipe", "1f1b")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise _bad(name, f"must be one of {', '.join(map(str, allowed))}; got {getattr(cfg, name)!r}")
+    for name in ("tp", "pp"):
+        if getattr(cfg, name) < 1:
+            raise _bad(name, f"must be at least 1, got {getattr(cfg, name)}")
+    if cfg.dp < 0:
+        raise _bad("dp", f"must be at least 1 (or 0: world size / (tp x pp)), got {cfg.dp}")
+    if cfg.model.n_head % cfg.tp:
+        raise ConfigError(f"--tp {cfg.tp}: n_head {cfg.model.n_head} is not divisible by tp (each tensor-parallel "
+                          f"rank holds whole attention heads); choose a tp that divides {cfg.model.n_head}")
+    if cfg.model.n_layer < cfg.pp:
+        raise ConfigError(f"--pp {cfg.pp}: only {cfg.model.n_layer} layers (n_layer) to split into {cfg.pp} "
+                          f"pipeline stages; expected pp <= n_layer")
+    if cfg.cuda_graph and (cfg.pp > 1 or cfg.tp > 1):
+        raise ConfigError(f"--cuda-graph is not supported with model parallelism (--tp {cfg.tp}, --pp {cfg.pp}): "
+                          "its collectives would have to be recorded in the graph")
     if cfg.zero and cfg.precision == "fp16":
         raise ConfigError("--zero 1 does not support --precision fp16 (its loss scaler); use bf16 or fp32")
     if cfg.cuda_graph and (cfg.device != "cuda" or cfg.grad_accum != 1 or cfg.model.dropout > 0):
@@ -305,6 +324,7 @@ def make_config(preset: str | None = None, config_file: str | None = None, **ove
 RESUMABLE = ("max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "beta1",
              "beta2", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "sample_tokens", "progress",
              "out", "device", "collective_timeout", "cache_dir", "zero", "allreduce_dtype", "cuda_graph")
+LAYOUT = ("tp", "pp", "dp", "pp_schedule")  # the parallel layout: this launch's, never taken from a checkpoint
 
 
 class ResumeError(UserError, ValueError):
@@ -326,7 +346,7 @@ def resume_config(cfg: TrainConfig, state: dict, world_size: int, where: str = "
     for k, v in saved_model.to_dict().items():
         if getattr(now_model, k) != v:
             problems.append(f"{flag(k)}: {v!r} in the checkpoint, {getattr(now_model, k)!r} now")
-    fixed = [k for k in train_fields() if k not in RESUMABLE and k not in ("batch_size", "grad_accum")]
+    fixed = [k for k in train_fields() if k not in RESUMABLE + LAYOUT and k not in ("batch_size", "grad_accum")]
     for k in fixed:
         if k in saved and saved[k] != getattr(cfg, k):
             problems.append(f"{flag(k)}: {saved[k]!r} in the checkpoint, {getattr(cfg, k)!r} now")

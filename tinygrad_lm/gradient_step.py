@@ -10,6 +10,7 @@ import math
 from typing import Any, Sequence
 
 from nn.distributed import World, ZeRO1
+from nn.distributed.tensor_parallel import clip_grad_norm_shared_
 from nn.lr_scheduler import WarmupCosine
 from nn.optim import AdamW
 from nn.utils import clip_grad_norm_
@@ -20,14 +21,16 @@ class NonFiniteLoss(FloatingPointError):
     """The loss, the gradient norm or the weights became inf/nan; that step was not saved."""
 
 
-def make_optimizer(model: Any, cfg: Any, world: World | None = None) -> Any:
+def make_optimizer(model: Any, cfg: Any, world: World | None = None, shared: Any = None) -> Any:
     """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorm.
-    With cfg.zero == 1 the AdamW state is sharded over the ranks (nn.distributed.ZeRO1)."""
+    With cfg.zero == 1 the AdamW state is sharded over the (data-parallel) ranks of `world`
+    (nn.distributed.ZeRO1); shared: how the gradient norm adds up over model-parallel ranks."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.zero:
-        return ZeRO1(world or World(), groups, lambda gs: AdamW(gs, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)))
+        return ZeRO1(world or World(), groups, lambda gs: AdamW(gs, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)),
+                     shared=shared)
     return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -66,8 +69,10 @@ class GradientStep:
     4. optimizer.step(), scaler.update(), zero the gradients.
     """
 
-    def __init__(self, optimizer: Any, world: World, scaler: Any, cfg: Any) -> None:
-        self.optimizer, self.world, self.scaler = optimizer, world, scaler
+    def __init__(self, optimizer: Any, world: World, scaler: Any, cfg: Any, shared: Any = None) -> None:
+        """world: the data-parallel ranks (gradients averaged over them). shared: with model
+        parallelism, a tensor_parallel.SharedNorm: the norm and fp16 overflows agreed over its ranks."""
+        self.optimizer, self.world, self.scaler, self.shared = optimizer, world, scaler, shared
         self.grad_clip, self.zero, self.device = cfg.grad_clip, bool(cfg.zero), cfg.device
         self.first_bad_step: Any = None  # GPU: a device scalar, the first step with a non-finite norm (-1: none)
 
@@ -78,7 +83,10 @@ class GradientStep:
                 raise NonFiniteLoss(f"gradient norm is {norm} at step {step}")
         else:
             self.world.allreduce_grads(params)  # average over ranks (no-op for one process)
-            if self.scaler.unscale_(params):  # fp16: False when a gradient overflowed -> skip the step
+            ok = self.scaler.unscale_(params)  # fp16: False when a gradient overflowed -> skip the step
+            if self.shared is not None:
+                ok = self.scaler.agree(self.shared.comm)  # an overflow on one model-parallel rank skips all
+            if ok:
                 self._clip(params, step)
                 self.optimizer.step()
         self.scaler.update()
@@ -86,6 +94,11 @@ class GradientStep:
 
     def _clip(self, params: Sequence[Any], step: int) -> None:
         if self.grad_clip <= 0:
+            return
+        if self.shared is not None:  # the norm over every rank's part of the model (one small all-reduce)
+            norm = clip_grad_norm_shared_(params, self.grad_clip, self.shared)
+            if not math.isfinite(norm):
+                raise NonFiniteLoss(f"gradient norm is {norm} at step {step}")
             return
         on_host = self.device == "cpu"
         norm = clip_grad_norm_(params, self.grad_clip, error_if_nonfinite=False, sync=on_host)

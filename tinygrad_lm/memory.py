@@ -70,8 +70,12 @@ def num_parameters(cfg: Any) -> int:
     return cfg.vocab_size * C + pos + L * per_layer + (2 * C if cfg.bias else C)
 
 
-def estimate(model_cfg: Any, batch_size: int, precision: str = "fp32", training: bool = True) -> dict[str, int]:
-    """Bytes per term (module docstring) and their "total", for a batch of batch_size x block_size."""
+def estimate(model_cfg: Any, batch_size: int, precision: str = "fp32", training: bool = True,
+             tp: int = 1) -> dict[str, int]:
+    """Bytes per term (module docstring) and their "total", for a batch of batch_size x block_size,
+    on one rank of a tp-way tensor-parallel group: parameters, gradients, optimizer moments,
+    attention and logits divided by tp; the other activations kept whole (the replicated ones
+    dominate them: the safe side)."""
     B, T, C, H, L, V = (int(batch_size), model_cfg.block_size, model_cfg.n_embd, model_cfg.n_head,
                         model_cfg.n_layer, model_cfg.vocab_size)
     P = num_parameters(model_cfg)
@@ -84,6 +88,8 @@ def estimate(model_cfg: Any, batch_size: int, precision: str = "fp32", training:
     est["other activations"] = layers * 16 * B * T * C * f
     est["logits"] = (3 if training else 1) * B * T * V * f
     est["kv_cache"] = 0 if training else 2 * L * B * T * C * f
+    for k in ("parameters", "gradients", "optimizer", "attention scores+probabilities", "logits"):
+        est[k] = -(-est[k] // tp)
     est["total"] = sum(est.values())
     return est
 
@@ -116,7 +122,7 @@ def _gb(n: float) -> str:
 
 
 def check_fits(model_cfg: Any, batch_size: int, precision: str, device: str, training: bool,
-               budget: int | None = None) -> None:
+               budget: int | None = None, tp: int = 1) -> None:
     """Raise UserError naming the estimate, the budget and the biggest term when the estimate
     exceeds `budget` (default: what the device has free). Does nothing when that is unknown."""
     where = "given budget"
@@ -124,7 +130,7 @@ def check_fits(model_cfg: Any, batch_size: int, precision: str, device: str, tra
         budget, where = available_bytes(device)
         if budget is None:
             return
-    est = estimate(model_cfg, batch_size, precision, training)
+    est = estimate(model_cfg, batch_size, precision, training, tp)
     if est["total"] <= budget:
         return
     name, size = max(((k, v) for k, v in est.items() if k != "total"), key=lambda kv: kv[1])

@@ -163,10 +163,12 @@ class GPT(Module):
         x = self.embed(idx, positions)
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask=mask, cache=caches[i] if caches else None, positions=positions)
-        x = self.transformer.ln_f(x)
+        return self.head(self.transformer.ln_f(x), targets)
+
+    def head(self, x: Tensor, targets: Any = None) -> tuple[Tensor, Tensor | None]:
+        """The final hidden states x (B, T, C) -> logits (B, T, V) and the mean cross-entropy (or None)."""
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss
+        return logits, (F.cross_entropy(logits, targets) if targets is not None else None)
 
     def new_caches(self, batch: int, max_len: int | None = None) -> list:
         """Empty KV caches (one per layer) for `batch` sequences of up to max_len (default block_size) tokens."""

@@ -18,7 +18,7 @@ from nn.distributed import init as init_world, run_or_abort
 from tensor import backend
 from tensor.tensor import no_grad  # noqa: F401  (re-exported)
 from tinygrad_lm import checkpoint as ckpt_io
-from tinygrad_lm.config import (PRESETS, RESUMABLE, ConfigError, TrainConfig, flag, load_config_file,  # noqa: F401
+from tinygrad_lm.config import (LAYOUT, PRESETS, RESUMABLE, ConfigError, TrainConfig, flag, load_config_file,  # noqa: F401
                                 make_config, model_fields, train_fields)
 from tinygrad_lm.data import build_tokenizer  # noqa: F401
 from tinygrad_lm.errors import UserError
@@ -31,12 +31,16 @@ __all__ = ["Trainer", "TrainConfig", "make_config", "build_tokenizer", "PRESETS"
 HELP = {
     "data": "corpus: a file, a folder of *.txt, a glob, or 'shakespeare' (the default)",
     "tokenizer": "'char', 'bpe:VOCAB' (learned from the corpus, cached) or a tokenizer .json file",
-    "batch_size": "sequences per micro-batch on each rank; global batch = batch_size x grad_accum x ranks",
+    "batch_size": "sequences per micro-batch on each rank; global batch = batch_size x grad_accum x data-parallel ranks",
     "grad_accum": "micro-batches per optimizer step",
     "out": "run directory (checkpoints, metrics.jsonl, loss.png)",
     "collective_timeout": "MPI: abort the job when a collective waits longer than this many seconds (0: never)",
     "zero": "1: ZeRO stage 1, the optimizer state sharded over the MPI ranks",
     "cuda_graph": "GPU: record forward+backward once as a CUDA graph and replay it",
+    "tp": "tensor-parallel ranks (Megatron-LM: attention heads, MLP and vocabulary split over them)",
+    "pp": "pipeline-parallel stages (the blocks split over them; --grad-accum micro-batches)",
+    "dp": "data-parallel ranks (0: world size / (tp x pp)); world size = dp x tp x pp",
+    "pp_schedule": "pipeline schedule: gpipe or 1f1b",
 }
 
 
@@ -65,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     st = ckpt_io.read_state(ckpt)
     try:
         saved = {k: v for k, v in {**st["train_config"], **st["model_config"]}.items()
-                 if k in train_fields() or k in model_fields()}
+                 if (k in train_fields() or k in model_fields()) and k not in LAYOUT}
     except (KeyError, TypeError) as e:
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt / ckpt_io.STATE_FILE}: no train_config/model_config ({e})")
     if args.out is None:  # the run the checkpoint lives in (the saved `out` may be relative to another cwd)

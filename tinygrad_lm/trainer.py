@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nn.amp import LossScaler, autocast_
-from nn.distributed import World
+from nn.distributed import Grid, MPIWorld, World
 from nn.serialization import atomic_write, load_model, load_optimizer, save_model, save_optimizer
 from tensor import backend
 from tensor.tensor import no_grad
@@ -35,9 +35,37 @@ from tinygrad_lm.errors import UserError
 from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, apply_hyperparameters,
                                        make_optimizer, make_schedule)
 from tinygrad_lm.model import GPT, GPTConfig
+from tinygrad_lm.parallel_model import TensorParallelGPT
 from tinygrad_lm.plot import plot_losses, truncate_metrics
 from tinygrad_lm.progress import progress
 from tinygrad_lm.memory import check_fits
+
+
+class ParallelLayout:
+    """The (dp, pp, tp) grid of a job (nn.distributed.Grid) and the data-parallel world the
+    gradients are averaged over. One process, or tp = pp = 1: dp_world is the world itself.
+    A collective (every rank builds it with the same sizes)."""
+
+    def __init__(self, world: World, tp: int = 1, pp: int = 1) -> None:
+        self.grid = None
+        self.dp_world = world
+        if tp * pp > 1:
+            self.grid = Grid(world.comm, tp, pp)
+            self.dp_world = MPIWorld(self.grid.dp) if self.grid.dp_size > 1 else World()
+
+
+def check_layout(cfg: TrainConfig, world_size: int) -> int:
+    """The number of data-parallel ranks of cfg's layout on world_size ranks (dp x pp x tp must
+    be the world) -> dp; a UserError otherwise."""
+    dp = cfg.dp or max(world_size // (cfg.tp * cfg.pp), 1)
+    if dp * cfg.tp * cfg.pp != world_size:
+        raise UserError(f"the job has {world_size} rank{'s' if world_size > 1 else ''} but --dp {dp} x --pp {cfg.pp} "
+                        f"x --tp {cfg.tp} = {dp * cfg.pp * cfg.tp}; launch dp x pp x tp ranks (mpiexec -n N) "
+                        f"or change the layout")
+    if cfg.pp > 1:
+        raise UserError(f"--pp {cfg.pp}: pipeline-parallel training is not available in this build yet")
+    return dp
+
 
 class StartupError(UserError):
     """Another rank failed to start (it printed its own error)."""
@@ -80,17 +108,22 @@ class Trainer:
             error = e
         agree_started(self.world, error)
         cfg = self.cfg
+        if cfg.device != "cpu" and self.world.size > 1:
+            self.world.use_cuda()  # this rank's GPU and the gradient transport (NCCL or MPI)
+        self.layout = ParallelLayout(self.world, cfg.tp, cfg.pp)  # after use_cuda: its groups inherit the transport
+        self.dp_world = self.layout.dp_world  # gradients are averaged over these ranks only
         if cfg.allreduce_dtype != "float32":
-            self.world.reduce_dtype = cfg.allreduce_dtype
+            self.dp_world.reduce_dtype = cfg.allreduce_dtype
+        if cfg.tp > 1:  # every tp rank holds the same full model here (seed or checkpoint): keep this rank's part
+            self.model = TensorParallelGPT(self.model, self.layout.grid.tp)
+        shared = self.model.shared_norm() if cfg.tp > 1 else None
         if cfg.device != "cpu":
-            if self.world.size > 1:
-                self.world.use_cuda()  # this rank's GPU and the gradient transport (NCCL or MPI)
             self.model.to(cfg.device)
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
         self.captured = None  # the CUDA graph of forward+backward (--cuda-graph), recorded at the first step
-        self.world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
-        self.optimizer = make_optimizer(self.model, cfg, self.world)
-        self.grad_step = GradientStep(self.optimizer, self.world, self.scaler, cfg)
+        self.dp_world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
+        self.optimizer = make_optimizer(self.model, cfg, self.dp_world, shared)
+        self.grad_step = GradientStep(self.optimizer, self.dp_world, self.scaler, cfg, shared)
         error = None
         try:
             if self.ckpt is not None:
@@ -103,10 +136,11 @@ class Trainer:
     # ---------------------------------------------------------------- start-up (no collectives)
     def _prepare(self, cfg: TrainConfig, resume: str | None) -> None:
         self.ckpt, st = None, None
+        dp = check_layout(cfg, self.world.size)
         if resume:
             self.ckpt = ckpt_io.resolve(resume)
             st = ckpt_io.read_state(self.ckpt)
-            cfg = resume_config(cfg, st, self.world.size)
+            cfg = resume_config(cfg, st, dp)
         self.cfg, self.out = cfg, Path(cfg.out)
         if self.is_main:
             self._check_out_dir()
@@ -116,7 +150,7 @@ class Trainer:
         else:
             self.tokenizer = build_tokenizer(cfg, files)
         mcfg = cfg.model_config(self.tokenizer.vocab_size)
-        check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True)
+        check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True, tp=cfg.tp)
         self.data = TokenData(tokenize_to_cache(files, self.tokenizer, cfg.cache_dir), mcfg.block_size,
                               cfg.val_fraction)
         self.model = GPT(mcfg, seed=cfg.seed)
@@ -158,7 +192,15 @@ class Trainer:
                                           f"malformed ({e})") from None
 
     def _load_optimizer(self, ckpt: Path) -> None:
-        self._load_file(load_optimizer, self.optimizer, ckpt, ckpt_io.OPTIM_FILE)
+        into = self.optimizer
+        if self.cfg.tp > 1:  # the checkpoint holds the full moments: keep this rank's part of them
+            model, optimizer = self.model, self.optimizer
+
+            class Resharding:
+                def load_state_dict(self, sd: dict) -> None:
+                    optimizer.load_state_dict(model.optimizer_state_local(optimizer, sd))
+            into = Resharding()
+        self._load_file(load_optimizer, into, ckpt, ckpt_io.OPTIM_FILE)
 
     def _load_file(self, load: Callable[[Any, Path], Any], into: Any, ckpt: Path, name: str) -> None:
         """load(into, ckpt/name); a file that does not fit `into` (names, shapes, metadata) -> CheckpointError."""
@@ -177,8 +219,8 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoint
     @property
     def global_batch_size(self) -> int:
-        """Rows per optimizer step over the whole job: batch_size x grad_accum x ranks."""
-        return self.cfg.batch_size * self.cfg.grad_accum * self.world.size
+        """Rows per optimizer step over the whole job: batch_size x grad_accum x data-parallel ranks."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.dp_world.size
 
     def state(self) -> dict:
         return {"format": 1, "step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
@@ -186,31 +228,38 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(),
                 "dropout_rng": self.model.dropout_rng.bit_generator.state,
                 "data_position": {"seed": self.cfg.seed, "next_step": self.step},
-                "tokenizer": ckpt_io.TOKENIZER_FILE, "world_size": self.world.size,
+                "tokenizer": ckpt_io.TOKENIZER_FILE, "world_size": self.dp_world.size,
                 "global_batch_size": self.global_batch_size}
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes the checkpoint (every rank calls this: ZeRO gathers its shards first). Refuses
         (NonFiniteLoss) when a weight or optimizer moment is not finite: checkpoints on disk stay usable."""
         optimizer_state = self.optimizer.state_dict() if self.cfg.zero else None
-        ok = True
-        if self.is_main:
-            moments = (list(optimizer_state["arrays"].values()) if optimizer_state is not None else
-                       [v for st in self.optimizer.state.values() for v in st.values() if hasattr(v, "dtype")])
-            ok = all_finite([p.data for p in self.model.parameters()] + moments)
+        moments = (list(optimizer_state["arrays"].values()) if optimizer_state is not None else
+                   [v for st in self.optimizer.state.values() for v in st.values() if hasattr(v, "dtype")])
+        ok = all_finite([p.data for p in self.model.parameters()] + moments)  # every rank: its own part
+        weights = None
+        if self.cfg.tp > 1:  # gathered to the full one-process layout (collectives over the tp group)
+            weights = self.model.state_dict()
+            optimizer_state = self.model.optimizer_state_full(self.optimizer, optimizer_state or
+                                                              self.optimizer.state_dict())
         if self.world.any(not ok):
             raise NonFiniteLoss(f"the weights or optimizer moments after step {self.step} are not finite; "
                                 f"checkpoint step-{self.step:06d} not written")
         if not self.is_main:
             return None
 
-        def write(d: Path) -> None:
-            save_model(self.model, d / ckpt_io.MODEL_FILE)
+        class Frozen:  # an already-gathered state (ZeRO, tensor parallel), in the shape save_* expect
+            def __init__(self, sd: Any) -> None:
+                self.sd = sd
 
-            class Frozen:  # the already-gathered ZeRO state, in the shape save_optimizer expects
-                def state_dict(self) -> dict:
-                    return optimizer_state  # type: ignore[return-value]
-            save_optimizer(Frozen() if self.cfg.zero else self.optimizer, d / ckpt_io.OPTIM_FILE)
+            def state_dict(self) -> Any:
+                return self.sd
+
+        def write(d: Path) -> None:
+            save_model(self.model if weights is None else Frozen(weights), d / ckpt_io.MODEL_FILE)
+            save_optimizer(self.optimizer if optimizer_state is None else Frozen(optimizer_state),
+                           d / ckpt_io.OPTIM_FILE)
             self.tokenizer.save(d / ckpt_io.TOKENIZER_FILE)
             atomic_write(d / ckpt_io.STATE_FILE, json.dumps(self.state(), indent=1))
         try:
@@ -228,7 +277,7 @@ class Trainer:
         """This rank's micro-batches for `step`: the global batch (ranks x grad_accum x batch_size
         rows) is drawn once, then cut, so k micro-batches == one batch k times larger, and any
         split of the same global batch over ranks sees the same rows."""
-        cfg, rank = self.cfg, self.world.rank
+        cfg, rank = self.cfg, self.dp_world.rank
         per_rank = cfg.batch_size * cfg.grad_accum
         x, y = self.batch("train", step, self.global_batch_size, cfg.seed)
         x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
@@ -242,6 +291,8 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self.schedule(self.step)
         self.model.train()
+        if cfg.tp > 1 and cfg.model.dropout > 0:
+            self.model.reseed_sharded_dropout(cfg.seed, self.step)
         if cfg.cuda_graph:  # one replay: the batch and the loss scale in, loss and grads out
             from nn.cuda_graph import CapturedStep
             if self.captured is None:
@@ -311,8 +362,12 @@ class Trainer:
             self.log(f"model: {self.model.num_parameters():,} parameters ({mcfg.n_layer} layers, {mcfg.n_head} "
                      f"heads, width {mcfg.n_embd}, context {mcfg.block_size}, vocab {self.tokenizer.vocab_size}); "
                      f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
+            dp = self.dp_world.size
             self.log(f"global batch {self.global_batch_size} sequences = batch_size {cfg.batch_size} x grad_accum "
-                     f"{cfg.grad_accum} x {self.world.size} rank{'s' if self.world.size > 1 else ''}")
+                     f"{cfg.grad_accum} x {dp} {'data-parallel ' if cfg.tp * cfg.pp > 1 else ''}rank{'s' if dp > 1 else ''}")
+            if cfg.tp > 1 or cfg.pp > 1:
+                self.log(f"layout: dp {dp} x pp {cfg.pp} x tp {cfg.tp} = {self.world.size} ranks"
+                         + ("; samples at evaluation are off (they decode on one process)" if cfg.sample_tokens else ""))
             if self.step:
                 self.log(f"resumed at step {self.step}")
             try:
@@ -383,7 +438,7 @@ class Trainer:
         if not self.is_main:
             return
         bar.write(f"step {self.step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} (best {self.best_val:.4f})")
-        if self.cfg.sample_tokens > 0:
+        if self.cfg.sample_tokens > 0 and self.cfg.tp == 1:
             bar.write("---- sample ----\n" + self.sample_text(self.cfg.sample_tokens) + "\n----------------")
         metrics.write(json.dumps({"step": self.step, "train_loss": ev["train"], "val_loss": ev["val"]}) + "\n")
         metrics.flush()

@@ -17,6 +17,9 @@ Layers, each built on the one below:
                     broadcast from rank 0
   zero.py           ZeRO1: optimizer state sharded over the ranks (reduce-scatter, update
                     the own shard, all-gather)
+  tensor_parallel.py  Megatron-LM tensor parallelism: f and g, column-, row- and
+                    vocabulary-parallel layers and cross-entropy, shard/unshard, the shared
+                    gradient norm, CountingComm (tinygrad_lm/parallel_model.py builds the GPT)
   launch.py         launched_under_mpi(), init(), run_or_abort()
 
 Without mpi4py, or as a single process, `init()` returns a `World` of size 1 whose methods do

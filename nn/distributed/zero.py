@@ -35,12 +35,14 @@ class ZeRO1:
     make_inner(groups) builds the inner optimizer over the shard parameters.
     """
 
-    def __init__(self, world: World, groups: list[dict], make_inner: Callable[[list[dict]], Any]) -> None:
+    def __init__(self, world: World, groups: list[dict], make_inner: Callable[[list[dict]], Any],
+                 shared: Any = None) -> None:
         from nn.module import Parameter
-        self.world = world
+        self.world, self.shared = world, shared
         self.groups = [dict(g, params=list(g["params"])) for g in groups]
         N, r = world.size, world.rank
         self.layout = []  # per group: (params, n, shard size S, shard Parameter, flat buffer (S*N,))
+        self.norm_segments: list = []  # per group: (lo, hi, weight) of this shard (model parallel only)
         inner_groups = []
         for g in self.groups:
             ps = g["params"]
@@ -51,8 +53,23 @@ class ZeRO1:
             self._gather_params(ps, flat)
             shard = Parameter(flat[r * S:(r + 1) * S].copy())
             self.layout.append((ps, n, S, shard, flat))
+            self.norm_segments.append(self._segments(ps, r * S, (r + 1) * S))
             inner_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [shard]})
         self.inner = make_inner(inner_groups)
+
+    def _segments(self, ps: list, lo: int, hi: int) -> list | None:
+        """With `shared` (the model split over other ranks too, nn.distributed.tensor_parallel.SharedNorm):
+        the (start, end, weight) pieces of this rank's shard [lo, hi), one per parameter it overlaps,
+        so that the squared norm counts each parameter once over all ranks. None without `shared`."""
+        if self.shared is None:
+            return None
+        out, offset = [], 0
+        for p in ps:
+            a, b = max(offset, lo), min(offset + p.size, hi)
+            if a < b:
+                out.append((a - lo, b - lo, self.shared.weight(p)))
+            offset += p.size
+        return out
 
     @property
     def param_groups(self) -> list[dict]:
@@ -81,7 +98,7 @@ class ZeRO1:
         (a float: one synchronisation per step)."""
         N, r = self.world.size, self.world.rank
         sq = None
-        for ps, n, S, shard, flat in self.layout:
+        for (ps, n, S, shard, flat), segments in zip(self.layout, self.norm_segments):
             flat[...] = 0
             offset = 0
             for p in ps:
@@ -91,13 +108,20 @@ class ZeRO1:
             mine = self._reduce_scatter(flat, S)
             mine *= 1.0 / N
             shard.grad = mine
-            part = mine.dot(mine).astype(np.float64).reshape(1)  # this rank's share of the squared norm
+            if segments is None:
+                part = mine.dot(mine).astype(np.float64).reshape(1)  # this rank's share of the squared norm
+            else:  # each piece weighted (replicated parameters counted once over the model-parallel ranks)
+                part = sum((w * mine[a:b].dot(mine[a:b]) for a, b, w in segments), mine[:0].sum())
+                part = part.astype(np.float64).reshape(1)
             sq = part if sq is None else sq + part
         if sq is None:
             return 0.0
         if self.world.size > 1:  # the sum of the shards' squares
             sq = self.world.comm.allreduce(sq, op="sum")
-        norm = float(np.sqrt(float(sq[0])))
+        total = float(sq[0])
+        if self.shared is not None:  # and over the ranks that hold other parts of the model
+            total = self.shared.comm.allreduce_scalar(total, "sum")
+        norm = float(np.sqrt(total))
         if not np.isfinite(norm):
             return norm
         if max_norm > 0 and norm > max_norm:

@@ -32,7 +32,7 @@ CURRICULUM = [
     "mul", "div", "pow", "exp", "log", "tanh",
     "broadcast_add", "sum", "matmul", "max",
     "softmax", "log_softmax", "cross_entropy", "layer_norm", "embedding", "gelu",
-    "attention", "transformer_block",
+    "attention", "transformer_block", "tensor_parallel",
 ]
 
 ENV_DIR = "TINYGRAD_EXERCISES_DIR"

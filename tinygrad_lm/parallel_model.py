@@ -1,0 +1,189 @@
+"""The GPT split over a tensor-parallel group (Megatron-LM; nn/distributed/tensor_parallel.py).
+
+    model = TensorParallelGPT(GPT(cfg, seed), grid.tp)     # every tp rank passes the same full model
+
+Rank t of tp keeps, of each block, the heads t*H/tp .. (t+1)*H/tp - 1 (their q, k, v columns of
+c_attn and their rows of attn.c_proj's input) and the block t of the MLP's 4C hidden units; of
+the tied wte / lm_head the vocabulary rows t*V_pad/tp .. (V padded with zero rows to a multiple
+of tp: those rows stay zero and their logits are left out of the loss). LayerNorms, wpe and the
+row-parallel biases are replicated. The block code is the one-process code (nn/layers.py): only
+its Linears and the embedding are swapped for their parallel versions.
+
+Collectives, all over the tp group: per block, forward 2 all-reduces (attn.c_proj's g,
+mlp.c_proj's g), backward 2 (c_attn's f, c_fc's f); the embedding one all-reduce forward (g),
+the lm_head one backward (f); the loss one all-gather (row maxima) and one all-reduce (sums).
+
+Replicated parameters get the same gradient on every tp rank without a collective: the loss
+is the same on every rank, every f sums its gradient over the ranks, so the gradient reaching
+each replicated activation (the residual stream, the LayerNorm outputs and inputs, the
+embedding sum) is the same everywhere, and so are the gradients computed from it.
+
+Dropout: the masks of replicated activations (embedding, residual outputs of attn and mlp)
+come from the model's `dropout_rng`, the same stream on every tp rank (the same mask where the
+activation is the same); attention-weight dropout acts on this rank's heads only and draws
+from a stream of its own per tp rank (reseeded from (seed, step, t) each step, so a resumed
+run draws the same masks). With dropout > 0 the masks differ from one process's.
+
+`state_dict()` and `load_state_dict()` use the full, unsharded layout of the one-process GPT
+(so checkpoints do not depend on the layout); state_dict is a collective over the tp group.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nn.distributed.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, SharedNorm,
+                                            VocabParallelEmbedding, gather_full, shard, vocab_parallel_cross_entropy)
+from tensor import backend
+from tensor.tensor import Tensor
+from tinygrad_lm.model import GPT
+
+
+def full_shape(kind: str, local: tuple, tp: int, rows: int) -> tuple:
+    """The full array's shape from one rank's part (see tensor_parallel.shard)."""
+    if kind in ("rows", "qkv"):
+        return (local[0] * tp,) + tuple(local[1:])
+    if kind == "vocab":
+        return (rows,) + tuple(local[1:])
+    if kind == "cols":
+        return tuple(local[:-1]) + (local[-1] * tp,)
+    return tuple(local)
+
+
+class TensorParallelGPT(GPT):
+    """One tp rank's share of a GPT. model(idx (B, T), targets) -> (this rank's logits
+    (B, T, V_pad/tp), the loss (the same on every rank) or None).
+
+    full: the whole one-process GPT (the same on every tp rank: same seed or same checkpoint);
+    its modules are taken over and sharded in place. comm: the tp group's Communicator."""
+
+    def __init__(self, full: GPT, comm: Any) -> None:
+        cfg, tp = full.config, comm.size
+        if cfg.n_head % tp:
+            raise ValueError(f"TensorParallelGPT: n_head {cfg.n_head} is not divisible by tp {tp} "
+                             "(each rank holds whole heads)")
+        self.config, self.comm = cfg, comm
+        self.transformer = tr = full.transformer
+        tr.wte = VocabParallelEmbedding.from_embedding(tr.wte, comm)
+        for block in tr.h:
+            attn, mlp = block.attn, block.mlp
+            attn.c_attn = ColumnParallelLinear.from_linear(attn.c_attn, comm, parts=3)
+            attn.c_proj = RowParallelLinear.from_linear(attn.c_proj, comm)
+            attn.n_head, attn.n_embd = attn.n_head // tp, attn.n_embd // tp
+            mlp.c_fc = ColumnParallelLinear.from_linear(mlp.c_fc, comm)
+            mlp.c_proj = RowParallelLinear.from_linear(mlp.c_proj, comm)
+        self.lm_head = ColumnParallelLinear(tr.wte.weight, None, comm)  # tied to this rank's wte rows
+        self.lm_head.compute_dtype = full.lm_head.compute_dtype
+        if hasattr(full, "pos"):
+            self.pos = full.pos
+        if hasattr(full, "dropout_rng"):
+            self.dropout_rng = full.dropout_rng
+
+    def head(self, x: Tensor, targets: Any = None) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, C) replicated -> this rank's logits (B, T, V_pad/tp), the vocabulary-parallel loss."""
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        return logits, vocab_parallel_cross_entropy(logits, targets, self.comm, self.transformer.wte.start,
+                                                    self.config.vocab_size)
+
+    def reseed_sharded_dropout(self, seed: int, step: int) -> None:
+        """Attention dropout (this rank's heads): a stream of this tp rank's own for this step."""
+        rng = np.random.default_rng([seed, 7, 1 + self.comm.rank, step])
+        for block in self.transformer.h:
+            block.attn.generator = rng
+
+    def new_caches(self, batch: int, max_len: int | None = None) -> list:
+        raise NotImplementedError("TensorParallelGPT: incremental decoding runs on one process; load the "
+                                  "checkpoint into a GPT (python -m tinygrad_lm sample)")
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all tp ranks, vocabulary padding left out)."""
+        kinds, tp, V = self.tp_kinds(), self.comm.size, self.config.vocab_size
+        return sum(int(np.prod(full_shape(kinds[n], p.shape, tp, V))) for n, p in self.named_parameters())
+
+    # ------------------------------------------------------------ layout
+    def tp_kinds(self) -> dict[str, str]:
+        """Parameter name -> how it is split (tensor_parallel.KINDS: rep, rows, qkv, cols, vocab)."""
+        kinds = {}
+        for mname, m in self.named_modules():
+            for pname, kind in getattr(m, "shard_kinds", {}).items():
+                kinds[f"{mname}.{pname}" if mname else pname] = kind
+        return {n: kinds.get(n, "rep") for n, _ in self.named_parameters()}
+
+    def shared_norm(self) -> SharedNorm:
+        """How to add up the gradient norm: replicated parameters counted once over the tp ranks."""
+        kinds = self.tp_kinds()
+        return SharedNorm(self.comm, {id(p): self.comm.size for n, p in self.named_parameters() if kinds[n] == "rep"})
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A collective over the tp group: name -> the full host array (the one-process layout)."""
+        kinds, V = self.tp_kinds(), self.config.vocab_size
+        return {n: np.array(backend.to_numpy(gather_full(self.comm, p.data, kinds[n], V)))
+                for n, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
+        """Full (one-process layout) arrays -> this rank's parts (no communication)."""
+        kinds, tp, t = self.tp_kinds(), self.comm.size, self.comm.rank
+        params = dict(self.named_parameters())
+        local = {}
+        for n, a in state.items():
+            if n in params and tuple(np.shape(a)) == full_shape(kinds[n], params[n].shape, tp, self.config.vocab_size):
+                local[n] = shard(np.asarray(a), kinds[n], t, tp)
+            else:  # unknown or mis-shaped: left to Module.load_state_dict to report
+                local[n] = a
+        return super().load_state_dict(local, strict=strict)
+
+    # ------------------------------------------------------------ optimizer state
+    def _optimizer_layout(self, optimizer: Any) -> tuple[str, list]:
+        """("zero", [params of group g]) for ZeRO1, else ("plain", [param of index i])."""
+        if hasattr(optimizer, "layout") and hasattr(optimizer, "groups"):  # nn.distributed.ZeRO1
+            return "zero", [g["params"] for g in optimizer.groups]
+        return "plain", [p for _, _, p in optimizer._indexed_params()]
+
+    def optimizer_state_full(self, optimizer: Any, sd: dict) -> dict:
+        """A collective over the tp group: optimizer.state_dict()'s arrays (this rank's parts) ->
+        the arrays the one-process run would save (moments of the full parameters)."""
+        kinds = self._kinds_by_id()
+        mode, layout = self._optimizer_layout(optimizer)
+        V, arrays = self.config.vocab_size, {}
+        for key, arr in sd["arrays"].items():
+            if mode == "plain":  # state.<i>.<moment>
+                p = layout[int(key.split(".")[1])]
+                arrays[key] = np.asarray(gather_full(self.comm, np.asarray(arr), kinds[id(p)], V))
+            else:  # zero.state.<g>.<moment>: one flat array over group g's parameters
+                flat, offset, pieces = np.asarray(arr).reshape(-1), 0, []
+                for p in layout[int(key.split(".")[2])]:
+                    part = flat[offset:offset + p.size].reshape(p.shape)
+                    pieces.append(gather_full(self.comm, np.ascontiguousarray(part), kinds[id(p)], V).reshape(-1))
+                    offset += p.size
+                arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
+        return {"meta": sd["meta"], "arrays": arrays}
+
+    def optimizer_state_local(self, optimizer: Any, sd: dict) -> dict:
+        """The inverse of optimizer_state_full, without communication: full arrays -> this rank's parts."""
+        kinds = self._kinds_by_id()
+        mode, layout = self._optimizer_layout(optimizer)
+        tp, t, V, arrays = self.comm.size, self.comm.rank, self.config.vocab_size, {}
+        for key, arr in sd["arrays"].items():
+            arr = np.asarray(arr)
+            if mode == "plain":
+                p = layout[int(key.split(".")[1])] if int(key.split(".")[1]) < len(layout) else None
+                if p is None or arr.shape != full_shape(kinds[id(p)], p.shape, tp, V):
+                    arrays[key] = arr  # left to the optimizer to report
+                else:
+                    arrays[key] = shard(arr, kinds[id(p)], t, tp)
+            else:
+                flat, offset, pieces = arr.reshape(-1), 0, []
+                for p in layout[int(key.split(".")[2])]:
+                    shape = full_shape(kinds[id(p)], p.shape, tp, V)
+                    n = int(np.prod(shape))
+                    pieces.append(shard(flat[offset:offset + n].reshape(shape), kinds[id(p)], t, tp).reshape(-1))
+                    offset += n
+                arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
+        return {"meta": sd["meta"], "arrays": arrays}
+
+    def _kinds_by_id(self) -> dict[int, str]:
+        kinds = self.tp_kinds()
+        return {id(p): kinds[n] for n, p in self.named_parameters()}
