@@ -108,6 +108,13 @@ class GPT(Module):
             self.pos = SinusoidalPositionalEncoding(config.block_size, config.n_embd)
         gpt_init_(self, config.n_layer, rng)
 
+    @classmethod
+    def from_pretrained(cls, path: str, dropout: float = 0.0) -> "GPT":
+        """A local Hugging Face GPT-2 directory (config.json + model.safetensors) -> GPT in eval mode
+        (tinygrad_lm/hf.py: the name mapping and the Conv1D transposes)."""
+        from tinygrad_lm.hf import load_hf
+        return load_hf(path, dropout=dropout)
+
     def embed(self, idx: Any, positions: Any) -> Tensor:
         """Token + position embeddings: idx (B, T), positions (T,) or (B, T) ints -> (B, T, C)."""
         cfg = self.config
