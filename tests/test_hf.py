@@ -1,0 +1,205 @@
+"""Hugging Face GPT-2 interop (tinygrad_lm/hf.py), with no network and no real weights.
+
+A small random GPT-2 checkpoint is written in HF's exact layout (GPT2LMHeadModel names, Conv1D
+weights stored (in, out), the attention-mask buffers, safetensors, config.json with GPT2Config's
+field names) using NumPy only. Our logits are checked against an independent float64 NumPy
+GPT-2 forward written below from the published architecture (Radford et al. 2019; HF's
+modeling_gpt2.py): it imports nothing of the model code.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+from safetensors.numpy import save_file  # noqa: E402
+
+from tinygrad_lm.errors import UserError  # noqa: E402
+from tinygrad_lm.hf import HFError, export_hf, load_hf  # noqa: E402
+from tinygrad_lm.model import GPT, GPTConfig  # noqa: E402
+
+V, T, L, H, C = 61, 16, 2, 4, 32
+
+
+def hf_config(**over):
+    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": V, "n_positions": T,
+           "n_ctx": T, "n_embd": C, "n_layer": L, "n_head": H, "n_inner": None, "activation_function": "gelu_new",
+           "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "layer_norm_epsilon": 1e-05,
+           "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "bos_token_id": V - 1,
+           "eos_token_id": V - 1, "reorder_and_upcast_attn": False, "scale_attn_by_inverse_layer_idx": False}
+    cfg.update(over)
+    return cfg
+
+
+def hf_weights(seed=0, prefix="transformer.", buffers=True):
+    """name -> float32 array exactly as GPT2LMHeadModel.save_pretrained writes them (tied lm_head left out)."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
+    t = {"wte.weight": w(V, C), "wpe.weight": w(T, C), "ln_f.weight": 1 + w(C), "ln_f.bias": w(C)}
+    for i in range(L):
+        h = f"h.{i}."
+        t.update({h + "ln_1.weight": 1 + w(C), h + "ln_1.bias": w(C), h + "ln_2.weight": 1 + w(C),
+                  h + "ln_2.bias": w(C),
+                  h + "attn.c_attn.weight": w(C, 3 * C), h + "attn.c_attn.bias": w(3 * C),  # Conv1D: (in, out)
+                  h + "attn.c_proj.weight": w(C, C), h + "attn.c_proj.bias": w(C),
+                  h + "mlp.c_fc.weight": w(C, 4 * C), h + "mlp.c_fc.bias": w(4 * C),
+                  h + "mlp.c_proj.weight": w(4 * C, C), h + "mlp.c_proj.bias": w(C)})
+        if buffers:
+            t[h + "attn.bias"] = np.tril(np.ones((T, T), np.float32))[None, None]
+            t[h + "attn.masked_bias"] = np.array(-1e4, np.float32)
+    return {prefix + k: v for k, v in t.items()}
+
+
+def write_hf(d, weights=None, config=None):
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(weights if weights is not None else hf_weights(), str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(config if config is not None else hf_config()))
+    return d
+
+
+def reference_gpt2(t, idx):
+    """GPT-2's forward in float64 from the published architecture; t holds HF names (bare)."""
+    g = {k: v.astype(np.float64) for k, v in t.items()}
+
+    def ln(x, p):  # LayerNorm, eps 1e-5, biased variance
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * g[p + ".weight"] + g[p + ".bias"]
+
+    def conv1d(x, p):  # HF Conv1D: x @ W + b with W (in, out)
+        return x @ g[p + ".weight"] + g[p + ".bias"]
+
+    def gelu_new(x):
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    B, n = idx.shape
+    x = g["wte.weight"][idx] + g["wpe.weight"][np.arange(n)]
+    hs = C // H
+    causal = np.tril(np.ones((n, n), bool))
+    for i in range(L):
+        p = f"h.{i}."
+        q, k, v = np.split(conv1d(ln(x, p + "ln_1"), p + "attn.c_attn"), 3, axis=-1)
+        q, k, v = (a.reshape(B, n, H, hs).transpose(0, 2, 1, 3) for a in (q, k, v))
+        att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs)
+        att = np.where(causal, att, -np.inf)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        y = (att @ v).transpose(0, 2, 1, 3).reshape(B, n, C)
+        x = x + conv1d(y, p + "attn.c_proj")
+        x = x + conv1d(gelu_new(conv1d(ln(x, p + "ln_2"), p + "mlp.c_fc")), p + "mlp.c_proj")
+    return ln(x, "ln_f") @ g["wte.weight"].T
+
+
+IDX = np.random.default_rng(7).integers(0, V, size=(2, T))
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_logits_match_independent_reference(tmp_path, prefix):
+    weights = hf_weights(prefix=prefix)
+    model = GPT.from_pretrained(str(write_hf(tmp_path / "gpt2", weights)))
+    assert model.config == GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C,
+                                     pos_encoding="learned", bias=True)
+    assert not model.training
+    logits, _ = model(IDX)
+    ref = reference_gpt2({k[len(prefix):]: v for k, v in weights.items()}, IDX)
+    np.testing.assert_allclose(logits.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_untied_lm_head_equal_to_wte_is_accepted_and_different_is_refused(tmp_path):
+    weights = hf_weights()
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].copy()
+    load_hf(write_hf(tmp_path / "a", weights))
+    weights["lm_head.weight"][0, 0] += 1
+    with pytest.raises(HFError, match="lm_head.weight.*differs from wte"):
+        load_hf(write_hf(tmp_path / "b", weights))
+
+
+def test_export_round_trip(tmp_path):
+    model = load_hf(write_hf(tmp_path / "in"))
+    out = export_hf(model, tmp_path / "out")
+    from safetensors.numpy import load_file
+    written = load_file(str(out / "model.safetensors"))
+    original = hf_weights(buffers=False)
+    assert set(written) == set(original)  # HF's layout: transformer.*, Conv1D (in, out), no buffers or lm_head
+    for k, v in original.items():
+        np.testing.assert_array_equal(written[k], v, err_msg=k)
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k: cfg[k] for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")} == \
+        {"vocab_size": V, "n_positions": T, "n_embd": C, "n_layer": L, "n_head": H}
+    again = load_hf(out)
+    np.testing.assert_array_equal(again(IDX)[0].numpy(), model(IDX)[0].numpy())
+
+
+def test_export_without_biases_writes_zero_biases(tmp_path):
+    m = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, pos_encoding="learned",
+                      bias=False), seed=3).eval()
+    again = load_hf(export_hf(m, tmp_path / "out"))
+    np.testing.assert_allclose(again(IDX)[0].numpy(), m(IDX)[0].numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, why", [({"pos_encoding": "sinusoidal"}, "sinusoidal"), ({"pos_encoding": "rope"}, "rotary"),
+                                     ({"pos_encoding": "learned", "norm": "rmsnorm"}, "rmsnorm")])
+def test_export_refuses_what_gpt2_cannot_represent(tmp_path, kw, why):
+    m = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=H, n_embd=C, **kw))
+    with pytest.raises(HFError, match=why):
+        export_hf(m, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("activation_function", "relu"), ("layer_norm_epsilon", 1e-6), ("n_inner", 3 * C),
+    ("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True), ("tie_word_embeddings", False),
+    ("scale_attn_weights", False), ("model_type", "llama"), ("n_head", 5), ("vocab_size", "61"),
+])
+def test_config_refusals_name_the_field(tmp_path, field, value):
+    with pytest.raises(HFError, match=f"config.json.*{field}.*{value!r}" if field != "n_head" else "n_embd"):
+        load_hf(write_hf(tmp_path / "m", config=hf_config(**{field: value})))
+
+
+def test_accepted_config_variants(tmp_path):
+    for i, over in enumerate([{"n_inner": 4 * C}, {"activation_function": "gelu_pytorch_tanh"}]):
+        load_hf(write_hf(tmp_path / str(i), config=hf_config(**over)))
+
+
+def test_tensor_refusals(tmp_path):
+    w = hf_weights()
+    del w["transformer.h.1.mlp.c_fc.bias"]
+    with pytest.raises(HFError, match=r"missing tensors \['transformer.h.1.mlp.c_fc.bias'\]"):
+        load_hf(write_hf(tmp_path / "a", w))
+    w = hf_weights()
+    w["transformer.h.0.attn.q_proj.weight"] = np.zeros((C, C), np.float32)
+    with pytest.raises(HFError, match="unexpected tensors.*q_proj"):
+        load_hf(write_hf(tmp_path / "b", w))
+    w = hf_weights()
+    w["transformer.h.0.mlp.c_fc.weight"] = np.ascontiguousarray(w["transformer.h.0.mlp.c_fc.weight"].T)
+    with pytest.raises(HFError, match=r"h.0.mlp.c_fc.weight: \(128, 32\), expected \(32, 128\)"):
+        load_hf(write_hf(tmp_path / "c", w))
+    w = hf_weights()
+    w["h.0.ln_1.weight"] = w["transformer.h.0.ln_1.weight"]
+    with pytest.raises(HFError, match="appears twice"):
+        load_hf(write_hf(tmp_path / "d", w))
+
+
+def test_directory_refusals(tmp_path):
+    with pytest.raises(HFError, match="not a directory"):
+        load_hf(tmp_path / "nope")
+    (tmp_path / "e").mkdir()
+    with pytest.raises(HFError, match="no config.json"):
+        load_hf(tmp_path / "e")
+    d = write_hf(tmp_path / "f")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(HFError, match="config.json: cannot read it as JSON"):
+        load_hf(d)
+    d = write_hf(tmp_path / "g")
+    (d / "model.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_hf(d)
+
+
+def test_half_precision_file_loads_as_float32(tmp_path):
+    w = {k: v.astype(np.float16) for k, v in hf_weights().items()}
+    model = load_hf(write_hf(tmp_path / "h", w))
+    assert model.transformer.wte.weight.data.dtype == np.float32
+    ref = reference_gpt2({k[len("transformer."):]: v for k, v in w.items()}, IDX)
+    np.testing.assert_allclose(model(IDX)[0].numpy(), ref, rtol=1e-4, atol=1e-4)
