@@ -203,3 +203,90 @@ def test_half_precision_file_loads_as_float32(tmp_path):
     assert model.transformer.wte.weight.data.dtype == np.float32
     ref = reference_gpt2({k[len("transformer."):]: v for k, v in w.items()}, IDX)
     np.testing.assert_allclose(model(IDX)[0].numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the GPT-2 vocabulary (tiktoken ranks file)
+def gpt2_byte_order():
+    """GPT-2's rank order of the 256 bytes (its bytes_to_unicode: the printable bytes first)."""
+    first = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    return first + [b for b in range(256) if b not in first]
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. It's 2026 and we're testing GPT-2's BPE: "
+        "naïve café, 東京, emoji 🙂🙂, tabs\tand  double  spaces,\n\nnew lines   \n") * 20
+
+
+def gpt2_style_ranks(path):
+    """A small tiktoken file laid out like gpt2.tiktoken: permuted single bytes, then merges in rank order
+    (learned here by our trainer on TEXT with GPT-2's split pattern)."""
+    import base64
+    from tinygrad_lm.tokenizer import BPETokenizer
+    learned = BPETokenizer.train(TEXT, vocab_size=256 + 100, pattern="gpt2")
+    assert len(learned.merges) == 100
+    tokens = [bytes([b]) for b in gpt2_byte_order()] + [learned.token_bytes(256 + i) for i in range(100)]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    return tokens
+
+
+def reference_bpe(text_piece: bytes, rank_of):
+    """tiktoken's rule, written out independently: merge the adjacent pair whose bytes form the lowest rank."""
+    parts = [text_piece[i:i + 1] for i in range(len(text_piece))]
+    while True:
+        ranks = [rank_of.get(a + b) for a, b in zip(parts, parts[1:])]
+        cands = [(r, i) for i, r in enumerate(ranks) if r is not None]
+        if not cands:
+            return [rank_of[p] for p in parts]
+        _, i = min(cands)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+SAMPLES = [TEXT[:300], "Hello world!", "  leading spaces", "trailing   ", "ÿ\x00\x7f bytes", "<|endoftext|> x",
+           "x<|endoftext|>y", "1234567 numbers 3.14", "I'll we've they're DON'T"]
+
+
+def test_gpt2_vocabulary_encodes_like_tiktoken_rule(tmp_path):
+    import regex
+    from tinygrad_lm.tokenizer import GPT2_PATTERN, load_tokenizer
+    tokens = gpt2_style_ranks(tmp_path / "gpt2.tiktoken")
+    tok = load_tokenizer(tmp_path / "gpt2.tiktoken")
+    rank_of = {t: r for r, t in enumerate(tokens)}
+    assert tok.vocab_size == len(tokens) + 1 and tok.special_tokens == {"<|endoftext|>": len(tokens)}
+    assert tok.encode("!") == [0] and tok.encode("\x00") == [188]  # GPT-2's permuted byte ids
+    for s in SAMPLES:
+        want = [i for piece in regex.findall(GPT2_PATTERN, s) for i in reference_bpe(piece.encode(), rank_of)]
+        assert tok.encode_ordinary(s) == want, s
+        assert tok.decode(tok.encode(s, allowed_special="none")) == s
+    assert tok.encode("a<|endoftext|>", allowed_special="all")[-1] == len(tokens)
+    # files: the ranks file written back is the same file; the JSON form keeps the byte order
+    tok.to_tiktoken(tmp_path / "again.tiktoken")
+    assert (tmp_path / "again.tiktoken").read_text() == (tmp_path / "gpt2.tiktoken").read_text()
+    tok.save(tmp_path / "gpt2.json")
+    back = load_tokenizer(tmp_path / "gpt2.json")
+    assert back.byte_order == gpt2_byte_order() and back.encode(TEXT) == tok.encode(TEXT)
+
+
+def test_gpt2_vocabulary_equals_tiktoken(tmp_path, monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+    from tinygrad_lm.tokenizer import GPT2_PATTERN, BPETokenizer
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    tokens = gpt2_style_ranks(tmp_path / "gpt2.tiktoken")
+    enc = tiktoken.Encoding("gpt2-test", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(
+        str(tmp_path / "gpt2.tiktoken")), special_tokens={"<|endoftext|>": len(tokens)})
+    tok = BPETokenizer.gpt2(tmp_path / "gpt2.tiktoken")
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghij XYZ'\n\t.,!?0123456789éü東🙂") + ["'s", "'ll", "  ", "<|endoftext|>"]
+    randoms = ["".join(rng.choice(alphabet, size=rng.integers(1, 60))) for _ in range(300)]
+    for s in SAMPLES + randoms:
+        assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), s
+        assert tok.encode_ordinary(s) == enc.encode_ordinary(s), s
+
+
+def test_bad_byte_order_in_json_is_refused(tmp_path):
+    from tinygrad_lm.tokenizer import BPETokenizer, TokenizerFileError, load_tokenizer
+    d = BPETokenizer([], pattern="gpt2", byte_order=gpt2_byte_order()).to_dict()
+    d["byte_order"][0] = d["byte_order"][1]
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    with pytest.raises(TokenizerFileError, match="field 'byte_order'.*permutation"):
+        load_tokenizer(tmp_path / "t.json")
