@@ -32,11 +32,11 @@ def hf_config(**over):
     return cfg
 
 
-def hf_weights(seed=0, prefix="transformer.", buffers=True):
+def hf_weights(seed=0, prefix="transformer.", buffers=True, vocab=V, positions=T):
     """name -> float32 array exactly as GPT2LMHeadModel.save_pretrained writes them (tied lm_head left out)."""
     rng = np.random.default_rng(seed)
     w = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
-    t = {"wte.weight": w(V, C), "wpe.weight": w(T, C), "ln_f.weight": 1 + w(C), "ln_f.bias": w(C)}
+    t = {"wte.weight": w(vocab, C), "wpe.weight": w(positions, C), "ln_f.weight": 1 + w(C), "ln_f.bias": w(C)}
     for i in range(L):
         h = f"h.{i}."
         t.update({h + "ln_1.weight": 1 + w(C), h + "ln_1.bias": w(C), h + "ln_2.weight": 1 + w(C),
@@ -46,7 +46,7 @@ def hf_weights(seed=0, prefix="transformer.", buffers=True):
                   h + "mlp.c_fc.weight": w(C, 4 * C), h + "mlp.c_fc.bias": w(4 * C),
                   h + "mlp.c_proj.weight": w(4 * C, C), h + "mlp.c_proj.bias": w(C)})
         if buffers:
-            t[h + "attn.bias"] = np.tril(np.ones((T, T), np.float32))[None, None]
+            t[h + "attn.bias"] = np.tril(np.ones((positions, positions), np.float32))[None, None]
             t[h + "attn.masked_bias"] = np.array(-1e4, np.float32)
     return {prefix + k: v for k, v in t.items()}
 
@@ -290,3 +290,139 @@ def test_bad_byte_order_in_json_is_refused(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps(d))
     with pytest.raises(TokenizerFileError, match="field 'byte_order'.*permutation"):
         load_tokenizer(tmp_path / "t.json")
+
+
+# ------------------------------------------------------------------ the commands: sample --hf, train --init-from, export
+from tinygrad_lm.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory):
+    """A tiny random GPT-2 (64 positions) on a GPT-2-style tiktoken vocabulary, and a corpus."""
+    d = tmp_path_factory.mktemp("gpt2")
+    n = len(gpt2_style_ranks(d / "gpt2.tiktoken")) + 1
+    write_hf(d / "hf", hf_weights(vocab=n, positions=64), hf_config(vocab_size=n, n_positions=64))
+    (d / "corpus.txt").write_text(TEXT * 4)
+    return d
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def finetune_args(d, out, *extra):
+    return ["train", "--preset", "gpt2-finetune", "--init-from", d / "hf", "--tokenizer", d / "gpt2.tiktoken",
+            "--data", d / "corpus.txt", "--cache-dir", d / "cache", "--out", out, "--block-size", 32,
+            "--max-iters", 2, "--eval-iters", 1, "--sample-tokens", 0, "--progress", "false", *extra]
+
+
+def test_sample_hf_cli(gpt2_files, capsys):
+    d = gpt2_files
+    code, out, err = run_cli(["sample", "--hf", d / "hf", "--tokenizer", d / "gpt2.tiktoken", "--prompt", "The quick",
+                              "--max-new-tokens", 8, "--temperature", 0], capsys)
+    assert code == 0, err
+    # greedy decoding equals the argmax of the independent reference, token by token
+    from tinygrad_lm.tokenizer import load_tokenizer
+    tok = load_tokenizer(d / "gpt2.tiktoken")
+    w = {k[len("transformer."):]: v for k, v in hf_weights(vocab=tok.vocab_size, positions=64).items()}
+    ids = tok.encode("The quick")
+    for _ in range(8):
+        ids.append(int(reference_gpt2(w, np.array([ids]))[0, -1].argmax()))
+    assert out.startswith(tok.decode(ids)[:len("The quick")])
+    assert out.split("\n" + "-" * 40)[0] == tok.decode(ids)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--hf", "{d}/hf", "--prompt", "x"], "needs --tokenizer FILE.tiktoken"),
+    (["sample", "--hf", "{d}/nope", "--tokenizer", "{d}/gpt2.tiktoken"], "not a directory"),
+    (["sample", "--ckpt", "{d}", "--tokenizer", "{d}/gpt2.tiktoken"], "--tokenizer goes with --hf"),
+    (["sample", "--hf", "{d}/hf", "--tokenizer", "{d}/corpus.txt"], "corpus.txt is not valid JSON"),
+    (["export", "--ckpt", "{d}/nope", "--hf", "{d}/out"], "nope"),
+])
+def test_cli_refusals(gpt2_files, capsys, argv, message):
+    code, out, err = run_cli([a.format(d=gpt2_files) for a in argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_train_refusals(gpt2_files, tmp_path, capsys):
+    d = gpt2_files
+    for extra, message in [(["--n-layer", 3], "--n-layer: 3 conflicts with the --init-from checkpoint"),
+                           (["--block-size", 65], "--block-size: 65 is longer than the --init-from checkpoint's "
+                                                  "context of 64"),
+                           (["--tokenizer", "char"], "48 tokens, but the --init-from model")]:
+        code, _, err = run_cli(finetune_args(d, tmp_path / "r", *extra), capsys)
+        assert code == 2 and message in err, err
+    code, _, err = run_cli(["train", "--preset", "gpt2-finetune", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "--preset gpt2-finetune needs --init-from DIR" in err
+
+
+def checkpoint_weights(run):
+    from nn.serialization import load_safetensors
+    from tinygrad_lm.checkpoint import resolve
+    return load_safetensors(resolve(run) / "model.safetensors")[0]
+
+
+def test_finetune_starts_from_the_hf_weights_then_resumes_and_exports(gpt2_files, tmp_path, capsys):
+    d = gpt2_files
+    # lr 0: the checkpoint holds the HF weights exactly (Conv1D transposed, wpe cropped to --block-size 32)
+    code, _, err = run_cli(finetune_args(d, tmp_path / "frozen", "--lr", 0, "--min-lr", 0, "--max-iters", 1), capsys)
+    assert code == 0, err
+    got = checkpoint_weights(tmp_path / "frozen")
+    from tinygrad_lm.tokenizer import load_tokenizer
+    hf = hf_weights(vocab=load_tokenizer(d / "gpt2.tiktoken").vocab_size, positions=64, buffers=False)
+    for k, v in hf.items():
+        want = v.T if k.split(".", 3)[-1] in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                                              "mlp.c_proj.weight") else v
+        np.testing.assert_array_equal(got[k], want[:32] if k.endswith("wpe.weight") else want, err_msg=k)
+    # a real run: the loss is finite, the weights move; resume continues it; export writes GPT-2 again
+    run = tmp_path / "run"
+    code, out, err = run_cli(finetune_args(d, run, "--grad-accum", 2), capsys)
+    assert code == 0 and "step 2:" in out, err
+    moved = checkpoint_weights(run)
+    assert not np.array_equal(moved["transformer.wte.weight"], got["transformer.wte.weight"])
+    code, out, err = run_cli(["train", "--resume", run, "--max-iters", 3, "--progress", "false"], capsys)
+    assert code == 0 and "step 3:" in out, err
+    code, out, err = run_cli(["export", "--ckpt", run, "--hf", tmp_path / "exported"], capsys)
+    assert code == 0, err
+    from tinygrad_lm.sample import load_checkpoint_model
+    ours, _ = load_checkpoint_model(str(run))
+    again = load_hf(tmp_path / "exported")
+    ids = np.arange(20)[None] % 50
+    np.testing.assert_array_equal(again(ids)[0].numpy(), ours(ids)[0].numpy())
+    code, _, err = run_cli(["export", "--ckpt", run, "--hf", tmp_path / "exported"], capsys)
+    assert code == 2 and "--overwrite" in err
+
+
+def test_finetune_bf16(gpt2_files, tmp_path, capsys):
+    code, out, err = run_cli(finetune_args(gpt2_files, tmp_path / "bf16", "--precision", "bf16", "--grad-accum", 2),
+                             capsys)
+    assert code == 0 and "step 2:" in out, err
+    assert all(np.isfinite(v).all() for v in checkpoint_weights(tmp_path / "bf16").values())
+
+
+def test_finetune_two_ranks_equal_one_process(gpt2_files, tmp_path, capsys):
+    import subprocess
+    import sys
+    from test_mpi import ROOT, mpi_env, mpiexec
+    if mpiexec() is None:
+        pytest.skip("no mpiexec (pip install 'tinygrad-lm[mpi]')")
+    pytest.importorskip("mpi4py")
+    d = gpt2_files
+    args = [str(a) for a in finetune_args(d, tmp_path / "mpi", "--batch-size", 1, "--grad-accum", 2)]
+    r = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "tinygrad_lm"] + args, cwd=ROOT, env=mpi_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    code, _, err = run_cli(finetune_args(d, tmp_path / "one", "--batch-size", 2, "--grad-accum", 2), capsys)
+    assert code == 0, err
+    a, b = checkpoint_weights(tmp_path / "mpi"), checkpoint_weights(tmp_path / "one")
+    assert set(a) == set(b)
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.c_attn.bias"):  # the key bias: its true gradient is 0 (softmax ignores a constant
+            # added to a query's scores), so Adam turns round-off noise into steps of up to lr (3e-5) either way
+            np.testing.assert_allclose(x[C:2 * C], y[C:2 * C], atol=2 * 3e-5 * 2, err_msg=k)
+            x, y = np.r_[x[:C], x[2 * C:]], np.r_[y[:C], y[2 * C:]]
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6, err_msg=k)

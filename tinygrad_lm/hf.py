@@ -185,19 +185,18 @@ def read_hf_config(path: str | os.PathLike, dropout: float = 0.0) -> GPTConfig:
     return config_from_hf(cfg, str(config_path), dropout)
 
 
-def load_hf(path: str | os.PathLike, dropout: float = 0.0, into: GPT | None = None) -> GPT:
-    """A local Hugging Face GPT-2 directory (config.json + model.safetensors) -> our GPT (float32, CPU).
+def load_hf(path: str | os.PathLike, dropout: float = 0.0, block_size: int | None = None) -> GPT:
+    """A local Hugging Face GPT-2 directory (config.json + model.safetensors) -> our GPT (float32, CPU, eval mode).
 
-    `into`: load the weights into this model instead of a new one (its config must match).
-    Every problem is an HFError naming the file and what is wrong.
+    block_size: a shorter context than the checkpoint's n_positions keeps the first rows of wpe (as nanoGPT's
+    crop_block_size). Every problem is an HFError naming the file and what is wrong.
     """
     from nn.serialization import SafetensorsError
     cfg = read_hf_config(path, dropout)
     _, weights = _hf_dir(path)
-    if into is not None and {k: v for k, v in into.config.to_dict().items() if k != "dropout"} != \
-            {k: v for k, v in cfg.to_dict().items() if k != "dropout"}:
-        raise HFError(f"{path}: the checkpoint's model {cfg} differs from the model to load into {into.config}")
-    model = into if into is not None else GPT(cfg)
+    if block_size is not None and not 0 < block_size <= cfg.block_size:
+        raise HFError(f"{path}: block_size {block_size} must be in [1, {cfg.block_size}] (the checkpoint's n_positions)")
+    model = GPT(cfg)
     params = dict(model.named_parameters())
     try:
         found, lm_head = _plan(weights, model)
@@ -214,6 +213,10 @@ def load_hf(path: str | os.PathLike, dropout: float = 0.0, into: GPT | None = No
                               "be represented (our lm_head is tied to wte)")
     except SafetensorsError as e:
         raise HFError(str(e)) from None
+    if block_size is not None and block_size < cfg.block_size:
+        wpe = model.transformer.wpe
+        wpe.weight.data = wpe.weight.data[:block_size].copy()
+        wpe.num_embeddings = model.config.block_size = block_size
     return model.eval()
 
 
