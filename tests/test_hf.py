@@ -138,7 +138,8 @@ def test_export_without_biases_writes_zero_biases(tmp_path):
     np.testing.assert_allclose(again(IDX)[0].numpy(), m(IDX)[0].numpy(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw, why", [({"pos_encoding": "sinusoidal"}, "sinusoidal"), ({"pos_encoding": "rope"}, "rotary"),
+@pytest.mark.parametrize("kw, why", [({"pos_encoding": "sinusoidal"}, "sinusoidal"),
+                                     ({"pos_encoding": "rope"}, "rotary"),
                                      ({"pos_encoding": "learned", "norm": "rmsnorm"}, "rmsnorm")])
 def test_export_refuses_what_gpt2_cannot_represent(tmp_path, kw, why):
     m = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=H, n_embd=C, **kw))
@@ -292,7 +293,7 @@ def test_bad_byte_order_in_json_is_refused(tmp_path):
         load_tokenizer(tmp_path / "t.json")
 
 
-# ------------------------------------------------------------------ the commands: sample --hf, train --init-from, export
+# ------------------------------------------------------------------ commands: sample --hf, train --init-from, export
 from tinygrad_lm.cli import main  # noqa: E402
 
 

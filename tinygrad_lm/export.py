@@ -20,7 +20,8 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory",
                        description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="run or checkpoint directory")
-    p.add_argument("--hf", required=True, metavar="OUT", help="the directory to write (config.json + model.safetensors)")
+    p.add_argument("--hf", required=True, metavar="OUT",
+                   help="the directory to write (config.json + model.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in OUT")
     p.set_defaults(func=cli_export)
 

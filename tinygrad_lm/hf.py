@@ -102,6 +102,21 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 
 
 # ------------------------------------------------------------------ weights
+class _NoDraw:
+    """Stands in for the NumPy Generator that draws a new GPT's initial weights when every weight is read
+    from a file next: it returns uninitialised float32 arrays of the asked shape (at 124M, drawing the
+    normals took seconds and float64 temporaries as large as the model)."""
+
+    def standard_normal(self, size: Any) -> np.ndarray:
+        return np.empty(size, np.float32)
+
+    def uniform(self, low: float, high: float, size: Any) -> np.ndarray:
+        return np.empty(size, np.float32)
+
+    def normal(self, loc: float, scale: float, size: Any) -> np.ndarray:
+        return np.empty(size, np.float32)
+
+
 def _is_conv1d(name: str) -> bool:
     return name.startswith("transformer.h.") and name.split(".", 3)[3] in CONV1D
 
@@ -195,8 +210,9 @@ def load_hf(path: str | os.PathLike, dropout: float = 0.0, block_size: int | Non
     cfg = read_hf_config(path, dropout)
     _, weights = _hf_dir(path)
     if block_size is not None and not 0 < block_size <= cfg.block_size:
-        raise HFError(f"{path}: block_size {block_size} must be in [1, {cfg.block_size}] (the checkpoint's n_positions)")
-    model = GPT(cfg)
+        raise HFError(f"{path}: block_size {block_size} must be in [1, {cfg.block_size}] "
+                      "(the checkpoint's n_positions)")
+    model = GPT(cfg, rng=_NoDraw())  # every parameter is read below (_plan refuses a file missing one)
     params = dict(model.named_parameters())
     try:
         found, lm_head = _plan(weights, model)

@@ -98,9 +98,11 @@ class Transformer(Module):
 class GPT(Module):
     """model(idx (B, T) ints, targets (B, T) ints or None) -> (logits (B, T, V), loss or None)."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0) -> None:
+    def __init__(self, config: GPTConfig, seed: int = 0, rng: Any = None) -> None:
+        """rng: what draws the initial weights (default np.random.default_rng(seed)); tinygrad_lm/hf.py
+        passes one that skips the drawing, as it overwrites every weight next."""
         self.config = config
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed) if rng is None else rng
         self.transformer = Transformer(config, rng)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, rng=rng)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying

@@ -125,7 +125,10 @@ class Trainer:
         check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True)
         self.data = TokenData(tokenize_to_cache(files, self.tokenizer, cfg.cache_dir), mcfg.block_size,
                               cfg.val_fraction)
-        self.model = load_hf(init_from, mcfg.dropout, mcfg.block_size).train() if init_from else GPT(mcfg, seed=cfg.seed)
+        if init_from:
+            self.model = load_hf(init_from, mcfg.dropout, mcfg.block_size).train()
+        else:
+            self.model = GPT(mcfg, seed=cfg.seed)
         self.model.dropout_rng = np.random.default_rng([cfg.seed, 7])
         for m in self.model.modules():
             if hasattr(m, "generator") and m.generator is None:

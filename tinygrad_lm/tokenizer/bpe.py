@@ -426,9 +426,10 @@ class BPETokenizer:
         """Read a tiktoken ranks file (such as one written by `to_tiktoken`).
 
         Ranks must be 0..n-1 with ranks 0-255 the 256 single bytes, in any order (GPT-2's
-        vocabulary ranks the printable bytes first: `byte_order`). The merge of each later token is recovered by running BPE on its bytes with the
-        lower-ranked tokens only (it must end in exactly two tokens). A bad file is a
-        TokenizerFileError naming the file and line.
+        vocabulary ranks the printable bytes first: `byte_order`). The merge of each later
+        token is recovered by running BPE on its bytes with the lower-ranked tokens only (it
+        must end in exactly two tokens). A bad file is a TokenizerFileError naming the file
+        and line.
         """
         tokens = schema.read_tiktoken_ranks(path)
         merges = schema.merges_from_ranks(tokens, path)
