@@ -72,7 +72,7 @@ def config_from_hf(cfg: dict, where: str = CONFIG_FILE, dropout: float = 0.0) ->
     }
     for name, (default, ok, why) in rules.items():
         v = cfg.get(name, default)
-        if not any(v is a if a is None or isinstance(a, bool) else (v == a and not isinstance(v, bool)) for a in ok):
+        if not any(type(v) is type(a) and v == a for a in ok):  # (True is not 1, None is not 0)
             raise HFError(f"{where}: field {name!r} is {v!r}, which this GPT cannot represent ({why}; "
                           f"expected {' or '.join(map(repr, ok))})")
     eps = cfg.get("layer_norm_epsilon", LN_EPS)
