@@ -427,3 +427,33 @@ def test_finetune_two_ranks_equal_one_process(gpt2_files, tmp_path, capsys):
             np.testing.assert_allclose(x[C:2 * C], y[C:2 * C], atol=2 * 3e-5 * 2, err_msg=k)
             x, y = np.r_[x[:C], x[2 * C:]], np.r_[y[:C], y[2 * C:]]
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+# ------------------------------------------------------------------ on the GPU (skipped without CuPy and a GPU)
+from tensor import backend  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and an NVIDIA GPU")
+
+
+@needs_gpu
+def test_cuda_logits_match_independent_reference(tmp_path):
+    weights = hf_weights()
+    model = load_hf(write_hf(tmp_path / "gpt2", weights)).to("cuda")
+    logits = backend.to_numpy(model(IDX)[0].data)
+    ref = reference_gpt2({k[len("transformer."):]: v for k, v in weights.items()}, IDX)
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_finetune_and_sample(gpt2_files, tmp_path, capsys, precision):
+    d = gpt2_files
+    code, out, err = run_cli(finetune_args(d, tmp_path / precision, "--device", "cuda", "--precision", precision,
+                                           "--grad-accum", 2), capsys)
+    assert code == 0 and "step 2:" in out, err
+    assert all(np.isfinite(v).all() for v in checkpoint_weights(tmp_path / precision).values())
+    code, out, err = run_cli(["sample", "--hf", d / "hf", "--tokenizer", d / "gpt2.tiktoken", "--prompt", "The",
+                              "--max-new-tokens", 8, "--temperature", 0, "--device", "cuda"], capsys)
+    cpu = run_cli(["sample", "--hf", d / "hf", "--tokenizer", d / "gpt2.tiktoken", "--prompt", "The",
+                   "--max-new-tokens", 8, "--temperature", 0], capsys)
+    assert code == 0 and out == cpu[1], err
