@@ -198,11 +198,18 @@ def test_directory_refusals(tmp_path):
         load_hf(d)
 
 
-def test_half_precision_file_loads_as_float32(tmp_path):
-    w = {k: v.astype(np.float16) for k, v in hf_weights().items()}
-    model = load_hf(write_hf(tmp_path / "h", w))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_file_loads_as_float32(tmp_path, dtype):
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    from nn.serialization import save_safetensors  # (writes BF16 natively, which safetensors.numpy cannot)
+    w = {k: v.astype(dtype) for k, v in hf_weights().items()}
+    (tmp_path / "h").mkdir()
+    save_safetensors(tmp_path / "h" / "model.safetensors", w, {"format": "pt"})
+    (tmp_path / "h" / "config.json").write_text(json.dumps(hf_config()))
+    model = load_hf(tmp_path / "h")
     assert model.transformer.wte.weight.data.dtype == np.float32
-    ref = reference_gpt2({k[len("transformer."):]: v for k, v in w.items()}, IDX)
+    ref = reference_gpt2({k[len("transformer."):]: v.astype(np.float64) for k, v in w.items()}, IDX)
     np.testing.assert_allclose(model(IDX)[0].numpy(), ref, rtol=1e-4, atol=1e-4)
 
 

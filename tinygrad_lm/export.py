@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from tinygrad_lm.errors import UserError
-from tinygrad_lm.hf import CONFIG_FILE, WEIGHTS_FILE, export_hf
 
 
 def add_cli(sub: Any) -> None:
@@ -27,6 +26,7 @@ def add_cli(sub: Any) -> None:
 
 
 def cli_export(args: argparse.Namespace) -> int:
+    from tinygrad_lm.hf import CONFIG_FILE, WEIGHTS_FILE, export_hf
     from tinygrad_lm.sample import load_checkpoint_model
     out = Path(args.hf)
     if out.exists() and not out.is_dir():

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nn.serialization import _DTYPES, _bfloat16, atomic_write, read_safetensors_header, save_safetensors
+from nn.serialization import atomic_write, iter_safetensors, read_safetensors_header, save_safetensors
 from tensor import backend
 from tinygrad_lm.errors import UserError
 from tinygrad_lm.model import GPT, GPTConfig
@@ -122,20 +122,14 @@ def _is_conv1d(name: str) -> bool:
 
 
 def _read_tensors(path: Path, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, float32 array) for each name, read one at a time from a checked safetensors header."""
+    """(name, float32 array) for each name, read one at a time."""
     header = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        start = 8 + int.from_bytes(f.read(8), "little")
-        for name in names:
-            info = header[name]
-            code = info["dtype"]
-            if code not in ("F32", "F16", "F64", "BF16"):
-                raise HFError(f"{path}: tensor {name!r} has dtype {code}, expected a float type (F32, F16, BF16, F64)")
-            dtype = _bfloat16() if code == "BF16" else np.dtype(_DTYPES[code]).newbyteorder("<")
-            a, b = info["data_offsets"]
-            f.seek(start + a)
-            arr = np.fromfile(f, dtype=dtype, count=(b - a) // dtype.itemsize).reshape(info["shape"])
-            yield name, arr.astype(np.float32, copy=False)
+    for name in names:
+        if header[name]["dtype"] not in ("F32", "F16", "F64", "BF16"):
+            raise HFError(f"{path}: tensor {name!r} has dtype {header[name]['dtype']}, expected a float type "
+                          "(F32, F16, BF16, F64)")
+    for name, arr in iter_safetensors(path, names):
+        yield name, arr.astype(np.float32, copy=False)
 
 
 def _plan(path: Path, model: GPT) -> tuple[dict[str, str], str | None]:
