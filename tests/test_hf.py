@@ -310,6 +310,7 @@ def gpt2_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpt2")
     n = len(gpt2_style_ranks(d / "gpt2.tiktoken")) + 1
     write_hf(d / "hf", hf_weights(vocab=n, positions=64), hf_config(vocab_size=n, n_positions=64))
+    write_hf(d / "small")  # vocab_size 61
     (d / "corpus.txt").write_text(TEXT * 4)
     return d
 
@@ -349,6 +350,7 @@ def test_sample_hf_cli(gpt2_files, capsys):
     (["sample", "--ckpt", "{d}", "--tokenizer", "{d}/gpt2.tiktoken"], "--tokenizer goes with --hf"),
     (["sample", "--hf", "{d}/hf", "--tokenizer", "{d}/corpus.txt"], "corpus.txt is not valid JSON"),
     (["export", "--ckpt", "{d}/nope", "--hf", "{d}/out"], "nope"),
+    (["sample", "--hf", "{d}/small", "--tokenizer", "{d}/gpt2.tiktoken"], "357 tokens, but the model in"),
 ])
 def test_cli_refusals(gpt2_files, capsys, argv, message):
     code, out, err = run_cli([a.format(d=gpt2_files) for a in argv], capsys)

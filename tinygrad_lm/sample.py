@@ -228,9 +228,9 @@ def load_hf_model(path: str, tokenizer: str | None, device: str = "cpu", batch_s
     cfg = read_hf_config(path)
     check_fits(cfg, batch_size, "fp32", device, training=False)
     tok = load_tokenizer(tokenizer)
-    if tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"--tokenizer {tokenizer}: {tok.vocab_size} tokens, more than the vocab_size "
-                        f"{cfg.vocab_size} of the model in {path}")
+    if tok.vocab_size != cfg.vocab_size:
+        raise UserError(f"--tokenizer {tokenizer}: {tok.vocab_size} tokens, but the model in {path} has vocab_size "
+                        f"{cfg.vocab_size}; give the vocabulary it was trained with (GPT-2's: gpt2.tiktoken)")
     model = load_hf(path)
     if device != "cpu":
         model.to(device)
