@@ -146,6 +146,10 @@ def main() -> None:
         ours_tps = args.tokens / wall
         result["sample_tokens_per_s"] = {"ours": round(ours_tps, 2)}
         result["sample_cpu_s_of_best_run"] = {"ours": round(cpu, 3)}  # process CPU time, all threads
+        if peer and args.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                peer, result["transformers_sampling"] = False, "skipped: this torch has no CUDA"
         if peer:
             import torch
             torch.set_num_threads(args.threads)
