@@ -174,7 +174,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                              max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                              dropout=0.0, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
                              eval_iters=20, pos_encoding="learned"),
-    # the same model on a byte-level BPE vocabulary learned from the corpus
     # nanoGPT's config/finetune_shakespeare.py: fine-tune GPT-2 weights (--init-from DIR, with GPT-2's vocabulary
     # --tokenizer gpt2.tiktoken) at a constant learning rate 3e-5 (min_lr = lr, no warm-up), 1 x 32 sequences
     # per step; weight decay, beta2 and clipping are nanoGPT train.py's defaults. block_size is the checkpoint's
@@ -182,6 +181,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-finetune": dict(lr=3e-5, min_lr=3e-5, warmup_iters=0, lr_decay_iters=20, max_iters=20, batch_size=1,
                           grad_accum=32, eval_interval=5, eval_iters=40, ckpt_interval=5, weight_decay=0.1,
                           beta2=0.95, grad_clip=1.0, dropout=0.0),
+    # the same model on a byte-level BPE vocabulary learned from the corpus
     "shakespeare-bpe": dict(tokenizer="bpe:2048", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
                             max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                             dropout=0.0, beta2=0.99, eval_interval=250, eval_iters=20),
