@@ -175,7 +175,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                              dropout=0.0, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
                              eval_iters=20, pos_encoding="learned"),
     # nanoGPT's config/finetune_shakespeare.py: fine-tune GPT-2 weights (--init-from DIR, with GPT-2's vocabulary
-    # --tokenizer gpt2.tiktoken) at a constant learning rate 3e-5 (min_lr = lr, no warm-up), 1 x 32 sequences
+    # --tokenizer gpt2.tiktoken) at a constant learning rate 3e-5 (min_lr = lr, no warm-up), 1 x 32 sequences per rank
     # per step; weight decay, beta2 and clipping are nanoGPT train.py's defaults. block_size is the checkpoint's
     # (1024 for GPT-2; a smaller --block-size crops the positions).
     "gpt2-finetune": dict(lr=3e-5, min_lr=3e-5, warmup_iters=0, lr_decay_iters=20, max_iters=20, batch_size=1,
