@@ -8,6 +8,7 @@ modeling_gpt2.py): it imports nothing of the model code.
 """
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -466,3 +467,23 @@ def test_cuda_finetune_and_sample(gpt2_files, tmp_path, capsys, precision):
     cpu = run_cli(["sample", "--hf", d / "hf", "--tokenizer", d / "gpt2.tiktoken", "--prompt", "The",
                    "--max-new-tokens", 8, "--temperature", 0], capsys)
     assert code == 0 and out == cpu[1], err
+
+
+# ------------------------------------------------------------------ the real gpt2.tiktoken, when a path is given
+REAL_VOCAB = os.environ.get("TINYGRAD_LM_GPT2_TIKTOKEN", "")
+
+
+@pytest.mark.skipif(not REAL_VOCAB, reason="set TINYGRAD_LM_GPT2_TIKTOKEN to a gpt2.tiktoken file (e.g. from "
+                                           "`pip download --no-deps openai-whisper`: whisper/assets/gpt2.tiktoken)")
+def test_real_gpt2_vocabulary_equals_tiktoken(monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+    from tinygrad_lm.tokenizer import GPT2_PATTERN, BPETokenizer
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    tok = BPETokenizer.gpt2(REAL_VOCAB)
+    assert tok.vocab_size == 50257 and tok.special_tokens == {"<|endoftext|>": 50256}
+    assert tok.encode("Hello world") == [15496, 995]
+    enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(REAL_VOCAB),
+                            special_tokens={"<|endoftext|>": 50256})
+    for s in SAMPLES + [TEXT]:
+        assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), s
