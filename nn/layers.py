@@ -27,8 +27,9 @@ class Linear(Module):
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
         r = _rng(rng)
-        self.weight = Parameter(r.uniform(-bound, bound, (out_features, in_features)).astype(np.float32))
-        self.bias = Parameter(r.uniform(-bound, bound, (out_features,)).astype(np.float32)) if bias else None
+        self.weight = Parameter(r.uniform(-bound, bound, (out_features, in_features)).astype(np.float32, copy=False))
+        self.bias = (Parameter(r.uniform(-bound, bound, (out_features,)).astype(np.float32, copy=False))
+                     if bias else None)
 
     compute_dtype: Any = None  # set by nn.amp.autocast_ for mixed precision
 
@@ -46,7 +47,8 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rng: np.random.Generator | None = None) -> None:
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(_rng(rng).standard_normal((num_embeddings, embedding_dim)).astype(np.float32))
+        table = _rng(rng).standard_normal((num_embeddings, embedding_dim))
+        self.weight = Parameter(table.astype(np.float32, copy=False))
 
     def forward(self, ids: Any) -> Tensor:
         return F.embedding(ids, self.weight)

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from tensor import backend
 
 __all__ = ["atomic_write", "fsync_dir", "save_safetensors", "load_safetensors", "read_safetensors_header",
+           "iter_safetensors",
            "save_model", "load_model", "save_optimizer", "load_optimizer", "SafetensorsError"]
 
 _BF16_AS_UINT16 = "tinygrad_lm.bf16_as_uint16"   # metadata key: JSON list of names stored as uint16 bits
@@ -266,6 +267,25 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         out[name] = arr if arr.flags.writeable else arr.copy()
     order = [k for k in header if k != "__metadata__"]
     return {k: out[k] for k in order}, metadata
+
+
+def iter_safetensors(path: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, NumPy array) for each of `names`, read one at a time at its offsets in the checked header
+    (the memory of one array at a time, not the whole file). A name the file lacks is a KeyError."""
+    path = os.fspath(path)
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+        for name in names:
+            info = header[name]
+            code = info["dtype"]
+            if code not in _ITEMSIZE:
+                raise SafetensorsError(f"{path}: {name!r} has dtype {code}, which this loader does not handle")
+            dtype = _bfloat16() if code == "BF16" else np.dtype(_DTYPES[code]).newbyteorder("<")
+            a, b = info["data_offsets"]
+            f.seek(start + a)
+            arr = np.fromfile(f, dtype=dtype, count=(b - a) // dtype.itemsize).reshape(info["shape"])
+            yield name, arr.astype(arr.dtype.newbyteorder("="), copy=False)
 
 
 # ---------------------------------------------------------------- models

@@ -58,6 +58,17 @@ def test_round_trip_dtypes_and_metadata(tmp_path):
     assert b'"BF16"' in path.read_bytes()                       # native BF16: PyTorch reads bfloat16
 
 
+def test_iter_safetensors_reads_named_arrays_one_at_a_time(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_safetensors(path, arrays())
+    names = list(reversed(sorted(arrays())))
+    got = dict(ser.iter_safetensors(path, names))
+    assert list(got) == names
+    assert_same(arrays(), got)
+    with pytest.raises(KeyError):
+        dict(ser.iter_safetensors(path, ["missing"]))
+
+
 def test_bfloat16_fallback_as_uint16(tmp_path, monkeypatch):
     monkeypatch.setattr(ser, "_native_bf16", False)              # as if safetensors lacked BF16
     path = tmp_path / "x.safetensors"

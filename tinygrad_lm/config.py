@@ -43,7 +43,8 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=default_model)
     # data
     data: str = DEFAULT_CORPUS
-    tokenizer: str = "char"          # "char", "bpe:VOCAB" (trained on the corpus, cached) or a tokenizer .json
+    tokenizer: str = "char"          # "char", "bpe:VOCAB" (trained on the corpus, cached), a .json or a .tiktoken
+    init_from: str = ""              # a Hugging Face GPT-2 directory to fine-tune from (the model comes from it)
     val_fraction: float = 0.1
     cache_dir: str = ".cache/tinygrad_lm"
     # optimisation; batch_size is the micro-batch of one rank: global batch = batch_size x grad_accum x ranks
@@ -155,8 +156,9 @@ def validate(cfg: TrainConfig) -> None:
         if not vocab.isdigit() or int(vocab) < 257:
             raise _bad("tokenizer", f"'bpe:VOCAB' needs an integer VOCAB of at least 257 (256 bytes + "
                        f"<|endoftext|>), got {cfg.tokenizer!r}")
-    elif cfg.tokenizer != "char" and not cfg.tokenizer.endswith(".json"):
-        raise _bad("tokenizer", f"expected 'char', 'bpe:VOCAB' or a tokenizer .json file, got {cfg.tokenizer!r}")
+    elif cfg.tokenizer != "char" and not cfg.tokenizer.endswith((".json", ".tiktoken")):
+        raise _bad("tokenizer", f"expected 'char', 'bpe:VOCAB', a tokenizer .json file or a GPT-2 .tiktoken file, "
+                   f"got {cfg.tokenizer!r}")
     choices = {"allreduce_dtype": ("float32", "float16"), "zero": (0, 1), "precision": tuple(PRECISIONS),
                "device": ("cpu", "cuda"), "pp_schedule": ("gpipe", "1f1b")}
     for name, allowed in choices.items():
@@ -191,6 +193,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                              max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                              dropout=0.0, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
                              eval_iters=20, pos_encoding="learned"),
+    # nanoGPT's config/finetune_shakespeare.py: fine-tune GPT-2 weights (--init-from DIR, with GPT-2's vocabulary
+    # --tokenizer gpt2.tiktoken) at a constant learning rate 3e-5 (min_lr = lr, no warm-up), 1 x 32 sequences per rank
+    # per step; weight decay, beta2 and clipping are nanoGPT train.py's defaults. block_size is the checkpoint's
+    # (1024 for GPT-2; a smaller --block-size crops the positions).
+    "gpt2-finetune": dict(lr=3e-5, min_lr=3e-5, warmup_iters=0, lr_decay_iters=20, max_iters=20, batch_size=1,
+                          grad_accum=32, eval_interval=5, eval_iters=40, ckpt_interval=5, weight_decay=0.1,
+                          beta2=0.95, grad_clip=1.0, dropout=0.0),
     # the same model on a byte-level BPE vocabulary learned from the corpus
     "shakespeare-bpe": dict(tokenizer="bpe:2048", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
                             max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
@@ -278,18 +287,38 @@ def load_config_file(path: str) -> dict[str, Any]:
     return {k: coerce(k, v, f"config file {p}: {k}") for k, v in d.items()}
 
 
-def config_from_values(values: dict[str, Any], where: str = "config") -> TrainConfig:
-    """Flat {key: value} (train and model keys) -> a validated TrainConfig."""
+def model_from_init(values: dict[str, Any]) -> GPTConfig:
+    """With init_from, the model is the Hugging Face checkpoint's: a model setting that differs is refused,
+    but for dropout and a block_size up to the checkpoint's n_positions (the positions are cropped)."""
+    from tinygrad_lm.hf import read_hf_config
+    hf = read_hf_config(values["init_from"])
+    for k, v in values.items():
+        if k in model_fields() and k not in ("dropout", "block_size") and v != getattr(hf, k):
+            raise _bad(k, f"{v!r} conflicts with the --init-from checkpoint {values['init_from']}, whose model has "
+                          f"{k} {getattr(hf, k)!r}; leave the model settings out: the model comes from the checkpoint")
+    block = values.get("block_size", hf.block_size)
+    if block > hf.block_size:
+        raise _bad("block_size", f"{block} is longer than the --init-from checkpoint's context of {hf.block_size}")
+    return dataclasses.replace(hf, dropout=values.get("dropout", 0.0), block_size=block)
+
+
+def config_from_values(values: dict[str, Any], where: str = "config", resolve_init_from: bool = True) -> TrainConfig:
+    """Flat {key: value} (train and model keys) -> a validated TrainConfig. With init_from (and
+    resolve_init_from) the model settings are the Hugging Face checkpoint's (model_from_init)."""
     problems = [unknown_key_message(k) for k in values if k not in all_keys()]
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
     model_keys = model_fields()
+    vocab = VOCAB_PLACEHOLDER
+    if values.get("init_from") and resolve_init_from:
+        hf = model_from_init(values)
+        values, vocab = {**values, **{k: v for k, v in hf.to_dict().items() if k in model_keys}}, hf.vocab_size
     model_kw = {k: v for k, v in values.items() if k in model_keys}
     for name, limit in MAX_MODEL.items():  # before GPTConfig sees a huge value
         if isinstance(model_kw.get(name), int) and model_kw[name] > limit:
             raise _bad(name, f"{model_kw[name]} is beyond any model this code can train (at most {limit})")
     try:
-        model = dataclasses.replace(default_model(), **model_kw)
+        model = dataclasses.replace(default_model(), vocab_size=vocab, **model_kw)
     except ValueError as e:  # GPTConfig's own checks; name the flag where the message names the field
         msg = str(e)
         for k in model_keys:
@@ -298,9 +327,11 @@ def config_from_values(values: dict[str, Any], where: str = "config") -> TrainCo
     return TrainConfig(model=model, **{k: v for k, v in values.items() if k not in model_keys})
 
 
-def make_config(preset: str | None = None, config_file: str | None = None, **overrides: Any) -> TrainConfig:
+def make_config(preset: str | None = None, config_file: str | None = None, resolve_init_from: bool = True,
+                **overrides: Any) -> TrainConfig:
     """preset < config file < explicit overrides (None values are ignored). Overrides are flat keys,
-    train or model (`n_layer=2`), as strings (from flags) or typed values."""
+    train or model (`n_layer=2`), as strings (from flags) or typed values. resolve_init_from=False
+    (a resumed run) keeps the model settings given instead of reading the init_from checkpoint's."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -313,7 +344,10 @@ def make_config(preset: str | None = None, config_file: str | None = None, **ove
     if problems:
         raise ConfigError("make_config: " + "; ".join(problems))
     values.update({k: coerce(k, v, flag(k)) for k, v in given.items()})
-    return config_from_values(values)
+    if preset == "gpt2-finetune" and not values.get("init_from"):
+        raise ConfigError("--preset gpt2-finetune needs --init-from DIR, a Hugging Face GPT-2 directory (config.json "
+                          "+ model.safetensors), and --tokenizer FILE.tiktoken, GPT-2's vocabulary (see README)")
+    return config_from_values(values, resolve_init_from=resolve_init_from)
 
 
 # ------------------------------------------------------------------ resume

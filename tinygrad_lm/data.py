@@ -140,7 +140,7 @@ class TokenData:
 
 def build_tokenizer(cfg: Any, files: list[Path]) -> Any:
     """The tokenizer cfg.tokenizer names: "char" (trained on the corpus), "bpe:VOCAB" (trained on the
-    corpus once, cached in cfg.cache_dir) or a tokenizer .json file."""
+    corpus once, cached in cfg.cache_dir), a tokenizer .json file or GPT-2's vocabulary as a .tiktoken file."""
     from tinygrad_lm.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
     spec = cfg.tokenizer
     if spec == "char":
@@ -161,8 +161,8 @@ def build_tokenizer(cfg: Any, files: list[Path]) -> Any:
             raise DataError(f"--cache-dir: cannot write {cache}: {e.strerror or e}") from None
         return tok
     if not Path(spec).is_file():
-        raise DataError(f"--tokenizer: expected 'char', 'bpe:VOCAB' or a tokenizer .json file, got {spec!r} "
-                        "(no such file)")
+        raise DataError(f"--tokenizer: expected 'char', 'bpe:VOCAB', a tokenizer .json file or a .tiktoken file, "
+                        f"got {spec!r} (no such file)")
     try:
         return load_tokenizer(spec)
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -98,15 +98,24 @@ class Transformer(Module):
 class GPT(Module):
     """model(idx (B, T) ints, targets (B, T) ints or None) -> (logits (B, T, V), loss or None)."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0) -> None:
+    def __init__(self, config: GPTConfig, seed: int = 0, rng: Any = None) -> None:
+        """rng: what draws the initial weights (default np.random.default_rng(seed)); tinygrad_lm/hf.py
+        passes one that skips the drawing, as it overwrites every weight next."""
         self.config = config
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed) if rng is None else rng
         self.transformer = Transformer(config, rng)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, rng=rng)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
         if config.pos_encoding == "sinusoidal":
             self.pos = SinusoidalPositionalEncoding(config.block_size, config.n_embd)
         gpt_init_(self, config.n_layer, rng)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dropout: float = 0.0) -> "GPT":
+        """A local Hugging Face GPT-2 directory (config.json + model.safetensors) -> GPT in eval mode
+        (tinygrad_lm/hf.py: the name mapping and the Conv1D transposes)."""
+        from tinygrad_lm.hf import load_hf
+        return load_hf(path, dropout=dropout)
 
     def embed(self, idx: Any, positions: Any) -> Tensor:
         """Token + position embeddings: idx (B, T), positions (T,) or (B, T) ints -> (B, T, C)."""

@@ -217,6 +217,26 @@ def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -
     return model.eval(), tok
 
 
+def load_hf_model(path: str, tokenizer: str | None, device: str = "cpu", batch_size: int = 1) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) from a Hugging Face GPT-2 directory and a tokenizer file (GPT-2's
+    vocabulary: a .tiktoken ranks file); refuses a model that would not fit before reading its weights."""
+    from tinygrad_lm.hf import load_hf, read_hf_config
+    from tinygrad_lm.memory import check_fits
+    from tinygrad_lm.tokenizer import load_tokenizer
+    if not tokenizer:
+        raise UserError(f"--hf {path} needs --tokenizer FILE.tiktoken, GPT-2's vocabulary (gpt2.tiktoken; see README)")
+    cfg = read_hf_config(path)
+    check_fits(cfg, batch_size, "fp32", device, training=False)
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size != cfg.vocab_size:
+        raise UserError(f"--tokenizer {tokenizer}: {tok.vocab_size} tokens, but the model in {path} has vocab_size "
+                        f"{cfg.vocab_size}; give the vocabulary it was trained with (GPT-2's: gpt2.tiktoken)")
+    model = load_hf(path)
+    if device != "cpu":
+        model.to(device)
+    return model, tok
+
+
 class _TextStream:
     """Turns token ids into printable text incrementally (a UTF-8 character may span tokens)."""
 
@@ -246,7 +266,10 @@ MAX_SAMPLES = 10_000
 
 def add_cli(sub: Any) -> None:
     p = sub.add_parser("sample", help="sample text from a checkpoint, streaming to the terminal")
-    p.add_argument("--ckpt", required=True, help="run or checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="run or checkpoint directory")
+    src.add_argument("--hf", metavar="DIR", help="a Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    p.add_argument("--tokenizer", metavar="FILE", help="with --hf: the tokenizer, e.g. GPT-2's gpt2.tiktoken")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-new-tokens", type=int, default=200, help=f"0 .. {MAX_NEW_TOKENS:,}")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -277,6 +300,8 @@ def check_cli_args(args: argparse.Namespace) -> None:
         raise UserError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if not args.prompt:
         raise UserError("--prompt is empty; give at least one character")
+    if args.tokenizer and not args.hf:
+        raise UserError("--tokenizer goes with --hf; a checkpoint (--ckpt) uses the tokenizer saved with it")
     if args.device == "cuda":
         try:
             backend.cupy_module()  # names the extra to install
@@ -294,7 +319,10 @@ def _encode_prompt(tok: Any, text: str, what: str) -> list[int]:
 def cli_sample(args: argparse.Namespace) -> int:
     backend.tune_host_allocator()
     check_cli_args(args)  # bad input raises UserError: `error: ...`, exit 2 (tinygrad_lm/cli.py)
-    model, tok = load_checkpoint_model(args.ckpt, args.device)
+    if args.hf:
+        model, tok = load_hf_model(args.hf, args.tokenizer, args.device)
+    else:
+        model, tok = load_checkpoint_model(args.ckpt, args.device)
     ids = _encode_prompt(tok, args.prompt, "--prompt")
     if not ids:
         raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")

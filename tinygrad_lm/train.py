@@ -30,7 +30,10 @@ __all__ = ["Trainer", "TrainConfig", "make_config", "build_tokenizer", "PRESETS"
 
 HELP = {
     "data": "corpus: a file, a folder of *.txt, a glob, or 'shakespeare' (the default)",
-    "tokenizer": "'char', 'bpe:VOCAB' (learned from the corpus, cached) or a tokenizer .json file",
+    "tokenizer": "'char', 'bpe:VOCAB' (learned from the corpus, cached), a tokenizer .json file or GPT-2's "
+                 "vocabulary as a .tiktoken file",
+    "init_from": "fine-tune from a Hugging Face GPT-2 directory (config.json + model.safetensors); the model "
+                 "settings come from it",
     "batch_size": "sequences per micro-batch on each rank; global batch = batch_size x grad_accum x data-parallel ranks",
     "grad_accum": "micro-batches per optimizer step",
     "out": "run directory (checkpoints, metrics.jsonl, loss.png)",
@@ -78,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved.update(PRESETS[args.preset])
     if args.config:
         saved.update(load_config_file(args.config))
-    return make_config(None, None, **{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    return make_config(None, None, resolve_init_from=False,  # the model is the checkpoint's
+                       **{**saved, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def cli_train(args: argparse.Namespace) -> int:

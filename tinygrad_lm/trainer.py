@@ -34,6 +34,7 @@ from tinygrad_lm.data import TokenData, build_tokenizer, resolve_corpus, tokeniz
 from tinygrad_lm.errors import UserError
 from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, apply_hyperparameters,
                                        make_optimizer, make_schedule)
+from tinygrad_lm.hf import load_hf
 from tinygrad_lm.model import GPT, GPTConfig
 from tinygrad_lm.parallel_model import TensorParallelGPT
 from tinygrad_lm.plot import plot_losses, truncate_metrics
@@ -149,11 +150,19 @@ class Trainer:
             self.tokenizer = ckpt_io.load_tokenizer(self.ckpt, verify_files=False)  # verified by read_state
         else:
             self.tokenizer = build_tokenizer(cfg, files)
+        init_from = cfg.init_from if self.ckpt is None else ""  # a resumed run's weights are its checkpoint's
+        if init_from and self.tokenizer.vocab_size != cfg.model.vocab_size:
+            raise UserError(f"--tokenizer {cfg.tokenizer}: {self.tokenizer.vocab_size} tokens, but the --init-from "
+                            f"model {init_from} has vocab_size {cfg.model.vocab_size}; fine-tune GPT-2 with its own "
+                            "vocabulary (--tokenizer gpt2.tiktoken, see README)")
         mcfg = cfg.model_config(self.tokenizer.vocab_size)
         check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True, tp=cfg.tp)
         self.data = TokenData(tokenize_to_cache(files, self.tokenizer, cfg.cache_dir), mcfg.block_size,
                               cfg.val_fraction)
-        self.model = GPT(mcfg, seed=cfg.seed)
+        if init_from:
+            self.model = load_hf(init_from, mcfg.dropout, mcfg.block_size).train()
+        else:
+            self.model = GPT(mcfg, seed=cfg.seed)
         self.model.dropout_rng = np.random.default_rng([cfg.seed, 7])
         for m in self.model.modules():
             if hasattr(m, "generator") and m.generator is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import os
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 from nn.serialization import atomic_write
 from tinygrad_lm.tokenizer import schema
@@ -67,8 +67,12 @@ class BPETokenizer:
         merges: Sequence[Sequence[int]] = (),
         pattern: str = "gpt4",
         special_tokens: Union[dict[str, int], Sequence[str], None] = None,
+        byte_order: Optional[Sequence[int]] = None,
     ) -> None:
         """Build a tokenizer from merges in rank order: merge i, a pair (a, b), makes token 256 + i.
+
+        `byte_order`: the byte each of the ids 0-255 stands for (a permutation of 0..255; default
+        id i is byte i). GPT-2's vocabulary ranks the printable bytes first, so its ids need it.
 
         `special_tokens` is a list of names, which get consecutive ids after the merged
         vocabulary, or a dict name -> id whose ids are exactly those ids, in any order.
@@ -78,7 +82,13 @@ class BPETokenizer:
         self._regex = compile_pattern(self.pattern)
 
         # id -> bytes for the byte tokens and the merged tokens
-        vocab = [bytes([i]) for i in range(256)]
+        order = list(range(256)) if byte_order is None else [as_id(b, "byte_order entry") for b in byte_order]
+        if sorted(order) != list(range(256)):
+            raise ValueError(f"byte_order must be a permutation of the 256 byte values 0..255, got "
+                             f"{len(order)} values {short(order)}")
+        self.byte_order: list[int] = order
+        self._byte_to_id = bytes(sorted(range(256), key=order.__getitem__))  # bytes.translate table: byte -> id
+        vocab = [bytes([b]) for b in order]
         bytes_to_id = {b: i for i, b in enumerate(vocab)}
         self.merges: list[tuple[int, int]] = []
         total_bytes = 256
@@ -207,7 +217,7 @@ class BPETokenizer:
         whole = self._bytes_to_id.get(piece)
         if whole is not None:
             return [whole]
-        ids = list(piece)
+        ids = list(piece.translate(self._byte_to_id))
         if len(ids) > _LONG_PIECE:
             return self._encode_long_piece(ids)
         table = self._pair_to_id
@@ -362,13 +372,16 @@ class BPETokenizer:
 
     def to_dict(self) -> dict:
         """The JSON-ready description of this tokenizer."""
-        return {
+        d = {
             "type": "bpe",
             "version": FORMAT_VERSION,
             "pattern": self.pattern,
             "merges": [list(m) for m in self.merges],
             "special_tokens": dict(self.special_tokens),
         }
+        if self.byte_order != list(range(256)):  # only a vocabulary such as GPT-2's has one
+            d["byte_order"] = list(self.byte_order)
+        return d
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the tokenizer as one JSON file (one merge per line, so it diffs well), atomically.
@@ -382,11 +395,12 @@ class BPETokenizer:
     def from_dict(cls, d: dict, source: str = "BPE tokenizer dict") -> "BPETokenizer":
         """Inverse of `to_dict`. Every field is checked before any is used; a bad one is a
         TokenizerFileError that starts with `source` (the file name, when loading a file)."""
-        pattern, merges, special_tokens = schema.check_bpe_fields(d, source)
+        pattern, merges, special_tokens, byte_order = schema.check_bpe_fields(d, source)
         try:
-            return cls(merges, pattern=pattern, special_tokens=special_tokens)
+            return cls(merges, pattern=pattern, special_tokens=special_tokens, byte_order=byte_order)
         except ValueError as e:  # ids out of range, a duplicate token, a bad special token
-            field = "merges" if str(e).startswith("merge") else "special_tokens"
+            field = ("merges" if str(e).startswith("merge") else "byte_order" if str(e).startswith("byte_order")
+                     else "special_tokens")
             raise TokenizerFileError(f"{source}: field {field!r}: {e}") from None
 
     @classmethod
@@ -411,13 +425,21 @@ class BPETokenizer:
     ) -> "BPETokenizer":
         """Read a tiktoken ranks file (such as one written by `to_tiktoken`).
 
-        Ranks must be 0..n-1 with ranks 0-255 the single bytes 0-255 in order. The
-        merge of each later token is recovered by running BPE on its bytes with the
-        lower-ranked tokens only (it must end in exactly two tokens). A bad file is a
-        TokenizerFileError naming the file and line.
+        Ranks must be 0..n-1 with ranks 0-255 the 256 single bytes, in any order (GPT-2's
+        vocabulary ranks the printable bytes first: `byte_order`). The merge of each later
+        token is recovered by running BPE on its bytes with the lower-ranked tokens only (it
+        must end in exactly two tokens). A bad file is a TokenizerFileError naming the file
+        and line.
         """
-        merges = schema.merges_from_ranks(schema.read_tiktoken_ranks(path), path)
-        return cls(merges, pattern=pattern, special_tokens=special_tokens)
+        tokens = schema.read_tiktoken_ranks(path)
+        merges = schema.merges_from_ranks(tokens, path)
+        return cls(merges, pattern=pattern, special_tokens=special_tokens, byte_order=[t[0] for t in tokens[:256]])
+
+    @classmethod
+    def gpt2(cls, path: Union[str, os.PathLike]) -> "BPETokenizer":
+        """GPT-2's tokenizer from its tiktoken ranks file (gpt2.tiktoken, r50k_base.tiktoken): GPT-2's split
+        pattern and `<|endoftext|>` right after the merged vocabulary (id 50256 for the real file)."""
+        return cls.from_tiktoken(path, pattern="gpt2", special_tokens=["<|endoftext|>"])
 
     def __repr__(self) -> str:
         name = next((k for k, v in PATTERNS.items() if v == self.pattern), "custom")

@@ -34,7 +34,8 @@ from tinygrad_lm.tokenizer.base import (
 )
 
 PathLike = Union[str, os.PathLike]
-BPE_FIELDS = {"type": True, "version": True, "pattern": True, "special_tokens": False, "merges": True}
+BPE_FIELDS = {"type": True, "version": True, "pattern": True, "special_tokens": False, "merges": True,
+              "byte_order": False}
 CHAR_FIELDS = {"type": True, "version": True, "chars": True}
 KINDS = ("bpe", "char")
 MAX_FILE_BYTES = 1 << 28  # a tokenizer file of a million merges takes about 15 MB
@@ -184,8 +185,9 @@ def check_pattern(pattern: Any, source: str) -> str:
     return pattern
 
 
-def check_bpe_fields(d: Any, source: str) -> tuple[str, list[tuple[int, int]], dict[str, int]]:
-    """(pattern regex, merges, special tokens) of a BPE tokenizer dict, with every JSON type checked."""
+def check_bpe_fields(d: Any, source: str) -> tuple[str, list[tuple[int, int]], dict[str, int], list[int] | None]:
+    """(pattern regex, merges, special tokens, byte order or None) of a BPE tokenizer dict, with every JSON
+    type checked (that byte_order is a permutation: the constructor)."""
     _check_fields(d, "bpe", BPE_FIELDS, source)
     pattern = check_pattern(d["pattern"], source)
     merges = d["merges"]
@@ -207,7 +209,11 @@ def check_bpe_fields(d: Any, source: str) -> tuple[str, list[tuple[int, int]], d
             raise TokenizerFileError(
                 f"{source}: field 'special_tokens': {short(name)} has id {json_kind(i)}, expected an integer id"
             )
-    return pattern, [(a, b) for a, b in merges], dict(specials)
+    byte_order = d.get("byte_order")
+    if byte_order is not None and not (isinstance(byte_order, list) and all(map(_is_int, byte_order))):
+        raise TokenizerFileError(f"{source}: field 'byte_order' is {json_kind(byte_order)}, expected a list of "
+                                 "the 256 byte values in id order")
+    return pattern, [(a, b) for a, b in merges], dict(specials), byte_order
 
 
 def check_char_fields(d: Any, source: str) -> str:
@@ -230,7 +236,8 @@ def bpe_json(d: dict) -> str:
         f'  "version": {FORMAT_VERSION},\n'
         f'  "pattern": {json.dumps(d["pattern"])},\n'
         f'  "special_tokens": {json.dumps(d["special_tokens"])},\n'
-        f'  "merges": [\n{merges}\n  ]\n'
+        + (f'  "byte_order": {json.dumps(d["byte_order"])},\n' if "byte_order" in d else "")
+        + f'  "merges": [\n{merges}\n  ]\n'
         "}\n"
     )
 
@@ -248,7 +255,7 @@ def read_tiktoken_ranks(path: PathLike) -> list[bytes]:
     """The tokens of a tiktoken ranks file, in rank order.
 
     Ranks must be the numbers 0..n-1, each once; token bytes distinct, non-empty and at
-    most MAX_TOKEN_BYTES long; ranks 0-255 the single bytes 0-255 in order.
+    most MAX_TOKEN_BYTES long; ranks 0-255 the 256 single bytes (in any order: GPT-2's are permuted).
     """
     data = read_file(path, "tiktoken file")
     ranked: dict[int, bytes] = {}
@@ -289,9 +296,9 @@ def read_tiktoken_ranks(path: PathLike) -> list[bytes]:
             f"tiktoken file {path}: rank {missing} is missing; ranks must be the numbers 0..{n - 1}, each once"
         )
     for i in range(256):
-        if ranked[i] != bytes([i]):
+        if len(ranked[i]) != 1:
             raise TokenizerFileError(
-                f"tiktoken file {path}: rank {i} is {ranked[i][:40]!r}, expected the single byte {bytes([i])!r}"
+                f"tiktoken file {path}: rank {i} is {ranked[i][:40]!r}; ranks 0-255 must be the 256 single bytes"
             )
     return [ranked[i] for i in range(n)]
 
