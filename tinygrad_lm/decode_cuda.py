@@ -56,13 +56,13 @@ def _advance_kernel() -> Any:
 
 def refusal(model: Any, prompt_len: int, max_new_tokens: int) -> str | None:
     """Why the CUDA-graph decoder cannot run this request, or None when it can."""
-    if backend.device_of(model.transformer.wte.weight.data) != "cuda":
-        return "the model is on the CPU; CUDA graphs need the model on the GPU (--device cuda)"
     need = prompt_len + max_new_tokens - 1
     if need > model.config.block_size:
         return (f"a {prompt_len}-token prompt and {max_new_tokens} new tokens need {need} positions, past "
                 f"block_size {model.config.block_size}: the graph decoder keeps the whole sequence in its static "
                 f"cache (past block_size the window slides, which only the eager sampler does)")
+    if backend.device_of(model.transformer.wte.weight.data) != "cuda":
+        return "the model is on the CPU; CUDA graphs need the model on the GPU (--device cuda)"
     return None
 
 
@@ -99,7 +99,8 @@ class GPUDecoder:
     that produced a stop token repeat it; the iteration ends when every row has stopped.
 
     seq (B, T) left-padded prompt ids (host), pads (B,) the padding of each row; cuda_graph False runs
-    the same device step eagerly every token (no capture). The model must be in eval mode, under
+    the same device step eagerly every token (no capture); lookahead: steps queued ahead of the last
+    token handed out (0: each step is waited for before the next is queued). The model must be in eval mode, under
     no_grad (sample.stream does both)."""
 
     def __init__(self, model: Any, seq: np.ndarray, pads: np.ndarray, max_new_tokens: int,
@@ -115,7 +116,7 @@ class GPUDecoder:
         import cupyx
         cfg = model.config
         B, T = seq.shape
-        self.model, self.n, self.use_graph, self.lookahead = model, max_new_tokens, cuda_graph, max(1, lookahead)
+        self.model, self.n, self.use_graph, self.lookahead = model, max_new_tokens, cuda_graph, max(0, lookahead)
         self.seq, self.pads = seq, pads
         self.L = L = T + max(max_new_tokens, 1) - 1
         H, D = cfg.n_head, cfg.n_embd // cfg.n_head
