@@ -344,12 +344,13 @@ def cli_sample(args: argparse.Namespace) -> int:
     if not ids:
         raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")
     stops = [t for s in args.stop for t in _encode_prompt(tok, s, f"--stop {s!r}")[:1]]
+    graph = _cli_graph(args, len(ids), model.config.block_size)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         out = _TextStream(tok)
         sys.stdout.write(args.prompt)
         for nxt in stream(model, np.asarray([ids]), args.max_new_tokens, args.temperature, args.top_k,
-                          args.top_p, seed, stops, not args.no_cache, _cli_graph(args, len(ids), model.config.block_size)):
+                          args.top_p, seed, stops, not args.no_cache, graph):
             sys.stdout.write(out.push(int(nxt[0])))
             sys.stdout.flush()
         sys.stdout.write(out.flush() + "\n" + "-" * 40 + "\n")

@@ -4,9 +4,10 @@ causal softmax and its backward (tensor/cuda/softmax.py), and the heads' layouts
 pass each (tensor/cuda/layout.py).
 
 They apply to causal attention without a padding mask on contiguous float16/bfloat16/float32 CuPy
-arrays, and at inference to one query row against a KV cache with or without a padding mask (the
-fused decode kernel, tensor/cuda/decode_attention.py) (the softmax kernel builds the causal mask itself), with or without dropout (its keep-mask
-drawn as the reference draws it); anything else runs the reference on CuPy. Memory kept for
+arrays (the softmax kernel builds the causal mask itself), with or without dropout (its keep-mask
+drawn as the reference draws it), and at inference to one query row against a KV cache, with or
+without a padding mask (the fused decode kernel, tensor/cuda/decode_attention.py); anything else
+runs the reference on CuPy. Memory kept for
 backward: contiguous Q, K, V (one copy of the heads, which frees the fused qkv buffer), P in the
 input dtype and, with dropout, the bool keep-mask.
 """
