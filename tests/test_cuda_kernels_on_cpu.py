@@ -47,7 +47,7 @@ extern "C" void run_advance(int threads, int* col, long long* pos, unsigned char
 }
 """
 
-_lib = build(SM._SOURCE + DA._SOURCE + DC._ADVANCE, LAUNCHERS)
+_lib = build(SM._SOURCE + DA._SOURCE + DA._WRITE_SOURCE + DC._ADVANCE, LAUNCHERS)
 pytestmark = pytest.mark.skipif(_lib is None, reason="needs a C++ compiler (g++)")
 
 if _lib is not None:

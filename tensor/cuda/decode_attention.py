@@ -119,7 +119,10 @@ __global__ void decode_attn_combine(const float* __restrict__ part_acc, const fl
     }
     out[(long long)bh * D + d] = (T)(L > 0.f ? a / L : 0.f);
 }
+"""
 
+
+_WRITE_SOURCE = r"""
 extern "C" __global__ void kv_cache_write(const void* k_, const void* v_, void* ck_, void* cv_, const int* col,
                                int H, int D, int itemsize, long long ksb, long long ksh, long long vsb, long long vsh,
                                long long csb, long long csh, long long cst, int n) {
@@ -135,6 +138,11 @@ extern "C" __global__ void kv_cache_write(const void* k_, const void* v_, void* 
     for (int e = 0; e < itemsize; ++e) { ck[dst + e] = k[src_k + e]; cv[dst + e] = v[src_v + e]; }
 }
 """
+
+
+@functools.lru_cache(maxsize=None)
+def _write_kernel() -> Any:
+    return cupy().RawKernel(_WRITE_SOURCE, "kv_cache_write")
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,7 +224,7 @@ def kv_cache_write(cache_k: Any, cache_v: Any, k: Any, v: Any, col: Any) -> None
     n = B * H * D
     ks, vs, cs = _strides(k), _strides(v), _strides(cache_k)
     i64 = np.int64
-    _module().get_function("kv_cache_write")(
+    _write_kernel()(
         (-(-n // 256),), (256,),
         (k, v, cache_k, cache_v, col, np.int32(H), np.int32(D), np.int32(k.itemsize), i64(ks[0]), i64(ks[1]),
          i64(vs[0]), i64(vs[1]), i64(cs[0]), i64(cs[1]), i64(cs[2]), np.int32(n)))
