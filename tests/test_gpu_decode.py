@@ -293,3 +293,19 @@ def test_cli_cuda_graph_on_the_gpu(tmp_path):
     code, err = run_main("sample", "--ckpt", str(d), "--prompt", "ab", "--max-new-tokens", "100",
                          "--device", "cuda", "--cuda-graph")
     assert code == 2 and "block_size" in err and err.startswith("error: --cuda-graph"), err
+
+
+def test_a_failed_capture_falls_back_by_default_and_raises_when_insisted(monkeypatch):
+    from tinygrad_lm import decode_cuda
+    from tinygrad_lm.sample import generate
+    model = tiny_gpt("learned", seed=9).to("cuda")
+    want = generate(model, np.array([[2, 3]]), 12, temperature=0, use_cache=False)
+
+    def broken(self):
+        raise RuntimeError("capture refused")
+    monkeypatch.setattr(decode_cuda.GPUDecoder, "_capture", broken)
+    with pytest.warns(RuntimeWarning, match="capture refused"):
+        got = generate(model, np.array([[2, 3]]), 12, temperature=0)
+    assert got.tolist() == want.tolist()
+    with pytest.raises(RuntimeError, match="capture refused"):
+        generate(model, np.array([[2, 3]]), 12, temperature=0, cuda_graph=True)

@@ -28,6 +28,7 @@ not the CPU sampler's NumPy draws (greedy decoding is the same as the CPU's on t
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -100,13 +101,14 @@ class GPUDecoder:
 
     seq (B, T) left-padded prompt ids (host), pads (B,) the padding of each row; cuda_graph False runs
     the same device step eagerly every token (no capture); lookahead: steps queued ahead of the last
-    token handed out (0: each step is waited for before the next is queued). The model must be in eval mode, under
-    no_grad (sample.stream does both)."""
+    token handed out (0: each step is waited for before the next is queued); strict False: a capture
+    that fails falls back to eager device steps with a RuntimeWarning (True: the error is raised).
+    The model must be in eval mode, under no_grad (sample.stream does both)."""
 
     def __init__(self, model: Any, seq: np.ndarray, pads: np.ndarray, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_tokens: Sequence[int] = (), cuda_graph: bool = True,
-                 lookahead: int = 2) -> None:
+                 lookahead: int = 2, strict: bool = True) -> None:
         from nn.attention import KVCache
         from tensor.cuda.sampling import DeviceSampler
         why = refusal(model, seq.shape[1], max_new_tokens)
@@ -117,7 +119,7 @@ class GPUDecoder:
         cfg = model.config
         B, T = seq.shape
         self.model, self.n, self.use_graph, self.lookahead = model, max_new_tokens, cuda_graph, max(0, lookahead)
-        self.seq, self.pads = seq, pads
+        self.seq, self.pads, self.strict = seq, pads, strict
         self.L = L = T + max(max_new_tokens, 1) - 1
         H, D = cfg.n_head, cfg.n_embd // cfg.n_head
         like = cp.empty((0,), cache_dtype(model))
@@ -176,7 +178,14 @@ class GPUDecoder:
             elif self.graph is None:
                 self._step()
                 if self.use_graph and i + 1 < self.n:
-                    self._capture()
+                    try:
+                        self._capture()
+                    except Exception as e:  # noqa: BLE001 -- a CUDA/CuPy error from the capture
+                        if self.strict:
+                            raise
+                        self.use_graph, self.graph = False, None   # nothing captured ran: decode eagerly
+                        warnings.warn(f"GPU decoder: the CUDA-graph capture failed ({type(e).__name__}: {e}); "
+                                      "decoding with eager device steps instead", RuntimeWarning, stacklevel=2)
             else:
                 self.graph.launch(stream=self.stream)
             tokens = self.sampler.tokens

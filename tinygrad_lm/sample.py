@@ -144,7 +144,8 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
         model.eval()
         try:
             with no_grad():
-                yield from GPUDecoder(model, seq, pads, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens)
+                yield from GPUDecoder(model, seq, pads, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
+                                      strict=bool(cuda_graph))
         finally:
             model.train(was_training)
         return
