@@ -15,6 +15,9 @@ the cache only speeds up the first block_size positions.
 Batches of prompts of different lengths are left-padded, with a key-padding mask so no
 token attends to padding, and per-row positions so each prompt starts at position 0:
 each row gets the same result as running its prompt alone.
+
+On the GPU, decoding goes to tinygrad_lm/decode_cuda.py wherever the prompt and the new tokens fit in
+block_size (`cuda_graph`): a static cache, the step captured as a CUDA graph, sampling on the device.
 """
 from __future__ import annotations
 
