@@ -67,21 +67,24 @@ def test_uniforms_in_the_open_interval_and_distinct_streams():
     streams = [uniforms(7, c, r, 64) for c, r in ((0, 0), (1, 0), (0, 1), (1, 1))] + [uniforms(8, 0, 0, 64)]
     assert len({s.tobytes() for s in streams}) == len(streams)
     assert np.array_equal(uniforms(7, 3, 2, 10), uniforms(7, 3, 2, 10))
+    assert np.array_equal(uniforms(7, np.array([3, 4]), 2, 10), np.stack([uniforms(7, 3, 2, 10), uniforms(7, 4, 2, 10)]))
 
 
-def gumbel_pick(logits: np.ndarray, temperature: float, top_k, top_p, seed: int, counter: int, row: int) -> int:
-    """The kernel's draw in NumPy: argmax over the kept tokens of z / T + Gumbel noise from `uniforms`."""
+def gumbel_picks(logits: np.ndarray, temperature: float, top_k, top_p, seed: int, counters: np.ndarray,
+                 row: int) -> np.ndarray:
+    """The kernel's draw in NumPy, one per counter: argmax over the kept tokens of z / T + Gumbel
+    noise from `uniforms`."""
     keep = S.filtered_probs(logits[None, :], temperature, top_k, top_p)[0] > 0
-    g = -np.log(-np.log(uniforms(seed, counter, row, len(logits))))
-    return int(np.argmax(np.where(keep, logits / temperature + g, -np.inf)))
+    g = -np.log(-np.log(uniforms(seed, counters, row, len(logits))))   # (draws, V)
+    return np.argmax(np.where(keep, logits / temperature + g, -np.inf), axis=-1)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
 def test_hash_rng_gumbel_max_draws_the_filtered_distribution(temperature, top_k, top_p):
-    draws = 6000  # one draw per (counter, row), as the decoder makes them: counters 0.., two rows
+    draws = 20000  # one draw per (counter, row), as the decoder makes them: counters 0.., two rows
     for row, lg in enumerate((LOGITS_A, LOGITS_B)):
         lg32 = lg.astype(np.float32).astype(np.float64)
-        toks = [gumbel_pick(lg32, temperature, top_k, top_p, 11, c, row) for c in range(draws)]
+        toks = gumbel_picks(lg32, temperature, top_k, top_p, 11, np.arange(draws), row)
         probs = expected_dist(lg32, temperature, top_k, top_p)
         counts = np.bincount(toks, minlength=len(lg))
         assert counts[probs == 0].sum() == 0, "drew a filtered-out token"

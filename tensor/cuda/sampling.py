@@ -192,10 +192,12 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def uniforms(seed: int, counter: int, row: int, n: int) -> np.ndarray:
-    """The kernel's uniforms u_0 .. u_{n-1} in (0, 1) of (seed, counter, row), in NumPy (float64)."""
+def uniforms(seed: int, counter: Any, row: int, n: int) -> np.ndarray:
+    """The kernel's uniforms u_0 .. u_{n-1} in (0, 1) of (seed, counter, row), in NumPy (float64):
+    shape (n,), or counter.shape + (n,) for an array of counters."""
+    c = np.asarray(counter, dtype=np.uint64)[..., None]
     with np.errstate(over="ignore"):
-        base = _mix64(_mix64(_mix64(np.array([seed], dtype=np.uint64)) + np.uint64(counter)) + np.uint64(row))
+        base = _mix64(_mix64(_mix64(np.array([seed], dtype=np.uint64)) + c) + np.uint64(row))
         h = _mix64(base + np.arange(n, dtype=np.uint64))
     return ((h >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2.0 ** 53)
 
