@@ -15,6 +15,9 @@ the cache only speeds up the first block_size positions.
 Batches of prompts of different lengths are left-padded, with a key-padding mask so no
 token attends to padding, and per-row positions so each prompt starts at position 0:
 each row gets the same result as running its prompt alone.
+
+On the GPU, decoding goes to tinygrad_lm/decode_cuda.py wherever the prompt and the new tokens fit in
+block_size (`cuda_graph`): a static cache, the step captured as a CUDA graph, sampling on the device.
 """
 from __future__ import annotations
 
@@ -114,14 +117,41 @@ def _window_inputs(seq: np.ndarray, pads: np.ndarray, block_size: int) -> tuple[
 
 
 # ------------------------------------------------------------------ generation
+def _graph_decoding(model: Any, prompt_len: int, max_new_tokens: int, use_cache: bool,
+                    cuda_graph: bool | None) -> bool:
+    """Whether to decode with the CUDA-graph decoder (tinygrad_lm/decode_cuda.py): when asked and it
+    can (else a ValueError saying why not), or by default (None) where it can."""
+    if cuda_graph is False:
+        return False
+    from tinygrad_lm.decode_cuda import refusal
+    why = "use_cache=False recomputes the window every step" if not use_cache else \
+        refusal(model, prompt_len, max_new_tokens)
+    if why is not None and cuda_graph:
+        raise ValueError(f"cuda_graph: cannot decode with a CUDA graph: {why}")
+    return why is None
+
+
 def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
-           use_cache: bool = True) -> Iterator[np.ndarray]:
+           use_cache: bool = True, cuda_graph: bool | None = None) -> Iterator[np.ndarray]:
     """Yield the next token of every row, (B,) ints, one step at a time. Rows that have
-    produced a stop token repeat it; the stream ends when every row has stopped."""
+    produced a stop token repeat it; the stream ends when every row has stopped.
+    cuda_graph: on the GPU, decode with a static cache and a CUDA-graph step, sampling on the
+    device (tinygrad_lm/decode_cuda.py); None = wherever it can, True = or raise, False = never."""
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     cfg = model.config
     seq, pads, _ = _prompts(idx, cfg.vocab_size)
+    if max_new_tokens and _graph_decoding(model, seq.shape[1], max_new_tokens, use_cache, cuda_graph):
+        from tinygrad_lm.decode_cuda import GPUDecoder
+        was_training = model.training
+        model.eval()
+        try:
+            with no_grad():
+                yield from GPUDecoder(model, seq, pads, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
+                                      strict=bool(cuda_graph))
+        finally:
+            model.train(was_training)
+        return
     B = seq.shape[0]
     rng = np.random.default_rng(seed)
     stops = np.asarray(list(stop_tokens), dtype=np.int64)
@@ -160,15 +190,16 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
 
 def generate(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] = (),
-             use_cache: bool = True) -> Any:
+             use_cache: bool = True, cuda_graph: bool | None = None) -> Any:
     """Sample up to max_new_tokens tokens after each prompt.
 
     idx (B, T) ints -> (B, T + n) ints (a row that stopped early repeats its stop token);
     a list of 1-D prompts of different lengths -> a list of 1-D arrays, each its prompt plus
-    its own tokens up to and including its stop token.
+    its own tokens up to and including its stop token. cuda_graph: as in `stream`.
     """
     _, pads, ragged = _prompts(idx, model.config.vocab_size)
-    new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache))
+    new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, use_cache,
+                      cuda_graph))
     new_arr = np.stack(new, axis=1) if new else np.zeros((len(pads), 0), dtype=np.int64)
     if not ragged:
         base = np.asarray(backend.to_numpy(getattr(idx, "data", idx)))
@@ -280,6 +311,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop at this token string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --device cuda: decode with a CUDA-graph step and sampling on the GPU (default: "
+                        "wherever the prompt and the new tokens fit in block_size; --cuda-graph: or an error)")
     p.set_defaults(func=cli_sample)
 
 
@@ -302,6 +336,10 @@ def check_cli_args(args: argparse.Namespace) -> None:
         raise UserError("--prompt is empty; give at least one character")
     if args.tokenizer and not args.hf:
         raise UserError("--tokenizer goes with --hf; a checkpoint (--ckpt) uses the tokenizer saved with it")
+    if args.cuda_graph and args.device != "cuda":
+        raise UserError("--cuda-graph needs --device cuda (CUDA graphs run on the GPU)")
+    if args.cuda_graph and args.no_cache:
+        raise UserError("--cuda-graph decodes with the KV cache; it cannot be combined with --no-cache")
     if args.device == "cuda":
         try:
             backend.cupy_module()  # names the extra to install
@@ -316,6 +354,17 @@ def _encode_prompt(tok: Any, text: str, what: str) -> list[int]:
         raise UserError(f"{what} cannot be encoded with the checkpoint's tokenizer: {e}") from None
 
 
+def _cli_graph(args: argparse.Namespace, prompt_len: int, block_size: int) -> bool | None:
+    """--cuda-graph as stream's cuda_graph; a request the graph decoder cannot run is a UserError."""
+    if args.cuda_graph:
+        need = prompt_len + args.max_new_tokens - 1
+        if need > block_size:
+            raise UserError(f"--cuda-graph: the prompt ({prompt_len} tokens) and --max-new-tokens "
+                            f"{args.max_new_tokens} need {need} positions, past the model's block_size "
+                            f"{block_size}; lower --max-new-tokens or leave out --cuda-graph")
+    return args.cuda_graph
+
+
 def cli_sample(args: argparse.Namespace) -> int:
     backend.tune_host_allocator()
     check_cli_args(args)  # bad input raises UserError: `error: ...`, exit 2 (tinygrad_lm/cli.py)
@@ -327,12 +376,13 @@ def cli_sample(args: argparse.Namespace) -> int:
     if not ids:
         raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")
     stops = [t for s in args.stop for t in _encode_prompt(tok, s, f"--stop {s!r}")[:1]]
+    graph = _cli_graph(args, len(ids), model.config.block_size)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         out = _TextStream(tok)
         sys.stdout.write(args.prompt)
         for nxt in stream(model, np.asarray([ids]), args.max_new_tokens, args.temperature, args.top_k,
-                          args.top_p, seed, stops, not args.no_cache):
+                          args.top_p, seed, stops, not args.no_cache, graph):
             sys.stdout.write(out.push(int(nxt[0])))
             sys.stdout.flush()
         sys.stdout.write(out.flush() + "\n" + "-" * 40 + "\n")

@@ -11,4 +11,6 @@ Nothing here is imported until an op first runs on the GPU (tensor/dispatch.py).
     softmax.py        causal_softmax, softmax_backward (attention's)
     layout.py         split_heads, merge_heads, bias_add
     colsum.py         column_sums (behind functional.sum_rows)
+    decode_attention.py  one query row against a KV cache (split-K + combine), the cache write
+    sampling.py       DeviceSampler: greedy / temperature / top-k / top-p on the device, its RNG
 """

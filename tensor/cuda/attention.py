@@ -5,7 +5,9 @@ pass each (tensor/cuda/layout.py).
 
 They apply to causal attention without a padding mask on contiguous float16/bfloat16/float32 CuPy
 arrays (the softmax kernel builds the causal mask itself), with or without dropout (its keep-mask
-drawn as the reference draws it); anything else runs the reference on CuPy. Memory kept for
+drawn as the reference draws it), and at inference to one query row against a KV cache, with or
+without a padding mask (the fused decode kernel, tensor/cuda/decode_attention.py); anything else
+runs the reference on CuPy. Memory kept for
 backward: contiguous Q, K, V (one copy of the heads, which frees the fused qkv buffer), P in the
 input dtype and, with dropout, the bool keep-mask.
 """
@@ -17,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from tensor.attention import CausalAttentionQKV, MergeHeads, ScaledDotProductAttention, SplitHeads, check_sdpa_args
-from tensor.cuda import cublas
+from tensor.cuda import cublas, decode_attention
 from tensor.cuda.common import empty, usable
 from tensor.cuda.layout import merge_heads, split_heads
 from tensor.cuda.softmax import causal_softmax, softmax_backward
 from tensor.functional import uniform
+from tensor.tensor import is_grad_enabled
 
 
 def _fits(*arrays: Any, mask: Any = None, causal: bool = True) -> bool:
@@ -86,16 +89,28 @@ class CudaMergeHeads(MergeHeads):
         return (split_heads(g, self.n_head, 1)[0] if usable(g) else super().backward(g)[0],)
 
 
+def _decoding(q: Any, k: Any, v: Any, mask: Any, dropout_p: float) -> bool:
+    """One query row per (batch, head) at inference: the fused decode kernel (tensor/cuda/decode_attention.py)."""
+    return not is_grad_enabled() and decode_attention.fits(q, k, v, mask, dropout_p)
+
+
 class CudaScaledDotProductAttention(ScaledDotProductAttention):
-    """Causal attention by cuBLAS and the fused softmax kernels (no padding mask)."""
+    """Causal attention by cuBLAS and the fused softmax kernels (no padding mask); at inference, one
+    query row (a decoding step) against a KV cache, with or without a padding mask, by the fused
+    decode-attention kernel."""
 
     @staticmethod
-    def supports(q: Any, k: Any = None, v: Any = None, mask: Any = None, causal: bool = True, **kwargs: Any) -> bool:
+    def supports(q: Any, k: Any = None, v: Any = None, mask: Any = None, causal: bool = True,
+                 dropout_p: float = 0.0, **kwargs: Any) -> bool:
+        if _decoding(q, k, v, mask, dropout_p):
+            return True
         # strided q, k, v too (cuBLAS takes them as they are): a decoding step's views of the KV cache
         return mask is None and causal and usable(q, k, v, contiguous=False) and cublas.usable(q, k, v)
 
     def forward(self, q, k, v, mask=None, causal=True, dropout_p=0.0, generator=None):
         check_sdpa_args(q, k, v, causal, dropout_p)
+        if _decoding(q, k, v, mask, dropout_p):  # nothing saved: no backward at inference
+            return decode_attention.decode_attention(q, k, v, mask)
         o, p, keep = causal_forward(q, k, v, dropout_p, generator)
         self.save_for_backward(q, k, v, p, keep)
         self.dropout_p = dropout_p
