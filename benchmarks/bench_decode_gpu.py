@@ -93,6 +93,8 @@ class TorchStaticGPT:
 
     def capture(self) -> None:
         torch = self.torch
+        self.pos.fill_(0)  # the warm-up steps write cache columns 0, 1 (a prefill overwrites them); a
+        self.idx.zero_()   # position left past the cache by an earlier generate would index out of bounds
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
