@@ -19,7 +19,7 @@ from tensor.backend import MissingExtra
 from tinygrad_lm.errors import UserError
 
 # command modules, in the order shown by --help
-COMMAND_MODULES = ["tinygrad_lm.train", "tinygrad_lm.sample", "tinygrad_lm.tokenizer"]
+COMMAND_MODULES = ["tinygrad_lm.train", "tinygrad_lm.sample", "tinygrad_lm.export", "tinygrad_lm.tokenizer"]
 
 
 class Parser(argparse.ArgumentParser):

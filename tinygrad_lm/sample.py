@@ -184,12 +184,14 @@ def generate(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0
 
 
 # ------------------------------------------------------------------ checkpoint + CLI
-def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -> tuple[Any, Any]:
+def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1,
+                          quantize: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a run or checkpoint directory, verified first
     (tinygrad_lm.checkpoint); refuses a model that would not fit in memory before building it.
+    quantize: None (as stored), "none" (float weights) or "int8" (tinygrad_lm/export.py: load_weights).
     Every problem with the files is a CheckpointError naming the file."""
-    from nn.serialization import load_model
     from tinygrad_lm import checkpoint as ckpt_io
+    from tinygrad_lm.export import load_weights
     from tinygrad_lm.memory import check_fits
     from tinygrad_lm.model import GPT, GPTConfig
     ckpt = ckpt_io.resolve(path)
@@ -204,14 +206,7 @@ def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -
     except UserError as e:
         raise ckpt_io.CheckpointError(f"{ckpt / ckpt_io.STATE_FILE}: the model it describes is too big "
                                       f"here: {e}") from None
-    model = GPT(cfg)
-    try:
-        load_model(model, ckpt / ckpt_io.MODEL_FILE)
-    except FileNotFoundError:
-        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no {ckpt_io.MODEL_FILE}") from None
-    except (OSError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise ckpt_io.CheckpointError(f"cannot load {ckpt / ckpt_io.MODEL_FILE}: {msg}") from None
+    model = load_weights(GPT(cfg), ckpt, quantize)
     if device != "cpu":
         model.to(device)
     return model.eval(), tok
@@ -257,6 +252,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop at this token string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window each step")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--quantize", default=None, choices=("none", "int8"),
+                   help="int8: per-channel int8 weights (4x less memory); default: as the checkpoint stores them")
     p.set_defaults(func=cli_sample)
 
 
@@ -294,7 +291,7 @@ def _encode_prompt(tok: Any, text: str, what: str) -> list[int]:
 def cli_sample(args: argparse.Namespace) -> int:
     backend.tune_host_allocator()
     check_cli_args(args)  # bad input raises UserError: `error: ...`, exit 2 (tinygrad_lm/cli.py)
-    model, tok = load_checkpoint_model(args.ckpt, args.device)
+    model, tok = load_checkpoint_model(args.ckpt, args.device, quantize=args.quantize)
     ids = _encode_prompt(tok, args.prompt, "--prompt")
     if not ids:
         raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")
