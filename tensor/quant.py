@@ -39,9 +39,11 @@ def quantize_int8(w: Any) -> tuple[Any, Any]:
     return q, s
 
 
-def dequantize_int8(q: Any, s: Any) -> Any:
-    """q (out, in) int8, s (out,) -> q * s[:, None] (out, in) float32."""
-    return q.astype(np.float32) * s[:, None]
+def dequantize_int8(q: Any, s: Any, dtype: Any = np.float32) -> Any:
+    """q (out, in) int8, s (out,) -> q * s[:, None] (out, in), computed in float32 (float64 if asked)."""
+    work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    w = q.astype(work) * s.astype(work)[:, None]
+    return w if w.dtype == dtype else w.astype(dtype)
 
 
 def _refuse_backward(op: str) -> RuntimeError:
@@ -55,7 +57,7 @@ class LinearInt8(Function):
     # no derivative: the int8 weights are frozen (backward refuses)
     def forward(self, x, q, s, bias=None):
         self.check(x, q, s, bias)
-        w = dequantize_int8(q, s).astype(x.dtype, copy=False)
+        w = dequantize_int8(q, s, x.dtype)
         y = x.reshape(-1, x.shape[-1]) @ w.T
         if bias is not None:
             y += bias.astype(y.dtype, copy=False)
