@@ -83,6 +83,16 @@ def linear_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
     return [x, w, b], rg, {"compute_dtype": compute}
 
 
+def linear_int8_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    """x in dtype, an int8 weight with float32 per-row scales; inference only (no gradients)."""
+    n_in, n_out = draw(st.sampled_from([1, 3, 16, 33])), draw(st.sampled_from([1, 4, 32]))
+    lead = draw(st.sampled_from([(), (1,), (5,), (2, 7), (40,)]))
+    q = rng.integers(-127, 128, (n_out, n_in)).astype(np.int8)
+    s = rng.uniform(1e-3, 0.1, n_out).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(dtype) if draw(st.booleans()) else None
+    return [rng.standard_normal(lead + (n_in,)).astype(dtype), q, s, b], [False, False, False, False], {}
+
+
 def sdpa_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
     """Causal, no mask, no dropout (what the CUDA path takes too); Tq < Tk is the KV-cache case."""
     B, H, D = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 8, 32]))
@@ -110,7 +120,7 @@ def merge_heads_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tu
 
 
 CASES: dict[str, Callable] = {"Gelu": gelu_case, "LayerNorm": layer_norm_case, "CrossEntropy": cross_entropy_case,
-                              "Linear": linear_case, "ScaledDotProductAttention": sdpa_case,
+                              "Linear": linear_case, "LinearInt8": linear_int8_case, "ScaledDotProductAttention": sdpa_case,
                               "CausalAttentionQKV": attention_qkv_case, "SplitHeads": split_heads_case,
                               "MergeHeads": merge_heads_case}
 

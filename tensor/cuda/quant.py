@@ -104,6 +104,8 @@ def dequantize(q: Any, s: Any, dtype: Any) -> Any:
 class LinearInt8CUDA(LinearInt8):
     """The fused GEMV for up to GEMV_ROWS rows, dequantize + cuBLAS beyond."""
 
+    backward = LinearInt8.backward  # inference only: the reference's refusal
+
     @staticmethod
     def supports(x: Any, q: Any, s: Any, bias: Any = None) -> bool:
         """CuPy float16/bfloat16/float32 contiguous x (and bias), contiguous int8 q, float32 s."""
