@@ -237,6 +237,17 @@ def test_cpu_layer_norm_over_several_pieces_with_every_gradient(C: int, dtype: s
     compare_on("LayerNorm", [x, None, b], [True, False, True], {"eps": 1e-5}, dtype, "cpu", rng)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("Tk", [1, 7, 256])
+def test_cpu_decode_attention_one_query_against_the_cache(Tk: int, dtype: str) -> None:
+    """Tq = 1 without a mask (a KV-cached decoding step) takes tensor/cpu/attention.py's
+    decode_attention; forward and backward must still equal the reference."""
+    rng = np.random.default_rng(Tk)
+    q = rng.standard_normal((3, 2, 1, 16)).astype(dtype)
+    k, v = (rng.standard_normal((3, 2, Tk, 16)).astype(dtype) for _ in range(2))
+    compare_on("ScaledDotProductAttention", [q, k, v], [True, True, True], {"causal": True}, dtype, "cpu", rng)
+
+
 @pytest.mark.parametrize("op", CPU_TESTED)
 def test_pick_chooses_the_fast_path_unless_told_not_to(op: str, monkeypatch) -> None:
     ref = reference_of(op)
