@@ -320,3 +320,14 @@ def test_gpu_quantized_gpt_matches_the_cpu():
     a = generate(cpu, prompt, 12, temperature=0)
     b = generate(gpu_model, prompt, 12, temperature=0)
     assert np.array_equal(a, b)
+
+
+@gpu
+def test_gpu_cli_sample_int8_equals_the_cpu(tmp_path):
+    """`sample --device cuda --quantize int8` end to end: the same greedy text as on the CPU."""
+    from test_sample import make_ckpt, run_cli
+    d, _ = make_ckpt(tmp_path)
+    args = ("--ckpt", str(d), "--prompt", "ab cd", "--max-new-tokens", "12", "--temperature", "0", "--quantize", "int8")
+    cpu, gpu_run = run_cli(*args), run_cli(*args, "--device", "cuda")
+    assert cpu.returncode == 0 and gpu_run.returncode == 0, gpu_run.stderr
+    assert gpu_run.stdout == cpu.stdout
