@@ -50,15 +50,15 @@ def val_loss(model, val: np.ndarray, block: int, batch: int, max_tokens: int | N
     return total / count, count
 
 
-def decode_tok_s(model, vocab: int, batch: int, n: int, repeats: int, sync) -> float:
+def decode_tok_s(model, vocab: int, batch: int, n: int, repeats: int, sync, clock=time.perf_counter) -> float:
     prompt = np.random.default_rng(0).integers(0, vocab, (batch, 1))
     generate(model, prompt, 4, temperature=0)  # warm-up (kernels compiled, caches touched)
     best = math.inf
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         generate(model, prompt, n, temperature=0)
         sync()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return batch * n / best
 
 
@@ -72,7 +72,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clock", default="wall", choices=("wall", "process"),
+                    help="process: CPU seconds of this process (as bench_sample.py; CPU only, use --threads 1)")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     backend.tune_host_allocator()
     C.set_threads(args.threads)
 
@@ -84,7 +87,7 @@ def main() -> None:
     cfg = fmodel.config
     data = TokenData(tokenize_to_cache(resolve_corpus(tc["data"]), tok, tc["cache_dir"]), cfg.block_size,
                      tc["val_fraction"])
-    res: dict = {"machine": C.machine_info(args.threads), "commit": C.git_rev(), "ckpt": str(ckpt),
+    res: dict = {"machine": C.machine_info(args.threads), "commit": C.git_rev(), "ckpt": str(ckpt), "clock": args.clock,
                  "step": st["step"], "device": args.device, "model": cfg.to_dict(),
                  "params": sum(p.data.size for p in fmodel.parameters())}
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +117,7 @@ def main() -> None:
         row = {}
         for _ in range(2):  # interleaved: float, int8, float, int8 (best of each)
             for name, m in (("float32", fmodel), ("int8", qmodel)):
-                r = decode_tok_s(m, cfg.vocab_size, B, args.new_tokens, args.repeats, sync)
+                r = decode_tok_s(m, cfg.vocab_size, B, args.new_tokens, args.repeats, sync, clock)
                 row[f"{name}_tok_s"] = round(max(r, row.get(f"{name}_tok_s", 0.0)), 1)
         row["int8_vs_float32"] = round(row["int8_tok_s"] / row["float32_tok_s"], 3)
         speed[str(B)] = row
