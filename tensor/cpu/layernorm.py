@@ -29,9 +29,12 @@ class LayerNormCPU(LayerNorm):
         C = x.shape[-1]
         x2 = to_f32(x).reshape(-1, C)
         inv_c = 1.0 / C  # (sum * 1/C: ndarray.mean costs a Python-level wrapper per call)
-        if x2.shape[0] <= FEW_ROWS:  # decoding: a few rows in one go, the fewest NumPy calls
-            xhat = x2 - x2.sum(axis=-1, keepdims=True) * inv_c
-            rstd = 1.0 / np.sqrt(np.einsum("ij,ij->i", xhat, xhat)[:, None] * inv_c + eps)
+        if x2.shape[0] <= FEW_ROWS:  # decoding: a few rows in one go, the fewest NumPy calls, and
+            xhat = x2 - sum_last(x2) * inv_c         # the same arithmetic as piece() below (so the
+            var = sum_last(xhat * xhat)              # result does not depend on the path taken)
+            var *= inv_c
+            var += eps
+            rstd = 1.0 / np.sqrt(var)
             xhat *= rstd
             y = xhat * weight if weight is not None else xhat.copy()
             if bias is not None:
