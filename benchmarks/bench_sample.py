@@ -6,7 +6,9 @@ block_size 256, learned positions), random init (speed does not depend on the we
 Each run: a one-token prompt, 256 new tokens, greedy (both implementations must then give
 the same tokens, checked below); also ours with temperature 0.8 / top-k 50 / top-p 0.95
 to show what the filters cost. Tokens/s counts new tokens of all rows (B * 256 / seconds).
-Best of `--repeats` runs (the uncached run, which is slow, once).
+Best of `--repeats` runs (the uncached run, which is slow, once). Also the time to first token
+for a --ttft-prompt-token prompt (prefill + one token, batch 1), ours and the twin interleaved,
+and with --quantize int8 our model with int8 weights (the twin stays float32; issue 19).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sample.py
 """
@@ -77,12 +79,15 @@ class TorchGPT:
             return torch.cat(out, 1).numpy()
 
 
+CLOCK = time.perf_counter  # --clock process: CPU seconds of this process (every thread), set in main()
+
+
 def best_time(fn, repeats: int) -> tuple[float, object]:
     best, result = math.inf, None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         result = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, CLOCK() - t0)
     return best, result
 
 
@@ -93,7 +98,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-uncached", action="store_true")
+    ap.add_argument("--quantize", default="none", choices=("none", "int8"),
+                    help="int8: our model with int8 weights (nn/quant.py); the twin stays float32")
+    ap.add_argument("--clock", default="wall", choices=("wall", "process"),
+                    help="process: CPU time of this process instead of wall time; with --threads 1 it is "
+                         "nearly blind to other processes on a busy machine (not to cache and memory contention)")
+    ap.add_argument("--ttft-prompt", type=int, default=200,
+                    help="time to first token for a prompt of this many tokens at batch 1 (0 = skip)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
 
     import torch
     from tensor import backend
@@ -104,11 +118,25 @@ def main() -> None:
     cfg = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, pos_encoding="learned")
     model = GPT(cfg, seed=0).eval()
     twin = TorchGPT(model.state_dict(), cfg)
+    if args.quantize == "int8":
+        from nn.quant import quantize_
+        quantize_(model)
     n = args.new_tokens
     rng = np.random.default_rng(0)
     res: dict = {"machine": C.machine_info(args.threads),
                  "model": {**cfg.to_dict(), "params": sum(p.data.size for p in model.parameters())},
-                 "new_tokens": n, "prompt_tokens": 1, "batches": {}}
+                 "new_tokens": n, "prompt_tokens": 1, "quantize": args.quantize, "clock": args.clock, "batches": {}}
+    if args.ttft_prompt:  # prefill + the first token, batch 1, interleaved with the twin
+        prompt = rng.integers(0, cfg.vocab_size, (1, min(args.ttft_prompt, cfg.block_size - 1)))
+        fns = {"ours": lambda: generate(model, prompt, 1, temperature=0), "torch": lambda: twin.generate_greedy(prompt, 1)}
+        best = {k: math.inf for k in fns}
+        for _ in range(max(3, args.repeats)):  # ours, torch, ours, torch, ...: drift hits both alike
+            for k, f in fns.items():
+                C.settle(f, seconds=0.1)
+                best[k] = min(best[k], best_time(f, 1)[0])
+        res["time_to_first_token"] = {"prompt_tokens": prompt.shape[1], "ours_ms": C.ms(best["ours"]),
+                                      "torch_ms": C.ms(best["torch"]), "ours_vs_torch": round(best["torch"] / best["ours"], 3)}
+        print(f"time to first token: {res['time_to_first_token']}", file=sys.stderr, flush=True)
 
     for B in args.batches:
         prompt = rng.integers(0, cfg.vocab_size, (B, 1))
@@ -139,7 +167,7 @@ def main() -> None:
         row["torch_cached_greedy_tok_s"] = B * n / t
         row["torch_ms_per_step"] = 1000 * t / n
         row["ours_vs_torch"] = row["ours_cached_greedy_tok_s"] / row["torch_cached_greedy_tok_s"]
-        row["torch_tokens_equal_ours"] = bool(np.array_equal(theirs, ours))
+        row["torch_tokens_equal_ours"] = bool(np.array_equal(theirs, ours))  # (int8: expected to differ)
         row["torch_first_mismatch_step"] = (None if row["torch_tokens_equal_ours"] else
                                             int(np.argmax((theirs != ours).any(axis=0))) - 1)
         C.settle(lambda: generate(model, prompt, 2, temperature=0), seconds=0.2)

@@ -83,6 +83,16 @@ def linear_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
     return [x, w, b], rg, {"compute_dtype": compute}
 
 
+def linear_int8_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    """x in dtype, an int8 weight with float32 per-row scales; inference only (no gradients)."""
+    n_in, n_out = draw(st.sampled_from([1, 3, 16, 33])), draw(st.sampled_from([1, 4, 32]))
+    lead = draw(st.sampled_from([(), (1,), (5,), (2, 7), (40,)]))
+    q = rng.integers(-127, 128, (n_out, n_in)).astype(np.int8)
+    s = rng.uniform(1e-3, 0.1, n_out).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(dtype) if draw(st.booleans()) else None
+    return [rng.standard_normal(lead + (n_in,)).astype(dtype), q, s, b], [False, False, False, False], {}
+
+
 def sdpa_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
     """Causal, no mask, no dropout (what the CUDA path takes too); Tq < Tk is the KV-cache case."""
     B, H, D = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 8, 32]))
@@ -110,7 +120,7 @@ def merge_heads_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tu
 
 
 CASES: dict[str, Callable] = {"Gelu": gelu_case, "LayerNorm": layer_norm_case, "CrossEntropy": cross_entropy_case,
-                              "Linear": linear_case, "ScaledDotProductAttention": sdpa_case,
+                              "Linear": linear_case, "LinearInt8": linear_int8_case, "ScaledDotProductAttention": sdpa_case,
                               "CausalAttentionQKV": attention_qkv_case, "SplitHeads": split_heads_case,
                               "MergeHeads": merge_heads_case}
 
@@ -225,6 +235,17 @@ def test_cpu_layer_norm_over_several_pieces_with_every_gradient(C: int, dtype: s
     x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((rows, C), (C,), (C,)))
     compare_on("LayerNorm", [x, w, b], [True, True, True], {"eps": 1e-5}, dtype, "cpu", rng)
     compare_on("LayerNorm", [x, None, b], [True, False, True], {"eps": 1e-5}, dtype, "cpu", rng)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("Tk", [1, 7, 256])
+def test_cpu_decode_attention_one_query_against_the_cache(Tk: int, dtype: str) -> None:
+    """Tq = 1 without a mask (a KV-cached decoding step) takes tensor/cpu/attention.py's
+    decode_attention; forward and backward must still equal the reference."""
+    rng = np.random.default_rng(Tk)
+    q = rng.standard_normal((3, 2, 1, 16)).astype(dtype)
+    k, v = (rng.standard_normal((3, 2, Tk, 16)).astype(dtype) for _ in range(2))
+    compare_on("ScaledDotProductAttention", [q, k, v], [True, True, True], {"causal": True}, dtype, "cpu", rng)
 
 
 @pytest.mark.parametrize("op", CPU_TESTED)

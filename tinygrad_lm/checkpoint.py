@@ -372,6 +372,12 @@ def _check_model_header(ckpt: Path, mc: dict) -> None:
                               f"layers and wte {found.get('transformer.wte.weight')} in the file, n_layer "
                               f"{cfg.n_layer} and wte {(cfg.vocab_size, cfg.n_embd)} in the config")
     want = param_shapes(cfg)
+    quant = (header.get("__metadata__") or {}).get("quantization", "none")
+    if quant == "int8":  # an int8 export (tinygrad_lm/export.py): the same arrays plus a scale per weight
+        from tinygrad_lm.export import int8_shapes
+        want = int8_shapes(want)
+    elif quant != "none":
+        raise CheckpointError(f"{path}: metadata 'quantization' is {_short(quant)}; expected 'none' or 'int8'")
     if found != want:
         diff = sorted(set(want) ^ set(found)) or [f"{k}: {found[k]} vs {want[k]}" for k in want if found[k] != want[k]]
         raise CheckpointError(f"{path}: its arrays do not match the model_config in {STATE_FILE} "

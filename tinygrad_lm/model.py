@@ -184,6 +184,8 @@ class GPT(Module):
         from nn.attention import KVCache
         cfg = self.config
         like = self.transformer.wte.weight.data
+        if like.dtype == np.int8:  # an int8 table (nn/quant.py): the caches hold float activations
+            like = self.transformer.ln_f.weight.data
         return [KVCache(batch, cfg.n_head, max_len or cfg.block_size, cfg.n_embd // cfg.n_head, like)
                 for _ in range(cfg.n_layer)]
 

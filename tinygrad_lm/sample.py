@@ -177,9 +177,10 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
                 last = backend.to_numpy(logits.data[:, -1, :])
                 nxt = pick(last, temperature, top_k, top_p, rng)
                 nxt = np.where(done, finished_with, nxt)
-                newly = ~done & np.isin(nxt, stops)
-                finished_with[newly] = nxt[newly]
-                done |= newly
+                if stops.size:  # (np.isin costs ~10 us a token even for no stop tokens)
+                    newly = ~done & np.isin(nxt, stops)
+                    finished_with[newly] = nxt[newly]
+                    done |= newly
                 seq = np.concatenate([seq, nxt[:, None].astype(np.int64)], axis=1)
                 yield nxt
                 if done.all():
@@ -215,12 +216,14 @@ def generate(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0
 
 
 # ------------------------------------------------------------------ checkpoint + CLI
-def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -> tuple[Any, Any]:
+def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1,
+                          quantize: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a run or checkpoint directory, verified first
     (tinygrad_lm.checkpoint); refuses a model that would not fit in memory before building it.
+    quantize: None (as stored), "none" (float weights) or "int8" (tinygrad_lm/export.py: load_weights).
     Every problem with the files is a CheckpointError naming the file."""
-    from nn.serialization import load_model
     from tinygrad_lm import checkpoint as ckpt_io
+    from tinygrad_lm.export import load_weights
     from tinygrad_lm.memory import check_fits
     from tinygrad_lm.model import GPT, GPTConfig
     ckpt = ckpt_io.resolve(path)
@@ -235,14 +238,7 @@ def load_checkpoint_model(path: str, device: str = "cpu", batch_size: int = 1) -
     except UserError as e:
         raise ckpt_io.CheckpointError(f"{ckpt / ckpt_io.STATE_FILE}: the model it describes is too big "
                                       f"here: {e}") from None
-    model = GPT(cfg)
-    try:
-        load_model(model, ckpt / ckpt_io.MODEL_FILE)
-    except FileNotFoundError:
-        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} has no {ckpt_io.MODEL_FILE}") from None
-    except (OSError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise ckpt_io.CheckpointError(f"cannot load {ckpt / ckpt_io.MODEL_FILE}: {msg}") from None
+    model = load_weights(GPT(cfg), ckpt, quantize)
     if device != "cpu":
         model.to(device)
     return model.eval(), tok
@@ -314,6 +310,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="with --device cuda: decode with a CUDA-graph step and sampling on the GPU (default: "
                         "wherever the prompt and the new tokens fit in block_size; --cuda-graph: or an error)")
+    p.add_argument("--quantize", default=None, choices=("none", "int8"),
+                   help="int8: per-channel int8 weights (4x less memory); default: as the checkpoint stores them")
     p.set_defaults(func=cli_sample)
 
 
@@ -370,8 +368,11 @@ def cli_sample(args: argparse.Namespace) -> int:
     check_cli_args(args)  # bad input raises UserError: `error: ...`, exit 2 (tinygrad_lm/cli.py)
     if args.hf:
         model, tok = load_hf_model(args.hf, args.tokenizer, args.device)
+        if args.quantize == "int8":
+            from nn.quant import quantize_
+            quantize_(model)
     else:
-        model, tok = load_checkpoint_model(args.ckpt, args.device)
+        model, tok = load_checkpoint_model(args.ckpt, args.device, quantize=args.quantize)
     ids = _encode_prompt(tok, args.prompt, "--prompt")
     if not ids:
         raise UserError(f"--prompt {args.prompt!r} encodes to no tokens")

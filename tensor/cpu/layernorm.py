@@ -1,7 +1,9 @@
 """LayerNorm on the CPU: the reference formula (tensor/functional.py: LayerNorm) over rows in
 pieces of ~BLOCK elements, so that every pass over a piece stays in the L2 cache
 (tensor/cpu/blocks.py; backward on (4096, 384): 1.4x), with the row sums as GEMVs
-(tensor/cpu/reductions.py) and the weight/bias gradients summed per piece, in a fixed order."""
+(tensor/cpu/reductions.py) and the weight/bias gradients summed per piece, in a fixed order.
+A few rows (decoding, <= FEW_ROWS) take one short pass instead: ~2x faster at batch 1 (13 LayerNorms
+a token in the 6-layer model)."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,6 +12,8 @@ import numpy as np
 
 from tensor.cpu.blocks import BLOCK, over_blocks
 from tensor.functional import LayerNorm, sum_last, sum_rows, to_f32
+
+FEW_ROWS = 32  # up to this many rows (decoding batches) skip the pieces: per-call overhead dominates
 
 
 class LayerNormCPU(LayerNorm):
@@ -25,6 +29,18 @@ class LayerNormCPU(LayerNorm):
         C = x.shape[-1]
         x2 = to_f32(x).reshape(-1, C)
         inv_c = 1.0 / C  # (sum * 1/C: ndarray.mean costs a Python-level wrapper per call)
+        if x2.shape[0] <= FEW_ROWS:  # decoding: a few rows in one go, the fewest NumPy calls, and
+            xhat = x2 - sum_last(x2) * inv_c         # the same arithmetic as piece() below (so the
+            var = sum_last(xhat * xhat)              # result does not depend on the path taken)
+            var *= inv_c
+            var += eps
+            rstd = 1.0 / np.sqrt(var)
+            xhat *= rstd
+            y = xhat * weight if weight is not None else xhat.copy()
+            if bias is not None:
+                y += bias
+            self.save_for_backward(xhat, rstd, weight)
+            return y.reshape(x.shape).astype(x.dtype, copy=False)
         xhat, y = np.empty_like(x2), np.empty_like(x2)
         rstd = np.empty((x2.shape[0], 1), dtype=x2.dtype)
 

@@ -8,6 +8,7 @@ Nothing here is imported until an op first runs on the GPU (tensor/dispatch.py).
     layernorm.py      LayerNormCUDA and its kernels
     cross_entropy.py  CrossEntropyCUDA and its kernels
     linear.py         LinearCUDA: cuBLAS products and the bias kernel
+    quant.py          LinearInt8CUDA: the int8 GEMV kernel, dequantize + cuBLAS
     softmax.py        causal_softmax, softmax_backward (attention's)
     layout.py         split_heads, merge_heads, bias_add
     colsum.py         column_sums (behind functional.sum_rows)
