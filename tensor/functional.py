@@ -214,16 +214,20 @@ class LayerNorm(Function):
         return self.has_bias and self.needs_grad[2]
 
 
+def check_ids(op: str, ids: Any, V: int) -> int:
+    """Refuse non-integer ids, and on the host ids outside [0, V) (a device check would sync); -> V."""
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{op}: ids must be integers, got dtype {ids.dtype}")
+    if ids.size and array_module(ids) is np and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise IndexError(f"{op}: ids must lie in [0, {V}), got values in [{int(ids.min())}, {int(ids.max())}]")
+    return V
+
+
 class Embedding(Function):
     """out = weight[ids]: ids int (...), weight (V, C) -> (..., C)."""
     # dweight[v] = sum of g over the positions where ids == v  (a scatter-add)
     def forward(self, ids, weight):
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-        V = weight.shape[0]
-        if ids.size and array_module(ids) is np and (int(ids.min()) < 0 or int(ids.max()) >= V):  # host only
-            raise IndexError(f"embedding: ids must lie in [0, {V}), got values in "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+        V = check_ids("embedding", ids, weight.shape[0])
         self.save_for_backward(ids)
         self.V = V
         return weight[ids]

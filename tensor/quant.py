@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tensor.backend import array_module
+from tensor.functional import check_ids
 from tensor.dispatch import pick
 from tensor.tensor import Function, Tensor, shape_str
 
@@ -85,12 +86,7 @@ class EmbeddingInt8(Function):
     Inference only."""
     # no derivative: the int8 table is frozen (backward refuses)
     def forward(self, ids, q, s):
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"embedding_int8: ids must be integers, got dtype {ids.dtype}")
-        V = q.shape[0]
-        if ids.size and array_module(ids) is np and (int(ids.min()) < 0 or int(ids.max()) >= V):  # host only
-            raise IndexError(f"embedding_int8: ids must lie in [0, {V}), got values in "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+        check_ids("embedding_int8", ids, q.shape[0])
         return q[ids].astype(np.float32) * s[ids][..., None]
 
     def backward(self, g):
