@@ -111,6 +111,13 @@ class LossScaler:
         self._found_inf = bool(backend.to_numpy(bad).any()) if bad is not None else False
         return not self._found_inf
 
+    def agree(self, all_finite: bool) -> bool:
+        """Model parallelism: after unscale_ on every rank, set whether the gradients of all of
+        them were finite (one value for the job, so every rank skips the same steps); returns it."""
+        if self.enabled:
+            self._found_inf = not all_finite
+        return all_finite
+
     def update(self) -> None:
         """After an overflow: scale *= backoff and the step counts as skipped; after
         growth_interval clean steps in a row: scale *= growth."""

@@ -12,7 +12,7 @@ shares (tensor/dispatch.py: TINYGRAD_LM_FAST=0 or `reference_only()` forces the 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -38,7 +38,8 @@ def _multi_tensor(gs: list) -> Any:
 
 
 def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
-                    error_if_nonfinite: bool = True, sync: bool = True) -> Any:
+                    error_if_nonfinite: bool = True, sync: bool = True,
+                    reduce: Callable[[Any], Any] | None = None) -> Any:
     """Scale all gradients together so that their global L2 norm is at most `max_norm`.
 
         norm = sqrt( sum over params p, elements i of grad_p[i]^2 )
@@ -55,6 +56,9 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     grads' device, the clipping factor min(1, max_norm / (norm + 1e-6)) is applied on the
     device (grads untouched when the norm is not finite) and no error is raised; the caller
     checks the norm when it synchronises anyway (a GPU training loop, at log steps).
+
+    reduce (model parallelism: params is this rank's part of the model): maps this rank's sum
+    of squares (a 0-d array) to the sum over all parts, so the norm is the whole model's.
     """
     if not max_norm >= 0:
         raise ValueError(f"clip_grad_norm_: max_norm must be >= 0, got {max_norm}")
@@ -71,6 +75,8 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
         for g in gs:
             s = sum_of_squares(g)
             total = s if total is None else total + s
+    if reduce is not None:
+        total = reduce(total)
     if not sync:
         dnorm = array_module(total).sqrt(total)
         if fast is not None:

@@ -73,6 +73,8 @@ class TrainConfig:
     cuda_graph: bool = False         # GPU: record forward+backward once as a CUDA graph, replay it each step
     progress: bool = True
     collective_timeout: float = 0.0  # seconds a collective may take before the job is aborted; 0: no limit
+    pp: int = 1                      # pipeline-parallel stages (the blocks split over pp ranks)
+    pp_schedule: str = "1f1b"        # "gpipe" or "1f1b": the order of the micro-batches' forwards and backwards
 
     def __post_init__(self) -> None:
         validate(self)
@@ -153,10 +155,17 @@ def validate(cfg: TrainConfig) -> None:
     elif cfg.tokenizer != "char" and not cfg.tokenizer.endswith(".json"):
         raise _bad("tokenizer", f"expected 'char', 'bpe:VOCAB' or a tokenizer .json file, got {cfg.tokenizer!r}")
     choices = {"allreduce_dtype": ("float32", "float16"), "zero": (0, 1), "precision": tuple(PRECISIONS),
-               "device": ("cpu", "cuda")}
+               "device": ("cpu", "cuda"), "pp_schedule": ("gpipe", "1f1b")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise _bad(name, f"must be one of {', '.join(map(str, allowed))}; got {getattr(cfg, name)!r}")
+    if cfg.pp < 1:
+        raise _bad("pp", f"must be at least 1, got {cfg.pp}")
+    if cfg.model.n_layer < cfg.pp:
+        raise _bad("pp", f"{cfg.pp} pipeline stages need at least {cfg.pp} layers, got --n-layer {cfg.model.n_layer}")
+    if cfg.cuda_graph and cfg.pp > 1:
+        raise ConfigError("--cuda-graph records one whole forward+backward; it does not work with --pp > 1 "
+                          "(each stage runs part of the model between messages)")
     if cfg.zero and cfg.precision == "fp16":
         raise ConfigError("--zero 1 does not support --precision fp16 (its loss scaler); use bf16 or fp32")
     if cfg.cuda_graph and (cfg.device != "cuda" or cfg.grad_accum != 1 or cfg.model.dropout > 0):
@@ -304,7 +313,8 @@ def make_config(preset: str | None = None, config_file: str | None = None, **ove
 # make the resumed run a different run, so a change is refused.
 RESUMABLE = ("max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "beta1",
              "beta2", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "sample_tokens", "progress",
-             "out", "device", "collective_timeout", "cache_dir", "zero", "allreduce_dtype", "cuda_graph")
+             "out", "device", "collective_timeout", "cache_dir", "zero", "allreduce_dtype", "cuda_graph",
+             "pp", "pp_schedule")
 
 
 class ResumeError(UserError, ValueError):

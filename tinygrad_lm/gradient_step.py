@@ -20,14 +20,16 @@ class NonFiniteLoss(FloatingPointError):
     """The loss, the gradient norm or the weights became inf/nan; that step was not saved."""
 
 
-def make_optimizer(model: Any, cfg: Any, world: World | None = None) -> Any:
+def make_optimizer(model: Any, cfg: Any, world: World | None = None, model_parallel: Any = None) -> Any:
     """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorm.
-    With cfg.zero == 1 the AdamW state is sharded over the ranks (nn.distributed.ZeRO1)."""
+    With cfg.zero == 1 the AdamW state is sharded over the ranks of `world` (nn.distributed.ZeRO1);
+    model_parallel (see GradientStep) makes its gradient norm the whole model's."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.zero:
-        return ZeRO1(world or World(), groups, lambda gs: AdamW(gs, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)))
+        return ZeRO1(world or World(), groups, lambda gs: AdamW(gs, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)),
+                     norm_reduce=model_parallel.sum_of_squares if model_parallel is not None else None)
     return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -64,23 +66,36 @@ class GradientStep:
        on the GPU it stays on the device and the first bad step is remembered, raised by
        `raise_if_nonfinite()` at the next sync (no device wait per step);
     4. optimizer.step(), scaler.update(), zero the gradients.
+
+    world: the data-parallel group (gradients are averaged over it). model_parallel: None, or
+    with the model split over ranks (nn.distributed.pipeline.PipelineGradients) what it adds:
+    before_step() (the tied embedding's gradient), sum_of_squares(sq) (the norm over all parts),
+    all_agree(flag) (one fp16 overflow verdict for the job) and after_step().
     """
 
-    def __init__(self, optimizer: Any, world: World, scaler: Any, cfg: Any) -> None:
-        self.optimizer, self.world, self.scaler = optimizer, world, scaler
+    def __init__(self, optimizer: Any, world: World, scaler: Any, cfg: Any, model_parallel: Any = None) -> None:
+        self.optimizer, self.world, self.scaler, self.model_parallel = optimizer, world, scaler, model_parallel
         self.grad_clip, self.zero, self.device = cfg.grad_clip, bool(cfg.zero), cfg.device
         self.first_bad_step: Any = None  # GPU: a device scalar, the first step with a non-finite norm (-1: none)
 
     def __call__(self, params: Sequence[Any], step: int) -> None:
+        mp = self.model_parallel
+        if mp is not None:
+            mp.before_step()
         if self.zero:  # reduce-scatter, clip, update this rank's shard, all-gather
             norm = self.optimizer.step(self.grad_clip)
             if not math.isfinite(norm):
                 raise NonFiniteLoss(f"gradient norm is {norm} at step {step}")
         else:
             self.world.allreduce_grads(params)  # average over ranks (no-op for one process)
-            if self.scaler.unscale_(params):  # fp16: False when a gradient overflowed -> skip the step
+            finite = self.scaler.unscale_(params)  # fp16: False when a gradient overflowed -> skip the step
+            if mp is not None and self.scaler.enabled:
+                finite = self.scaler.agree(mp.all_agree(finite))
+            if finite:
                 self._clip(params, step)
                 self.optimizer.step()
+        if mp is not None:
+            mp.after_step()
         self.scaler.update()
         self.optimizer.zero_grad()
 
@@ -88,7 +103,8 @@ class GradientStep:
         if self.grad_clip <= 0:
             return
         on_host = self.device == "cpu"
-        norm = clip_grad_norm_(params, self.grad_clip, error_if_nonfinite=False, sync=on_host)
+        reduce = self.model_parallel.sum_of_squares if self.model_parallel is not None else None
+        norm = clip_grad_norm_(params, self.grad_clip, error_if_nonfinite=False, sync=on_host, reduce=reduce)
         if on_host:
             if not math.isfinite(norm):  # never apply a non-finite update
                 raise NonFiniteLoss(f"gradient norm is {norm} at step {step}")

@@ -37,6 +37,8 @@ HELP = {
     "collective_timeout": "MPI: abort the job when a collective waits longer than this many seconds (0: never)",
     "zero": "1: ZeRO stage 1, the optimizer state sharded over the MPI ranks",
     "cuda_graph": "GPU: record forward+backward once as a CUDA graph and replay it",
+    "pp": "pipeline-parallel stages: the blocks split over this many MPI ranks (world = dp x pp)",
+    "pp_schedule": "pipeline schedule: 'gpipe' or '1f1b'; --grad-accum is the number of micro-batches",
 }
 
 

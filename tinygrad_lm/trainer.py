@@ -82,15 +82,18 @@ class Trainer:
         cfg = self.cfg
         if cfg.allreduce_dtype != "float32":
             self.world.reduce_dtype = cfg.allreduce_dtype
+        if cfg.device != "cpu" and self.world.size > 1:
+            self.world.use_cuda()  # this rank's GPU and the gradient transport (NCCL or MPI)
+        self.pipeline, self.data_world, mp = None, self.world, None
+        if cfg.pp > 1:  # keep this rank's stage of the model (nn/distributed/pipeline.py)
+            mp = self._split_pipeline()
         if cfg.device != "cpu":
-            if self.world.size > 1:
-                self.world.use_cuda()  # this rank's GPU and the gradient transport (NCCL or MPI)
             self.model.to(cfg.device)
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
         self.captured = None  # the CUDA graph of forward+backward (--cuda-graph), recorded at the first step
-        self.world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
-        self.optimizer = make_optimizer(self.model, cfg, self.world)
-        self.grad_step = GradientStep(self.optimizer, self.world, self.scaler, cfg)
+        self.data_world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
+        self.optimizer = make_optimizer(self.model, cfg, self.data_world, mp)
+        self.grad_step = GradientStep(self.optimizer, self.data_world, self.scaler, cfg, mp)
         error = None
         try:
             if self.ckpt is not None:
@@ -100,13 +103,35 @@ class Trainer:
         agree_started(self.world, error, "load the checkpoint")
         apply_hyperparameters(self.optimizer, cfg)  # a resumed run takes this run's lr, betas, weight decay
 
+    def _split_pipeline(self) -> Any:
+        """pp > 1 (a collective): the (dp, pp) grid of communicators; this rank keeps its stage of
+        the model; gradients are averaged over its dp group. Returns GradientStep's model_parallel."""
+        from nn.distributed import Grid, MPIWorld
+        from nn.distributed.pipeline import Pipeline, PipelineGradients, PipelineStage
+        from tinygrad_lm.memory import param_shapes
+        cfg = self.cfg
+        self.grid = Grid(self.world.comm, tp=1, pp=cfg.pp)
+        self.shapes = param_shapes(self.model.config)  # the whole model's names and shapes, for checkpoints
+        self.n_params = self.model.num_parameters()
+        self.model = PipelineStage(self.model, self.grid.p, cfg.pp)
+        self.pipeline = Pipeline(self.model, self.grid.pp, cfg.pp_schedule)
+        if self.grid.dp_size > 1:
+            self.data_world = MPIWorld(self.grid.dp, reduce_dtype=self.world.reduce_dtype,
+                                       collective_timeout=self.world.collective_timeout)
+        else:
+            self.data_world = World()
+        return PipelineGradients(self.pipeline, self.world.comm)
+
     # ---------------------------------------------------------------- start-up (no collectives)
     def _prepare(self, cfg: TrainConfig, resume: str | None) -> None:
         self.ckpt, st = None, None
+        if self.world.size % cfg.pp:
+            raise UserError(f"--pp {cfg.pp}: the job has {self.world.size} rank{'s' * (self.world.size > 1)}, "
+                            f"which is not dp x pp for any whole dp; start a multiple of {cfg.pp} ranks")
         if resume:
             self.ckpt = ckpt_io.resolve(resume)
             st = ckpt_io.read_state(self.ckpt)
-            cfg = resume_config(cfg, st, self.world.size)
+            cfg = resume_config(cfg, st, self.world.size // cfg.pp)
         self.cfg, self.out = cfg, Path(cfg.out)
         if self.is_main:
             self._check_out_dir()
@@ -158,7 +183,24 @@ class Trainer:
                                           f"malformed ({e})") from None
 
     def _load_optimizer(self, ckpt: Path) -> None:
-        self._load_file(load_optimizer, self.optimizer, ckpt, ckpt_io.OPTIM_FILE)
+        if self.pipeline is None:
+            self._load_file(load_optimizer, self.optimizer, ckpt, ckpt_io.OPTIM_FILE)
+            return
+        from nn.distributed.pipeline import named_optimizer_state, optimizer_state_from_named
+        trainer = self
+
+        class ThisStage:  # the file holds the whole model's state: keep this stage's parameters
+            def load_state_dict(self, sd: dict) -> None:
+                named, info = named_optimizer_state(sd, trainer._names_by_group(list(trainer.shapes)), trainer.shapes)
+                mine = trainer._names_by_group([n for n, _ in trainer.model.named_parameters()])
+                own = {k: v for k, v in named.items() if k.split("/", 1)[0] in set(sum(mine, []))}
+                trainer.optimizer.load_state_dict(optimizer_state_from_named(own, info, mine, trainer.shapes,
+                                                                             bool(trainer.cfg.zero)))
+        self._load_file(load_optimizer, ThisStage(), ckpt, ckpt_io.OPTIM_FILE)
+
+    def _names_by_group(self, names: list[str]) -> list[list[str]]:
+        """Parameter names as make_optimizer groups them: 2-D weights (decayed), then the rest."""
+        return [[n for n in names if len(self.shapes[n]) >= 2], [n for n in names if len(self.shapes[n]) < 2]]
 
     def _load_file(self, load: Callable[[Any, Path], Any], into: Any, ckpt: Path, name: str) -> None:
         """load(into, ckpt/name); a file that does not fit `into` (names, shapes, metadata) -> CheckpointError."""
@@ -177,8 +219,8 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoint
     @property
     def global_batch_size(self) -> int:
-        """Rows per optimizer step over the whole job: batch_size x grad_accum x ranks."""
-        return self.cfg.batch_size * self.cfg.grad_accum * self.world.size
+        """Rows per optimizer step over the whole job: batch_size x grad_accum x data-parallel ranks."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.data_world.size
 
     def state(self) -> dict:
         return {"format": 1, "step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
@@ -186,17 +228,21 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(),
                 "dropout_rng": self.model.dropout_rng.bit_generator.state,
                 "data_position": {"seed": self.cfg.seed, "next_step": self.step},
-                "tokenizer": ckpt_io.TOKENIZER_FILE, "world_size": self.world.size,
+                "tokenizer": ckpt_io.TOKENIZER_FILE, "world_size": self.data_world.size,
                 "global_batch_size": self.global_batch_size}
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes the checkpoint (every rank calls this: ZeRO gathers its shards first). Refuses
         (NonFiniteLoss) when a weight or optimizer moment is not finite: checkpoints on disk stay usable."""
+        model_state = None  # None: self.model's own state dict
         optimizer_state = self.optimizer.state_dict() if self.cfg.zero else None
+        if self.pipeline is not None:
+            model_state, optimizer_state = self._gather_stages(optimizer_state)
         ok = True
-        if self.is_main:
+        if self.is_main or self.pipeline is not None:
             moments = (list(optimizer_state["arrays"].values()) if optimizer_state is not None else
-                       [v for st in self.optimizer.state.values() for v in st.values() if hasattr(v, "dtype")])
+                       [v for st in getattr(self.optimizer, "inner", self.optimizer).state.values()
+                        for v in st.values() if hasattr(v, "dtype")])
             ok = all_finite([p.data for p in self.model.parameters()] + moments)
         if self.world.any(not ok):
             raise NonFiniteLoss(f"the weights or optimizer moments after step {self.step} are not finite; "
@@ -204,13 +250,17 @@ class Trainer:
         if not self.is_main:
             return None
 
-        def write(d: Path) -> None:
-            save_model(self.model, d / ckpt_io.MODEL_FILE)
+        class Frozen:  # an already-gathered state, in the shape save_model / save_optimizer expect
+            def __init__(self, sd: Any) -> None:
+                self.sd = sd
 
-            class Frozen:  # the already-gathered ZeRO state, in the shape save_optimizer expects
-                def state_dict(self) -> dict:
-                    return optimizer_state  # type: ignore[return-value]
-            save_optimizer(Frozen() if self.cfg.zero else self.optimizer, d / ckpt_io.OPTIM_FILE)
+            def state_dict(self) -> Any:
+                return self.sd
+
+        def write(d: Path) -> None:
+            save_model(self.model if model_state is None else Frozen(model_state), d / ckpt_io.MODEL_FILE)
+            save_optimizer(self.optimizer if optimizer_state is None else Frozen(optimizer_state),
+                           d / ckpt_io.OPTIM_FILE)
             self.tokenizer.save(d / ckpt_io.TOKENIZER_FILE)
             atomic_write(d / ckpt_io.STATE_FILE, json.dumps(self.state(), indent=1))
         try:
@@ -218,6 +268,32 @@ class Trainer:
         except OSError as e:
             raise UserError(f"--out {self.out}: cannot write checkpoint step-{self.step:06d} "
                             f"({e}); the previous checkpoint is kept") from e
+
+    def _gather_stages(self, optimizer_state: dict | None) -> tuple[Any, Any]:
+        """pp > 1 (every rank calls it): the whole model's weights and optimizer state (in the
+        one-process layout) on rank 0, gathered stage by stage from the ranks of data-parallel
+        replica 0; (None, None) elsewhere."""
+        from nn.distributed.pipeline import (gather_named, named_optimizer_state, optimizer_state_from_named,
+                                             owner_stage)
+        sd = optimizer_state if optimizer_state is not None else self.optimizer.state_dict()
+        if self.grid.d != 0:
+            return None, None
+        mine = self._names_by_group([n for n, _ in self.model.named_parameters()])
+        named, info = named_optimizer_state(sd, mine, self.shapes)
+        n_layer, pp, names = self.model.config.n_layer, self.cfg.pp, list(self.shapes)
+        moments = sorted({k.split("/", 1)[1] for k in named})
+        keys = [f"{n}/{m}" for n in names for m in moments]
+        shapes = {**self.shapes, **{k: self.shapes[k.split("/", 1)[0]] for k in keys}}
+
+        def owner(key: str) -> int:
+            return owner_stage(key.split("/", 1)[0], n_layer, pp)
+        weights = gather_named(self.grid.pp, pp, names, shapes, owner,
+                               {n: p.data for n, p in self.model.named_parameters()})
+        moments_all = gather_named(self.grid.pp, pp, keys, shapes, owner, named)
+        if not self.is_main:
+            return None, None
+        return weights, optimizer_state_from_named(moments_all, info, self._names_by_group(names), self.shapes,
+                                                   bool(self.cfg.zero))
 
     # ---------------------------------------------------------------- steps
     def batch(self, split: str, step: int, batch_size: int, seed: int) -> tuple[Any, Any]:
@@ -228,7 +304,7 @@ class Trainer:
         """This rank's micro-batches for `step`: the global batch (ranks x grad_accum x batch_size
         rows) is drawn once, then cut, so k micro-batches == one batch k times larger, and any
         split of the same global batch over ranks sees the same rows."""
-        cfg, rank = self.cfg, self.world.rank
+        cfg, rank = self.cfg, self.data_world.rank
         per_rank = cfg.batch_size * cfg.grad_accum
         x, y = self.batch("train", step, self.global_batch_size, cfg.seed)
         x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
@@ -248,6 +324,10 @@ class Trainer:
                 self.captured = CapturedStep(self.model, cfg.batch_size, cfg.model.block_size)
             (x, y), = self.micro_batches(self.step)
             total = self.captured(x, y, self.scaler.scale_value if self.scaler.enabled else 1.0)
+        elif self.pipeline is not None:  # the loss lives on the last stage (0 on the others)
+            total = self.pipeline.run(self.micro_batches(self.step),
+                                      self.scaler.scale_value if self.scaler.enabled else 1.0)
+            total = 0.0 if total is None else total
         else:
             total = 0.0
             for x, y in self.micro_batches(self.step):
@@ -262,7 +342,7 @@ class Trainer:
     def check_finite(self, loss: Any) -> float:
         """Synchronise once: the loss averaged over ranks, after checking that no step since
         the last check had a non-finite gradient norm (GPU) -> NonFiniteLoss naming the step."""
-        lossf = self.world.allreduce_mean(float(backend.to_numpy(loss)))
+        lossf = self.world.allreduce_mean(float(backend.to_numpy(loss))) * self.cfg.pp  # (pp: one stage has it)
         self.grad_step.raise_if_nonfinite()
         if not math.isfinite(lossf):
             raise NonFiniteLoss(f"loss is {lossf} at step {self.step}")
@@ -274,8 +354,11 @@ class Trainer:
         out = {}
         with no_grad():
             for split in ("train", "val"):
-                losses = [float(self.model(*self.batch(split, i, self.cfg.batch_size, self.cfg.seed + 1))[1].item())
-                          for i in range(self.cfg.eval_iters)]
+                batches = (self.batch(split, i, self.cfg.batch_size, self.cfg.seed + 1) for i in range(self.cfg.eval_iters))
+                if self.pipeline is not None:
+                    losses = [self.pipeline.forward_only(x, y) for x, y in batches]
+                else:
+                    losses = [float(self.model(x, y)[1].item()) for x, y in batches]
                 out[split] = float(np.mean(losses))
         self.model.train()
         return out
@@ -308,11 +391,13 @@ class Trainer:
         metrics = None
         if self.is_main:
             metrics_path = self._start_run_dir()
-            self.log(f"model: {self.model.num_parameters():,} parameters ({mcfg.n_layer} layers, {mcfg.n_head} "
+            n_params = self.n_params if self.pipeline is not None else self.model.num_parameters()
+            self.log(f"model: {n_params:,} parameters ({mcfg.n_layer} layers, {mcfg.n_head} "
                      f"heads, width {mcfg.n_embd}, context {mcfg.block_size}, vocab {self.tokenizer.vocab_size}); "
                      f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
             self.log(f"global batch {self.global_batch_size} sequences = batch_size {cfg.batch_size} x grad_accum "
-                     f"{cfg.grad_accum} x {self.world.size} rank{'s' if self.world.size > 1 else ''}")
+                     f"{cfg.grad_accum} x {self.data_world.size} rank{'s' if self.data_world.size > 1 else ''}"
+                     + (f"; pipeline of {cfg.pp} stages ({cfg.pp_schedule})" if cfg.pp > 1 else ""))
             if self.step:
                 self.log(f"resumed at step {self.step}")
             try:
@@ -383,7 +468,7 @@ class Trainer:
         if not self.is_main:
             return
         bar.write(f"step {self.step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} (best {self.best_val:.4f})")
-        if self.cfg.sample_tokens > 0:
+        if self.cfg.sample_tokens > 0 and self.pipeline is None:  # (with --pp no rank holds the whole model)
             bar.write("---- sample ----\n" + self.sample_text(self.cfg.sample_tokens) + "\n----------------")
         metrics.write(json.dumps({"step": self.step, "train_loss": ev["train"], "val_loss": ev["val"]}) + "\n")
         metrics.flush()

@@ -296,6 +296,30 @@ class Pipeline:
             w._version += 1
 
 
+class PipelineGradients:
+    """What a gradient step adds when the model is split into stages (tinygrad_lm.gradient_step.
+    GradientStep's model_parallel): the tied wte before and after the update, the squared
+    gradient norm summed over the stages, one verdict for the whole job (world: every rank)."""
+
+    def __init__(self, pipeline: Pipeline, world: Communicator) -> None:
+        self.pipeline, self.world = pipeline, world
+
+    def before_step(self) -> None:
+        self.pipeline.reduce_tied_grads()
+
+    def after_step(self) -> None:
+        self.pipeline.sync_tied_weights()
+
+    def sum_of_squares(self, sq: Any) -> Any:
+        """This stage's sum of squares (an array of one element, any device) -> the sum over the
+        stages, same kind of array. (Data-parallel replicas hold equal gradients: not summed.)"""
+        total = self.pipeline.comm.allreduce_scalar(float(backend.to_numpy(sq).reshape(-1)[0]))
+        return backend.array_module(sq).full(sq.shape, total, dtype=sq.dtype)
+
+    def all_agree(self, flag: bool) -> bool:
+        return self.world.all(flag)
+
+
 # ---------------------------------------------------------------- checkpoints: by parameter name
 def gather_named(comm: Communicator, n_stages: int, names: Sequence[str], shapes: dict[str, tuple],
                  owner: Callable[[str], int], mine: dict[str, Any]) -> dict[str, np.ndarray] | None:

@@ -33,11 +33,14 @@ class ZeRO1:
 
     groups: like an optimizer's parameter groups ({"params": [...], "weight_decay": ...});
     make_inner(groups) builds the inner optimizer over the shard parameters.
+    norm_reduce (model parallelism: these parameters are one part of the model): maps the
+    squared norm of this part, a (1,) float64 array, to the whole model's.
     """
 
-    def __init__(self, world: World, groups: list[dict], make_inner: Callable[[list[dict]], Any]) -> None:
+    def __init__(self, world: World, groups: list[dict], make_inner: Callable[[list[dict]], Any],
+                 norm_reduce: Callable[[Any], Any] | None = None) -> None:
         from nn.module import Parameter
-        self.world = world
+        self.world, self.norm_reduce = world, norm_reduce
         self.groups = [dict(g, params=list(g["params"])) for g in groups]
         N, r = world.size, world.rank
         self.layout = []  # per group: (params, n, shard size S, shard Parameter, flat buffer (S*N,))
@@ -97,6 +100,8 @@ class ZeRO1:
             return 0.0
         if self.world.size > 1:  # the sum of the shards' squares
             sq = self.world.comm.allreduce(sq, op="sum")
+        if self.norm_reduce is not None:
+            sq = self.norm_reduce(sq)
         norm = float(np.sqrt(float(sq[0])))
         if not np.isfinite(norm):
             return norm
