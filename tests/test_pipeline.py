@@ -157,3 +157,17 @@ def test_one_process_checkpoint_resumes_as_pp2_with_zero1(tmp_path: Path, corpus
     from nn.serialization import load_safetensors
     got = load_safetensors(tmp_path / "one" / "step-000004" / "model.safetensors")[0]
     assert_same(got, straight.model.state_dict())
+
+
+def test_bad_layouts_fail_on_every_rank_before_training(tmp_path: Path, corpus: str) -> None:
+    common = ["-m", "tinygrad_lm", "train", "--data", corpus, "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+              "--out", str(tmp_path / "x"), "--cache-dir", str(tmp_path / "cache"), "--progress", "false"]
+    r = run_mpi(2, common + ["--pp", "3", "--n-layer", "4"], timeout=60)
+    assert r.returncode == 2 and r.stderr.count("error: --pp 3: the job has 2 ranks") == 2, r.stderr
+    r = run_mpi(2, common + ["--pp", "2", "--n-layer", "1"], timeout=60)
+    assert r.returncode == 2 and r.stderr.count("need at least 2 layers, got --n-layer 1") == 2, r.stderr
+    from tinygrad_lm.config import ConfigError, make_config
+    with pytest.raises(ConfigError, match="--cuda-graph .* --pp > 1"):
+        make_config(None, None, pp=2, n_layer=2, cuda_graph=True, device="cuda")
+    with pytest.raises(ConfigError, match="--pp-schedule: must be one of gpipe, 1f1b"):
+        make_config(None, None, pp=2, n_layer=2, pp_schedule="zigzag")
