@@ -90,9 +90,10 @@ def test_optimizer_state_by_name_round_trips_plain_and_zero1() -> None:
 
 
 # ---------------------------------------------------------------- under mpiexec
-def single_process(corpus: str, out: Path, steps: int, batch: int, accum: int, resume: str | None = None) -> tuple:
+def single_process(corpus: str, out: Path, steps: int, batch: int, accum: int, resume: str | None = None,
+                   **kw: str) -> tuple:
     from tinygrad_lm.train import Trainer
-    t = Trainer(pp_config(corpus, str(out), steps, batch, accum), resume=resume, log=lambda s: None)
+    t = Trainer(pp_config(corpus, str(out), steps, batch, accum, **kw), resume=resume, log=lambda s: None)
     losses = []
     while t.step < steps:
         losses.append(t.check_finite(t.train_step()))
@@ -104,10 +105,10 @@ def weights(run: Path) -> dict:
     return load_safetensors(next(run.glob("step-*")) / "model.safetensors")[0]
 
 
-def assert_same(a: dict, b: dict) -> None:
+def assert_same(a: dict, b: dict, **tol: float) -> None:
     assert set(a) == set(b)
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], err_msg=k, **W_TOL)
+        np.testing.assert_allclose(a[k], b[k], err_msg=k, **(tol or W_TOL))
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -123,6 +124,20 @@ def test_pp2_equals_one_process(tmp_path: Path, corpus: str, schedule: str) -> N
     assert_same(weights(tmp_path / "pp"), ref.model.state_dict())
     init = single_process(corpus, tmp_path / "init", 0, b, m)[0].model.state_dict()
     assert any(not np.allclose(init[k], ref.model.state_dict()[k]) for k in init)  # the weights moved
+
+
+def test_pp2_fp16_agrees_on_one_loss_scale(tmp_path: Path, corpus: str) -> None:
+    """fp16: every stage skips the same steps (one overflow verdict) and the run equals one process."""
+    steps, b, m = 3, 2, 2
+    r = run_mpi(2, [str(WORKER), str(tmp_path / "pp"), corpus, str(steps), str(b), str(m), "2", "1f1b",
+                    "precision=fp16"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads((tmp_path / "pp" / "losses.json").read_text())
+    ref, losses = single_process(corpus, tmp_path / "one", steps, b, m, precision="fp16")
+    np.testing.assert_allclose(got["losses"], losses, rtol=1e-3)
+    st = json.loads((next((tmp_path / "pp").glob("step-*")) / "state.json").read_text())
+    assert st["loss_scaler"] == ref.scaler.state_dict()
+    assert_same(weights(tmp_path / "pp"), ref.model.state_dict(), rtol=1e-3, atol=1e-4)
 
 
 def test_dp2_pp2_equals_one_process(tmp_path: Path, corpus: str) -> None:
@@ -150,8 +165,8 @@ def test_one_process_checkpoint_resumes_as_pp2_with_zero1(tmp_path: Path, corpus
     b, m = 2, 2
     first, _ = single_process(corpus, tmp_path / "one", 2, b, m)
     first.save_checkpoint()
-    r = run_mpi(2, [str(WORKER), str(tmp_path / "one"), corpus, "4", str(b), str(m), "2", "1f1b", "1",
-                    str(tmp_path / "one")])
+    r = run_mpi(2, [str(WORKER), str(tmp_path / "one"), corpus, "4", str(b), str(m), "2", "1f1b", "zero=1",
+                    f"resume={tmp_path / 'one'}"])
     assert r.returncode == 0, r.stdout + r.stderr
     straight, _ = single_process(corpus, tmp_path / "straight", 4, b, m)
     from nn.serialization import load_safetensors
@@ -171,3 +186,22 @@ def test_bad_layouts_fail_on_every_rank_before_training(tmp_path: Path, corpus: 
         make_config(None, None, pp=2, n_layer=2, cuda_graph=True, device="cuda")
     with pytest.raises(ConfigError, match="--pp-schedule: must be one of gpipe, 1f1b"):
         make_config(None, None, pp=2, n_layer=2, pp_schedule="zigzag")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pp2_on_gpu_equals_one_gpu(tmp_path: Path, corpus: str, precision: str) -> None:
+    """The same code with CuPy arrays: two stages (sharing one GPU, or a GPU each); activations
+    travel staged through the host, the tied-wte and norm reductions by the device transport."""
+    from tensor import backend
+    if not backend.cuda_available():
+        pytest.skip("needs CuPy and an NVIDIA GPU")
+    steps, b, m = 3, 2, 4
+    r = run_mpi(2, [str(WORKER), str(tmp_path / "pp"), corpus, str(steps), str(b), str(m), "2", "1f1b",
+                    "device=cuda", f"precision={precision}"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads((tmp_path / "pp" / "losses.json").read_text())
+    ref, losses = single_process(corpus, tmp_path / "one", steps, b, m, device="cuda", precision=precision)
+    tol = W_TOL if precision == "fp32" else dict(rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(got["losses"], losses, rtol=tol["rtol"])
+    assert_same(weights(tmp_path / "pp"), ref.model.state_dict(), **tol)
