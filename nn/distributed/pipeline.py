@@ -190,7 +190,8 @@ class PipelineStage(Module):
 class Pipeline:
     """Runs micro-batches through a PipelineStage under a schedule; comm is the pipeline
     communicator (rank s = stage s). `timing` accumulates seconds busy (forward and backward
-    compute) and in all (wall time of `run`); `bytes_sent` counts activation and gradient bytes."""
+    compute) and in all (wall time of `run`); `bytes_sent` counts activation and gradient bytes;
+    `peak_live` is the most micro-batches whose activations this stage held at once."""
 
     def __init__(self, stage: PipelineStage, comm: Communicator | None, schedule: str = "1f1b") -> None:
         if schedule not in SCHEDULES:
@@ -198,6 +199,7 @@ class Pipeline:
         self.stage, self.comm, self.schedule = stage, comm, schedule
         self.timing = {"busy": 0.0, "total": 0.0}
         self.bytes_sent = 0
+        self.peak_live = 0
         # the first and last stage, for the tied wte (None on the others); a collective over comm
         ends = stage.is_first or stage.is_last
         self.tied = comm.split(color=0 if ends else -1) if comm is not None and stage.n_stages > 1 else None
@@ -239,6 +241,7 @@ class Pipeline:
                 else:
                     self._send(out.data, st.stage + 1, 2 * i, pending)
                 live[i] = (inp, out)
+                self.peak_live = max(self.peak_live, len(live))
             else:
                 inp, out = live.pop(i)
                 grad = None if st.is_last else self._recv(x, st.stage + 1, 2 * i + 1)
