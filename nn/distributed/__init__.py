@@ -17,6 +17,8 @@ Layers, each built on the one below:
                     broadcast from rank 0
   zero.py           ZeRO1: optimizer state sharded over the ranks (reduce-scatter, update
                     the own shard, all-gather)
+  pipeline.py       pipeline parallelism: PipelineStage (a GPT's blocks for one stage),
+                    Pipeline (GPipe / 1F1B schedules over isend/irecv), checkpoint helpers
   launch.py         launched_under_mpi(), init(), run_or_abort()
 
 Without mpi4py, or as a single process, `init()` returns a `World` of size 1 whose methods do
