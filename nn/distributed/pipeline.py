@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import tensor.functional as F
 from nn.distributed.comm import Communicator
 from nn.module import Module, ModuleList
 from tensor import backend
@@ -171,7 +172,6 @@ class PipelineStage(Module):
             w._version += 1
 
     def forward(self, x: Any, targets: Any = None) -> Tensor:
-        import tensor.functional as F
         xp = backend.array_module(self.transformer.h[0].ln_1.weight.data)
         positions = xp.arange(x.shape[1])
         if self.is_first:
