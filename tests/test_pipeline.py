@@ -126,6 +126,17 @@ def test_pp2_equals_one_process(tmp_path: Path, corpus: str, schedule: str) -> N
     assert any(not np.allclose(init[k], ref.model.state_dict()[k]) for k in init)  # the weights moved
 
 
+def test_pp4_with_middle_stages_equals_one_process(tmp_path: Path, corpus: str) -> None:
+    """Four stages of one block each: two of them hold neither the embedding nor the head."""
+    steps, b, m = 2, 2, 5
+    r = run_mpi(4, [str(WORKER), str(tmp_path / "pp"), corpus, str(steps), str(b), str(m), "4", "1f1b"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads((tmp_path / "pp" / "losses.json").read_text())
+    ref, losses = single_process(corpus, tmp_path / "one", steps, b, m)
+    np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
+    assert_same(weights(tmp_path / "pp"), ref.model.state_dict())
+
+
 def test_pp2_fp16_agrees_on_one_loss_scale(tmp_path: Path, corpus: str) -> None:
     """fp16: every stage skips the same steps (one overflow verdict) and the run equals one process."""
     steps, b, m = 3, 2, 2
