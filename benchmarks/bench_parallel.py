@@ -109,6 +109,8 @@ def run_job(args: argparse.Namespace, model: str, pp: int, schedule: str) -> lis
             cmd = [mpiexec(), "-n", str(pp)] + cmd
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=ROOT)
+        for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # they can force a slower OpenBLAS kernel
+            env.pop(var, None)
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
         if r.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
