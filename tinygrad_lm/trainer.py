@@ -186,21 +186,14 @@ class Trainer:
         if self.pipeline is None:
             self._load_file(load_optimizer, self.optimizer, ckpt, ckpt_io.OPTIM_FILE)
             return
-        from nn.distributed.pipeline import named_optimizer_state, optimizer_state_from_named
+        from nn.distributed.pipeline import stage_optimizer_state
         trainer = self
 
         class ThisStage:  # the file holds the whole model's state: keep this stage's parameters
             def load_state_dict(self, sd: dict) -> None:
-                named, info = named_optimizer_state(sd, trainer._names_by_group(list(trainer.shapes)), trainer.shapes)
-                mine = trainer._names_by_group([n for n, _ in trainer.model.named_parameters()])
-                own = {k: v for k, v in named.items() if k.split("/", 1)[0] in set(sum(mine, []))}
-                trainer.optimizer.load_state_dict(optimizer_state_from_named(own, info, mine, trainer.shapes,
-                                                                             bool(trainer.cfg.zero)))
+                trainer.optimizer.load_state_dict(stage_optimizer_state(sd, trainer.model, trainer.shapes,
+                                                                        bool(trainer.cfg.zero)))
         self._load_file(load_optimizer, ThisStage(), ckpt, ckpt_io.OPTIM_FILE)
-
-    def _names_by_group(self, names: list[str]) -> list[list[str]]:
-        """Parameter names as make_optimizer groups them: 2-D weights (decayed), then the rest."""
-        return [[n for n in names if len(self.shapes[n]) >= 2], [n for n in names if len(self.shapes[n]) < 2]]
 
     def _load_file(self, load: Callable[[Any, Path], Any], into: Any, ckpt: Path, name: str) -> None:
         """load(into, ckpt/name); a file that does not fit `into` (names, shapes, metadata) -> CheckpointError."""
@@ -271,29 +264,12 @@ class Trainer:
 
     def _gather_stages(self, optimizer_state: dict | None) -> tuple[Any, Any]:
         """pp > 1 (every rank calls it): the whole model's weights and optimizer state (in the
-        one-process layout) on rank 0, gathered stage by stage from the ranks of data-parallel
-        replica 0; (None, None) elsewhere."""
-        from nn.distributed.pipeline import (gather_named, named_optimizer_state, optimizer_state_from_named,
-                                             owner_stage)
+        one-process layout) on rank 0, gathered from the stages of data-parallel replica 0."""
+        from nn.distributed.pipeline import gather_checkpoint
         sd = optimizer_state if optimizer_state is not None else self.optimizer.state_dict()
         if self.grid.d != 0:
             return None, None
-        mine = self._names_by_group([n for n, _ in self.model.named_parameters()])
-        named, info = named_optimizer_state(sd, mine, self.shapes)
-        n_layer, pp, names = self.model.config.n_layer, self.cfg.pp, list(self.shapes)
-        moments = sorted({k.split("/", 1)[1] for k in named})
-        keys = [f"{n}/{m}" for n in names for m in moments]
-        shapes = {**self.shapes, **{k: self.shapes[k.split("/", 1)[0]] for k in keys}}
-
-        def owner(key: str) -> int:
-            return owner_stage(key.split("/", 1)[0], n_layer, pp)
-        weights = gather_named(self.grid.pp, pp, names, shapes, owner,
-                               {n: p.data for n, p in self.model.named_parameters()})
-        moments_all = gather_named(self.grid.pp, pp, keys, shapes, owner, named)
-        if not self.is_main:
-            return None, None
-        return weights, optimizer_state_from_named(moments_all, info, self._names_by_group(names), self.shapes,
-                                                   bool(self.cfg.zero))
+        return gather_checkpoint(self.grid.pp, self.model, sd, self.shapes, bool(self.cfg.zero))
 
     # ---------------------------------------------------------------- steps
     def batch(self, split: str, step: int, batch_size: int, seed: int) -> tuple[Any, Any]:

@@ -400,3 +400,41 @@ def optimizer_state_from_named(named: dict[str, np.ndarray], info: dict, names_b
                 arrays[f"state.{i}.{mo}"] = np.asarray(named[f"{n}/{mo}"]).reshape(shapes[n])
             i += 1
     return {"meta": {"type": info["type"], "param_groups": groups, "state": state}, "arrays": arrays}
+
+
+def names_by_group(names: Sequence[str], shapes: dict[str, tuple]) -> list[list[str]]:
+    """Parameter names in the optimizer's two groups (tinygrad_lm.gradient_step.make_optimizer):
+    the 2-D weights (decayed), then the rest."""
+    return [[n for n in names if len(shapes[n]) >= 2], [n for n in names if len(shapes[n]) < 2]]
+
+
+def gather_checkpoint(comm: Communicator, stage: PipelineStage, optimizer_sd: dict, shapes: dict[str, tuple],
+                      zero1: bool) -> tuple[dict | None, dict | None]:
+    """Every stage of one pipeline calls it with its optimizer's state dict; stage 0 gets the whole
+    model's weights {name: array} and optimizer state dict in the one-process layout (`shapes`:
+    the whole model's names and shapes in order); the others get (None, None)."""
+    names = list(shapes)
+    named, info = named_optimizer_state(optimizer_sd, names_by_group([n for n, _ in stage.named_parameters()], shapes),
+                                        shapes)
+    moments = sorted({k.split("/", 1)[1] for k in named})
+    keys = [f"{n}/{m}" for n in names for m in moments]
+    key_shapes = {**shapes, **{k: shapes[k.split("/", 1)[0]] for k in keys}}
+
+    def owner(key: str) -> int:
+        return owner_stage(key.split("/", 1)[0], stage.config.n_layer, stage.n_stages)
+    weights = gather_named(comm, stage.n_stages, names, key_shapes, owner,
+                           {n: p.data for n, p in stage.named_parameters()})
+    moments_all = gather_named(comm, stage.n_stages, keys, key_shapes, owner, named)
+    if weights is None:
+        return None, None
+    return weights, optimizer_state_from_named(moments_all, info, names_by_group(names, shapes), shapes, zero1)
+
+
+def stage_optimizer_state(sd: dict, stage: PipelineStage, shapes: dict[str, tuple], zero1: bool) -> dict:
+    """The whole model's optimizer state dict (one-process layout, plain or ZeRO-1) -> the state
+    dict of this stage's optimizer (plain, or zero1: ZeRO1's)."""
+    named, info = named_optimizer_state(sd, names_by_group(list(shapes), shapes), shapes)
+    mine = names_by_group([n for n, _ in stage.named_parameters()], shapes)
+    keep = set(mine[0] + mine[1])
+    own = {k: v for k, v in named.items() if k.split("/", 1)[0] in keep}
+    return optimizer_state_from_named(own, info, mine, shapes, zero1)
