@@ -165,6 +165,10 @@ def test_pp2_checkpoint_resumes_on_one_process(tmp_path: Path, corpus: str) -> N
     b, m = 2, 2
     r = run_mpi(2, [str(WORKER), str(tmp_path / "pp"), corpus, "2", str(b), str(m), "2", "gpipe"])
     assert r.returncode == 0, r.stdout + r.stderr
+    from tinygrad_lm.sample import generate, load_checkpoint_model
+    model, tok = load_checkpoint_model(str(tmp_path / "pp"))  # `sample` loads it in one process
+    assert_same(model.state_dict(), weights(tmp_path / "pp"), rtol=0, atol=0)
+    assert generate(model, np.zeros((1, 1), dtype=np.int64), 5, seed=0).shape == (1, 6)
     resumed, _ = single_process(corpus, tmp_path / "pp", 4, b, m, resume=str(tmp_path / "pp"))
     straight, _ = single_process(corpus, tmp_path / "one", 4, b, m)
     sa, sb = resumed.model.state_dict(), straight.model.state_dict()
