@@ -75,6 +75,26 @@ def test_stage_split_and_owners() -> None:
     assert owner_stage("transformer.ln_f.weight", 4, 2) == 1
 
 
+@pytest.mark.parametrize("pp", [2, 3])
+def test_stages_own_every_parameter_once_under_its_whole_model_name(pp: int) -> None:
+    from nn.distributed.pipeline import PipelineStage
+    from tinygrad_lm.memory import param_shapes
+    from tinygrad_lm.model import GPT, GPTConfig
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=5, n_head=2, n_embd=8, pos_encoding="learned")
+    stages = [PipelineStage(GPT(cfg, seed=1), s, pp) for s in range(pp)]
+    names = [n for st in stages for n, _ in st.named_parameters()]
+    assert sorted(names) == sorted(param_shapes(cfg))  # each once: the last stage's wte copy is not owned
+    assert stages[-1].tied_wte is stages[-1].lm_head.weight is stages[-1].transformer.wte.weight
+    assert all(owner_stage(n, cfg.n_layer, pp) == s for s, st in enumerate(stages) for n, _ in st.named_parameters())
+    # the stages chained equal the whole model's loss
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 11, (2, 8)), rng.integers(0, 11, (2, 8))
+    h = x
+    for st in stages:
+        h = st(h, y)
+    assert float(h.item()) == pytest.approx(float(GPT(cfg, seed=1)(x, y)[1].item()), rel=1e-6)
+
+
 def test_optimizer_state_by_name_round_trips_plain_and_zero1() -> None:
     rng = np.random.default_rng(0)
     shapes = {"a": (2, 3), "b": (4,), "c": (3, 1)}

@@ -163,14 +163,6 @@ class PipelineStage(Module):
             m = _LAYER.match(name)
             yield (f"transformer.h.{self.layers[int(m.group(1))]}.{name[m.end():]}" if m else name), p
 
-    def load_named(self, arrays: dict[str, Any]) -> None:
-        """Copy the named arrays of a whole-model state dict into this stage (its tied wte copy too)."""
-        self.load_state_dict({k: arrays[k] for k, _ in self.named_parameters()}, strict=True)
-        if self.tied_wte is not None:
-            w = self.tied_wte
-            w.data = backend.to_device(np.asarray(arrays["transformer.wte.weight"], dtype=w.dtype), w.device)
-            w._version += 1
-
     def forward(self, x: Any, targets: Any = None) -> Tensor:
         xp = backend.array_module(self.transformer.h[0].ln_1.weight.data)
         positions = xp.arange(x.shape[1])
