@@ -1,8 +1,9 @@
 """Run under `mpiexec -n N python tests/mpi/pp_worker.py OUT CORPUS STEPS BATCH ACCUM PP SCHEDULE [KEY=VALUE ...]`
 by tests/test_pipeline.py: a few training steps of a tiny GPT split into PP pipeline stages
-(world = dp x pp); rank 0 writes the loss of every step to OUT/losses.json and the run ends
+(world = dp x pp, or dp x pp x tp with tp=T); rank 0 writes the loss of every step to OUT/losses.json and the run ends
 with a checkpoint (gathered to rank 0) in OUT. KEY=VALUE: zero=1, resume=DIR (a checkpoint to
-continue from), device=cuda, precision=fp16|bf16.
+continue from), device=cuda, precision=fp16|bf16, tp=T (tensor parallel: world = dp x pp x tp),
+dp=D (default world / (tp x pp)), lr=LR.
 """
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from tinygrad_lm.train import Trainer, make_config
 
 
 def pp_config(corpus: str, out: str, steps: int, batch: int, accum: int, pp: int = 1, schedule: str = "1f1b",
-              zero: int = 0, device: str = "cpu", precision: str = "fp32") -> object:
+              zero: int = 0, device: str = "cpu", precision: str = "fp32", tp: int = 1, dp: int = 0, lr: float = 1e-2) -> object:
     """A tiny 4-layer GPT whose gradient clipping is active (the global norm matters)."""
     return make_config(None, None, data=corpus, tokenizer="char", n_layer=4, n_head=2, n_embd=16, block_size=8,
                        pos_encoding="learned", batch_size=batch, grad_accum=accum, max_iters=steps, warmup_iters=1,
-                       lr_decay_iters=8, lr=1e-2, grad_clip=0.05, eval_interval=10 ** 6, ckpt_interval=10 ** 6,
+                       lr_decay_iters=8, lr=float(lr), grad_clip=0.05, eval_interval=10 ** 6, ckpt_interval=10 ** 6,
                        log_interval=10 ** 6, eval_iters=2, sample_tokens=0, progress=False, out=out,
                        cache_dir=str(Path(out).parent / "cache"), seed=5, pp=pp, pp_schedule=schedule, zero=zero,
-                       device=device, precision=precision)
+                       device=device, precision=precision, tp=tp, dp=dp)
 
 
 def main() -> int:
@@ -31,7 +32,9 @@ def main() -> int:
     schedule = sys.argv[7]
     opts = dict(a.split("=", 1) for a in sys.argv[8:])
     resume = opts.pop("resume", None)
-    opts["zero"] = int(opts.get("zero", 0))
+    for key in ("zero", "tp", "dp"):
+        if key in opts:
+            opts[key] = int(opts[key])
     world = init()
     trainer = Trainer(pp_config(corpus, out, steps, batch, accum, pp, schedule, **opts), resume=resume, world=world,
                       log=lambda s: None)
