@@ -1,10 +1,23 @@
-"""Model parallelism (issue 17): what tensor parallelism saves per rank, what it sends, how it scales.
+"""Model parallelism over MPI (issue 17): what tensor and pipeline parallelism save per rank,
+what they send, how they scale, in one command and one JSON object.
 
-    python benchmarks/bench_parallel.py                                  # here: tp 1, 2 (2 cores)
-    python benchmarks/bench_parallel.py --tp 1,2,3,4,6,8 --mixes 2x2,4x2,2x4,2x3 --steps 10   # the 16-core host
-    python benchmarks/bench_parallel.py --device cuda --tp 1,2 --batch 16 --steps 10           # ranks sharing one GPU
+The 16-core host (one BLAS thread per rank; the script sets OMP_NUM_THREADS=1 and friends for
+every rank it launches, so only this process's shell matters for the one-process sections):
 
-Sections (one function each; the pipeline-parallel rows live in their own functions):
+    OMP_NUM_THREADS=1 python benchmarks/bench_parallel.py --models gpt-medium,12L-768 --tp 1,2,3,4,6,8 --pp 1,2,4 --schedules gpipe,1f1b --mixes 2x2x1,1x2x2,2x2x2,4x2x1,1x4x2,2x4x2 --batch-size 4 --block-size 256 --micro 8 --steps 5 > parallel.json
+
+(--mixes are dp x tp x pp; at most 16 ranks, one per core.)
+
+The 2-core machine (small: a smoke run of every section):
+
+    python benchmarks/bench_parallel.py --models gpt-medium --tp 1,2 --pp 1,2 --mixes 1x2x2 --steps 1
+
+Ranks sharing one GPU: add --device cuda (host-staged transport). The launcher is the mpiexec
+next to this Python (else the one on PATH); it is asked `mpiexec --version`: Open MPI gets
+--oversubscribe --bind-to none (and --allow-run-as-root when run as root), MPICH (Hydra)
+nothing extra. --mpiexec-args adds more.
+
+Sections:
 
   tp_memory      per-rank bytes of parameters, gradients, AdamW state and the activations kept for
                  backward, for each tp, as a fraction of tp 1 (ideal: 1/tp). Measured in one
@@ -18,20 +31,28 @@ Sections (one function each; the pipeline-parallel rows live in their own functi
                  (two per block each way, the embedding's g, the lm_head's f) + 8 B T (the loss's
                  sums); all-gather 4 B T (the loss's row maxima). A ring all-reduce puts
                  2 (tp - 1) / tp times those bytes on each rank's link.
-  tp_throughput  tokens/s of real training steps under mpiexec, one BLAS thread per rank
-                 (OMP_NUM_THREADS=1), for each layout dp x tp; speedup against one rank and
-                 efficiency = speedup / ranks (tp keeps the global batch: strong scaling; dp x tp
-                 multiplies it by dp: tokens/s is per job).
+  rows           one mpiexec job per layout, real training steps (the trainer's code path), the
+                 same global batch per data-parallel rank (batch_size x micro micro-batches):
+                 kind "tp" (tp = 1, 2, ...), "pp" (each pp > 1 under each schedule), "mix"
+                 (dp x tp x pp from --mixes, the pipeline under 1f1b). Each: tokens/s of the job,
+                 speedup against one rank and efficiency = speedup / ranks (tp and pp keep the
+                 global batch: strong scaling; dp multiplies it: tokens/s is per job); per rank:
+                 parameter, gradient and optimizer bytes (counted), the peak RSS, pipeline
+                 activations (the most micro-batches a stage held x its layers' activations, the
+                 terms of tinygrad_lm/memory.py; tp 1 only) against the 1/pp ideal, bytes each
+                 stage sent against m B T C 4 x (stages it sends to), and the bubble (each stage's
+                 idle share: 1 - compute seconds / step seconds) against (p - 1) / (m + p - 1).
 
-Configs: gpt-medium (6 layers, 6 heads, width 384, block 256) and 12L-768 (12 layers, 12 heads,
-width 768, block 256), both on the shakespeare-char vocabulary. A tp that does not divide the
-number of heads is skipped, and listed as skipped. Prints one JSON object.
+Configs: gpt-medium (6 layers, 6 heads, width 384) and 12L-768 (12 layers, 12 heads, width 768),
+both on the shakespeare-char vocabulary. A tp that does not divide the number of heads is
+skipped, and listed as skipped.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -39,12 +60,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for d in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if d not in sys.path:
+        sys.path.insert(0, d)
 
-CONFIGS = {"gpt-medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
-           "12L-768": dict(n_layer=12, n_head=12, n_embd=768, block_size=256)}
+CONFIGS = {"tiny": dict(n_layer=4, n_head=4, n_embd=128),
+           "gpt-medium": dict(n_layer=6, n_head=6, n_embd=384),
+           "12L-768": dict(n_layer=12, n_head=12, n_embd=768)}
 VOCAB = 65  # shakespeare-char
+BLOCK = 256  # the one-process sections' context (--block-size)
 
 
 class StandInGroup:
@@ -69,7 +93,7 @@ class StandInGroup:
 def _model(name: str, tp: int, comm=None):
     from tinygrad_lm.model import GPT, GPTConfig
     from tinygrad_lm.parallel_model import TensorParallelGPT
-    full = GPT(GPTConfig(vocab_size=VOCAB, **CONFIGS[name]), seed=0)
+    full = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, **CONFIGS[name]), seed=0)
     return full if tp == 1 else TensorParallelGPT(full, comm or StandInGroup(0, tp))
 
 
@@ -98,7 +122,7 @@ def tp_memory(configs: list[str], tps: list[int], batch: int) -> list[dict]:
             if CONFIGS[name]["n_head"] % tp:
                 continue
             model = _model(name, tp)
-            T = CONFIGS[name]["block_size"]
+            T = BLOCK
             rng = np.random.default_rng(0)
             _, loss = model(rng.integers(0, VOCAB, (batch, T)), rng.integers(0, VOCAB, (batch, T)))
             params = sum(p.data.nbytes for p in model.parameters())
@@ -119,7 +143,7 @@ def tp_bytes(configs: list[str], tps: list[int], batch: int) -> list[dict]:
     rows = []
     for name in configs:
         c = CONFIGS[name]
-        B, T, C, L = batch, c["block_size"], c["n_embd"], c["n_layer"]
+        B, T, C, L = batch, BLOCK, c["n_embd"], c["n_layer"]
         for tp in tps:
             if tp == 1 or c["n_head"] % tp:
                 continue
@@ -144,103 +168,199 @@ def tp_bytes(configs: list[str], tps: list[int], batch: int) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------- throughput (mpiexec)
+# ---------------------------------------------------------------- one job (every rank)
 def worker(args: argparse.Namespace) -> None:
     from nn.distributed import init
     from tinygrad_lm.train import Trainer, make_config
     world = init()
-    cfg = make_config("shakespeare-char", None, data=args.data, out=os.path.join(args.tmp, f"run{world.size}"),
-                      progress=False, sample_tokens=0, cache_dir=os.path.join(args.tmp, "cache"),
-                      max_iters=args.steps + args.warmup, eval_interval=10 ** 6, ckpt_interval=10 ** 6,
-                      batch_size=args.batch, tp=args.tp_one, dp=args.dp_one, device=args.device, **CONFIGS[args.config])
+    cfg = make_config(None, None, data=args.data, tokenizer="char", block_size=args.block_size,
+                      batch_size=args.batch_size, grad_accum=args.micro, tp=args.tp_one, pp=args.pp_one,
+                      dp=args.dp_one, pp_schedule=args.schedule, device=args.device,
+                      max_iters=10 ** 6, eval_interval=10 ** 6, ckpt_interval=10 ** 6, log_interval=10 ** 6,
+                      sample_tokens=0, progress=False, out=os.path.join(args.tmp, "run"),
+                      cache_dir=os.path.join(args.tmp, "cache"), **CONFIGS[args.config])
     tr = Trainer(cfg, world=world, log=lambda s: None)
     for _ in range(args.warmup):
         tr.train_step()
+    pipe = tr.pipeline
+    if pipe is not None:
+        pipe.timing, pipe.bytes_sent = {"busy": 0.0, "total": 0.0}, 0
     world.barrier()
-    t0 = time.perf_counter()
+    t0, busy = time.perf_counter(), 0.0
     for _ in range(args.steps):
+        t1 = time.perf_counter()
         tr.train_step()
+        busy += time.perf_counter() - t1
     if args.device == "cuda":
         from tensor import backend
         backend.cupy_module().cuda.Device().synchronize()
     world.barrier()
     dt = time.perf_counter() - t0
-    if world.rank == 0:
-        out = {"config": args.config, "device": args.device, "transport": getattr(world, "transport", None),
-               "dp": args.dp_one, "tp": args.tp_one, "ranks": world.size,
-               "batch_per_dp_rank": args.batch, "steps": args.steps,
-               "tokens_per_s": args.steps * tr.global_batch_size * cfg.model.block_size / dt,
-               "step_ms": 1000 * dt / args.steps}
-        print("RESULT " + json.dumps(out), flush=True)
+    mc, B, T, m = cfg.model, cfg.batch_size, cfg.model.block_size, cfg.grad_accum
+    stage = tr.model
+    layers = len(stage.layers) if pipe is not None else mc.n_layer
+    is_last = pipe is None or stage.is_last
+    params = sum(p.data.nbytes for p in stage.parameters())
+    tied = stage.tied_wte.data.nbytes if pipe is not None and stage.tied_wte is not None else 0
+    opt = tr.optimizer
+    opt_bytes = (opt.optimizer_state_bytes() if hasattr(opt, "optimizer_state_bytes") else
+                 sum(v.nbytes for st in opt.state.values() for v in st.values() if hasattr(v, "nbytes")))
+    grid = tr.layout.grid
+    p, s = cfg.pp, (stage.stage if pipe is not None else 0)
+    row = {"rank": world.rank, "coords_dpt": [grid.d, grid.p, grid.t] if grid is not None else [0, 0, 0],
+           "stage": s, "layers": layers, "parameters_bytes": params + tied, "gradients_bytes": params + tied,
+           "optimizer_bytes": opt_bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "tokens_per_s": args.steps * tr.global_batch_size * T / dt, "step_s": dt / args.steps}
+    if cfg.tp == 1:
+        live = pipe.peak_live if pipe is not None else 1
+        per_layer = (2 * B * mc.n_head * T * T + 16 * B * T * mc.n_embd) * 4
+        row["peak_live_micro_batches"] = live
+        row["activations_bytes"] = live * (layers * per_layer + (3 * B * T * mc.vocab_size * 4 if is_last else 0))
+    if pipe is not None:
+        row["bytes_sent_per_step"] = pipe.bytes_sent / args.steps
+        row["bytes_sent_formula"] = m * B * T * mc.n_embd * 4 * ((s < p - 1) + (s > 0))
+        row["bubble"] = 1 - pipe.timing["busy"] / pipe.timing["total"]
+    with open(os.path.join(args.tmp, f"rank{world.rank}.json"), "w") as f:
+        json.dump(row, f)
 
 
+# ---------------------------------------------------------------- launching jobs
 def mpiexec() -> str:
     local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     return local if os.path.exists(local) else (shutil.which("mpiexec") or "mpiexec")
 
 
-def tp_throughput(args: argparse.Namespace, configs: list[str], layouts: list[tuple[int, int]]) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=ROOT)
-    env.pop("OPENBLAS_CORETYPE", None)
-    env.pop("OPENBLAS_L2_SIZE", None)
-    rows = []
+def mpiexec_flags(exe: str) -> list[str]:
+    """What this MPI's launcher needs to start more ranks than it thinks it should, unpinned:
+    Open MPI (`mpiexec --version` says "Open MPI" or "OpenRTE") --oversubscribe --bind-to none,
+    and --allow-run-as-root as root; MPICH's Hydra nothing."""
+    try:
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if "Open MPI" in version or "OpenRTE" in version:
+        return ["--oversubscribe", "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return []
+
+
+def run_job(args: argparse.Namespace, config: str, dp: int, tp: int, pp: int, schedule: str) -> list[dict]:
+    """One job of dp x tp x pp ranks (one rank: no mpiexec), one BLAS thread each; every rank's row."""
+    n = dp * tp * pp
     with tempfile.TemporaryDirectory() as tmp:
-        for name in configs:
-            base = None
-            for dp, tp in layouts:
-                if CONFIGS[name]["n_head"] % tp:
-                    continue
-                cmd = [mpiexec(), "-n", str(dp * tp), sys.executable, os.path.abspath(__file__), "--worker",
-                       "--config", name, "--tp-one", str(tp), "--dp-one", str(dp), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--data", args.data, "--tmp", tmp,
-                       "--device", args.device]
-                r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-                line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-                if r.returncode or not line:
-                    raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
-                row = json.loads(line[0][7:])
-                base = base or (row if dp * tp == 1 else None)
-                if base:
-                    row["speedup_vs_1_rank"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
-                    row["efficiency"] = round(row["speedup_vs_1_rank"] / (dp * tp), 3)
-                rows.append(row)
-    return rows
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--tp-one", str(tp),
+               "--pp-one", str(pp), "--dp-one", str(dp), "--schedule", schedule, "--micro", str(args.micro),
+               "--batch-size", str(args.batch_size), "--block-size", str(args.block_size), "--steps",
+               str(args.steps), "--warmup", str(args.warmup), "--data", args.data, "--tmp", tmp,
+               "--device", args.device]
+        if n > 1:
+            exe = mpiexec()
+            cmd = [exe] + mpiexec_flags(exe) + args.mpiexec_args.split() + ["-n", str(n)] + cmd
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=ROOT)
+        for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # they can force a slower OpenBLAS kernel
+            env.pop(var, None)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+        if r.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
+        return [json.load(open(os.path.join(tmp, f"rank{k}.json"))) for k in range(n)]
+
+
+def rows(args: argparse.Namespace, configs: list[str], layouts: list[tuple[str, int, int, int, str]]) -> list[dict]:
+    """Per config, each (kind, dp, tp, pp, schedule) layout as one job; the first layout is one rank."""
+    from nn.distributed.pipeline import bubble_formula
+    out = []
+    for config in configs:
+        base = None
+        for kind, dp, tp, pp, schedule in layouts:
+            if CONFIGS[config]["n_head"] % tp or CONFIGS[config]["n_layer"] < pp:
+                continue
+            ranks = run_job(args, config, dp, tp, pp, schedule)
+            n = dp * tp * pp
+            tps = ranks[0]["tokens_per_s"]
+            if n == 1:
+                base = ranks[0]
+            row = {"kind": kind, "config": config, "dp": dp, "tp": tp, "pp": pp, "ranks": n,
+                   "schedule": schedule if pp > 1 else "-", "micro_batches": args.micro,
+                   "batch_size": args.batch_size, "block_size": args.block_size, "tokens_per_s": tps,
+                   "step_s": ranks[0]["step_s"]}
+            if base is not None:
+                row["speedup_vs_1_rank"] = round(tps / base["tokens_per_s"], 3)
+                row["efficiency"] = round(row["speedup_vs_1_rank"] / n, 3)
+                mem = [k for k in ("parameters_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
+                                   "peak_rss_bytes") if all(k in r for r in ranks + [base])]
+                row["memory_max_rank_over_1_rank"] = {k: round(max(r[k] for r in ranks) / base[k], 4) for k in mem}
+                row["memory_ideal"] = round(1 / (tp * pp), 4)
+            if pp > 1:
+                row["bubble_formula"] = round(bubble_formula(pp, args.micro), 4)
+                row["bubble_measured"] = [round(r["bubble"], 4) for r in ranks]
+                row["bubble_minus_formula_points"] = [round(100 * (r["bubble"] - row["bubble_formula"]), 2)
+                                                      for r in ranks]
+                row["bytes_sent_measured_over_formula"] = [r["bytes_sent_per_step"] / r["bytes_sent_formula"]
+                                                           for r in ranks]
+            row["per_rank"] = ranks
+            out.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "per_rank"}), file=sys.stderr, flush=True)
+    return out
+
+
+def layouts_of(args: argparse.Namespace) -> list[tuple[str, int, int, int, str]]:
+    """(kind, dp, tp, pp, schedule): one rank first, then tp, pp under each schedule, the mixes."""
+    out = [("one", 1, 1, 1, "1f1b")]
+    out += [("tp", 1, tp, 1, "1f1b") for tp in _ints(args.tp) if tp > 1]
+    out += [("pp", 1, 1, pp, s) for pp in _ints(args.pp) if pp > 1 for s in args.schedules.split(",")]
+    for m in filter(None, args.mixes.split(",")):
+        dp, tp, pp = (int(v) for v in m.split("x"))
+        out.append(("mix", dp, tp, pp, "1f1b"))
+    return out
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="gpt-medium,12L-768")
-    p.add_argument("--tp", default="1,2", help="tp sizes (one dp rank each)")
-    p.add_argument("--mixes", default="", help="extra dp x tp layouts, e.g. 2x2,4x2")
-    p.add_argument("--steps", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", "--configs", dest="models", default="gpt-medium,12L-768",
+                   help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--tp", default="1,2", help="tp sizes (one rank per tp rank, dp = pp = 1)")
+    p.add_argument("--pp", default="1,2", help="pp sizes (dp = tp = 1), each under every --schedules")
+    p.add_argument("--schedules", default="gpipe,1f1b")
+    p.add_argument("--mixes", default="1x2x2", help="extra dp x tp x pp layouts, e.g. 2x2x1,1x2x2,2x2x2")
+    p.add_argument("--micro", type=int, default=8, help="micro-batches per step (--grad-accum)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch and data-parallel rank")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--batch", type=int, default=4, help="sequences per data-parallel rank")
-    p.add_argument("--memory-batch", type=int, default=2)
-    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--memory-batch", type=int, default=2, help="batch of the one-process tp_memory / tp_bytes")
+    p.add_argument("--skip-jobs", action="store_true", help="only the one-process sections")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cuda: every rank on the GPU (ranks sharing one GPU go through host memory)")
+    p.add_argument("--mpiexec-args", default="", help="extra launcher arguments, e.g. '--host a,b'")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
-    p.add_argument("--worker", action="store_true")
-    p.add_argument("--config", default="gpt-medium")
-    p.add_argument("--tp-one", type=int, default=1)
-    p.add_argument("--dp-one", type=int, default=1)
-    p.add_argument("--tmp", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="gpt-medium", help=argparse.SUPPRESS)
+    p.add_argument("--tp-one", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--pp-one", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--dp-one", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    from benchmarks._common import machine_info
-    configs = args.configs.split(",")
-    tps = [int(x) for x in args.tp.split(",")]
-    layouts = [(1, tp) for tp in tps] + [tuple(int(v) for v in m.split("x")) for m in args.mixes.split(",") if m]
+    global BLOCK
+    BLOCK = args.block_size
+    from _common import git_rev, machine_info
+    configs = args.models.split(",")
+    tps = sorted(set(_ints(args.tp)) | {1})
+    layouts = layouts_of(args)
     skipped = [f"{name}: tp {tp} does not divide {CONFIGS[name]['n_head']} heads" for name in configs
-               for tp in sorted({t for _, t in layouts}) if CONFIGS[name]["n_head"] % tp]
-    out = {"benchmark": "bench_parallel", "machine": machine_info(1), "load_average": os.getloadavg(),
-           "skipped": skipped,
-           "tp_memory": tp_memory(configs, sorted(set(tps) | {1}), args.memory_batch),
+               for tp in sorted({t for _, _, t, _, _ in layouts}) if CONFIGS[name]["n_head"] % tp]
+    out = {"benchmark": "bench_parallel", "commit": git_rev(), "machine": machine_info(1),
+           "load_average": os.getloadavg(), "args": vars(args), "skipped": skipped,
+           "tp_memory": tp_memory(configs, tps, args.memory_batch),
            "tp_bytes": tp_bytes(configs, tps, args.memory_batch)}
-    if not args.skip_throughput:
-        out["tp_throughput"] = tp_throughput(args, configs, layouts)
+    if not args.skip_jobs:
+        out["rows"] = rows(args, configs, layouts)
     out["load_average_end"] = os.getloadavg()
     print(json.dumps(out, indent=1))
 

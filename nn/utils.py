@@ -12,7 +12,7 @@ shares (tensor/dispatch.py: TINYGRAD_LM_FAST=0 or `reference_only()` forces the 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -38,7 +38,9 @@ def _multi_tensor(gs: list) -> Any:
 
 
 def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
-                    error_if_nonfinite: bool = True, sync: bool = True) -> Any:
+                    error_if_nonfinite: bool = True, sync: bool = True,
+                    reduce: Callable[[Any], Any] | None = None,
+                    weight: Callable[[Tensor], float] | None = None) -> Any:
     """Scale all gradients together so that their global L2 norm is at most `max_norm`.
 
         norm = sqrt( sum over params p, elements i of grad_p[i]^2 )
@@ -55,6 +57,11 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     grads' device, the clipping factor min(1, max_norm / (norm + 1e-6)) is applied on the
     device (grads untouched when the norm is not finite) and no error is raised; the caller
     checks the norm when it synchronises anyway (a GPU training loop, at log steps).
+
+    reduce (model parallelism: params is this rank's part of the model): maps this rank's sum
+    of squares (a 0-d array) to the sum over all parts, so the norm is the whole model's.
+    weight(p) (model parallelism): p's squares count w_p times (1 / the number of ranks that
+    hold p whole, so that reduce counts it once).
     """
     if not max_norm >= 0:
         raise ValueError(f"clip_grad_norm_: max_norm must be >= 0, got {max_norm}")
@@ -63,14 +70,17 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float,
     if not grads:
         return 0.0
     gs = [g for _, g in grads]
-    fast = _multi_tensor(gs)
+    ws = [1.0 if weight is None else weight(params[i]) for i, _ in grads]
+    fast = _multi_tensor(gs) if all(w == 1.0 for w in ws) else None
     if fast is not None:
         total, tables = fast.sum_of_squares_multi(gs)
     else:
         total = None
-        for g in gs:
-            s = sum_of_squares(g)
+        for g, w in zip(gs, ws):
+            s = sum_of_squares(g) if w == 1.0 else sum_of_squares(g) * w
             total = s if total is None else total + s
+    if reduce is not None:
+        total = reduce(total)
     if not sync:
         dnorm = array_module(total).sqrt(total)
         if fast is not None:

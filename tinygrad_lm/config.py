@@ -173,8 +173,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--tp {cfg.tp}: n_head {cfg.model.n_head} is not divisible by tp (each tensor-parallel "
                           f"rank holds whole attention heads); choose a tp that divides {cfg.model.n_head}")
     if cfg.model.n_layer < cfg.pp:
-        raise ConfigError(f"--pp {cfg.pp}: only {cfg.model.n_layer} layers (n_layer) to split into {cfg.pp} "
-                          f"pipeline stages; expected pp <= n_layer")
+        raise ConfigError(f"--pp {cfg.pp}: only {cfg.model.n_layer} layer{'s' * (cfg.model.n_layer > 1)} (n_layer) to "
+                          f"split into {cfg.pp} pipeline stages; expected pp <= n_layer")
     if cfg.cuda_graph and (cfg.pp > 1 or cfg.tp > 1):
         raise ConfigError(f"--cuda-graph is not supported with model parallelism (--tp {cfg.tp}, --pp {cfg.pp}): "
                           "its collectives would have to be recorded in the graph")

@@ -10,7 +10,6 @@ import math
 from typing import Any, Sequence
 
 from nn.distributed import World, ZeRO1
-from nn.distributed.tensor_parallel import clip_grad_norm_shared_
 from nn.lr_scheduler import WarmupCosine
 from nn.optim import AdamW
 from nn.utils import clip_grad_norm_
@@ -21,16 +20,16 @@ class NonFiniteLoss(FloatingPointError):
     """The loss, the gradient norm or the weights became inf/nan; that step was not saved."""
 
 
-def make_optimizer(model: Any, cfg: Any, world: World | None = None, shared: Any = None) -> Any:
+def make_optimizer(model: Any, cfg: Any, world: World | None = None, model_parallel: Any = None) -> Any:
     """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorm.
-    With cfg.zero == 1 the AdamW state is sharded over the (data-parallel) ranks of `world`
-    (nn.distributed.ZeRO1); shared: how the gradient norm adds up over model-parallel ranks."""
+    With cfg.zero == 1 the AdamW state is sharded over the ranks of `world` (nn.distributed.ZeRO1);
+    model_parallel (see GradientStep) makes its gradient norm the whole model's."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.zero:
         return ZeRO1(world or World(), groups, lambda gs: AdamW(gs, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)),
-                     shared=shared)
+                     model_parallel=model_parallel)
     return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -67,41 +66,48 @@ class GradientStep:
        on the GPU it stays on the device and the first bad step is remembered, raised by
        `raise_if_nonfinite()` at the next sync (no device wait per step);
     4. optimizer.step(), scaler.update(), zero the gradients.
+
+    world: the data-parallel group (gradients are averaged over it). model_parallel: None, or
+    with the model split over ranks (tensor and/or pipeline parallel) a
+    nn.distributed.model_parallel.ModelParallel: before_step() / after_step() (the pipeline's tied
+    embedding), the norm over all parts with each parameter counted once (weight, sum_of_squares)
+    and the ranks that agree on one fp16 overflow verdict (world).
     """
 
-    def __init__(self, optimizer: Any, world: World, scaler: Any, cfg: Any, shared: Any = None) -> None:
-        """world: the data-parallel ranks (gradients averaged over them). shared: with model
-        parallelism, a tensor_parallel.SharedNorm: the norm and fp16 overflows agreed over its ranks."""
-        self.optimizer, self.world, self.scaler, self.shared = optimizer, world, scaler, shared
+    def __init__(self, optimizer: Any, world: World, scaler: Any, cfg: Any, model_parallel: Any = None) -> None:
+        self.optimizer, self.world, self.scaler, self.model_parallel = optimizer, world, scaler, model_parallel
         self.grad_clip, self.zero, self.device = cfg.grad_clip, bool(cfg.zero), cfg.device
         self.first_bad_step: Any = None  # GPU: a device scalar, the first step with a non-finite norm (-1: none)
 
     def __call__(self, params: Sequence[Any], step: int) -> None:
+        mp = self.model_parallel
+        if mp is not None:
+            mp.before_step()
         if self.zero:  # reduce-scatter, clip, update this rank's shard, all-gather
             norm = self.optimizer.step(self.grad_clip)
             if not math.isfinite(norm):
                 raise NonFiniteLoss(f"gradient norm is {norm} at step {step}")
         else:
             self.world.allreduce_grads(params)  # average over ranks (no-op for one process)
-            ok = self.scaler.unscale_(params)  # fp16: False when a gradient overflowed -> skip the step
-            if self.shared is not None:
-                ok = self.scaler.agree(self.shared.comm)  # an overflow on one model-parallel rank skips all
-            if ok:
+            finite = self.scaler.unscale_(params)  # fp16: False when a gradient overflowed -> skip the step
+            if mp is not None:
+                finite = self.scaler.agree(mp.world)  # an overflow on one model-parallel rank skips all
+            if finite:
                 self._clip(params, step)
                 self.optimizer.step()
+        if mp is not None:
+            mp.after_step()
         self.scaler.update()
         self.optimizer.zero_grad()
 
     def _clip(self, params: Sequence[Any], step: int) -> None:
         if self.grad_clip <= 0:
             return
-        if self.shared is not None:  # the norm over every rank's part of the model (one small all-reduce)
-            norm = clip_grad_norm_shared_(params, self.grad_clip, self.shared)
-            if not math.isfinite(norm):
-                raise NonFiniteLoss(f"gradient norm is {norm} at step {step}")
-            return
         on_host = self.device == "cpu"
-        norm = clip_grad_norm_(params, self.grad_clip, error_if_nonfinite=False, sync=on_host)
+        mp = self.model_parallel
+        norm = clip_grad_norm_(params, self.grad_clip, error_if_nonfinite=False, sync=on_host,
+                               reduce=mp.sum_of_squares if mp is not None else None,
+                               weight=mp.weight if mp is not None and mp.weighted else None)
         if on_host:
             if not math.isfinite(norm):  # never apply a non-finite update
                 raise NonFiniteLoss(f"gradient norm is {norm} at step {step}")

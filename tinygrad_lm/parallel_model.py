@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from nn.distributed.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, SharedNorm,
-                                            VocabParallelEmbedding, gather_full, shard, vocab_parallel_cross_entropy)
+from nn.distributed.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                            gather_full, shard, vocab_parallel_cross_entropy)
 from tensor import backend
 from tensor.tensor import Tensor
 from tinygrad_lm.model import GPT
@@ -49,6 +49,14 @@ def full_shape(kind: str, local: tuple, tp: int, rows: int) -> tuple:
     if kind == "cols":
         return tuple(local[:-1]) + (local[-1] * tp,)
     return tuple(local)
+
+
+def reseed_sharded_dropout(model: Any, comm: Any, seed: int, step: int) -> None:
+    """Attention dropout of model's blocks (a TensorParallelGPT or a pipeline stage of one; this
+    rank's heads): a stream of this tp rank's own (comm.rank) for this step."""
+    rng = np.random.default_rng([seed, 7, 1 + comm.rank, step])
+    for block in model.transformer.h:
+        block.attn.generator = rng
 
 
 class TensorParallelGPT(GPT):
@@ -90,9 +98,7 @@ class TensorParallelGPT(GPT):
 
     def reseed_sharded_dropout(self, seed: int, step: int) -> None:
         """Attention dropout (this rank's heads): a stream of this tp rank's own for this step."""
-        rng = np.random.default_rng([seed, 7, 1 + self.comm.rank, step])
-        for block in self.transformer.h:
-            block.attn.generator = rng
+        reseed_sharded_dropout(self, self.comm, seed, step)
 
     def new_caches(self, batch: int, max_len: int | None = None) -> list:
         raise NotImplementedError("TensorParallelGPT: incremental decoding runs on one process; load the "
@@ -112,16 +118,14 @@ class TensorParallelGPT(GPT):
                 kinds[f"{mname}.{pname}" if mname else pname] = kind
         return {n: kinds.get(n, "rep") for n, _ in self.named_parameters()}
 
-    def shared_norm(self) -> SharedNorm:
-        """How to add up the gradient norm: replicated parameters counted once over the tp ranks."""
+    def tp_layout(self) -> "TPLayout":
+        """How this rank's parameters relate to the full ones (kept by a pipeline stage of this model)."""
         kinds = self.tp_kinds()
-        return SharedNorm(self.comm, {id(p): self.comm.size for n, p in self.named_parameters() if kinds[n] == "rep"})
+        return TPLayout(self.comm, {id(p): kinds[n] for n, p in self.named_parameters()}, self.config.vocab_size)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A collective over the tp group: name -> the full host array (the one-process layout)."""
-        kinds, V = self.tp_kinds(), self.config.vocab_size
-        return {n: np.array(backend.to_numpy(gather_full(self.comm, p.data, kinds[n], V)))
-                for n, p in self.named_parameters()}
+        return self.tp_layout().full_weights(self.named_parameters())
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
         """Full (one-process layout) arrays -> this rank's parts (no communication)."""
@@ -135,8 +139,34 @@ class TensorParallelGPT(GPT):
                 local[n] = a
         return super().load_state_dict(local, strict=strict)
 
-    # ------------------------------------------------------------ optimizer state
-    def _optimizer_layout(self, optimizer: Any) -> tuple[str, list]:
+    def optimizer_state_full(self, optimizer: Any, sd: dict) -> dict:
+        """See TPLayout.optimizer_state_full (a collective over the tp group)."""
+        return self.tp_layout().optimizer_state_full(optimizer, sd)
+
+    def optimizer_state_local(self, optimizer: Any, sd: dict) -> dict:
+        """See TPLayout.optimizer_state_local (no communication)."""
+        return self.tp_layout().optimizer_state_local(optimizer, sd)
+
+
+class TPLayout:
+    """How one tp rank's parameters relate to the full (one-process) ones: comm, the tp group;
+    kinds, id(parameter) -> how it is split (tensor_parallel.KINDS); vocab, the full vocabulary.
+    Works for any set of these parameters (the whole TensorParallelGPT, or one pipeline stage of it)."""
+
+    def __init__(self, comm: Any, kinds: dict[int, str], vocab: int) -> None:
+        self.comm, self.kinds, self.vocab = comm, kinds, vocab
+
+    def copies(self) -> dict[int, int]:
+        """id(parameter) -> tp for the replicated ones (the gradient norm counts them once)."""
+        return {i: self.comm.size for i, kind in self.kinds.items() if kind == "rep"}
+
+    def full_weights(self, named: Any) -> dict[str, np.ndarray]:
+        """A collective over the tp group: (name, parameter) pairs -> name: the full host array."""
+        return {n: np.array(backend.to_numpy(gather_full(self.comm, p.data, self.kinds[id(p)], self.vocab)))
+                for n, p in named}
+
+    @staticmethod
+    def _optimizer_layout(optimizer: Any) -> tuple[str, list]:
         """("zero", [params of group g]) for ZeRO1, else ("plain", [param of index i])."""
         if hasattr(optimizer, "layout") and hasattr(optimizer, "groups"):  # nn.distributed.ZeRO1
             return "zero", [g["params"] for g in optimizer.groups]
@@ -145,9 +175,9 @@ class TensorParallelGPT(GPT):
     def optimizer_state_full(self, optimizer: Any, sd: dict) -> dict:
         """A collective over the tp group: optimizer.state_dict()'s arrays (this rank's parts) ->
         the arrays the one-process run would save (moments of the full parameters)."""
-        kinds = self._kinds_by_id()
+        kinds = self.kinds
         mode, layout = self._optimizer_layout(optimizer)
-        V, arrays = self.config.vocab_size, {}
+        V, arrays = self.vocab, {}
         for key, arr in sd["arrays"].items():
             if mode == "plain":  # state.<i>.<moment>
                 p = layout[int(key.split(".")[1])]
@@ -163,9 +193,9 @@ class TensorParallelGPT(GPT):
 
     def optimizer_state_local(self, optimizer: Any, sd: dict) -> dict:
         """The inverse of optimizer_state_full, without communication: full arrays -> this rank's parts."""
-        kinds = self._kinds_by_id()
+        kinds = self.kinds
         mode, layout = self._optimizer_layout(optimizer)
-        tp, t, V, arrays = self.comm.size, self.comm.rank, self.config.vocab_size, {}
+        tp, t, V, arrays = self.comm.size, self.comm.rank, self.vocab, {}
         for key, arr in sd["arrays"].items():
             arr = np.asarray(arr)
             if mode == "plain":
@@ -183,7 +213,3 @@ class TensorParallelGPT(GPT):
                     offset += n
                 arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
         return {"meta": sd["meta"], "arrays": arrays}
-
-    def _kinds_by_id(self) -> dict[int, str]:
-        kinds = self.tp_kinds()
-        return {id(p): kinds[n] for n, p in self.named_parameters()}

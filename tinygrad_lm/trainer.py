@@ -25,6 +25,8 @@ import numpy as np
 
 from nn.amp import LossScaler, autocast_
 from nn.distributed import Grid, MPIWorld, World
+from nn.distributed.model_parallel import ModelParallel
+from nn.distributed.pipeline import Pipeline, PipelineStage, gather_checkpoint, stage_optimizer_state
 from nn.serialization import atomic_write, load_model, load_optimizer, save_model, save_optimizer
 from tensor import backend
 from tensor.tensor import no_grad
@@ -36,10 +38,10 @@ from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, 
                                        make_optimizer, make_schedule)
 from tinygrad_lm.hf import load_hf
 from tinygrad_lm.model import GPT, GPTConfig
-from tinygrad_lm.parallel_model import TensorParallelGPT
+from tinygrad_lm.parallel_model import TensorParallelGPT, reseed_sharded_dropout
 from tinygrad_lm.plot import plot_losses, truncate_metrics
 from tinygrad_lm.progress import progress
-from tinygrad_lm.memory import check_fits
+from tinygrad_lm.memory import check_fits, param_shapes
 
 
 class ParallelLayout:
@@ -52,7 +54,8 @@ class ParallelLayout:
         self.dp_world = world
         if tp * pp > 1:
             self.grid = Grid(world.comm, tp, pp)
-            self.dp_world = MPIWorld(self.grid.dp) if self.grid.dp_size > 1 else World()
+            self.dp_world = (MPIWorld(self.grid.dp, collective_timeout=world.collective_timeout)
+                             if self.grid.dp_size > 1 else World())
 
 
 def check_layout(cfg: TrainConfig, world_size: int) -> int:
@@ -63,8 +66,6 @@ def check_layout(cfg: TrainConfig, world_size: int) -> int:
         raise UserError(f"the job has {world_size} rank{'s' if world_size > 1 else ''} but --dp {dp} x --pp {cfg.pp} "
                         f"x --tp {cfg.tp} = {dp * cfg.pp * cfg.tp}; launch dp x pp x tp ranks (mpiexec -n N) "
                         f"or change the layout")
-    if cfg.pp > 1:
-        raise UserError(f"--pp {cfg.pp}: pipeline-parallel training is not available in this build yet")
     return dp
 
 
@@ -115,16 +116,14 @@ class Trainer:
         self.dp_world = self.layout.dp_world  # gradients are averaged over these ranks only
         if cfg.allreduce_dtype != "float32":
             self.dp_world.reduce_dtype = cfg.allreduce_dtype
-        if cfg.tp > 1:  # every tp rank holds the same full model here (seed or checkpoint): keep this rank's part
-            self.model = TensorParallelGPT(self.model, self.layout.grid.tp)
-        shared = self.model.shared_norm() if cfg.tp > 1 else None
+        mp = self._split_model()  # tp and/or pp: keep this rank's part of the model
         if cfg.device != "cpu":
             self.model.to(cfg.device)
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
         self.captured = None  # the CUDA graph of forward+backward (--cuda-graph), recorded at the first step
         self.dp_world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights
-        self.optimizer = make_optimizer(self.model, cfg, self.dp_world, shared)
-        self.grad_step = GradientStep(self.optimizer, self.dp_world, self.scaler, cfg, shared)
+        self.optimizer = make_optimizer(self.model, cfg, self.dp_world, mp)
+        self.grad_step = GradientStep(self.optimizer, self.dp_world, self.scaler, cfg, mp)
         error = None
         try:
             if self.ckpt is not None:
@@ -133,6 +132,26 @@ class Trainer:
             error = e
         agree_started(self.world, error, "load the checkpoint")
         apply_hyperparameters(self.optimizer, cfg)  # a resumed run takes this run's lr, betas, weight decay
+
+    def _split_model(self) -> Any:
+        """tp and/or pp > 1 (a collective, after the grid is made): this rank keeps its part of the
+        model, the tp rank's shards (tinygrad_lm/parallel_model.py) of its pipeline stage
+        (nn/distributed/pipeline.py). Returns GradientStep's model_parallel (None for one part)."""
+        cfg, grid = self.cfg, self.layout.grid
+        self.pipeline, self.tp_layout = None, None
+        self.n_params = self.model.num_parameters()  # the whole model's
+        if grid is None:
+            return None
+        self.grid = grid
+        self.shapes = param_shapes(self.model.config)  # the whole model's names and shapes, for checkpoints
+        if cfg.tp > 1:  # every tp rank holds the same full model here (seed or checkpoint): keep this rank's part
+            self.model = TensorParallelGPT(self.model, grid.tp)
+            self.tp_layout = self.model.tp_layout()
+        if cfg.pp > 1:  # then this rank's stage of it
+            self.model = PipelineStage(self.model, grid.p, cfg.pp)
+            self.pipeline = Pipeline(self.model, grid.pp, cfg.pp_schedule)
+        copies = self.tp_layout.copies() if self.tp_layout is not None else {}
+        return ModelParallel(self.world.comm, [grid.tp, grid.pp], copies, self.pipeline)
 
     # ---------------------------------------------------------------- start-up (no collectives)
     def _prepare(self, cfg: TrainConfig, resume: str | None) -> None:
@@ -202,13 +221,17 @@ class Trainer:
 
     def _load_optimizer(self, ckpt: Path) -> None:
         into = self.optimizer
-        if self.cfg.tp > 1:  # the checkpoint holds the full moments: keep this rank's part of them
-            model, optimizer = self.model, self.optimizer
+        if self.cfg.tp > 1 or self.pipeline is not None:  # the file holds the whole model's moments
+            trainer = self
 
-            class Resharding:
+            class ThisPart:  # keep this rank's part of them: its stage's parameters, its tp shards
                 def load_state_dict(self, sd: dict) -> None:
-                    optimizer.load_state_dict(model.optimizer_state_local(optimizer, sd))
-            into = Resharding()
+                    if trainer.pipeline is not None:
+                        sd = stage_optimizer_state(sd, trainer.model, trainer.shapes, bool(trainer.cfg.zero))
+                    if trainer.tp_layout is not None:
+                        sd = trainer.tp_layout.optimizer_state_local(trainer.optimizer, sd)
+                    trainer.optimizer.load_state_dict(sd)
+            into = ThisPart()
         self._load_file(load_optimizer, into, ckpt, ckpt_io.OPTIM_FILE)
 
     def _load_file(self, load: Callable[[Any, Path], Any], into: Any, ckpt: Path, name: str) -> None:
@@ -243,22 +266,20 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes the checkpoint (every rank calls this: ZeRO gathers its shards first). Refuses
         (NonFiniteLoss) when a weight or optimizer moment is not finite: checkpoints on disk stay usable."""
+        model_state = None  # None: self.model's own state dict
         optimizer_state = self.optimizer.state_dict() if self.cfg.zero else None
         moments = (list(optimizer_state["arrays"].values()) if optimizer_state is not None else
                    [v for st in self.optimizer.state.values() for v in st.values() if hasattr(v, "dtype")])
         ok = all_finite([p.data for p in self.model.parameters()] + moments)  # every rank: its own part
-        weights = None
-        if self.cfg.tp > 1:  # gathered to the full one-process layout (collectives over the tp group)
-            weights = self.model.state_dict()
-            optimizer_state = self.model.optimizer_state_full(self.optimizer, optimizer_state or
-                                                              self.optimizer.state_dict())
+        if self.cfg.tp > 1 or self.pipeline is not None:  # gathered to the one-process layout on rank 0
+            model_state, optimizer_state = self._gather_full(optimizer_state)
         if self.world.any(not ok):
             raise NonFiniteLoss(f"the weights or optimizer moments after step {self.step} are not finite; "
                                 f"checkpoint step-{self.step:06d} not written")
         if not self.is_main:
             return None
 
-        class Frozen:  # an already-gathered state (ZeRO, tensor parallel), in the shape save_* expect
+        class Frozen:  # an already-gathered state, in the shape save_model / save_optimizer expect
             def __init__(self, sd: Any) -> None:
                 self.sd = sd
 
@@ -266,7 +287,7 @@ class Trainer:
                 return self.sd
 
         def write(d: Path) -> None:
-            save_model(self.model if weights is None else Frozen(weights), d / ckpt_io.MODEL_FILE)
+            save_model(self.model if model_state is None else Frozen(model_state), d / ckpt_io.MODEL_FILE)
             save_optimizer(self.optimizer if optimizer_state is None else Frozen(optimizer_state),
                            d / ckpt_io.OPTIM_FILE)
             self.tokenizer.save(d / ckpt_io.TOKENIZER_FILE)
@@ -276,6 +297,21 @@ class Trainer:
         except OSError as e:
             raise UserError(f"--out {self.out}: cannot write checkpoint step-{self.step:06d} "
                             f"({e}); the previous checkpoint is kept") from e
+
+    def _gather_full(self, optimizer_state: dict | None) -> tuple[Any, Any]:
+        """tp and/or pp (every rank calls it): the whole model's weights and optimizer state in the
+        one-process layout on rank 0: each stage gathers its tp shards (all-gathers over the tp
+        group), then the stages of data-parallel replica 0, tp rank 0, send theirs to stage 0."""
+        sd = optimizer_state if optimizer_state is not None else self.optimizer.state_dict()
+        weights = None
+        if self.tp_layout is not None:
+            weights = self.tp_layout.full_weights(self.model.named_parameters())
+            sd = self.tp_layout.optimizer_state_full(self.optimizer, sd)
+        if self.pipeline is None:
+            return weights, sd
+        if self.grid.d != 0 or self.grid.t != 0:
+            return None, None
+        return gather_checkpoint(self.grid.pp, self.model, sd, self.shapes, bool(self.cfg.zero), weights)
 
     # ---------------------------------------------------------------- steps
     def batch(self, split: str, step: int, batch_size: int, seed: int) -> tuple[Any, Any]:
@@ -301,13 +337,17 @@ class Trainer:
             g["lr"] = self.schedule(self.step)
         self.model.train()
         if cfg.tp > 1 and cfg.model.dropout > 0:
-            self.model.reseed_sharded_dropout(cfg.seed, self.step)
+            reseed_sharded_dropout(self.model, self.layout.grid.tp, cfg.seed, self.step)
         if cfg.cuda_graph:  # one replay: the batch and the loss scale in, loss and grads out
             from nn.cuda_graph import CapturedStep
             if self.captured is None:
                 self.captured = CapturedStep(self.model, cfg.batch_size, cfg.model.block_size)
             (x, y), = self.micro_batches(self.step)
             total = self.captured(x, y, self.scaler.scale_value if self.scaler.enabled else 1.0)
+        elif self.pipeline is not None:  # the loss lives on the last stage (0 on the others)
+            total = self.pipeline.run(self.micro_batches(self.step),
+                                      self.scaler.scale_value if self.scaler.enabled else 1.0)
+            total = 0.0 if total is None else total
         else:
             total = 0.0
             for x, y in self.micro_batches(self.step):
@@ -322,7 +362,7 @@ class Trainer:
     def check_finite(self, loss: Any) -> float:
         """Synchronise once: the loss averaged over ranks, after checking that no step since
         the last check had a non-finite gradient norm (GPU) -> NonFiniteLoss naming the step."""
-        lossf = self.world.allreduce_mean(float(backend.to_numpy(loss)))
+        lossf = self.world.allreduce_mean(float(backend.to_numpy(loss))) * self.cfg.pp  # (pp: one stage has it)
         self.grad_step.raise_if_nonfinite()
         if not math.isfinite(lossf):
             raise NonFiniteLoss(f"loss is {lossf} at step {self.step}")
@@ -334,8 +374,11 @@ class Trainer:
         out = {}
         with no_grad():
             for split in ("train", "val"):
-                losses = [float(self.model(*self.batch(split, i, self.cfg.batch_size, self.cfg.seed + 1))[1].item())
-                          for i in range(self.cfg.eval_iters)]
+                batches = (self.batch(split, i, self.cfg.batch_size, self.cfg.seed + 1) for i in range(self.cfg.eval_iters))
+                if self.pipeline is not None:
+                    losses = [self.pipeline.forward_only(x, y) for x, y in batches]
+                else:
+                    losses = [float(self.model(x, y)[1].item()) for x, y in batches]
                 out[split] = float(np.mean(losses))
         self.model.train()
         return out
@@ -368,7 +411,7 @@ class Trainer:
         metrics = None
         if self.is_main:
             metrics_path = self._start_run_dir()
-            self.log(f"model: {self.model.num_parameters():,} parameters ({mcfg.n_layer} layers, {mcfg.n_head} "
+            self.log(f"model: {self.n_params:,} parameters ({mcfg.n_layer} layers, {mcfg.n_head} "
                      f"heads, width {mcfg.n_embd}, context {mcfg.block_size}, vocab {self.tokenizer.vocab_size}); "
                      f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
             dp = self.dp_world.size
@@ -376,6 +419,7 @@ class Trainer:
                      f"{cfg.grad_accum} x {dp} {'data-parallel ' if cfg.tp * cfg.pp > 1 else ''}rank{'s' if dp > 1 else ''}")
             if cfg.tp > 1 or cfg.pp > 1:
                 self.log(f"layout: dp {dp} x pp {cfg.pp} x tp {cfg.tp} = {self.world.size} ranks"
+                         + (f"; pipeline schedule {cfg.pp_schedule}" if cfg.pp > 1 else "")
                          + ("; samples at evaluation are off (they decode on one process)" if cfg.sample_tokens else ""))
             if self.step:
                 self.log(f"resumed at step {self.step}")
@@ -447,7 +491,7 @@ class Trainer:
         if not self.is_main:
             return
         bar.write(f"step {self.step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} (best {self.best_val:.4f})")
-        if self.cfg.sample_tokens > 0 and self.cfg.tp == 1:
+        if self.cfg.sample_tokens > 0 and self.cfg.tp * self.cfg.pp == 1:  # (else no rank holds the whole model)
             bar.write("---- sample ----\n" + self.sample_text(self.cfg.sample_tokens) + "\n----------------")
         metrics.write(json.dumps({"step": self.step, "train_loss": ev["train"], "val_loss": ev["val"]}) + "\n")
         metrics.flush()

@@ -18,8 +18,12 @@ Layers, each built on the one below:
   zero.py           ZeRO1: optimizer state sharded over the ranks (reduce-scatter, update
                     the own shard, all-gather)
   tensor_parallel.py  Megatron-LM tensor parallelism: f and g, column-, row- and
-                    vocabulary-parallel layers and cross-entropy, shard/unshard, the shared
-                    gradient norm, CountingComm (tinygrad_lm/parallel_model.py builds the GPT)
+                    vocabulary-parallel layers and cross-entropy, shard/unshard,
+                    CountingComm (tinygrad_lm/parallel_model.py builds the GPT)
+  pipeline.py       pipeline parallelism: PipelineStage (a GPT's blocks for one stage),
+                    Pipeline (GPipe / 1F1B schedules over isend/irecv), checkpoint helpers
+  model_parallel.py ModelParallel: what a gradient step adds with tp and/or pp (the norm with
+                    each parameter counted once, the tied wte, one fp16 verdict)
   launch.py         launched_under_mpi(), init(), run_or_abort()
 
 Without mpi4py, or as a single process, `init()` returns a `World` of size 1 whose methods do

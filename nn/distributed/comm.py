@@ -6,6 +6,7 @@
     comm.reduce_scatter(send, recv)           # send (size*n,) -> recv (n,): block `rank`, summed
     comm.all_gather(send, recv)               # send (n,) -> recv (size*n,): block r from rank r
     comm.send(buf, dest); comm.recv(buf, source)
+    req = comm.isend(buf, dest); req = comm.irecv(buf, source); req.wait()   # non-blocking
     comm.barrier(); comm.any(flag); comm.all(flag); comm.allreduce_scalar(x)
     rows = comm.split(color=rank // 2)        # a sub-communicator per color, ranks ordered by key
 
@@ -189,6 +190,18 @@ class Communicator:
         self._run("recv", self._transport(buf), "recv", buf, source, tag)
         return buf
 
+    def isend(self, buf: Any, dest: int, tag: int = 0) -> "PendingRequest":
+        """Start sending buf (n,) to rank dest; returns a request whose wait() finishes it. buf must
+        not change until then. Device buffers are staged through the host unless the transport is
+        CUDA-aware MPI (also under NCCL: see transports.NCCL)."""
+        _flat("isend", "buf", buf)
+        return PendingRequest(self.watchdog, "isend", self._transport(buf).isend(buf, dest, tag))
+
+    def irecv(self, buf: Any, source: int, tag: int = 0) -> "PendingRequest":
+        """Start receiving into buf (n,) from rank source; buf holds the message after wait()."""
+        _flat("irecv", "buf", buf)
+        return PendingRequest(self.watchdog, "irecv", self._transport(buf).irecv(buf, source, tag))
+
     def barrier(self) -> None:
         entry = self.watchdog.begin("barrier")
         try:
@@ -226,6 +239,20 @@ class Communicator:
         sys.stderr.flush()
         self.MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # pragma: no cover - Abort does not return
+
+
+class PendingRequest:
+    """A non-blocking send/receive of a Communicator; wait() runs under the watchdog."""
+
+    def __init__(self, watchdog: Watchdog, name: str, request: Any) -> None:
+        self.watchdog, self.name, self.request = watchdog, name, request
+
+    def wait(self) -> None:
+        entry = self.watchdog.begin(self.name)
+        try:
+            self.request.wait()
+        finally:
+            self.watchdog.end(entry)
 
 
 class Grid:

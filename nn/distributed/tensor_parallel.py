@@ -36,13 +36,12 @@ import numpy as np
 import tensor.functional as F
 from nn.layers import Linear
 from nn.module import Module, Parameter
-from nn.utils import sum_of_squares
 from tensor.backend import array_module
 from tensor.tensor import Function, Tensor, shape_str
 
 __all__ = ["CopyToTP", "ReduceFromTP", "copy_to_tp", "reduce_from_tp", "ColumnParallelLinear", "RowParallelLinear",
            "VocabParallelEmbedding", "VocabParallelCrossEntropy", "vocab_parallel_cross_entropy", "shard",
-           "unshard", "gather_full", "CountingComm", "SharedNorm", "clip_grad_norm_shared_"]
+           "unshard", "gather_full", "CountingComm"]
 
 
 def _allreduce(comm: Any, a: Any) -> Any:
@@ -281,38 +280,6 @@ def vocab_parallel_cross_entropy(logits: Tensor, targets: Any, comm: Any, start:
     ids = targets.data if isinstance(targets, Tensor) else targets
     return VocabParallelCrossEntropy.apply(logits, xp.asarray(ids), comm=comm, start=start, vocab=vocab,
                                            ignore_index=ignore_index)
-
-
-# ---------------------------------------------------------------- the gradient norm
-class SharedNorm:
-    """How to add up the global gradient norm when parameters are split over `comm`'s ranks:
-    each rank sums w_p * |grad_p|^2 over its parameters, then the sums are all-reduced over comm.
-    w_p = 1 for a parameter split over the ranks (each rank holds a different part), and
-    1 / copies for one held whole by `copies` ranks (replicated over tp: counted once in all)."""
-
-    def __init__(self, comm: Any, copies: dict[int, int]) -> None:
-        self.comm, self.copies = comm, copies  # id(parameter) -> number of ranks holding the same values
-
-    def weight(self, p: Any) -> float:
-        return 1.0 / self.copies.get(id(p), 1)
-
-
-def clip_grad_norm_shared_(params: Sequence[Any], max_norm: float, shared: SharedNorm) -> float:
-    """Like nn.utils.clip_grad_norm_ (grads scaled in place by max_norm / (norm + 1e-6) when the
-    norm exceeds max_norm), the norm taken over every rank's parameters, each counted once:
-    norm^2 = sum over ranks of sum_p w_p |grad_p|^2 (see SharedNorm). Returns the norm, a float
-    (one small all-reduce and one device sync); non-finite: grads left as they are."""
-    total = None  # a 0-d array on the grads' device: one sync below, not one per parameter
-    for p in params:
-        if p.grad is not None:
-            s = sum_of_squares(p.grad) * shared.weight(p)
-            total = s if total is None else total + s
-    norm = float(np.sqrt(shared.comm.allreduce_scalar(float(total) if total is not None else 0.0, "sum")))
-    if np.isfinite(norm) and max_norm > 0 and norm > max_norm:
-        for p in params:
-            if p.grad is not None:
-                p.grad *= max_norm / (norm + 1e-6)
-    return norm
 
 
 # ---------------------------------------------------------------- counting collectives

@@ -56,6 +56,15 @@ class Transport:
     def recv(self, buf: Any, source: int, tag: int) -> None:
         raise NotImplementedError
 
+    def isend(self, buf: Any, dest: int, tag: int) -> "Request":
+        """Start sending buf to dest; the returned Request's wait() finishes it (buf must stay
+        unchanged until then)."""
+        raise NotImplementedError
+
+    def irecv(self, buf: Any, source: int, tag: int) -> "Request":
+        """Start receiving into buf from source; buf holds the message after wait()."""
+        raise NotImplementedError
+
     def completion(self) -> Any:
         """What marks the last call done: None (it returned finished) or a CUDA event."""
         return None
@@ -133,8 +142,39 @@ class MPIHost(Transport):
     def recv(self, buf: Any, source: int, tag: int) -> None:
         self._call(lambda b: self.mpi.Recv(self._spec(b), source=source, tag=tag), (buf,), 0)
 
+    def isend(self, buf: Any, dest: int, tag: int) -> "Request":
+        if self._direct(buf):
+            if on_device(buf):  # MPI reads device memory: the kernels writing it must be done
+                backend.cupy_module().cuda.get_current_stream().synchronize()
+            return Request(self.mpi.Isend(self._spec(buf), dest=dest, tag=tag), buf)
+        host = backend.device_to_host(buf)  # staged: the host copy is what travels
+        return Request(self.mpi.Isend(self._spec(host), dest=dest, tag=tag), host)
+
+    def irecv(self, buf: Any, source: int, tag: int) -> "Request":
+        if self._direct(buf):
+            return Request(self.mpi.Irecv(self._spec(buf), source=source, tag=tag), buf)
+        host = np.empty(buf.shape, dtype=buf.dtype)
+        return Request(self.mpi.Irecv(self._spec(host), source=source, tag=tag), host, lambda: buf.set(host))
+
     def split(self, sub_mpi: Any) -> "MPIHost":
         return type(self)(sub_mpi)
+
+
+class Request:
+    """A non-blocking send or receive in flight: `wait()` blocks until it is done (then a staged
+    device receive is copied to the device). Holds the buffer MPI reads or writes until then."""
+
+    def __init__(self, mpi_request: Any, buf: Any, on_done: Callable[[], None] | None = None) -> None:
+        self.mpi_request, self.buf, self.on_done = mpi_request, buf, on_done
+
+    def wait(self) -> None:
+        if self.mpi_request is None:
+            return
+        self.mpi_request.Wait()
+        self.mpi_request = None
+        if self.on_done is not None:
+            self.on_done()
+        self.buf = None
 
 
 class MPICudaAware(MPIHost):
@@ -212,6 +252,22 @@ class NCCL(Transport):
     def recv(self, buf: Any, source: int, tag: int) -> None:
         self._check(buf)
         self.comm.recv(buf.data.ptr, buf.size, self._type(buf), source, self._stream())
+
+    # Non-blocking point-to-point goes by MPI through host copies: NCCL's send and recv are
+    # kernels that wait for their peer in stream order, so two stages sending to each other at
+    # once (1F1B's steady state) would deadlock without grouping every pair of calls.
+    def isend(self, buf: Any, dest: int, tag: int) -> Request:
+        self._check(buf)
+        return self._host_p2p().isend(buf, dest, tag)
+
+    def irecv(self, buf: Any, source: int, tag: int) -> Request:
+        self._check(buf)
+        return self._host_p2p().irecv(buf, source, tag)
+
+    def _host_p2p(self) -> MPIHost:
+        if getattr(self, "_host", None) is None:
+            self._host = MPIHost(self.mpi)
+        return self._host
 
     def completion(self) -> Any:
         return DeviceEvent(backend.cupy_module().cuda.get_current_stream().record(), self.device_id)

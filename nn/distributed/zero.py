@@ -33,12 +33,14 @@ class ZeRO1:
 
     groups: like an optimizer's parameter groups ({"params": [...], "weight_decay": ...});
     make_inner(groups) builds the inner optimizer over the shard parameters.
+    model_parallel (these parameters are one part of the model, nn.distributed.model_parallel.
+    ModelParallel): the squared norm weighted per parameter and summed over the model's parts.
     """
 
     def __init__(self, world: World, groups: list[dict], make_inner: Callable[[list[dict]], Any],
-                 shared: Any = None) -> None:
+                 model_parallel: Any = None) -> None:
         from nn.module import Parameter
-        self.world, self.shared = world, shared
+        self.world, self.model_parallel = world, model_parallel
         self.groups = [dict(g, params=list(g["params"])) for g in groups]
         N, r = world.size, world.rank
         self.layout = []  # per group: (params, n, shard size S, shard Parameter, flat buffer (S*N,))
@@ -58,16 +60,16 @@ class ZeRO1:
         self.inner = make_inner(inner_groups)
 
     def _segments(self, ps: list, lo: int, hi: int) -> list | None:
-        """With `shared` (the model split over other ranks too, nn.distributed.tensor_parallel.SharedNorm):
+        """With model_parallel (the model split over other ranks too) and parameters weighted:
         the (start, end, weight) pieces of this rank's shard [lo, hi), one per parameter it overlaps,
-        so that the squared norm counts each parameter once over all ranks. None without `shared`."""
-        if self.shared is None:
+        so that the squared norm counts each parameter once over all ranks. None otherwise."""
+        if self.model_parallel is None or not self.model_parallel.weighted:
             return None
         out, offset = [], 0
         for p in ps:
             a, b = max(offset, lo), min(offset + p.size, hi)
             if a < b:
-                out.append((a - lo, b - lo, self.shared.weight(p)))
+                out.append((a - lo, b - lo, self.model_parallel.weight(p)))
             offset += p.size
         return out
 
@@ -118,10 +120,9 @@ class ZeRO1:
             return 0.0
         if self.world.size > 1:  # the sum of the shards' squares
             sq = self.world.comm.allreduce(sq, op="sum")
-        total = float(sq[0])
-        if self.shared is not None:  # and over the ranks that hold other parts of the model
-            total = self.shared.comm.allreduce_scalar(total, "sum")
-        norm = float(np.sqrt(total))
+        if self.model_parallel is not None:  # and over the ranks that hold other parts of the model
+            sq = self.model_parallel.sum_of_squares(sq)
+        norm = float(np.sqrt(float(sq[0])))
         if not np.isfinite(norm):
             return norm
         if max_norm > 0 and norm > max_norm:

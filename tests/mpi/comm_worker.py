@@ -69,6 +69,17 @@ def collectives(comm: Communicator, xp: object, label: str) -> None:
             else:
                 comm.recv(got, source=(r - 1) % N, tag=7)
         check(f"{label} send/recv", got, np.arange(5) + 10 * ((r - 1) % N))
+        # non-blocking: every rank sends to both neighbours at once, then receives (blocking sends of
+        # this size would wait for each other: MPI sends large messages only once they are received)
+        big = 1 << 20
+        reqs = [comm.isend(xp.full(big, float(10 * r + k), dtype=np.float32), dest=(r + d) % N, tag=20 + k)
+                for k, d in enumerate((1, -1))]
+        left, right = xp.zeros(big, dtype=np.float32), xp.zeros(big, dtype=np.float32)
+        recvs = [comm.irecv(left, source=(r - 1) % N, tag=20), comm.irecv(right, source=(r + 1) % N, tag=21)]
+        for q in recvs + reqs:
+            q.wait()
+        check(f"{label} isend/irecv from the left", left, np.full(big, 10.0 * ((r - 1) % N)))
+        check(f"{label} isend/irecv from the right", right, np.full(big, 10.0 * ((r + 1) % N) + 1))
 
     comm.barrier()
     assert comm.any(r == N - 1) is True and comm.any(False) is False, f"{label} any"
