@@ -80,6 +80,22 @@ def test_step_logits_equal_full_forward(pe, use_cache, recorded):
         assert close(got[0], want), f"step {s}: max diff {np.abs(got[0] - want).max()}"
 
 
+def test_kv_cache_holds_the_autocast_dtype(recorded):
+    """Under mixed precision the keys and values are computed in the low dtype, so the cache holds
+    that dtype (half the memory; one dtype for the attention's fast paths), and cached decoding
+    still gives each step's logits of a full forward within bf16 rounding."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from nn.amp import autocast_
+    model = tiny("learned", seed=1)
+    autocast_(model, "bf16")
+    assert model.new_caches(2)[0].k.dtype == np.dtype(ml_dtypes.bfloat16)
+    prompt = [3, 1, 4]
+    out = S.generate(model, np.array([prompt]), 5, temperature=1.0, seed=0, use_cache=True)[0]
+    for s, got in enumerate(recorded):
+        want = ref_logits(model, out[:len(prompt) + s])
+        assert np.allclose(np.asarray(got[0], np.float32), want, atol=3e-2), f"step {s}"
+
+
 @pytest.mark.parametrize("pe", PES)
 def test_greedy_cached_equals_uncached_past_block_size(pe):
     model = tiny(pe, seed=2)

@@ -186,6 +186,9 @@ class GPT(Module):
         like = self.transformer.wte.weight.data
         if like.dtype == np.int8:  # an int8 table (nn/quant.py): the caches hold float activations
             like = self.transformer.ln_f.weight.data
+        low = getattr(self.transformer.h[0].attn.c_attn, "compute_dtype", None) if cfg.n_layer else None
+        if low is not None:  # mixed precision (nn.amp.autocast_): keys and values are computed in it
+            like = like[:0].astype(low)
         return [KVCache(batch, cfg.n_head, max_len or cfg.block_size, cfg.n_embd // cfg.n_head, like)
                 for _ in range(cfg.n_layer)]
 

@@ -104,8 +104,10 @@ class CudaScaledDotProductAttention(ScaledDotProductAttention):
                  dropout_p: float = 0.0, **kwargs: Any) -> bool:
         if _decoding(q, k, v, mask, dropout_p):
             return True
-        # strided q, k, v too (cuBLAS takes them as they are): a decoding step's views of the KV cache
-        return mask is None and causal and usable(q, k, v, contiguous=False) and cublas.usable(q, k, v)
+        # strided q, k, v too (cuBLAS takes them as they are): a decoding step's views of the KV cache;
+        # one dtype (a float32 cache under bf16 queries takes the reference, which promotes)
+        return (mask is None and causal and q.dtype == k.dtype == v.dtype and usable(q, k, v, contiguous=False)
+                and cublas.usable(q, k, v))
 
     def forward(self, q, k, v, mask=None, causal=True, dropout_p=0.0, generator=None):
         check_sdpa_args(q, k, v, causal, dropout_p)
