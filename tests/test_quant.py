@@ -307,6 +307,24 @@ def test_gpu_linear_int8_kernels_equal_the_reference(rows, dtype, bias):
 
 
 @gpu
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_gpu_linear_int8_takes_strided_rows(rows):
+    """A strided x (a decoding step's merged heads) stays on the CUDA path, which copies it to rows
+    (the reference would call CuPy's cuBLAS, which a CUDA-graph capture refuses)."""
+    from tensor.cuda.quant import LinearInt8CUDA
+    from tensor.dispatch import pick
+    from tensor.quant import LinearInt8
+    cp = backend.cupy_module()
+    q, s = quantize_int8(weights(72, 200, seed=rows))
+    x = np.random.default_rng(rows).standard_normal((200, rows)).astype(np.float32).T  # (rows, 200), strided
+    args = (cp.asarray(np.ascontiguousarray(x.T)).T, cp.asarray(q), cp.asarray(s), None)
+    assert not args[0].flags.c_contiguous and pick(LinearInt8, *args) is LinearInt8CUDA
+    got = backend.to_numpy(linear_int8(*(None if a is None else Tensor(a) for a in args)).data)
+    want = float_linear(x.astype(np.float64), q, s, None)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@gpu
 def test_gpu_quantized_gpt_matches_the_cpu():
     from nn.quant import quantize_
     from tinygrad_lm.sample import generate

@@ -108,8 +108,9 @@ class LinearInt8CUDA(LinearInt8):
 
     @staticmethod
     def supports(x: Any, q: Any, s: Any, bias: Any = None) -> bool:
-        """CuPy float16/bfloat16/float32 contiguous x (and bias), contiguous int8 q, float32 s."""
-        if not usable(x, bias) or bias is not None and bias.dtype != x.dtype:
+        """CuPy float16/bfloat16/float32 x of any layout (copied to rows when strided: a decoding step's
+        merged heads), contiguous bias of x's dtype, contiguous int8 q, float32 s."""
+        if not usable(x, contiguous=False) or not usable(bias) or bias is not None and bias.dtype != x.dtype:
             return False
         return (q.dtype == np.int8 and q.ndim == 2 and q._c_contiguous and s.dtype == np.float32
                 and s._c_contiguous and q.shape[1] == x.shape[-1] and x.size > 0 and q.shape[0] > 0)
@@ -117,6 +118,8 @@ class LinearInt8CUDA(LinearInt8):
     def forward(self, x, q, s, bias=None):
         self.check(x, q, s, bias)
         x2 = x.reshape(-1, x.shape[-1])
+        if not x2._c_contiguous:  # the kernels read whole rows (the reference would go through CuPy's
+            x2 = x2.copy()        # cuBLAS, which a CUDA-graph capture refuses)
         if x2.shape[0] <= GEMV_ROWS:
             y = gemv_int8(x2, q, s, bias)
         else:
