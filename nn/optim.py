@@ -48,6 +48,14 @@ def _shape(x: Any) -> tuple:
     return tuple(int(s) for s in x.shape)
 
 
+def decay_groups(items: Any, ndim: Any) -> tuple[list, list]:
+    """The weight-decay rule of our GPT recipes (nanoGPT's): the 2-D weights (matmuls, embeddings)
+    are decayed, biases and norm weights are not. items -> (decayed, not decayed), in order;
+    ndim(item) gives an item's number of dimensions."""
+    items = list(items)
+    return [x for x in items if ndim(x) >= 2], [x for x in items if ndim(x) < 2]
+
+
 class Optimizer:
     """Base class: parameter groups, per-parameter state, zero_grad, step, state_dict.
 

@@ -612,3 +612,10 @@ def test_adamw_and_clip_on_cupy_match_numpy():
     assert isinstance(opt.state[0]["exp_avg"], cp.ndarray)
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+def test_decay_groups_decays_exactly_the_2d_weights():
+    from nn.optim import decay_groups
+    shapes = {"wte": (65, 8), "ln.weight": (8,), "c_attn.weight": (24, 8), "c_attn.bias": (24,), "scalar": ()}
+    decay, rest = decay_groups(shapes, lambda n: len(shapes[n]))
+    assert decay == ["wte", "c_attn.weight"] and rest == ["ln.weight", "c_attn.bias", "scalar"]

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from nn.distributed import World, ZeRO1
 from nn.lr_scheduler import WarmupCosine
-from nn.optim import AdamW
+from nn.optim import AdamW, decay_groups
 from nn.utils import clip_grad_norm_
 from tensor import backend
 
@@ -24,8 +24,7 @@ def make_optimizer(model: Any, cfg: Any, world: World | None = None, model_paral
     """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorm.
     With cfg.zero == 1 the AdamW state is sharded over the ranks of `world` (nn.distributed.ZeRO1);
     model_parallel (see GradientStep) makes its gradient norm the whole model's."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    decay, no_decay = decay_groups(model.parameters(), lambda p: p.ndim)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.zero:
         return ZeRO1(world or World(), groups, lambda gs: AdamW(gs, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)),

@@ -39,6 +39,7 @@ import numpy as np
 
 from nn.distributed.comm import Communicator
 from nn.module import Module, ModuleList
+from nn.optim import decay_groups
 from tensor import backend
 from tensor.tensor import Tensor, no_grad
 
@@ -373,9 +374,9 @@ def optimizer_state_from_named(named: dict[str, np.ndarray], info: dict, names_b
 
 
 def names_by_group(names: Sequence[str], shapes: dict[str, tuple]) -> list[list[str]]:
-    """Parameter names in the optimizer's two groups (tinygrad_lm.gradient_step.make_optimizer):
+    """Parameter names in the optimizer's two groups (nn.optim.decay_groups, as make_optimizer):
     the 2-D weights (decayed), then the rest."""
-    return [[n for n in names if len(shapes[n]) >= 2], [n for n in names if len(shapes[n]) < 2]]
+    return list(decay_groups(names, lambda n: len(shapes[n])))
 
 
 def gather_checkpoint(comm: Communicator, stage: PipelineStage, optimizer_sd: dict, shapes: dict[str, tuple],
