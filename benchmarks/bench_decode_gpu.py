@@ -21,7 +21,6 @@ embedding / lm_head stays float32), PyTorch with all its weights in bfloat16; bo
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 

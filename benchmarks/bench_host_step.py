@@ -21,7 +21,6 @@ import time
 def worker(a: argparse.Namespace) -> None:
     sys.path.insert(0, os.getcwd())
     sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
-    import numpy as np
     import bench_train as B
     from nn.amp import autocast_
     from nn.optim import AdamW

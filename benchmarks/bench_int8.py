@@ -24,7 +24,7 @@ from pathlib import Path
 import _common as C
 import numpy as np
 
-from nn.quant import quantize_, weight_bytes
+from nn.quant import weight_bytes
 from tensor import backend
 from tensor.tensor import no_grad
 from tinygrad_lm import checkpoint as ckpt_io

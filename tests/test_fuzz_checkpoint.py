@@ -22,15 +22,12 @@ as the same checkpoint, tracebacks (must be 0) and silent accepts (must be 0).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
 import re
 import shutil
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +35,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from test_sample import run_main
 from tinygrad_lm import checkpoint as C
 
 STEP = "step-000004"
@@ -65,22 +63,6 @@ def pristine():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def run_main(*argv: str) -> tuple[int, str]:
-    """cli.main in this process -> (exit status, stderr). Exceptions other than SystemExit escape."""
-    from tinygrad_lm.cli import main
-    from tinygrad_lm.errors import UserError
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(list(argv))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except UserError as e:   # what cli.main does with it
-            print(f"error: {e}", file=sys.stderr)
-            code = 2
-    return code, err.getvalue()
-
-
 # ------------------------------------------------------------------ mutations
 # Each returns (label, fn(run_dir) -> same: bool, optimizer_only: bool); `same` is computed
 # from the files themselves (bytes or parsed JSON before and after), never from the loader.
@@ -97,6 +79,20 @@ def _rw(path: Path, fn) -> bool:
         except (ValueError, RecursionError):
             return False
     return False
+
+
+def edit_json(f: Path, path: tuple, value, delete: bool) -> dict:
+    """Set (or delete) the leaf at `path` of the JSON file f; -> the document written."""
+    doc = json.loads(f.read_text())
+    d = doc
+    for k in path[:-1]:
+        d = d[k]
+    if delete:
+        del d[path[-1]]
+    else:
+        d[path[-1]] = value
+    f.write_text(json.dumps(doc))
+    return doc
 
 
 @st.composite
@@ -157,15 +153,7 @@ def state_values(draw, template: dict):
 
     def apply(run: Path) -> tuple[bool, bool]:
         f = run / STEP / C.STATE_FILE
-        doc = json.loads(f.read_text())
-        d = doc
-        for k in path[:-1]:
-            d = d[k]
-        if delete:
-            del d[path[-1]]
-        else:
-            d[path[-1]] = value
-        f.write_text(json.dumps(doc))
+        edit_json(f, path, value, delete)
         if reseal:
             C.write_manifest(run / STEP, step=4)
         return False, False
@@ -184,15 +172,7 @@ def manifest_values(draw, template: dict):
 
     def apply(run: Path) -> tuple[bool, bool]:
         f = run / STEP / C.MANIFEST_FILE
-        doc = json.loads(f.read_text())
-        d = doc
-        for k in path[:-1]:
-            d = d[k]
-        if delete:
-            del d[path[-1]]
-        else:
-            d[path[-1]] = value
-        f.write_text(json.dumps(doc))
+        doc = edit_json(f, path, value, delete)
         return doc == json.loads((run.parent.parent / "run" / STEP / C.MANIFEST_FILE).read_text()), False
     return f"manifest.json {'.'.join(map(str, path))} = {'(deleted)' if delete else repr(value)}", apply
 

@@ -54,11 +54,10 @@ def layer_norm_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tup
     rows = draw(st.sampled_from(_edge_sizes(max(1, BLOCK // C)) + [31, 32, 33]))
     lead = draw(st.sampled_from([(rows,), (1, rows)] + ([()] if rows == 1 else [])))
     x = (rng.standard_normal(lead + (C,)) * 2 + 1).astype(dtype)
-    arrays, rg = [x], [True]
     has_w, has_b = draw(st.booleans()), draw(st.booleans())
     w = rng.standard_normal(C).astype(dtype) if has_w else None
     b = rng.standard_normal(C).astype(dtype) if has_b else None
-    rg += [draw(st.booleans()) if has_w else False, draw(st.booleans()) if has_b else False]
+    rg = [True, draw(st.booleans()) if has_w else False, draw(st.booleans()) if has_b else False]
     return [x, w, b], rg, {"eps": draw(st.sampled_from([1e-5, 1e-3]))}
 
 

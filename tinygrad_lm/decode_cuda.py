@@ -67,13 +67,6 @@ def refusal(model: Any, prompt_len: int, max_new_tokens: int) -> str | None:
     return None
 
 
-def cache_dtype(model: Any) -> np.dtype:
-    """The dtype of attention's inputs: c_attn's compute dtype (mixed precision) or the weights'."""
-    lin = model.transformer.h[0].attn.c_attn
-    dt = getattr(lin, "compute_dtype", None)
-    return np.dtype(dt) if dt is not None else lin.weight.data.dtype
-
-
 class StaticKVCache:
     """One layer's keys and values (B, H, L, D) in place, for a decode step of one token: `append`
     writes the token's key and value at column col[0] (a device int32, read when the kernel runs)
@@ -109,21 +102,17 @@ class GPUDecoder:
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_tokens: Sequence[int] = (), cuda_graph: bool = True,
                  lookahead: int = 2, strict: bool = True) -> None:
-        from nn.attention import KVCache
         from tensor.cuda.sampling import DeviceSampler
         why = refusal(model, seq.shape[1], max_new_tokens)
         if why is not None:
             raise ValueError(f"GPU decoder: {why}")
         cp = backend.cupy_module()
         import cupyx
-        cfg = model.config
         B, T = seq.shape
         self.model, self.n, self.use_graph, self.lookahead = model, max_new_tokens, cuda_graph, max(0, lookahead)
         self.seq, self.pads, self.strict = seq, pads, strict
         self.L = L = T + max(max_new_tokens, 1) - 1
-        H, D = cfg.n_head, cfg.n_embd // cfg.n_head
-        like = cp.empty((0,), cache_dtype(model))
-        self.caches = [KVCache(B, H, L, D, like) for _ in range(cfg.n_layer)]
+        self.caches = model.new_caches(B, L)  # in attention's dtype: the compute dtype under mixed precision
         self.col = cp.asarray(np.array([T - 1], dtype=np.int32))
         mask = np.zeros((B, L), dtype=bool)
         mask[:, :T] = np.arange(T)[None, :] >= pads[:, None]

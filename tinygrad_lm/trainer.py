@@ -37,7 +37,7 @@ from tinygrad_lm.errors import UserError
 from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, apply_hyperparameters,
                                        make_optimizer, make_schedule)
 from tinygrad_lm.hf import load_hf
-from tinygrad_lm.model import GPT, GPTConfig
+from tinygrad_lm.model import GPT
 from tinygrad_lm.parallel_model import TensorParallelGPT, reseed_sharded_dropout
 from tinygrad_lm.plot import plot_losses, truncate_metrics
 from tinygrad_lm.progress import progress
