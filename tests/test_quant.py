@@ -316,8 +316,9 @@ def test_gpu_linear_int8_takes_strided_rows(rows):
     from tensor.quant import LinearInt8
     cp = backend.cupy_module()
     q, s = quantize_int8(weights(72, 200, seed=rows))
-    x = np.random.default_rng(rows).standard_normal((200, rows)).astype(np.float32).T  # (rows, 200), strided
-    args = (cp.asarray(np.ascontiguousarray(x.T)).T, cp.asarray(q), cp.asarray(s), None)
+    wide_x = np.random.default_rng(rows).standard_normal((rows, 400)).astype(np.float32)
+    x = wide_x[:, ::2]  # (rows, 200), every other column: strided for any rows (a transposed (200, 1) would not be)
+    args = (cp.asarray(wide_x)[:, ::2], cp.asarray(q), cp.asarray(s), None)
     assert not args[0].flags.c_contiguous and pick(LinearInt8, *args) is LinearInt8CUDA
     got = backend.to_numpy(linear_int8(*(None if a is None else Tensor(a) for a in args)).data)
     want = float_linear(x.astype(np.float64), q, s, None)
