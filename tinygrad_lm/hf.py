@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nn.init import Placeholders
 from nn.serialization import atomic_write, iter_safetensors, read_safetensors_header, save_safetensors
 from tensor import backend
 from tinygrad_lm.errors import UserError
@@ -102,21 +103,6 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 
 
 # ------------------------------------------------------------------ weights
-class _NoDraw:
-    """Stands in for the NumPy Generator that draws a new GPT's initial weights when every weight is read
-    from a file next: it returns uninitialised float32 arrays of the asked shape (at 124M, drawing the
-    normals took seconds and float64 temporaries as large as the model)."""
-
-    def standard_normal(self, size: Any) -> np.ndarray:
-        return np.empty(size, np.float32)
-
-    def uniform(self, low: float, high: float, size: Any) -> np.ndarray:
-        return np.empty(size, np.float32)
-
-    def normal(self, loc: float, scale: float, size: Any) -> np.ndarray:
-        return np.empty(size, np.float32)
-
-
 def _is_conv1d(name: str) -> bool:
     return name.startswith("transformer.h.") and name.split(".", 3)[3] in CONV1D
 
@@ -206,7 +192,7 @@ def load_hf(path: str | os.PathLike, dropout: float = 0.0, block_size: int | Non
     if block_size is not None and not 0 < block_size <= cfg.block_size:
         raise HFError(f"{path}: block_size {block_size} must be in [1, {cfg.block_size}] "
                       "(the checkpoint's n_positions)")
-    model = GPT(cfg, rng=_NoDraw())  # every parameter is read below (_plan refuses a file missing one)
+    model = GPT(cfg, rng=Placeholders())  # no weights drawn: every parameter is read below (_plan refuses a file missing one)
     params = dict(model.named_parameters())
     try:
         found, lm_head = _plan(weights, model)

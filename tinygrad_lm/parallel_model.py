@@ -29,15 +29,17 @@ run draws the same masks). With dropout > 0 the masks differ from one process's.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from nn.init import Placeholders, replay
+from nn.serialization import iter_safetensors, read_safetensors_header
 from nn.distributed.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                             gather_full, shard, vocab_parallel_cross_entropy)
 from tensor import backend
 from tensor.tensor import Tensor
-from tinygrad_lm.model import GPT
+from tinygrad_lm.model import GPT, GPTConfig
 
 
 def full_shape(kind: str, local: tuple, tp: int, rows: int) -> tuple:
@@ -213,3 +215,66 @@ class TPLayout:
                     offset += n
                 arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
         return {"meta": sd["meta"], "arrays": arrays}
+
+
+# ---------------------------------------------------------------- building one rank's part only
+class SeedInit:
+    """GPT(cfg, seed) without its weights: `model` is that GPT with every drawn weight a placeholder
+    (nn.init.Placeholders: no memory), to be split first (TensorParallelGPT, PipelineStage: the
+    placeholders' parts are placeholders) and filled after, by `fill_parameters(parts, init.arrays(parts))`:
+    the same values, the full parameters drawn one at a time in GPT's order and only this rank's
+    slices kept. Biases and norm weights (zeros, ones) are made as in GPT; they are small."""
+
+    def __init__(self, cfg: GPTConfig, seed: int) -> None:
+        log = Placeholders()
+        self.model, self.seed = GPT(cfg, rng=log), seed
+        self.draws, self.owners = log.draws, log.owners(self.model.named_parameters())
+
+    def arrays(self, parts: dict[str, tuple[Any, str]]) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, the full float32 value GPT(cfg, seed) gives it) for the drawn parameters in `parts`,
+        one at a time (nn.init.replay; the others' draws are made and dropped)."""
+        return replay(self.draws, self.owners, set(parts), np.random.default_rng(self.seed))
+
+
+def local_parameters(model: Any, kinds: dict[int, str] | None = None) -> dict[str, tuple[Any, str]]:
+    """This rank's parameters by their whole-model name, each with how it is split over the tp group
+    (tensor_parallel.KINDS; kinds: id(parameter) -> kind, TPLayout.kinds, None without tp: "rep").
+    model: a GPT, a TensorParallelGPT, or a PipelineStage of either (its copy of wte included)."""
+    kinds = kinds or {}
+    parts = {n: (p, kinds.get(id(p), "rep")) for n, p in model.named_parameters()}
+    tied = getattr(model, "tied_wte", None)
+    if tied is not None:
+        parts["transformer.wte.weight"] = (tied, kinds.get(id(tied), "rep"))
+    return parts
+
+
+def fill_parameters(parts: dict[str, tuple[Any, str]], arrays: Iterable[tuple[str, Any]], t: int, tp: int,
+                    vocab: int, where: str = "fill_parameters") -> set[str]:
+    """Each (name, full array) of `arrays` (one at a time: a generator) -> this rank's slice of it
+    (tensor_parallel.shard as parts[name]'s kind says) as that parameter's data, on its device.
+    Returns the names filled. A full array of the wrong shape or a non-float dtype -> ValueError naming `where`."""
+    done = set()
+    for name, full in arrays:
+        p, kind = parts[name]
+        want = full_shape(kind, p.shape, tp, vocab)
+        dt = np.dtype(full.dtype)
+        if tuple(full.shape) != want or not (dt.kind == "f" or dt.name == "bfloat16"):
+            raise ValueError(f"{where}: {name!r} is {dt.name} {tuple(full.shape)}; expected a float array of "
+                             f"shape {want} (this rank holds {kind} part {tuple(p.shape)} of it)")
+        device = backend.device_of(p.data)
+        p.data = backend.to_device(shard(np.asarray(full).astype(p.dtype, copy=False), kind, t, tp), device)
+        p._version += 1
+        done.add(name)
+    return done
+
+
+def load_parameters(parts: dict[str, tuple[Any, str]], path: Any, t: int, tp: int, vocab: int) -> None:
+    """A whole-model safetensors file (save_model's, one-process layout) -> this rank's parameters,
+    one full tensor read at a time (nn.serialization.iter_safetensors): never the whole state dict.
+    A name the file lacks -> KeyError; a wrong shape or dtype -> ValueError (both name the file)."""
+    names = list(parts)
+    header = read_safetensors_header(path)
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise KeyError(f"{path}: missing {missing[:8]}")
+    fill_parameters(parts, iter_safetensors(path, names), t, tp, vocab, where=str(path))
