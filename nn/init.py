@@ -99,7 +99,7 @@ class Placeholders:
         return [by_id.get(id(a)) for *_, a in self.draws]
 
 
-CHUNK = 1 << 20  # values drawn at a time by `replay` (8 MiB of float64)
+CHUNK = 1 << 16  # values drawn at a time by `replay` (512 KiB of float64)
 
 
 def replay(draws: list[tuple[str, tuple, tuple, np.ndarray]], owners: list[str | None], wanted: Any,
@@ -121,3 +121,4 @@ def replay(draws: list[tuple[str, tuple, tuple, np.ndarray]], owners: list[str |
                 out[lo:lo + chunk.size] = chunk
         if keep:
             yield name, out.reshape(shape)
+            del out  # (before the next one is drawn: one full parameter at a time)

@@ -265,6 +265,7 @@ def fill_parameters(parts: dict[str, tuple[Any, str]], arrays: Iterable[tuple[st
         p.data = backend.to_device(shard(np.asarray(full).astype(p.dtype, copy=False), kind, t, tp), device)
         p._version += 1
         done.add(name)
+        del full  # (before the next one is read: one full array at a time)
     return done
 
 

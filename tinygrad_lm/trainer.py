@@ -38,7 +38,8 @@ from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, 
                                        make_optimizer, make_schedule)
 from tinygrad_lm.hf import load_hf
 from tinygrad_lm.model import GPT
-from tinygrad_lm.parallel_model import TensorParallelGPT, reseed_sharded_dropout
+from tinygrad_lm.parallel_model import (SeedInit, TensorParallelGPT, fill_parameters, load_parameters,
+                                       local_parameters, reseed_sharded_dropout)
 from tinygrad_lm.plot import plot_losses, truncate_metrics
 from tinygrad_lm.progress import progress
 from tinygrad_lm.memory import check_fits, param_shapes
@@ -117,6 +118,12 @@ class Trainer:
         if cfg.allreduce_dtype != "float32":
             self.dp_world.reduce_dtype = cfg.allreduce_dtype
         mp = self._split_model()  # tp and/or pp: keep this rank's part of the model
+        error = None
+        try:
+            self._fill_part()  # tp and/or pp: this rank's weights (the seed's or the checkpoint's), and nothing more
+        except Exception as e:
+            error = e
+        agree_started(self.world, error, "load the checkpoint" if self.ckpt is not None else "initialise its weights")
         if cfg.device != "cpu":
             self.model.to(cfg.device)
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
@@ -144,7 +151,7 @@ class Trainer:
             return None
         self.grid = grid
         self.shapes = param_shapes(self.model.config)  # the whole model's names and shapes, for checkpoints
-        if cfg.tp > 1:  # every tp rank holds the same full model here (seed or checkpoint): keep this rank's part
+        if cfg.tp > 1:  # the same model on every tp rank (placeholders, or --init-from's weights): keep this rank's part
             self.model = TensorParallelGPT(self.model, grid.tp)
             self.tp_layout = self.model.tp_layout()
         if cfg.pp > 1:  # then this rank's stage of it
@@ -152,6 +159,21 @@ class Trainer:
             self.pipeline = Pipeline(self.model, grid.pp, cfg.pp_schedule)
         copies = self.tp_layout.copies() if self.tp_layout is not None else {}
         return ModelParallel(self.world.comm, [grid.tp, grid.pp], copies, self.pipeline)
+
+    def _fill_part(self) -> None:
+        """tp and/or pp, after _split_model (no collectives): this rank's parameters, built as placeholders
+        (SeedInit), get their values: the checkpoint's (read one tensor at a time) or the seed's (the whole
+        model's init drawn one parameter at a time, this rank's slices kept). Never the whole model."""
+        if self.seed_init is None:
+            return
+        parts = local_parameters(self.model, self.tp_layout.kinds if self.tp_layout is not None else None)
+        t, tp, V = self.grid.t, self.cfg.tp, self.model.config.vocab_size
+        if self.ckpt is not None:
+            self._load_file(lambda into, path: load_parameters(into, path, t, tp, V), parts, self.ckpt,
+                            ckpt_io.MODEL_FILE)
+        else:
+            fill_parameters(parts, self.seed_init.arrays(parts), t, tp, V)
+        self.seed_init = None  # its log of draws holds only placeholders, but is not needed any more
 
     # ---------------------------------------------------------------- start-up (no collectives)
     def _prepare(self, cfg: TrainConfig, resume: str | None) -> None:
@@ -178,8 +200,12 @@ class Trainer:
         check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True, tp=cfg.tp)
         self.data = TokenData(tokenize_to_cache(files, self.tokenizer, cfg.cache_dir), mcfg.block_size,
                               cfg.val_fraction)
+        self.seed_init = None
         if init_from:
             self.model = load_hf(init_from, mcfg.dropout, mcfg.block_size).train()
+        elif cfg.tp > 1 or cfg.pp > 1:  # no weights yet: each rank fills its own part once split (_fill_part)
+            self.seed_init = SeedInit(mcfg, cfg.seed)
+            self.model = self.seed_init.model
         else:
             self.model = GPT(mcfg, seed=cfg.seed)
         self.model.dropout_rng = np.random.default_rng([cfg.seed, 7])
@@ -203,7 +229,8 @@ class Trainer:
 
     def _load_state(self, ckpt: Path, st: dict) -> None:
         where = ckpt / ckpt_io.STATE_FILE
-        self._load_file(load_model, self.model, ckpt, ckpt_io.MODEL_FILE)
+        if self.seed_init is None:  # (split over ranks: each reads its own part once split, _fill_part)
+            self._load_file(load_model, self.model, ckpt, ckpt_io.MODEL_FILE)
         if "loss_scaler" in st:
             self.scaler.load_state_dict(st["loss_scaler"])
         rng = st.get("dropout_rng")
