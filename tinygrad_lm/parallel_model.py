@@ -1,6 +1,14 @@
 """The GPT split over a tensor-parallel group (Megatron-LM; nn/distributed/tensor_parallel.py).
 
-    model = TensorParallelGPT(GPT(cfg, seed), grid.tp)     # every tp rank passes the same full model
+    init = SeedInit(cfg, seed)                         # GPT(cfg, seed) with placeholder weights (no memory)
+    model = TensorParallelGPT(init.model, grid.tp)     # this rank's shards (still placeholders)
+    parts = local_parameters(model, model.tp_layout().kinds)
+    fill_parameters(parts, init.arrays(parts), grid.t, tp, cfg.vocab_size)   # GPT(cfg, seed)'s values, sliced
+
+(or `load_parameters(parts, checkpoint_file, ...)`; a PipelineStage of the model may come between the
+split and the fill.) A rank never holds more than its own part plus one full parameter (drawn or
+read whole, sliced, dropped). TensorParallelGPT(GPT(cfg, seed), comm) works too (a whole model split
+in place: tests, benchmarks, --init-from).
 
 Rank t of tp keeps, of each block, the heads t*H/tp .. (t+1)*H/tp - 1 (their q, k, v columns of
 c_attn and their rows of attn.c_proj's input) and the block t of the MLP's 4C hidden units; of
@@ -65,8 +73,9 @@ class TensorParallelGPT(GPT):
     """One tp rank's share of a GPT. model(idx (B, T), targets) -> (this rank's logits
     (B, T, V_pad/tp), the loss (the same on every rank) or None).
 
-    full: the whole one-process GPT (the same on every tp rank: same seed or same checkpoint);
-    its modules are taken over and sharded in place. comm: the tp group's Communicator."""
+    full: the one-process GPT (the same on every tp rank: same seed or same checkpoint, or
+    SeedInit's placeholders, whose shards are placeholders to fill); its modules are taken over and
+    sharded in place. comm: the tp group's Communicator."""
 
     def __init__(self, full: GPT, comm: Any) -> None:
         cfg, tp = full.config, comm.size
@@ -162,10 +171,17 @@ class TPLayout:
         """id(parameter) -> tp for the replicated ones (the gradient norm counts them once)."""
         return {i: self.comm.size for i, kind in self.kinds.items() if kind == "rep"}
 
-    def full_weights(self, named: Any) -> dict[str, np.ndarray]:
-        """A collective over the tp group: (name, parameter) pairs -> name: the full host array."""
-        return {n: np.array(backend.to_numpy(gather_full(self.comm, p.data, self.kinds[id(p)], self.vocab)))
-                for n, p in named}
+    def full_weights(self, named: Any, keep: bool = True) -> dict[str, np.ndarray] | None:
+        """A collective over the tp group: (name, parameter) pairs -> name: the full host array.
+        keep=False (a rank that does not write them): each full array is dropped once gathered (one
+        at a time in memory), and the result is None."""
+        out = {}
+        for n, p in named:
+            full = np.array(backend.to_numpy(gather_full(self.comm, p.data, self.kinds[id(p)], self.vocab)))
+            if keep:
+                out[n] = full
+            del full
+        return out if keep else None
 
     @staticmethod
     def _optimizer_layout(optimizer: Any) -> tuple[str, list]:
@@ -174,24 +190,32 @@ class TPLayout:
             return "zero", [g["params"] for g in optimizer.groups]
         return "plain", [p for _, _, p in optimizer._indexed_params()]
 
-    def optimizer_state_full(self, optimizer: Any, sd: dict) -> dict:
+    def optimizer_state_full(self, optimizer: Any, sd: dict, keep: bool = True) -> dict | None:
         """A collective over the tp group: optimizer.state_dict()'s arrays (this rank's parts) ->
-        the arrays the one-process run would save (moments of the full parameters)."""
+        the arrays the one-process run would save (moments of the full parameters). keep=False: as
+        in full_weights, each gathered array is dropped at once and the result is None."""
         kinds = self.kinds
         mode, layout = self._optimizer_layout(optimizer)
         V, arrays = self.vocab, {}
         for key, arr in sd["arrays"].items():
             if mode == "plain":  # state.<i>.<moment>
                 p = layout[int(key.split(".")[1])]
-                arrays[key] = np.asarray(gather_full(self.comm, np.asarray(arr), kinds[id(p)], V))
+                full = np.asarray(gather_full(self.comm, np.asarray(arr), kinds[id(p)], V))
+                if keep:
+                    arrays[key] = full
+                del full
             else:  # zero.state.<g>.<moment>: one flat array over group g's parameters
                 flat, offset, pieces = np.asarray(arr).reshape(-1), 0, []
                 for p in layout[int(key.split(".")[2])]:
                     part = flat[offset:offset + p.size].reshape(p.shape)
-                    pieces.append(gather_full(self.comm, np.ascontiguousarray(part), kinds[id(p)], V).reshape(-1))
+                    full = gather_full(self.comm, np.ascontiguousarray(part), kinds[id(p)], V).reshape(-1)
+                    if keep:
+                        pieces.append(full)
+                    del full
                     offset += p.size
-                arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
-        return {"meta": sd["meta"], "arrays": arrays}
+                if keep:
+                    arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
+        return {"meta": sd["meta"], "arrays": arrays} if keep else None
 
     def optimizer_state_local(self, optimizer: Any, sd: dict) -> dict:
         """The inverse of optimizer_state_full, without communication: full arrays -> this rank's parts."""

@@ -327,17 +327,20 @@ class Trainer:
 
     def _gather_full(self, optimizer_state: dict | None) -> tuple[Any, Any]:
         """tp and/or pp (every rank calls it): the whole model's weights and optimizer state in the
-        one-process layout on rank 0: each stage gathers its tp shards (all-gathers over the tp
-        group), then the stages of data-parallel replica 0, tp rank 0, send theirs to stage 0."""
+        one-process layout on rank 0: each stage of data-parallel replica 0 gathers its tp shards
+        (all-gathers over the tp group, one tensor at a time; only tp rank 0 keeps the full arrays),
+        then those tp ranks 0 send their stage's to stage 0. The other replicas hold the same values
+        and gather nothing. Rank 0, the writer, holds the whole model's weights and moments (the
+        file is written in one piece, docs/DESIGN.md); every other rank at most its stage's."""
         sd = optimizer_state if optimizer_state is not None else self.optimizer.state_dict()
-        weights = None
-        if self.tp_layout is not None:
-            weights = self.tp_layout.full_weights(self.model.named_parameters())
-            sd = self.tp_layout.optimizer_state_full(self.optimizer, sd)
-        if self.pipeline is None:
-            return weights, sd
-        if self.grid.d != 0 or self.grid.t != 0:
+        if self.grid.d != 0:  # (after the optimizer's state_dict: ZeRO-1 gathers over dp in it)
             return None, None
+        weights, keep = None, self.grid.t == 0
+        if self.tp_layout is not None:
+            weights = self.tp_layout.full_weights(self.model.named_parameters(), keep=keep)
+            sd = self.tp_layout.optimizer_state_full(self.optimizer, sd, keep=keep)
+        if self.pipeline is None or not keep:
+            return weights, sd
         return gather_checkpoint(self.grid.pp, self.model, sd, self.shapes, bool(self.cfg.zero), weights)
 
     # ---------------------------------------------------------------- steps
