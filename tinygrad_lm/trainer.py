@@ -257,8 +257,12 @@ class Trainer:
                         sd = stage_optimizer_state(sd, trainer.model, trainer.shapes, bool(trainer.cfg.zero))
                     if trainer.tp_layout is not None:
                         sd = trainer.tp_layout.optimizer_state_local(trainer.optimizer, sd)
+                    # copies of this rank's share only (the file is mapped, not read: see below)
+                    sd = {**sd, "arrays": {k: np.array(v) for k, v in sd["arrays"].items()}}
                     trainer.optimizer.load_state_dict(sd)
             into = ThisPart()
+            self._load_file(lambda part, path: load_optimizer(part, path, mmap=True), into, ckpt, ckpt_io.OPTIM_FILE)
+            return
         self._load_file(load_optimizer, into, ckpt, ckpt_io.OPTIM_FILE)
 
     def _load_file(self, load: Callable[[Any, Path], Any], into: Any, ckpt: Path, name: str) -> None:
