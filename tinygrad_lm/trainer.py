@@ -36,7 +36,7 @@ from tinygrad_lm.data import TokenData, build_tokenizer, resolve_corpus, tokeniz
 from tinygrad_lm.errors import UserError
 from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, apply_hyperparameters,
                                        make_optimizer, make_schedule)
-from tinygrad_lm.hf import load_hf
+from tinygrad_lm.hf import iter_hf_weights, load_hf
 from tinygrad_lm.model import GPT
 from tinygrad_lm.parallel_model import (SeedInit, TensorParallelGPT, fill_parameters, load_parameters,
                                        local_parameters, reseed_sharded_dropout)
@@ -162,8 +162,9 @@ class Trainer:
 
     def _fill_part(self) -> None:
         """tp and/or pp, after _split_model (no collectives): this rank's parameters, built as placeholders
-        (SeedInit), get their values: the checkpoint's (read one tensor at a time) or the seed's (the whole
-        model's init drawn one parameter at a time, this rank's slices kept). Never the whole model."""
+        (SeedInit), get their values: the checkpoint's or --init-from's (read one tensor at a time) or the
+        seed's (the whole model's init drawn one parameter at a time, this rank's slices kept). Never the
+        whole model."""
         if self.seed_init is None:
             return
         parts = local_parameters(self.model, self.tp_layout.kinds if self.tp_layout is not None else None)
@@ -171,6 +172,9 @@ class Trainer:
         if self.ckpt is not None:
             self._load_file(lambda into, path: load_parameters(into, path, t, tp, V), parts, self.ckpt,
                             ckpt_io.MODEL_FILE)
+        elif self.init_from:
+            fill_parameters(parts, iter_hf_weights(self.init_from, self.model.config.block_size, set(parts)),
+                            t, tp, V, where=self.init_from)
         else:
             fill_parameters(parts, self.seed_init.arrays(parts), t, tp, V)
         self.seed_init = None  # its log of draws holds only placeholders, but is not needed any more
@@ -200,12 +204,12 @@ class Trainer:
         check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True, tp=cfg.tp)
         self.data = TokenData(tokenize_to_cache(files, self.tokenizer, cfg.cache_dir), mcfg.block_size,
                               cfg.val_fraction)
-        self.seed_init = None
-        if init_from:
-            self.model = load_hf(init_from, mcfg.dropout, mcfg.block_size).train()
-        elif cfg.tp > 1 or cfg.pp > 1:  # no weights yet: each rank fills its own part once split (_fill_part)
+        self.seed_init, self.init_from = None, init_from
+        if cfg.tp > 1 or cfg.pp > 1:  # no weights yet: each rank fills its own part once split (_fill_part)
             self.seed_init = SeedInit(mcfg, cfg.seed)
             self.model = self.seed_init.model
+        elif init_from:
+            self.model = load_hf(init_from, mcfg.dropout, mcfg.block_size).train()
         else:
             self.model = GPT(mcfg, seed=cfg.seed)
         self.model.dropout_rng = np.random.default_rng([cfg.seed, 7])
