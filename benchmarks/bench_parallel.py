@@ -37,7 +37,10 @@ Sections:
                  (dp x tp x pp from --mixes, the pipeline under 1f1b). Each: tokens/s of the job,
                  speedup against one rank and efficiency = speedup / ranks (tp and pp keep the
                  global batch: strong scaling; dp multiplies it: tokens/s is per job); per rank:
-                 parameter, gradient and optimizer bytes (counted), the peak RSS, pipeline
+                 parameter, gradient and optimizer bytes (counted), the peak RSS, the construction's
+                 peak (tracemalloc's traced peak while the Trainer is built, and the peak RSS right
+                 after: a rank builds only its part, so both follow 1/(tp pp) plus one full
+                 parameter and the interpreter's own; whole_model_bytes for scale), pipeline
                  activations (the most micro-batches a stage held x its layers' activations, the
                  terms of tinygrad_lm/memory.py; tp 1 only) against the 1/pp ideal, bytes each
                  stage sent against m B T C 4 x (stages it sends to), and the bubble (each stage's
@@ -179,7 +182,12 @@ def worker(args: argparse.Namespace) -> None:
                       max_iters=10 ** 6, eval_interval=10 ** 6, ckpt_interval=10 ** 6, log_interval=10 ** 6,
                       sample_tokens=0, progress=False, out=os.path.join(args.tmp, "run"),
                       cache_dir=os.path.join(args.tmp, "cache"), **CONFIGS[args.config])
+    import tracemalloc
+    tracemalloc.start()  # the construction only (tracing slows every allocation)
     tr = Trainer(cfg, world=world, log=lambda s: None)
+    built_traced = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    built_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for _ in range(args.warmup):
         tr.train_step()
     pipe = tr.pipeline
@@ -210,6 +218,8 @@ def worker(args: argparse.Namespace) -> None:
     row = {"rank": world.rank, "coords_dpt": [grid.d, grid.p, grid.t] if grid is not None else [0, 0, 0],
            "stage": s, "layers": layers, "parameters_bytes": params + tied, "gradients_bytes": params + tied,
            "optimizer_bytes": opt_bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "construction_traced_peak_bytes": built_traced, "construction_peak_rss_bytes": built_rss,
+           "whole_model_bytes": 4 * tr.n_params,
            "tokens_per_s": args.steps * tr.global_batch_size * T / dt, "step_s": dt / args.steps}
     if cfg.tp == 1:
         live = pipe.peak_live if pipe is not None else 1
@@ -287,7 +297,8 @@ def rows(args: argparse.Namespace, configs: list[str], layouts: list[tuple[str, 
                 row["speedup_vs_1_rank"] = round(tps / base["tokens_per_s"], 3)
                 row["efficiency"] = round(row["speedup_vs_1_rank"] / n, 3)
                 mem = [k for k in ("parameters_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
-                                   "peak_rss_bytes") if all(k in r for r in ranks + [base])]
+                                   "peak_rss_bytes", "construction_traced_peak_bytes", "construction_peak_rss_bytes")
+                       if all(k in r for r in ranks + [base])]
                 row["memory_max_rank_over_1_rank"] = {k: round(max(r[k] for r in ranks) / base[k], 4) for k in mem}
                 row["memory_ideal"] = round(1 / (tp * pp), 4)
             if pp > 1:

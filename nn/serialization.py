@@ -233,11 +233,16 @@ def _bf16_names(path: str, raw: str, header: dict[str, Any]) -> set[str]:
     return set(names)
 
 
-def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors file -> (name -> writable NumPy array, metadata dict).
 
-    Raises FileNotFoundError for a missing file, ValueError naming the file for a corrupt one.
+    mmap=True: the file is mapped, not read; each array is a copy-on-write view of it (read from
+    disk when touched; writes stay in this process), so a reader that slices a few parts out of
+    a large file holds only those. Raises FileNotFoundError for a missing file, ValueError naming
+    the file for a corrupt one.
     """
+    if mmap:
+        return _map_safetensors(os.fspath(path))
     st = _safetensors()
     SafetensorError, deserialize = st.SafetensorError, st.deserialize
 
@@ -267,6 +272,29 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         out[name] = arr if arr.flags.writeable else arr.copy()
     order = [k for k in header if k != "__metadata__"]
     return {k: out[k] for k in order}, metadata
+
+
+def _map_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    header = read_safetensors_header(path)       # checked: dtypes, shapes, offsets tiling the file
+    metadata = dict(header.get("__metadata__") or {})
+    as_bits = _bf16_names(path, metadata.pop(_BF16_AS_UINT16, "[]"), header)
+    names = [k for k in header if k != "__metadata__"]
+    if not names:
+        return {}, metadata
+    data = np.memmap(path, dtype=np.uint8, mode="c")
+    start = 8 + int.from_bytes(bytes(data[:8]), "little")
+    out = {}
+    for name in names:
+        info = header[name]
+        code = info["dtype"]
+        if code not in _DTYPES and code != "BF16":
+            raise SafetensorsError(f"{path}: {name!r} has dtype {code}, which this loader does not handle")
+        dtype = _bfloat16() if code == "BF16" else np.dtype(_DTYPES[code]).newbyteorder("<")
+        a, b = info["data_offsets"]
+        arr = data[start + a:start + b].view(dtype).reshape(info["shape"])
+        arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+        out[name] = np.asarray(arr.view(_bfloat16()) if name in as_bits else arr)
+    return out, metadata
 
 
 def iter_safetensors(path: str | os.PathLike, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -367,11 +395,13 @@ def _check_optimizer_meta(path: str, meta: Any, arrays: dict[str, np.ndarray]) -
             raise SafetensorsError(f"{path}: optimizer array {name!r} has dtype {arr.dtype}; expected floating point")
 
 
-def load_optimizer(optimizer: Any, path: str | os.PathLike, schedule: Any = None) -> None:
+def load_optimizer(optimizer: Any, path: str | os.PathLike, schedule: Any = None, mmap: bool = False) -> None:
     """Restore an optimizer saved by `save_optimizer` (and the schedule's settings, if one is
-    given and the file has them). Mismatches raise ValueError naming the file."""
+    given and the file has them). Mismatches raise ValueError naming the file. mmap: the arrays
+    handed to optimizer.load_state_dict are views of the mapped file (load_safetensors), for a
+    loader that keeps (copies) only its share of them."""
     path = os.fspath(path)
-    arrays, metadata = load_safetensors(path)
+    arrays, metadata = load_safetensors(path, mmap=mmap)
     if _OPTIMIZER_KEY not in metadata:
         raise SafetensorsError(f"{path}: no optimizer state in this safetensors file "
                                f"(metadata key {_OPTIMIZER_KEY!r} missing)")

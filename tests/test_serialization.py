@@ -58,6 +58,23 @@ def test_round_trip_dtypes_and_metadata(tmp_path):
     assert b'"BF16"' in path.read_bytes()                       # native BF16: PyTorch reads bfloat16
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_mapped_load_equals_the_read_one_and_writes_stay_in_memory(tmp_path, monkeypatch, native_bf16):
+    monkeypatch.setattr(ser, "_native_bf16", native_bf16)
+    path = tmp_path / "x.safetensors"
+    save_safetensors(path, arrays(), {"a": "b"})
+    before = path.read_bytes()
+    loaded, meta = load_safetensors(path, mmap=True)
+    assert_same(arrays(), loaded)
+    assert meta == {"a": "b"} and list(loaded) == list(load_safetensors(path)[0])
+    loaded["f32"][...] = 7.0                                     # copy-on-write: the file is unchanged
+    assert path.read_bytes() == before
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(before[:-3])
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_safetensors(bad, mmap=True)
+
+
 def test_iter_safetensors_reads_named_arrays_one_at_a_time(tmp_path):
     path = tmp_path / "x.safetensors"
     save_safetensors(path, arrays())

@@ -194,6 +194,26 @@ def test_cli_tp2_trains_and_sample_loads_its_checkpoint_on_one_process(tmp_path:
     assert s.returncode == 0, s.stderr
 
 
+def test_tp2_and_pp2_ranks_never_build_the_whole_model(tmp_path: Path, corpus: str) -> None:
+    """Each rank's parameters, and its traced peak while the Trainer builds them from the seed, are
+    about half the whole model plus one full parameter (drawn whole, then sliced): never the whole
+    model, which every rank built first before (the same weights: see the exactness tests)."""
+    from tinygrad_lm.memory import param_shapes
+    from tinygrad_lm.model import GPTConfig
+    r = run_mpi(2, [str(WORKER), "memory", str(tmp_path), corpus], timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in range(2):
+        rows = json.loads((tmp_path / f"memory.{rank}.json").read_text())
+        for layout, row in rows.items():
+            sizes = [4 * int(np.prod(s)) for s in param_shapes(GPTConfig(**row["model"])).values()]
+            whole, largest = sum(sizes), max(sizes)
+            assert whole > 12 * largest  # (so that the bounds below tell half the model from all of it)
+            assert whole / 2 - largest <= row["param_bytes"] <= whole / 2 + largest, (layout, rank, row)
+            # its own part, one full float32 parameter, a float64 chunk of draws, and what start-up imports
+            assert row["construction_peak"] <= row["param_bytes"] + 2 * largest + (1 << 20), (layout, rank, row)
+            assert row["construction_peak"] < 0.8 * whole, (layout, rank, row)
+
+
 def test_a_rank_that_dies_mid_run_ends_the_tp_job(tmp_path: Path, single: dict) -> None:
     import time
     t0 = time.time()

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nn.init import Placeholders
 from nn.serialization import atomic_write, iter_safetensors, read_safetensors_header, save_safetensors
 from tensor import backend
 from tinygrad_lm.errors import UserError
@@ -102,21 +103,6 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 
 
 # ------------------------------------------------------------------ weights
-class _NoDraw:
-    """Stands in for the NumPy Generator that draws a new GPT's initial weights when every weight is read
-    from a file next: it returns uninitialised float32 arrays of the asked shape (at 124M, drawing the
-    normals took seconds and float64 temporaries as large as the model)."""
-
-    def standard_normal(self, size: Any) -> np.ndarray:
-        return np.empty(size, np.float32)
-
-    def uniform(self, low: float, high: float, size: Any) -> np.ndarray:
-        return np.empty(size, np.float32)
-
-    def normal(self, loc: float, scale: float, size: Any) -> np.ndarray:
-        return np.empty(size, np.float32)
-
-
 def _is_conv1d(name: str) -> bool:
     return name.startswith("transformer.h.") and name.split(".", 3)[3] in CONV1D
 
@@ -194,39 +180,54 @@ def read_hf_config(path: str | os.PathLike, dropout: float = 0.0) -> GPTConfig:
     return config_from_hf(cfg, str(config_path), dropout)
 
 
+def iter_hf_weights(path: str | os.PathLike, block_size: int | None = None,
+                    names: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(our parameter name, float32 array in our layout) for each parameter of the GPT-2 in a local Hugging
+    Face directory (or only those in `names`), read one at a time: the Conv1D weights transposed, wpe cut to
+    its first block_size rows. The file is checked first (_plan: every tensor present, the right shapes;
+    a stored lm_head must equal wte). Every problem is an HFError naming the file."""
+    from nn.serialization import SafetensorsError, load_safetensors
+    cfg = read_hf_config(path)
+    _, weights = _hf_dir(path)
+    if block_size is not None and not 0 < block_size <= cfg.block_size:
+        raise HFError(f"{path}: block_size {block_size} must be in [1, {cfg.block_size}] "
+                      "(the checkpoint's n_positions)")
+    try:
+        found, lm_head = _plan(weights, GPT(cfg, rng=Placeholders()))  # (shapes only: no weights drawn)
+        if lm_head is not None:  # stored although tied: it must be wte (compared in the mapped file)
+            mapped, _ = load_safetensors(weights, mmap=True)
+            if not np.array_equal(mapped[lm_head], mapped[found["transformer.wte.weight"]]):
+                raise HFError(f"{weights}: {lm_head!r} differs from wte.weight; untied output embeddings cannot "
+                              "be represented (our lm_head is tied to wte)")
+            del mapped
+        ours_of = {file_name: ours for ours, file_name in found.items() if names is None or ours in names}
+        for file_name, arr in _read_tensors(weights, list(ours_of)):
+            ours = ours_of[file_name]
+            arr = np.ascontiguousarray(arr.T) if _is_conv1d(ours) else arr
+            if ours == "transformer.wpe.weight" and block_size is not None and block_size < cfg.block_size:
+                arr = arr[:block_size].copy()
+            yield ours, arr
+            del arr
+    except SafetensorsError as e:
+        raise HFError(str(e)) from None
+
+
 def load_hf(path: str | os.PathLike, dropout: float = 0.0, block_size: int | None = None) -> GPT:
     """A local Hugging Face GPT-2 directory (config.json + model.safetensors) -> our GPT (float32, CPU, eval mode).
 
     block_size: a shorter context than the checkpoint's n_positions keeps the first rows of wpe (as nanoGPT's
     crop_block_size). Every problem is an HFError naming the file and what is wrong.
     """
-    from nn.serialization import SafetensorsError
     cfg = read_hf_config(path, dropout)
-    _, weights = _hf_dir(path)
-    if block_size is not None and not 0 < block_size <= cfg.block_size:
-        raise HFError(f"{path}: block_size {block_size} must be in [1, {cfg.block_size}] "
-                      "(the checkpoint's n_positions)")
-    model = GPT(cfg, rng=_NoDraw())  # every parameter is read below (_plan refuses a file missing one)
+    if block_size is not None and 0 < block_size < cfg.block_size:
+        cfg.block_size = block_size
+    model = GPT(cfg, rng=Placeholders())  # no weights drawn: every parameter is read below
     params = dict(model.named_parameters())
-    try:
-        found, lm_head = _plan(weights, model)
-        ours_of = {file_name: ours for ours, file_name in found.items()}
-        for file_name, arr in _read_tensors(weights, list(found.values())):
-            ours = ours_of[file_name]
-            p = params[ours]
-            arr = np.ascontiguousarray(arr.T) if _is_conv1d(ours) else arr
-            p.data = backend.to_device(arr, backend.device_of(p.data))
-        if lm_head is not None:  # stored although tied: it must be wte
-            (_, head), = _read_tensors(weights, [lm_head])
-            if not np.array_equal(head, backend.to_numpy(params["transformer.wte.weight"].data)):
-                raise HFError(f"{weights}: {lm_head!r} differs from wte.weight; untied output embeddings cannot "
-                              "be represented (our lm_head is tied to wte)")
-    except SafetensorsError as e:
-        raise HFError(str(e)) from None
-    if block_size is not None and block_size < cfg.block_size:
-        wpe = model.transformer.wpe
-        wpe.weight.data = wpe.weight.data[:block_size].copy()
-        wpe.num_embeddings = model.config.block_size = block_size
+    for ours, arr in iter_hf_weights(path, block_size):
+        p = params[ours]
+        p.data = backend.to_device(arr, backend.device_of(p.data))
+    if model.config.pos_encoding == "learned":
+        model.transformer.wpe.num_embeddings = model.config.block_size
     return model.eval()
 
 

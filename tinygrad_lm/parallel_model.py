@@ -1,6 +1,14 @@
 """The GPT split over a tensor-parallel group (Megatron-LM; nn/distributed/tensor_parallel.py).
 
-    model = TensorParallelGPT(GPT(cfg, seed), grid.tp)     # every tp rank passes the same full model
+    init = SeedInit(cfg, seed)                         # GPT(cfg, seed) with placeholder weights (no memory)
+    model = TensorParallelGPT(init.model, grid.tp)     # this rank's shards (still placeholders)
+    parts = local_parameters(model, model.tp_layout().kinds)
+    fill_parameters(parts, init.arrays(parts), grid.t, tp, cfg.vocab_size)   # GPT(cfg, seed)'s values, sliced
+
+(or `load_parameters(parts, checkpoint_file, ...)`; a PipelineStage of the model may come between the
+split and the fill.) A rank never holds more than its own part plus one full parameter (drawn or
+read whole, sliced, dropped). TensorParallelGPT(GPT(cfg, seed), comm) works too (a whole model split
+in place: tests, benchmarks, --init-from).
 
 Rank t of tp keeps, of each block, the heads t*H/tp .. (t+1)*H/tp - 1 (their q, k, v columns of
 c_attn and their rows of attn.c_proj's input) and the block t of the MLP's 4C hidden units; of
@@ -29,15 +37,17 @@ run draws the same masks). With dropout > 0 the masks differ from one process's.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from nn.init import Placeholders, replay
+from nn.serialization import iter_safetensors, read_safetensors_header
 from nn.distributed.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                             gather_full, shard, vocab_parallel_cross_entropy)
 from tensor import backend
 from tensor.tensor import Tensor
-from tinygrad_lm.model import GPT
+from tinygrad_lm.model import GPT, GPTConfig
 
 
 def full_shape(kind: str, local: tuple, tp: int, rows: int) -> tuple:
@@ -63,8 +73,9 @@ class TensorParallelGPT(GPT):
     """One tp rank's share of a GPT. model(idx (B, T), targets) -> (this rank's logits
     (B, T, V_pad/tp), the loss (the same on every rank) or None).
 
-    full: the whole one-process GPT (the same on every tp rank: same seed or same checkpoint);
-    its modules are taken over and sharded in place. comm: the tp group's Communicator."""
+    full: the one-process GPT (the same on every tp rank: same seed or same checkpoint, or
+    SeedInit's placeholders, whose shards are placeholders to fill); its modules are taken over and
+    sharded in place. comm: the tp group's Communicator."""
 
     def __init__(self, full: GPT, comm: Any) -> None:
         cfg, tp = full.config, comm.size
@@ -160,10 +171,17 @@ class TPLayout:
         """id(parameter) -> tp for the replicated ones (the gradient norm counts them once)."""
         return {i: self.comm.size for i, kind in self.kinds.items() if kind == "rep"}
 
-    def full_weights(self, named: Any) -> dict[str, np.ndarray]:
-        """A collective over the tp group: (name, parameter) pairs -> name: the full host array."""
-        return {n: np.array(backend.to_numpy(gather_full(self.comm, p.data, self.kinds[id(p)], self.vocab)))
-                for n, p in named}
+    def full_weights(self, named: Any, keep: bool = True) -> dict[str, np.ndarray] | None:
+        """A collective over the tp group: (name, parameter) pairs -> name: the full host array.
+        keep=False (a rank that does not write them): each full array is dropped once gathered (one
+        at a time in memory), and the result is None."""
+        out = {}
+        for n, p in named:
+            full = np.array(backend.to_numpy(gather_full(self.comm, p.data, self.kinds[id(p)], self.vocab)))
+            if keep:
+                out[n] = full
+            del full
+        return out if keep else None
 
     @staticmethod
     def _optimizer_layout(optimizer: Any) -> tuple[str, list]:
@@ -172,24 +190,32 @@ class TPLayout:
             return "zero", [g["params"] for g in optimizer.groups]
         return "plain", [p for _, _, p in optimizer._indexed_params()]
 
-    def optimizer_state_full(self, optimizer: Any, sd: dict) -> dict:
+    def optimizer_state_full(self, optimizer: Any, sd: dict, keep: bool = True) -> dict | None:
         """A collective over the tp group: optimizer.state_dict()'s arrays (this rank's parts) ->
-        the arrays the one-process run would save (moments of the full parameters)."""
+        the arrays the one-process run would save (moments of the full parameters). keep=False: as
+        in full_weights, each gathered array is dropped at once and the result is None."""
         kinds = self.kinds
         mode, layout = self._optimizer_layout(optimizer)
         V, arrays = self.vocab, {}
         for key, arr in sd["arrays"].items():
             if mode == "plain":  # state.<i>.<moment>
                 p = layout[int(key.split(".")[1])]
-                arrays[key] = np.asarray(gather_full(self.comm, np.asarray(arr), kinds[id(p)], V))
+                full = np.asarray(gather_full(self.comm, np.asarray(arr), kinds[id(p)], V))
+                if keep:
+                    arrays[key] = full
+                del full
             else:  # zero.state.<g>.<moment>: one flat array over group g's parameters
                 flat, offset, pieces = np.asarray(arr).reshape(-1), 0, []
                 for p in layout[int(key.split(".")[2])]:
                     part = flat[offset:offset + p.size].reshape(p.shape)
-                    pieces.append(gather_full(self.comm, np.ascontiguousarray(part), kinds[id(p)], V).reshape(-1))
+                    full = gather_full(self.comm, np.ascontiguousarray(part), kinds[id(p)], V).reshape(-1)
+                    if keep:
+                        pieces.append(full)
+                    del full
                     offset += p.size
-                arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
-        return {"meta": sd["meta"], "arrays": arrays}
+                if keep:
+                    arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
+        return {"meta": sd["meta"], "arrays": arrays} if keep else None
 
     def optimizer_state_local(self, optimizer: Any, sd: dict) -> dict:
         """The inverse of optimizer_state_full, without communication: full arrays -> this rank's parts."""
@@ -213,3 +239,67 @@ class TPLayout:
                     offset += n
                 arrays[key] = np.concatenate(pieces) if pieces else flat[:0]
         return {"meta": sd["meta"], "arrays": arrays}
+
+
+# ---------------------------------------------------------------- building one rank's part only
+class SeedInit:
+    """GPT(cfg, seed) without its weights: `model` is that GPT with every drawn weight a placeholder
+    (nn.init.Placeholders: no memory), to be split first (TensorParallelGPT, PipelineStage: the
+    placeholders' parts are placeholders) and filled after, by `fill_parameters(parts, init.arrays(parts))`:
+    the same values, the full parameters drawn one at a time in GPT's order and only this rank's
+    slices kept. Biases and norm weights (zeros, ones) are made as in GPT; they are small."""
+
+    def __init__(self, cfg: GPTConfig, seed: int) -> None:
+        log = Placeholders()
+        self.model, self.seed = GPT(cfg, rng=log), seed
+        self.draws, self.owners = log.draws, log.owners(self.model.named_parameters())
+
+    def arrays(self, parts: dict[str, tuple[Any, str]]) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, the full float32 value GPT(cfg, seed) gives it) for the drawn parameters in `parts`,
+        one at a time (nn.init.replay; the others' draws are made and dropped)."""
+        return replay(self.draws, self.owners, set(parts), np.random.default_rng(self.seed))
+
+
+def local_parameters(model: Any, kinds: dict[int, str] | None = None) -> dict[str, tuple[Any, str]]:
+    """This rank's parameters by their whole-model name, each with how it is split over the tp group
+    (tensor_parallel.KINDS; kinds: id(parameter) -> kind, TPLayout.kinds, None without tp: "rep").
+    model: a GPT, a TensorParallelGPT, or a PipelineStage of either (its copy of wte included)."""
+    kinds = kinds or {}
+    parts = {n: (p, kinds.get(id(p), "rep")) for n, p in model.named_parameters()}
+    tied = getattr(model, "tied_wte", None)
+    if tied is not None:
+        parts["transformer.wte.weight"] = (tied, kinds.get(id(tied), "rep"))
+    return parts
+
+
+def fill_parameters(parts: dict[str, tuple[Any, str]], arrays: Iterable[tuple[str, Any]], t: int, tp: int,
+                    vocab: int, where: str = "fill_parameters") -> set[str]:
+    """Each (name, full array) of `arrays` (one at a time: a generator) -> this rank's slice of it
+    (tensor_parallel.shard as parts[name]'s kind says) as that parameter's data, on its device.
+    Returns the names filled. A full array of the wrong shape or a non-float dtype -> ValueError naming `where`."""
+    done = set()
+    for name, full in arrays:
+        p, kind = parts[name]
+        want = full_shape(kind, p.shape, tp, vocab)
+        dt = np.dtype(full.dtype)
+        if tuple(full.shape) != want or not (dt.kind == "f" or dt.name == "bfloat16"):
+            raise ValueError(f"{where}: {name!r} is {dt.name} {tuple(full.shape)}; expected a float array of "
+                             f"shape {want} (this rank holds {kind} part {tuple(p.shape)} of it)")
+        device = backend.device_of(p.data)
+        p.data = backend.to_device(shard(np.asarray(full).astype(p.dtype, copy=False), kind, t, tp), device)
+        p._version += 1
+        done.add(name)
+        del full  # (before the next one is read: one full array at a time)
+    return done
+
+
+def load_parameters(parts: dict[str, tuple[Any, str]], path: Any, t: int, tp: int, vocab: int) -> None:
+    """A whole-model safetensors file (save_model's, one-process layout) -> this rank's parameters,
+    one full tensor read at a time (nn.serialization.iter_safetensors): never the whole state dict.
+    A name the file lacks -> KeyError; a wrong shape or dtype -> ValueError (both name the file)."""
+    names = list(parts)
+    header = read_safetensors_header(path)
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise KeyError(f"{path}: missing {missing[:8]}")
+    fill_parameters(parts, iter_safetensors(path, names), t, tp, vocab, where=str(path))

@@ -36,9 +36,10 @@ from tinygrad_lm.data import TokenData, build_tokenizer, resolve_corpus, tokeniz
 from tinygrad_lm.errors import UserError
 from tinygrad_lm.gradient_step import (GradientStep, NonFiniteLoss, all_finite, apply_hyperparameters,
                                        make_optimizer, make_schedule)
-from tinygrad_lm.hf import load_hf
+from tinygrad_lm.hf import iter_hf_weights, load_hf
 from tinygrad_lm.model import GPT
-from tinygrad_lm.parallel_model import TensorParallelGPT, reseed_sharded_dropout
+from tinygrad_lm.parallel_model import (SeedInit, TensorParallelGPT, fill_parameters, load_parameters,
+                                       local_parameters, reseed_sharded_dropout)
 from tinygrad_lm.plot import plot_losses, truncate_metrics
 from tinygrad_lm.progress import progress
 from tinygrad_lm.memory import check_fits, param_shapes
@@ -117,6 +118,12 @@ class Trainer:
         if cfg.allreduce_dtype != "float32":
             self.dp_world.reduce_dtype = cfg.allreduce_dtype
         mp = self._split_model()  # tp and/or pp: keep this rank's part of the model
+        error = None
+        try:
+            self._fill_part()  # tp and/or pp: this rank's weights (the seed's or the checkpoint's), and nothing more
+        except Exception as e:
+            error = e
+        agree_started(self.world, error, "load the checkpoint" if self.ckpt is not None else "initialise its weights")
         if cfg.device != "cpu":
             self.model.to(cfg.device)
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
@@ -144,7 +151,7 @@ class Trainer:
             return None
         self.grid = grid
         self.shapes = param_shapes(self.model.config)  # the whole model's names and shapes, for checkpoints
-        if cfg.tp > 1:  # every tp rank holds the same full model here (seed or checkpoint): keep this rank's part
+        if cfg.tp > 1:  # the same model on every tp rank (placeholders, or --init-from's weights): keep this rank's part
             self.model = TensorParallelGPT(self.model, grid.tp)
             self.tp_layout = self.model.tp_layout()
         if cfg.pp > 1:  # then this rank's stage of it
@@ -152,6 +159,25 @@ class Trainer:
             self.pipeline = Pipeline(self.model, grid.pp, cfg.pp_schedule)
         copies = self.tp_layout.copies() if self.tp_layout is not None else {}
         return ModelParallel(self.world.comm, [grid.tp, grid.pp], copies, self.pipeline)
+
+    def _fill_part(self) -> None:
+        """tp and/or pp, after _split_model (no collectives): this rank's parameters, built as placeholders
+        (SeedInit), get their values: the checkpoint's or --init-from's (read one tensor at a time) or the
+        seed's (the whole model's init drawn one parameter at a time, this rank's slices kept). Never the
+        whole model."""
+        if self.seed_init is None:
+            return
+        parts = local_parameters(self.model, self.tp_layout.kinds if self.tp_layout is not None else None)
+        t, tp, V = self.grid.t, self.cfg.tp, self.model.config.vocab_size
+        if self.ckpt is not None:
+            self._load_file(lambda into, path: load_parameters(into, path, t, tp, V), parts, self.ckpt,
+                            ckpt_io.MODEL_FILE)
+        elif self.init_from:
+            fill_parameters(parts, iter_hf_weights(self.init_from, self.model.config.block_size, set(parts)),
+                            t, tp, V, where=self.init_from)
+        else:
+            fill_parameters(parts, self.seed_init.arrays(parts), t, tp, V)
+        self.seed_init = None  # its log of draws holds only placeholders, but is not needed any more
 
     # ---------------------------------------------------------------- start-up (no collectives)
     def _prepare(self, cfg: TrainConfig, resume: str | None) -> None:
@@ -178,7 +204,11 @@ class Trainer:
         check_fits(mcfg, cfg.batch_size, cfg.precision, cfg.device, training=True, tp=cfg.tp)
         self.data = TokenData(tokenize_to_cache(files, self.tokenizer, cfg.cache_dir), mcfg.block_size,
                               cfg.val_fraction)
-        if init_from:
+        self.seed_init, self.init_from = None, init_from
+        if cfg.tp > 1 or cfg.pp > 1:  # no weights yet: each rank fills its own part once split (_fill_part)
+            self.seed_init = SeedInit(mcfg, cfg.seed)
+            self.model = self.seed_init.model
+        elif init_from:
             self.model = load_hf(init_from, mcfg.dropout, mcfg.block_size).train()
         else:
             self.model = GPT(mcfg, seed=cfg.seed)
@@ -203,7 +233,8 @@ class Trainer:
 
     def _load_state(self, ckpt: Path, st: dict) -> None:
         where = ckpt / ckpt_io.STATE_FILE
-        self._load_file(load_model, self.model, ckpt, ckpt_io.MODEL_FILE)
+        if self.seed_init is None:  # (split over ranks: each reads its own part once split, _fill_part)
+            self._load_file(load_model, self.model, ckpt, ckpt_io.MODEL_FILE)
         if "loss_scaler" in st:
             self.scaler.load_state_dict(st["loss_scaler"])
         rng = st.get("dropout_rng")
@@ -230,8 +261,12 @@ class Trainer:
                         sd = stage_optimizer_state(sd, trainer.model, trainer.shapes, bool(trainer.cfg.zero))
                     if trainer.tp_layout is not None:
                         sd = trainer.tp_layout.optimizer_state_local(trainer.optimizer, sd)
+                    # copies of this rank's share only (the file is mapped, not read: see below)
+                    sd = {**sd, "arrays": {k: np.array(v) for k, v in sd["arrays"].items()}}
                     trainer.optimizer.load_state_dict(sd)
             into = ThisPart()
+            self._load_file(lambda part, path: load_optimizer(part, path, mmap=True), into, ckpt, ckpt_io.OPTIM_FILE)
+            return
         self._load_file(load_optimizer, into, ckpt, ckpt_io.OPTIM_FILE)
 
     def _load_file(self, load: Callable[[Any, Path], Any], into: Any, ckpt: Path, name: str) -> None:
@@ -300,17 +335,20 @@ class Trainer:
 
     def _gather_full(self, optimizer_state: dict | None) -> tuple[Any, Any]:
         """tp and/or pp (every rank calls it): the whole model's weights and optimizer state in the
-        one-process layout on rank 0: each stage gathers its tp shards (all-gathers over the tp
-        group), then the stages of data-parallel replica 0, tp rank 0, send theirs to stage 0."""
+        one-process layout on rank 0: each stage of data-parallel replica 0 gathers its tp shards
+        (all-gathers over the tp group, one tensor at a time; only tp rank 0 keeps the full arrays),
+        then those tp ranks 0 send their stage's to stage 0. The other replicas hold the same values
+        and gather nothing. Rank 0, the writer, holds the whole model's weights and moments (the
+        file is written in one piece, docs/DESIGN.md); every other rank at most its stage's."""
         sd = optimizer_state if optimizer_state is not None else self.optimizer.state_dict()
-        weights = None
-        if self.tp_layout is not None:
-            weights = self.tp_layout.full_weights(self.model.named_parameters())
-            sd = self.tp_layout.optimizer_state_full(self.optimizer, sd)
-        if self.pipeline is None:
-            return weights, sd
-        if self.grid.d != 0 or self.grid.t != 0:
+        if self.grid.d != 0:  # (after the optimizer's state_dict: ZeRO-1 gathers over dp in it)
             return None, None
+        weights, keep = None, self.grid.t == 0
+        if self.tp_layout is not None:
+            weights = self.tp_layout.full_weights(self.model.named_parameters(), keep=keep)
+            sd = self.tp_layout.optimizer_state_full(self.optimizer, sd, keep=keep)
+        if self.pipeline is None or not keep:
+            return weights, sd
         return gather_checkpoint(self.grid.pp, self.model, sd, self.shapes, bool(self.cfg.zero), weights)
 
     # ---------------------------------------------------------------- steps

@@ -123,9 +123,10 @@ class _Body(Module):
 
 
 class PipelineStage(Module):
-    """The part of a GPT that stage `stage` of `n_stages` holds, taken from a built GPT `model`
-    (built with the same seed on every stage, so each part starts as in one process; the other
-    parts are dropped). `model` may be a GPT or one tensor-parallel rank's TensorParallelGPT
+    """The part of a GPT that stage `stage` of `n_stages` holds, taken from a GPT `model` (the other
+    parts are dropped). In training `model`'s drawn weights are placeholders (nn.init.Placeholders,
+    no memory): the stage's own parameters get their values after the split
+    (tinygrad_lm/parallel_model.py: fill_parameters, load_parameters). A GPT built from the seed works too. `model` may be a GPT or one tensor-parallel rank's TensorParallelGPT
     (tinygrad_lm/parallel_model.py): the stage runs the model's own embed and head code. Parameter names are the whole model's (`transformer.h.<global i>...`).
 
     forward(x, targets): x is idx (B, T) ints on the first stage, activations (B, T, C) on the

@@ -34,13 +34,14 @@ from typing import Any, Sequence
 import numpy as np
 
 import tensor.functional as F
+from nn.init import is_placeholder, placeholder
 from nn.layers import Linear
 from nn.module import Module, Parameter
 from tensor.backend import array_module
 from tensor.tensor import Function, Tensor, shape_str
 
 __all__ = ["CopyToTP", "ReduceFromTP", "copy_to_tp", "reduce_from_tp", "ColumnParallelLinear", "RowParallelLinear",
-           "VocabParallelEmbedding", "VocabParallelCrossEntropy", "vocab_parallel_cross_entropy", "shard",
+           "VocabParallelEmbedding", "VocabParallelCrossEntropy", "vocab_parallel_cross_entropy", "shard", "part_shape",
            "unshard", "gather_full", "CountingComm"]
 
 
@@ -102,16 +103,31 @@ def padded(n: int, tp: int) -> int:
     return -(-n // tp) * tp
 
 
+def part_shape(kind: str, shape: tuple, tp: int) -> tuple:
+    """The shape of one rank's part of a full array of `shape` split as `kind` says over tp ranks."""
+    if kind in ("rows", "qkv"):
+        return (shape[0] // tp,) + tuple(shape[1:])
+    if kind == "vocab":
+        return (padded(shape[0], tp) // tp,) + tuple(shape[1:])
+    if kind == "cols":
+        return tuple(shape[:-1]) + (shape[-1] // tp,)
+    return tuple(shape)
+
+
 def shard(full: Any, kind: str, t: int, tp: int) -> Any:
-    """Rank t's part (a copy) of the full array, split as `kind` says over tp ranks."""
+    """Rank t's part (a copy) of the full array, split as `kind` says over tp ranks. A placeholder
+    (nn.init.Placeholders: a weight not drawn yet) gives a placeholder of the part's shape."""
+    if kind in KINDS and is_placeholder(full):
+        return placeholder(part_shape(kind, full.shape, tp))
     xp = array_module(full)
     if kind == "rep":
         return full.copy()
-    if kind == "vocab":
-        pad = padded(full.shape[0], tp) - full.shape[0]
-        if pad:
-            full = xp.concatenate([full, xp.zeros((pad,) + full.shape[1:], dtype=full.dtype)])
-        kind = "rows"
+    if kind == "vocab":  # this rank's rows, then its zero padding rows (the full array is never padded whole)
+        n = padded(full.shape[0], tp) // tp
+        part = xp.zeros((n,) + full.shape[1:], dtype=full.dtype)
+        mine = full[t * n:(t + 1) * n]
+        part[:mine.shape[0]] = mine
+        return part
     if kind == "rows":
         return xp.split(full, tp, axis=0)[t].copy()
     if kind == "cols":

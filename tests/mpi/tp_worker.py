@@ -9,6 +9,10 @@ MODE train OUT CORPUS STEPS BATCH TP ZERO [resume=CKPT] [device=cuda] [fail=1]: 
                   writes OUT/replicated.<rank>.json (checksums of its replicated parameters).
                   A checkpoint is saved at the end (OUT/run); resume=CKPT: a checkpoint to start from;
                   fail=1: rank 1 raises before step 2 while rank 0 waits in its collectives (the job must end).
+MODE memory OUT CORPUS: on N = 2 ranks, a Trainer of a 4-layer, 256-wide GPT on tp 2, then one on pp 2, each built
+                  under tracemalloc; every rank writes OUT/memory.<rank>.json: per layout, the bytes of its
+                  parameters and the traced peak of the construction (the seed's init: every rank draws it
+                  all, keeps its part).
 """
 from __future__ import annotations
 
@@ -158,11 +162,36 @@ def train(out: Path, corpus: str, steps: int, batch: int, tp: int, zero: int, re
     return run_or_abort(world, work)
 
 
+def memory(out: Path, corpus: str) -> int:
+    import tracemalloc
+    from tinygrad_lm.parallel_model import local_parameters
+    from tinygrad_lm.train import Trainer
+    world = init()
+    rows = {}
+    for tp, pp in ((2, 1), (1, 2)):
+        base = tp_config(corpus, str(out / f"tp{tp}pp{pp}"), 2, 1, tp=tp)
+        cfg = dataclasses.replace(base, pp=pp, model=dataclasses.replace(base.model, n_layer=4, n_embd=256))
+        tracemalloc.start()
+        trainer = Trainer(cfg, world=world, log=lambda s: None)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        kinds = trainer.tp_layout.kinds if trainer.tp_layout is not None else None
+        parts = local_parameters(trainer.model, kinds)
+        rows[f"tp{tp}pp{pp}"] = {"param_bytes": sum(int(p.data.nbytes) for p, _ in parts.values()),
+                                 "owned_bytes": sum(int(p.data.nbytes) for p in trainer.model.parameters()),
+                                 "construction_peak": peak, "model": trainer.model.config.to_dict()}
+        del trainer, parts
+    (out / f"memory.{world.rank}.json").write_text(json.dumps(rows))
+    return 0
+
+
 def main() -> int:
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     if mode == "pieces":
         return pieces(out)
+    if mode == "memory":
+        return memory(out, sys.argv[3])
     corpus, steps, batch, tp, zero = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
     extra = dict(a.split("=", 1) for a in sys.argv[8:])  # resume=CKPT, device=cuda
     return train(out, corpus, steps, batch, tp, zero, extra.get("resume"), extra.get("device", "cpu"),
