@@ -69,6 +69,7 @@ class TrainConfig:
     out: str = "runs/default"
     device: str = "cpu"
     precision: str = "fp32"
+    tf32: bool = False               # GPU: float32 GEMMs on the TF32 tensor cores (PyTorch's allow_tf32)
     zero: int = 0                    # 1: ZeRO stage 1, optimizer state sharded over the MPI ranks
     allreduce_dtype: str = "float32"  # "float16" halves the bytes of the gradient all-reduce
     cuda_graph: bool = False         # GPU: record forward+backward once as a CUDA graph, replay it each step
@@ -357,7 +358,8 @@ def make_config(preset: str | None = None, config_file: str | None = None, resol
 # make the resumed run a different run, so a change is refused.
 RESUMABLE = ("max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "beta1",
              "beta2", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "sample_tokens", "progress",
-             "out", "device", "collective_timeout", "cache_dir", "zero", "allreduce_dtype", "cuda_graph")
+             "out", "device", "collective_timeout", "cache_dir", "zero", "allreduce_dtype", "cuda_graph",
+             "tf32")
 LAYOUT = ("tp", "pp", "dp", "pp_schedule")  # the parallel layout: this launch's, never taken from a checkpoint
 
 

@@ -310,6 +310,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="with --device cuda: decode with a CUDA-graph step and sampling on the GPU (default: "
                         "wherever the prompt and the new tokens fit in block_size; --cuda-graph: or an error)")
+    p.add_argument("--tf32", action="store_true",
+                   help="with --device cuda: float32 GEMMs on the TF32 tensor cores (as PyTorch's allow_tf32); "
+                        "no effect on the CPU or on a 16-bit model")
     p.add_argument("--quantize", default=None, choices=("none", "int8"),
                    help="int8: per-channel int8 weights (4x less memory); default: as the checkpoint stores them")
     p.set_defaults(func=cli_sample)
@@ -366,6 +369,7 @@ def _cli_graph(args: argparse.Namespace, prompt_len: int, block_size: int) -> bo
 def cli_sample(args: argparse.Namespace) -> int:
     backend.tune_host_allocator()
     check_cli_args(args)  # bad input raises UserError: `error: ...`, exit 2 (tinygrad_lm/cli.py)
+    backend.set_tf32(args.tf32)
     if args.hf:
         model, tok = load_hf_model(args.hf, args.tokenizer, args.device)
         if args.quantize == "int8":
