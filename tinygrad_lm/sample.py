@@ -174,7 +174,7 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
                 else:  # no cache, or past block_size: recompute over the cropped window
                     window, positions, real = _window_inputs(seq, pads, cfg.block_size)
                     logits, _ = model(window, mask=real if padded else None, positions=positions)
-                last = backend.to_numpy(logits.data[:, -1, :])
+                last = backend.to_numpy(logits.data[:, -1, :cfg.vocab_size])  # never a padding row (pad_vocab_to)
                 nxt = pick(last, temperature, top_k, top_p, rng)
                 nxt = np.where(done, finished_with, nxt)
                 if stops.size:  # (np.isin costs ~10 us a token even for no stop tokens)
