@@ -149,3 +149,33 @@ def test_gpt2_124m_preset_takes_two_bf16_cuda_graph_steps(tmp_path: Path) -> Non
     print("gpt2-124m bf16 cuda-graph losses", losses)
     assert all(np.isfinite(losses)) and tr.captured is not None
     assert abs(losses[0] - np.log(tr.model.config.vocab_size)) < 1.5  # ~ln(V) at initialisation
+
+
+@gpu
+def test_bf16_cross_entropy_over_a_gpt2_vocabulary_never_makes_float32_logits() -> None:
+    """Issue 18: at vocab 50304 the bf16 logits are read by the fused kernels (tensor/cuda/cross_entropy.py)
+    in place, the statistics kept in float32 registers; the only (N, V) array the loss adds is the bf16
+    gradient. A float32 copy of the logits would add twice their bytes."""
+    import tensor.functional as F
+    from nn.amp import low_dtype
+    from tensor import Tensor
+    cp = backend.cupy_module()
+    N, V = 2048, 50304
+    bf16 = low_dtype("bf16")
+    rng = np.random.default_rng(0)
+    logits = Tensor(cp.asarray(rng.standard_normal((N, V), dtype=np.float32)).astype(bf16), requires_grad=True)
+    targets = cp.asarray(rng.integers(0, 50257, N))
+    pool = cp.get_default_memory_pool()
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    loss = F.cross_entropy(logits, targets)
+    loss.backward()
+    cp.cuda.Device().synchronize()
+    grown = pool.total_bytes() - before
+    nbytes = N * V * 2
+    print(f"bf16 logits {nbytes / 2**20:.0f} MiB; the loss's forward+backward grew the pool by {grown / 2**20:.0f} MiB")
+    assert logits.grad.dtype == bf16 and loss.dtype == np.float32
+    assert grown < 1.5 * nbytes
+    ref = F.cross_entropy(Tensor(logits.data.astype(np.float32)), targets)  # the float32 reference
+    np.testing.assert_allclose(loss.item(), ref.item(), rtol=1e-4)
