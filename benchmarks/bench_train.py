@@ -1,4 +1,5 @@
-"""Training throughput (issues 4, 7): tokens/s of one full training step, ours vs PyTorch.
+"""Training throughput (issues 4, 7, 18): tokens/s of one full training step, ours vs PyTorch
+eager and torch.compile, with peak GPU memory and MFU.
 
 Same architecture (our GPT and the PyTorch twin `NanoGPT` of examples/export_to_pytorch.py,
 learned positions, tied lm_head), same initial weights (ours, copied into the twin), the
@@ -8,9 +9,24 @@ gradient clipping at global norm 1.0.
 
 One step = forward + loss + backward + clip + AdamW step + zero_grad. Ours runs the pieces
 the Trainer runs (nn.amp.autocast_, LossScaler for fp16, clip_grad_norm_ with sync=False
-on the GPU, nn.optim.AdamW); PyTorch runs eager mode (no torch.compile) with
-torch.autocast(dtype=bfloat16/float16) for bf16/fp16, torch.amp.GradScaler for fp16, and
-AdamW as nanoGPT configures it (fused=True on CUDA, the default foreach on the CPU).
+on the GPU, nn.optim.AdamW); PyTorch runs eager mode (`torch`) or the same twin through
+`torch.compile(model)` (`torch-compile`, as nanoGPT's compile=True; the warm-up steps, at least 3,
+absorb the compilation) with torch.autocast(dtype=bfloat16/float16) for bf16/fp16,
+torch.amp.GradScaler for fp16, and AdamW as nanoGPT configures it (fused=True on CUDA, the
+default foreach on the CPU). Precision `tf32` is float32 with TF32 GEMMs on both sides
+(ours: tensor.backend.set_tf32, `--tf32`; torch: torch.backends.cuda.matmul.allow_tf32 and
+torch.backends.cudnn.allow_tf32).
+
+Configs: shakespeare-char and gpt-medium (char vocabulary 65, tinyshakespeare batches), gpt-12l
+(12L/12H/768, T 1024, B 16, vocabulary 4096) and gpt2-124m (the same body, GPT-2's vocabulary
+50257 padded to 50304 rows: ours through pad_vocab_to 64, the twin with 50304 rows), whose batches
+are uniform random ids of the vocabulary (the speed does not depend on the text).
+
+MFU (model FLOPs utilisation), nanoGPT's estimate_mfu convention: 6 N + 12 L T C FLOPs per token
+(N the parameters without the position table, the tied wte counted once; the second term the
+attention's QK^T and PV, causal masking not discounted), times tokens/s, over the H200's dense
+peak of the precision's GEMMs: bf16/fp16 790e12, tf32 495e12, fp32 67e12 FLOP/s (`--peak-flops`
+overrides).
 
 Each implementation x precision runs in its OWN subprocess, so peak memory (RSS, and on
 CUDA the GPU memory: CuPy's pool high-water total_bytes() / torch.cuda.max_memory_reserved())
@@ -46,8 +62,17 @@ CONFIGS = {
     "shakespeare-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_cpu=12, batch_cuda=12),
     # nanoGPT's GPU shakespeare_char model ("baby GPT", 10.7M parameters)
     "gpt-medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_cpu=16, batch_cuda=64),
+    # issue 18's GPT-2-sized body with a 4096-token vocabulary (89 M parameters)
+    "gpt-12l": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_cpu=1, batch_cuda=16, vocab=4096),
+    # GPT-2 small, the gpt2-124m preset: 50257 tokens, the table padded to 50304 rows
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_cpu=1, batch_cuda=16, vocab=50257,
+                      pad_vocab_to=64),
 }
-VOCAB = 65  # tinyshakespeare's characters
+VOCAB = 65  # tinyshakespeare's characters (the default vocabulary of a config)
+PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "tf32": 495e12, "fp32": 67e12}  # H200 dense, per precision
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+IMPLS = ("ours", "ours-graph", "torch", "torch-compile")
+OURS, PEERS = ("ours", "ours-graph"), ("torch", "torch-compile")
 HYPER = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, grad_clip=1.0)
 DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
 
@@ -62,13 +87,30 @@ def worker_env(threads: int) -> dict:
 def model_config(name: str):
     from tinygrad_lm.model import GPTConfig
     c = CONFIGS[name]
-    return GPTConfig(vocab_size=VOCAB, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                     n_embd=c["n_embd"], dropout=0.0, bias=True, pos_encoding="learned")
+    return GPTConfig(vocab_size=c.get("vocab", VOCAB), block_size=c["block_size"], n_layer=c["n_layer"],
+                     n_head=c["n_head"], n_embd=c["n_embd"], dropout=0.0, bias=True, pos_encoding="learned",
+                     pad_vocab_to=c.get("pad_vocab_to", 1))
+
+
+def twin_config(name: str):
+    """The PyTorch twin's config: the same model, its table as many rows as ours (the padding included)."""
+    import dataclasses
+    cfg = model_config(name)
+    return dataclasses.replace(cfg, vocab_size=cfg.padded_vocab_size, pad_vocab_to=1)
+
+
+def flops_per_token(cfg, n_params: int) -> int:
+    """nanoGPT's estimate_mfu: 6 N (N without the position table) + 12 L T C (attention)."""
+    n = n_params - (cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0)
+    return 6 * n + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
 # ------------------------------------------------------------------ data
-def token_ids(data: str | None) -> np.ndarray:
-    """tinyshakespeare as char ids (vocab 65); random ids when the file is missing."""
+def token_ids(data: str | None, vocab: int = VOCAB) -> np.ndarray:
+    """tinyshakespeare as char ids (vocab 65); random ids in [0, vocab) when the file is missing or the
+    vocabulary is not the characters'."""
+    if vocab != VOCAB:
+        return np.random.default_rng(0).integers(0, vocab, 4_000_000, dtype=np.int64)
     if data and os.path.isfile(data):
         text = open(data, encoding="utf-8").read()
         chars = sorted(set(text))
@@ -153,6 +195,8 @@ def worker_ours(a: argparse.Namespace, graph: bool = False) -> dict:
     from tensor import backend
     from tinygrad_lm.model import GPT
     backend.tune_host_allocator()  # as the trainer does (python -m tinygrad_lm train)
+    backend.set_tf32(a.precision == "tf32")  # `train --tf32`
+    amp = "fp32" if a.precision == "tf32" else a.precision
 
     C.set_threads(a.threads)
     rss_import = current_rss_mib()
@@ -168,14 +212,14 @@ def worker_ours(a: argparse.Namespace, graph: bool = False) -> dict:
         sync = cp.cuda.Device().synchronize
     else:
         def sync() -> None: ...
-    autocast_(model, a.precision)
+    autocast_(model, amp)
     scaler = LossScaler(enabled=a.precision == "fp16")
     params = model.parameters()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = AdamW([{"params": decay, "weight_decay": HYPER["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
                 lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"])
-    data = batches(token_ids(a.data), a.warmup + a.steps, a.batch_size, cfg.block_size)
+    data = batches(token_ids(a.data, cfg.vocab_size), a.warmup + a.steps, a.batch_size, cfg.block_size)
     if cuda:
         data = [(backend.to_device(x, "cuda"), backend.to_device(y, "cuda")) for x, y in data]
     model.train()
@@ -254,7 +298,7 @@ def decode_ours(model, cfg, n: int, batch_sizes: list, sync) -> dict:
     return out
 
 
-def worker_torch(a: argparse.Namespace) -> dict:
+def worker_torch(a: argparse.Namespace, compiled: bool = False) -> dict:
     import torch
     import torch.nn.functional as TF
     C.set_threads(a.threads)  # NumPy's BLAS and torch.set_num_threads
@@ -262,7 +306,10 @@ def worker_torch(a: argparse.Namespace) -> dict:
     sys.path.insert(0, os.path.join(C._ROOT, "examples"))
     from export_to_pytorch import NanoGPT
 
-    cfg = model_config(a.config)
+    tf32 = a.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # (both off is PyTorch's default)
+    torch.backends.cudnn.allow_tf32 = tf32
+    cfg = twin_config(a.config)
     dev = torch.device(a.device)
     model = NanoGPT(cfg)
     w = np.load(a.weights)
@@ -274,6 +321,7 @@ def worker_torch(a: argparse.Namespace) -> dict:
         raise RuntimeError(f"twin state_dict mismatch: missing {missing}, unexpected {unexpected}")
     del sd
     model.to(dev).train()
+    fwd = torch.compile(model) if compiled else model  # nanoGPT's compile=True: the model, not the optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -281,9 +329,10 @@ def worker_torch(a: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": HYPER["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], **({"fused": True} if fused else {}))
-    low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]
+    low = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]
     scaler = torch.amp.GradScaler(a.device, enabled=a.precision == "fp16")
-    data = batches(token_ids(a.data), a.warmup + a.steps, a.batch_size, cfg.block_size)
+    data = batches(token_ids(a.data, model_config(a.config).vocab_size), a.warmup + a.steps, a.batch_size,
+                   cfg.block_size)
     data = [(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)) for x, y in data]
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     if a.device == "cuda":
@@ -294,7 +343,7 @@ def worker_torch(a: argparse.Namespace) -> dict:
     def step(x, y):
         phases.start()
         with torch.autocast(a.device, dtype=low or torch.bfloat16, enabled=low is not None):
-            logits = model(x)
+            logits = fwd(x)
             loss = TF.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
         phases.mark("forward")
         scaler.scale(loss).backward()
@@ -313,6 +362,7 @@ def worker_torch(a: argparse.Namespace) -> dict:
     times, losses = time_steps(step, data, sync, a.warmup)
     res = {"step_times_s": times, "losses": [float(v) for v in losses], "rss_after_import_mib": rss_import,
            "optimizer": "torch.optim.AdamW " + ("fused" if fused else "foreach (default)"),
+           "compiled": compiled, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
            "phases_ms": phases.medians_ms(a.warmup),
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "torch_blas": torch_blas_info(torch)}
@@ -338,7 +388,10 @@ def torch_blas_info(torch) -> dict:
 
 def run_worker(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    res = worker_torch(a) if a.worker == "torch" else worker_ours(a, graph=a.worker == "ours-graph")
+    if a.worker in ("torch", "torch-compile"):
+        res = worker_torch(a, compiled=a.worker == "torch-compile")
+    else:
+        res = worker_ours(a, graph=a.worker == "ours-graph")
     cfg = model_config(a.config)
     tokens = a.batch_size * cfg.block_size
     med = statistics.median(res["step_times_s"])
@@ -351,9 +404,10 @@ def run_worker(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------ parent
 def spawn(a: argparse.Namespace, impl: str, precision: str, weights: str) -> dict:
+    warmup = max(a.warmup, 3) if impl == "torch-compile" else a.warmup  # the first steps compile
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--precision", precision,
            "--device", a.device, "--config", a.config, "--batch-size", str(a.batch_size), "--steps", str(a.steps),
-           "--warmup", str(a.warmup), "--threads", str(a.threads), "--weights", weights, "--data", a.data or "",
+           "--warmup", str(warmup), "--threads", str(a.threads), "--weights", weights, "--data", a.data or "",
            "--decode-tokens", str(a.decode_tokens), "--decode-batches", ",".join(map(str, a.decode_batches))]
     p = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(a.threads))
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -366,21 +420,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="shakespeare-char")
-    ap.add_argument("--precisions", default="fp32", help="comma-separated from fp32,bf16,fp16")
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma-separated from fp32,tf32,bf16,fp16 (tf32: float32 with TF32 GEMMs on both sides)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the config's batch for the device")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--repeats", type=int, default=2, help="ours, torch, ours, torch, ... per precision")
     ap.add_argument("--impls", default="ours,torch",
                     help="from ours, ours-graph (CUDA: forward+backward replayed as a CUDA graph, "
-                         "nn/cuda_graph.py, as `train --cuda-graph`), torch")
+                         "nn/cuda_graph.py, as `train --cuda-graph`), torch (eager), torch-compile")
+    ap.add_argument("--peak-flops", type=float, default=None,
+                    help="the accelerator's peak FLOP/s for MFU (default: the H200's for the precision)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--decode-tokens", type=int, default=256, help="CUDA: our KV-cached sampler (0 = skip)")
     ap.add_argument("--decode-batches", default="1,8")
     ap.add_argument("--out", help="also write the JSON here")
     # internal: one worker
-    ap.add_argument("--worker", choices=("ours", "ours-graph", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -395,9 +452,12 @@ def main() -> None:
 
     precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
     for p in precisions:
-        if p not in ("fp32", "bf16", "fp16"):
-            ap.error(f"unknown precision {p!r}")
+        if p not in PRECISIONS:
+            ap.error(f"unknown precision {p!r}; expected one of {', '.join(PRECISIONS)}")
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
+    for i in impls:
+        if i not in IMPLS:
+            ap.error(f"unknown implementation {i!r}; expected one of {', '.join(IMPLS)}")
     from tinygrad_lm.model import GPT
     C.set_threads(a.threads)  # (the workers set their own; this one only makes machine_info say so)
     cfg = model_config(a.config)
@@ -409,6 +469,7 @@ def main() -> None:
         np.savez(weights, **model.state_dict())
         n_params = model.num_parameters()
         del model
+        fpt = flops_per_token(cfg, n_params)
         runs: list = []
         for rep in range(a.repeats):
             for prec in precisions:
@@ -432,14 +493,31 @@ def main() -> None:
                          "tokens_per_s_best_step": round(max(r["tokens_per_step"] / r["min_step_s"] for r in ok), 1),
                          "peak_rss_mib": round(max(r["peak_rss_mib"] for r in ok), 1),
                          "loss_first": round(ok[0]["losses"][0], 4), "loss_last": round(ok[0]["losses"][-1], 4)}
-            for key in ("gpu_pool_total_mib", "gpu_max_reserved_mib"):
+            for key in ("gpu_pool_total_mib", "gpu_max_reserved_mib", "gpu_max_allocated_mib"):
                 if key in ok[0]:
                     row[impl][key] = round(max(r[key] for r in ok), 1)
+            peak = a.peak_flops or PEAK_FLOPS[prec]
+            row[impl]["mfu"] = round(fpt * row[impl]["tokens_per_s"] / peak, 4)
+            row[impl]["achieved_tflops"] = round(fpt * row[impl]["tokens_per_s"] / 1e12, 1)
             if "decode" in ok[0]:
                 row[impl]["decode"] = ok[0]["decode"]
             if ok[0].get("phases_ms"):  # CPU: median over the runs of each part's median
                 row[impl]["phases_ms"] = {k: round(statistics.median(r["phases_ms"][k] for r in ok), 3)
                                           for k in ok[0]["phases_ms"]}
+        # every ours / peer pair: tokens/s and peak GPU memory (ours: CuPy's pool total; the peer's
+        # torch.cuda.max_memory_allocated, and max_memory_reserved, its caching allocator's pool)
+        ratios: dict = {}
+        for o_impl in (i for i in OURS if i in row):
+            for p_impl in (i for i in PEERS if i in row):
+                o, q = row[o_impl], row[p_impl]
+                r = {"tokens_per_s": round(o["tokens_per_s"] / q["tokens_per_s"], 3),
+                     "best_step": round(o["tokens_per_s_best_step"] / q["tokens_per_s_best_step"], 3)}
+                if "gpu_pool_total_mib" in o and "gpu_max_allocated_mib" in q:
+                    r["gpu_mem_vs_allocated"] = round(o["gpu_pool_total_mib"] / q["gpu_max_allocated_mib"], 3)
+                    r["gpu_mem_vs_reserved"] = round(o["gpu_pool_total_mib"] / q["gpu_max_reserved_mib"], 3)
+                ratios[f"{o_impl}/{p_impl}"] = r
+        if ratios:
+            row["ratios"] = ratios
         if "ours-graph" in row and "torch" in row:
             row["ratio_ours_graph_over_torch_tokens_per_s"] = round(
                 row["ours-graph"]["tokens_per_s"] / row["torch"]["tokens_per_s"], 3)
@@ -464,6 +542,10 @@ def main() -> None:
            "git": C.git_rev(),
            "machine": C.machine_info(a.threads), "loadavg_at_start": [round(v, 2) for v in load_start],
            "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
+           "mfu_convention": "nanoGPT estimate_mfu: (6 N + 12 L T C) x tokens/s / peak, N without wpe; peak "
+                             + (f"{a.peak_flops:g} FLOP/s (--peak-flops)" if a.peak_flops else
+                                "H200 dense " + ", ".join(f"{k} {PEAK_FLOPS[k]:g}" for k in precisions)),
+           "flops_per_token": fpt,
            "config": {"name": a.config, **cfg.to_dict(), "batch_size": a.batch_size, "params": n_params,
                       "tokens_per_step": a.batch_size * cfg.block_size, **{k: v for k, v in HYPER.items()}},
            "device": a.device, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,

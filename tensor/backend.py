@@ -3,7 +3,8 @@
 The backend rule (docs/DESIGN.md): op code is written once against the *array module*
 of its inputs, `xp = array_module(x)`, so the same forward/backward runs on
 `numpy.ndarray` and `cupy.ndarray`. This file is the only place that knows
-about CuPy; the only global state is the default device.
+about CuPy; the only global state is the default device and, with it, the precision of float32
+GEMMs on the GPU (`set_tf32`, as PyTorch's `torch.backends.cuda.matmul.allow_tf32`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 DEVICES = ("cpu", "cuda")
 _default_device = "cpu"
+_tf32 = False  # float32 GEMMs on the GPU's TF32 tensor cores (read by tensor/cuda/cublas.py)
 _cupy: ModuleType | None = None
 
 
@@ -66,17 +68,35 @@ def check_device(device: str) -> str:
     return device
 
 
-def set_default_device(device: str) -> None:
-    """Set the device new tensors are created on when none is given ('cpu' or 'cuda')."""
+def set_default_device(device: str, tf32: bool | None = None) -> None:
+    """Set the device new tensors are created on when none is given ('cpu' or 'cuda');
+    tf32 (when given) as set_tf32."""
     global _default_device
     check_device(device)
     if device == "cuda":
         cupy_module()
     _default_device = device
+    if tf32 is not None:
+        set_tf32(tf32)
 
 
 def get_default_device() -> str:
     return _default_device
+
+
+def set_tf32(enabled: bool) -> None:
+    """float32 GEMMs on the GPU (cuBLAS) run on the TF32 tensor cores: inputs rounded to a 10-bit
+    mantissa, float32 accumulation, ~1e-3 relative error; as PyTorch's allow_tf32. Off by default
+    (exact float32). No effect on the CPU, nor on float16/bfloat16/float64 GEMMs."""
+    global _tf32
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_tf32: expected True or False, got {enabled!r}")
+    _tf32 = enabled
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 GEMMs on the GPU run in TF32 (set_tf32)."""
+    return _tf32
 
 
 def array_module(x: Any) -> ModuleType:

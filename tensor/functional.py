@@ -45,8 +45,13 @@ def gemm(a: Any, b: Any) -> Any:
     """a (n, k) @ b (k, m) -> (n, m) in a's dtype. NumPy has no float16 GEMM (a scalar loop, ~80x
     slower) and ml_dtypes' bfloat16 GEMM returns float32: on the CPU both multiply in float32 and
     round the result back, which is what a GPU's half-precision GEMM does too (float32
-    accumulation). A few rows times a transposed weight take tensor/cpu/reductions.py's layout."""
+    accumulation). A few rows times a transposed weight take tensor/cpu/reductions.py's layout.
+    On the GPU, float arrays of one dtype go through cuBLAS (tensor/cuda/cublas.py), so that a
+    float32 product follows backend.set_tf32 as every other GEMM does."""
     if array_module(a) is not np:
+        from tensor.cuda import cublas
+        if a.dtype == b.dtype and cublas.usable(a, b):
+            return cublas.matmul(a, b)
         return a @ b
     if a.dtype.itemsize < 4 and a.dtype.kind != "i":
         return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)

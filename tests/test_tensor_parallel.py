@@ -94,13 +94,13 @@ def test_pieces_equal_the_unsplit_ops_and_the_collectives_are_counted(tmp_path: 
 
 
 def reference(corpus: str, out: Path, batch: int, steps: int, resume: str | None = None,
-              device: str = "cpu") -> tuple[list, dict]:
+              device: str = "cpu", pad: int = 1) -> tuple[list, dict]:
     """One process: the losses of each step and the final weights."""
     import dataclasses
     sys.path.insert(0, str(WORKER.parent))
     from tp_worker import tp_config
     from tinygrad_lm.train import Trainer
-    cfg = dataclasses.replace(tp_config(corpus, str(out), batch, steps), device=device)
+    cfg = dataclasses.replace(tp_config(corpus, str(out), batch, steps, pad=pad), device=device)
     t = Trainer(cfg, log=lambda s: None, resume=resume)
     losses = []
     while t.step < steps:
@@ -145,6 +145,16 @@ def test_tensor_parallel_training_equals_one_process(tmp_path: Path, single: dic
                     str(zero)], timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     check_equal(tmp_path, single["ref"], n)
+
+
+def test_tensor_parallel_with_a_padded_vocabulary_equals_one_process(tmp_path: Path, single: dict) -> None:
+    """pad_vocab_to 16: the tied table has padding rows of the model's own, split over tp 2 like the rest."""
+    r = run_mpi(2, [str(WORKER), "train", str(tmp_path), single["corpus"], str(STEPS), str(BATCH), "2", "0", "pad=16"],
+                timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ref = reference(single["corpus"], tmp_path / "ref", BATCH, STEPS, pad=16)
+    assert ref[1]["transformer.wte.weight"].shape[0] % 16 == 0
+    check_equal(tmp_path, ref, 2)
 
 
 def test_tp2_checkpoint_resumes_on_one_process_and_on_dp2(tmp_path: Path, single: dict) -> None:

@@ -367,10 +367,10 @@ def _check_model_header(ckpt: Path, mc: dict) -> None:
     cfg = GPTConfig.from_dict(mc)
     found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     layers = {k.split(".")[2] for k in found if k.startswith("transformer.h.")}
-    if len(layers) != cfg.n_layer or found.get("transformer.wte.weight") != (cfg.vocab_size, cfg.n_embd):
+    if len(layers) != cfg.n_layer or found.get("transformer.wte.weight") != (cfg.padded_vocab_size, cfg.n_embd):
         raise CheckpointError(f"{path}: its arrays do not match the model_config in {STATE_FILE}: {len(layers)} "
                               f"layers and wte {found.get('transformer.wte.weight')} in the file, n_layer "
-                              f"{cfg.n_layer} and wte {(cfg.vocab_size, cfg.n_embd)} in the config")
+                              f"{cfg.n_layer} and wte {(cfg.padded_vocab_size, cfg.n_embd)} in the config")
     want = param_shapes(cfg)
     quant = (header.get("__metadata__") or {}).get("quantization", "none")
     if quant == "int8":  # an int8 export (tinygrad_lm/export.py): the same arrays plus a scale per weight

@@ -27,7 +27,7 @@ from tinygrad_lm.model import GPTConfig
 
 VOCAB_PLACEHOLDER = 1  # cfg.model.vocab_size until the tokenizer says (TrainConfig.model_config)
 # sanity bounds that catch typos (`--n-layer 999999999999`) before any memory is asked for
-MAX_MODEL = {"n_layer": 4096, "n_head": 4096, "n_embd": 1 << 16, "block_size": 1 << 20}
+MAX_MODEL = {"n_layer": 4096, "n_head": 4096, "n_embd": 1 << 16, "block_size": 1 << 20, "pad_vocab_to": 1 << 16}
 
 
 class ConfigError(UserError, ValueError):
@@ -69,6 +69,7 @@ class TrainConfig:
     out: str = "runs/default"
     device: str = "cpu"
     precision: str = "fp32"
+    tf32: bool = False               # GPU: float32 GEMMs on the TF32 tensor cores (PyTorch's allow_tf32)
     zero: int = 0                    # 1: ZeRO stage 1, optimizer state sharded over the MPI ranks
     allreduce_dtype: str = "float32"  # "float16" halves the bytes of the gradient all-reduce
     cuda_graph: bool = False         # GPU: record forward+backward once as a CUDA graph, replay it each step
@@ -204,6 +205,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-bpe": dict(tokenizer="bpe:2048", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
                             max_iters=2000, lr_decay_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                             dropout=0.0, beta2=0.99, eval_interval=250, eval_iters=20),
+    # GPT-2 small (124M) on one GPU: 12 layers, 12 heads, width 768, context 1024, learned positions, biases;
+    # the vocabulary learned from the corpus at GPT-2's size (bpe:50257, ~7 s on the default corpus and cached
+    # in --cache-dir; a small corpus runs out of pairs first: Shakespeare gives 49,919 tokens) or GPT-2's own
+    # (--tokenizer gpt2.tiktoken), the table padded to a multiple of 64 rows (50257 -> 50304). nanoGPT's
+    # train_gpt2 hyper-parameters (lr 6e-4 -> 6e-5, beta2 0.95, weight decay 0.1, clip 1.0, no dropout) with the
+    # schedule scaled to a single-GPU run (16 x 1024 tokens a step, warm-up 100 of 2000 steps) and grad_accum 1,
+    # so that --cuda-graph applies: train --preset gpt2-124m --device cuda --precision bf16 --cuda-graph
+    "gpt2-124m": dict(tokenizer="bpe:50257", n_layer=12, n_head=12, n_embd=768, block_size=1024, pad_vocab_to=64,
+                      bias=True, pos_encoding="learned", dropout=0.0, batch_size=16, grad_accum=1, max_iters=2000,
+                      lr_decay_iters=2000, lr=6e-4, min_lr=6e-5, warmup_iters=100, weight_decay=0.1, beta1=0.9,
+                      beta2=0.95, grad_clip=1.0, eval_interval=250, eval_iters=20),
 }
 
 
@@ -357,7 +369,8 @@ def make_config(preset: str | None = None, config_file: str | None = None, resol
 # make the resumed run a different run, so a change is refused.
 RESUMABLE = ("max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "beta1",
              "beta2", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "sample_tokens", "progress",
-             "out", "device", "collective_timeout", "cache_dir", "zero", "allreduce_dtype", "cuda_graph")
+             "out", "device", "collective_timeout", "cache_dir", "zero", "allreduce_dtype", "cuda_graph",
+             "tf32")
 LAYOUT = ("tp", "pp", "dp", "pp_schedule")  # the parallel layout: this launch's, never taken from a checkpoint
 
 

@@ -110,6 +110,7 @@ class GPUDecoder:
         import cupyx
         B, T = seq.shape
         self.model, self.n, self.use_graph, self.lookahead = model, max_new_tokens, cuda_graph, max(0, lookahead)
+        self.vocab = model.config.vocab_size  # the sampler sees the real columns only, never pad_vocab_to's
         self.seq, self.pads, self.strict = seq, pads, strict
         self.L = L = T + max(max_new_tokens, 1) - 1
         self.caches = model.new_caches(B, L)  # in attention's dtype: the compute dtype under mixed precision
@@ -133,13 +134,13 @@ class GPUDecoder:
         _, positions, real = _window_inputs(self.seq, self.pads, self.model.config.block_size)
         logits, _ = self.model(self.seq, mask=real if self.pads.any() else None, positions=positions,
                                caches=self.caches)
-        self.sampler(logits.data[:, -1, :])
+        self.sampler(logits.data[:, -1, :self.vocab])
         self._advance()
 
     def _step(self) -> None:
         """One token through the model at column col, its successor picked: everything on the device."""
         logits, _ = self.model(self.idx, mask=self.mask, positions=self.pos, caches=self.static)
-        self.sampler(logits.data[:, -1, :])
+        self.sampler(logits.data[:, -1, :self.vocab])
         self._advance()
 
     def _advance(self) -> None:

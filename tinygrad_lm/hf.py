@@ -234,7 +234,8 @@ def load_hf(path: str | os.PathLike, dropout: float = 0.0, block_size: int | Non
 def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     """Write `model` as a Hugging Face GPT-2 directory (config.json + model.safetensors) that
     `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads. Refuses (HFError) a model
-    GPT-2 cannot represent. A model without biases is written with zero biases (the same function)."""
+    GPT-2 cannot represent. A model without biases is written with zero biases (the same function); a
+    table padded past the vocabulary (pad_vocab_to) is cropped to vocab_size rows (the padding is never a token)."""
     cfg = model.config
     why = {"sinusoidal": "sinusoidal positions with the sqrt(n_embd) embedding scale (GPT-2 adds a learned wpe "
                          "to the unscaled, tied wte)",
@@ -252,6 +253,8 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     tensors: dict[str, Any] = {}
     for name, p in model.named_parameters():
         arr = backend.to_numpy(p.data)
+        if name == "transformer.wte.weight":  # a padded table (pad_vocab_to): the real vocabulary's rows
+            arr = arr[:cfg.vocab_size]
         tensors[name] = arr.T if _is_conv1d(name) else arr
     if not cfg.bias:  # GPT-2 always has biases: zeros compute the same function
         for name, p in model.named_parameters():

@@ -6,7 +6,7 @@ allocating gigabytes.
     check_fits(cfg, 12, "fp32", "cpu", training=True)                    # UserError if too big
 
 The terms (4-byte floats unless said otherwise; P parameters, B batch, T block_size,
-C n_embd, H n_head, L n_layer, V vocab_size):
+C n_embd, H n_head, L n_layer, V the embedding's rows, padded_vocab_size):
 
     parameters      4P (+ 2P of 16-bit weight copies under fp16/bf16)
     gradients       4P                      (training)
@@ -34,7 +34,7 @@ __all__ = ["param_shapes", "num_parameters", "estimate", "check_fits", "availabl
 
 def param_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter of GPT(cfg), in `named_parameters()` order (lm_head is tied to wte)."""
-    C, V = cfg.n_embd, cfg.vocab_size
+    C, V = cfg.n_embd, cfg.padded_vocab_size
     out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, C)}
     if cfg.pos_encoding == "learned":
         out["transformer.wpe.weight"] = (cfg.block_size, C)
@@ -67,7 +67,7 @@ def num_parameters(cfg: Any) -> int:
     C, L = cfg.n_embd, cfg.n_layer
     per_layer = 12 * C * C + (13 * C if cfg.bias else 2 * C)
     pos = cfg.block_size * C if cfg.pos_encoding == "learned" else 0
-    return cfg.vocab_size * C + pos + L * per_layer + (2 * C if cfg.bias else C)
+    return cfg.padded_vocab_size * C + pos + L * per_layer + (2 * C if cfg.bias else C)
 
 
 def estimate(model_cfg: Any, batch_size: int, precision: str = "fp32", training: bool = True,
@@ -77,7 +77,7 @@ def estimate(model_cfg: Any, batch_size: int, precision: str = "fp32", training:
     attention and logits divided by tp; the other activations kept whole (the replicated ones
     dominate them: the safe side)."""
     B, T, C, H, L, V = (int(batch_size), model_cfg.block_size, model_cfg.n_embd, model_cfg.n_head,
-                        model_cfg.n_layer, model_cfg.vocab_size)
+                        model_cfg.n_layer, model_cfg.padded_vocab_size)
     P = num_parameters(model_cfg)
     f = 4
     est = {"parameters": f * P + (2 * P if precision in ("fp16", "bf16") else 0),

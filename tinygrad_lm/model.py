@@ -30,7 +30,8 @@ POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 @dataclass
 class GPTConfig:
     """The model's shape and options (docs/DESIGN.md): pos_encoding "sinusoidal" | "learned" | "rope",
-    norm "layernorm" | "rmsnorm" (ln_1, ln_2 and ln_f)."""
+    norm "layernorm" | "rmsnorm" (ln_1, ln_2 and ln_f); pad_vocab_to: wte / lm_head get padded_vocab_size
+    rows (vocab_size rounded up to a multiple of it; 1: no padding)."""
     vocab_size: int
     block_size: int
     n_layer: int = 4
@@ -40,9 +41,17 @@ class GPTConfig:
     bias: bool = True
     pos_encoding: str = "sinusoidal"
     norm: str = "layernorm"
+    pad_vocab_to: int = 1
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of wte / lm_head: vocab_size rounded up to a multiple of pad_vocab_to (GPT-2's 50257 -> 50304
+        with 64: GEMM-friendly shapes). The extra rows are never a token: no input or target holds them, the
+        loss's softmax pushes their logits down, the samplers never pick them, exports crop them."""
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise ValueError(f"GPTConfig: {name} must be an integer, got {v!r}")
@@ -50,7 +59,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: dropout must be a number, got {self.dropout!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig: bias must be true or false, got {self.bias!r}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"GPTConfig: {name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
@@ -84,7 +93,7 @@ class Transformer(Module):
     """The body: wte, (wpe), drop, h.0 .. h.{n_layer-1}, ln_f."""
 
     def __init__(self, cfg: GPTConfig, rng: np.random.Generator) -> None:
-        self.wte = Embedding(cfg.vocab_size, cfg.n_embd, rng=rng)
+        self.wte = Embedding(cfg.padded_vocab_size, cfg.n_embd, rng=rng)
         if cfg.pos_encoding == "learned":
             self.wpe = Embedding(cfg.block_size, cfg.n_embd, rng=rng)
         self.drop = Dropout(cfg.dropout)
@@ -96,7 +105,8 @@ class Transformer(Module):
 
 
 class GPT(Module):
-    """model(idx (B, T) ints, targets (B, T) ints or None) -> (logits (B, T, V), loss or None)."""
+    """model(idx (B, T) ints, targets (B, T) ints or None) -> (logits (B, T, V), loss or None); V is
+    config.padded_vocab_size (columns from config.vocab_size on are padding: never sample them)."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, rng: Any = None) -> None:
         """rng: what draws the initial weights (default np.random.default_rng(seed)); tinygrad_lm/hf.py
@@ -104,7 +114,7 @@ class GPT(Module):
         self.config = config
         rng = np.random.default_rng(seed) if rng is None else rng
         self.transformer = Transformer(config, rng)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, rng=rng)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False, rng=rng)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
         if config.pos_encoding == "sinusoidal":
             self.pos = SinusoidalPositionalEncoding(config.block_size, config.n_embd)
@@ -194,4 +204,6 @@ class GPT(Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab={c.vocab_size}, block={c.block_size}"
+        pad = f" (padded to {c.padded_vocab_size})" if c.padded_vocab_size != c.vocab_size else ""
+        return (f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab={c.vocab_size}{pad}, "
+                f"block={c.block_size}")

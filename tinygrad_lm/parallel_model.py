@@ -104,8 +104,10 @@ class TensorParallelGPT(GPT):
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
+        # the loss spans the model's padded_vocab_size columns, as one process's (GPT.head); the
+        # tp padding past them is left out
         return logits, vocab_parallel_cross_entropy(logits, targets, self.comm, self.transformer.wte.start,
-                                                    self.config.vocab_size)
+                                                    self.config.padded_vocab_size)
 
     def reseed_sharded_dropout(self, seed: int, step: int) -> None:
         """Attention dropout (this rank's heads): a stream of this tp rank's own for this step."""
@@ -116,8 +118,8 @@ class TensorParallelGPT(GPT):
                                   "checkpoint into a GPT (python -m tinygrad_lm sample)")
 
     def num_parameters(self) -> int:
-        """Parameters of the whole model (all tp ranks, vocabulary padding left out)."""
-        kinds, tp, V = self.tp_kinds(), self.comm.size, self.config.vocab_size
+        """Parameters of the whole model (all tp ranks, the tp padding of the vocabulary left out)."""
+        kinds, tp, V = self.tp_kinds(), self.comm.size, self.config.padded_vocab_size
         return sum(int(np.prod(full_shape(kinds[n], p.shape, tp, V))) for n, p in self.named_parameters())
 
     # ------------------------------------------------------------ layout
@@ -132,7 +134,8 @@ class TensorParallelGPT(GPT):
     def tp_layout(self) -> "TPLayout":
         """How this rank's parameters relate to the full ones (kept by a pipeline stage of this model)."""
         kinds = self.tp_kinds()
-        return TPLayout(self.comm, {id(p): kinds[n] for n, p in self.named_parameters()}, self.config.vocab_size)
+        return TPLayout(self.comm, {id(p): kinds[n] for n, p in self.named_parameters()},
+                        self.config.padded_vocab_size)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A collective over the tp group: name -> the full host array (the one-process layout)."""
@@ -144,7 +147,8 @@ class TensorParallelGPT(GPT):
         params = dict(self.named_parameters())
         local = {}
         for n, a in state.items():
-            if n in params and tuple(np.shape(a)) == full_shape(kinds[n], params[n].shape, tp, self.config.vocab_size):
+            if n in params and tuple(np.shape(a)) == full_shape(kinds[n], params[n].shape, tp,
+                                                                      self.config.padded_vocab_size):
                 local[n] = shard(np.asarray(a), kinds[n], t, tp)
             else:  # unknown or mis-shaped: left to Module.load_state_dict to report
                 local[n] = a

@@ -174,7 +174,7 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
                 else:  # no cache, or past block_size: recompute over the cropped window
                     window, positions, real = _window_inputs(seq, pads, cfg.block_size)
                     logits, _ = model(window, mask=real if padded else None, positions=positions)
-                last = backend.to_numpy(logits.data[:, -1, :])
+                last = backend.to_numpy(logits.data[:, -1, :cfg.vocab_size])  # never a padding row (pad_vocab_to)
                 nxt = pick(last, temperature, top_k, top_p, rng)
                 nxt = np.where(done, finished_with, nxt)
                 if stops.size:  # (np.isin costs ~10 us a token even for no stop tokens)
@@ -310,6 +310,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="with --device cuda: decode with a CUDA-graph step and sampling on the GPU (default: "
                         "wherever the prompt and the new tokens fit in block_size; --cuda-graph: or an error)")
+    p.add_argument("--tf32", action="store_true",
+                   help="with --device cuda: float32 GEMMs on the TF32 tensor cores (as PyTorch's allow_tf32); "
+                        "no effect on the CPU or on a 16-bit model")
     p.add_argument("--quantize", default=None, choices=("none", "int8"),
                    help="int8: per-channel int8 weights (4x less memory); default: as the checkpoint stores them")
     p.set_defaults(func=cli_sample)
@@ -366,6 +369,7 @@ def _cli_graph(args: argparse.Namespace, prompt_len: int, block_size: int) -> bo
 def cli_sample(args: argparse.Namespace) -> int:
     backend.tune_host_allocator()
     check_cli_args(args)  # bad input raises UserError: `error: ...`, exit 2 (tinygrad_lm/cli.py)
+    backend.set_tf32(args.tf32)
     if args.hf:
         model, tok = load_hf_model(args.hf, args.tokenizer, args.device)
         if args.quantize == "int8":

@@ -40,6 +40,8 @@ HELP = {
     "collective_timeout": "MPI: abort the job when a collective waits longer than this many seconds (0: never)",
     "zero": "1: ZeRO stage 1, the optimizer state sharded over the MPI ranks",
     "cuda_graph": "GPU: record forward+backward once as a CUDA graph and replay it",
+    "tf32": "GPU: float32 GEMMs on the TF32 tensor cores (~1e-3 relative error, as PyTorch's allow_tf32); "
+            "no effect on the CPU or on --precision bf16/fp16's 16-bit GEMMs",
     "tp": "tensor-parallel ranks (Megatron-LM: attention heads, MLP and vocabulary split over them)",
     "pp": "pipeline-parallel stages (the blocks split over them; --grad-accum micro-batches)",
     "dp": "data-parallel ranks (0: world size / (tp x pp)); world size = dp x tp x pp",
@@ -57,8 +59,10 @@ def add_cli(sub: Any) -> None:
                    help="--out holds an earlier run: delete its checkpoints and logs and start over")
     for name, default in {**model_fields(), **train_fields()}.items():
         names = [flag(name)] + (["--out-dir"] if name == "out" else [])
-        metavar = "true|false" if isinstance(default, bool) else name.upper()
-        p.add_argument(*names, dest=name, default=None, metavar=metavar,
+        flag_kw: dict[str, Any] = dict(metavar=name.upper())
+        if isinstance(default, bool):  # `--cuda-graph` alone means `--cuda-graph true`
+            flag_kw = dict(metavar="true|false", nargs="?", const="true")
+        p.add_argument(*names, dest=name, default=None, **flag_kw,
                        help=(HELP.get(name, "") + f" (default {default})").strip())
     p.set_defaults(func=cli_train)
 

@@ -126,6 +126,7 @@ class Trainer:
         agree_started(self.world, error, "load the checkpoint" if self.ckpt is not None else "initialise its weights")
         if cfg.device != "cpu":
             self.model.to(cfg.device)
+        backend.set_tf32(cfg.tf32)  # the backend's float32 GEMM precision (--tf32); a no-op on the CPU
         autocast_(self.model, cfg.precision)  # fp16/bf16 GEMMs; the float32 parameters stay the master weights
         self.captured = None  # the CUDA graph of forward+backward (--cuda-graph), recorded at the first step
         self.dp_world.broadcast_parameters(self.model.parameters())  # every rank starts from rank 0's weights

@@ -14,7 +14,9 @@ batched bfloat16 product, and always returns the inputs' dtype. Here:
 
 cuBLAS is column-major; a row-major (m, n) matrix is its transpose there, so C = A B is
 computed as C^T = B^T A^T: the operands swap places and the "transposed" flags follow
-from each operand's layout. float32 runs as plain float32 (no TF32), like PyTorch's default.
+from each operand's layout. float32 runs as plain float32 (no TF32), like PyTorch's default;
+with `tensor.backend.set_tf32(True)` (`--tf32`, as PyTorch's allow_tf32) a float32 product uses
+the compute type CUBLAS_COMPUTE_32F_FAST_TF32: the tensor cores, inputs rounded to TF32.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import numpy as np
 from tensor import backend
 
 _OP_N, _OP_T = 0, 1          # cublasOperation_t
-_COMPUTE_32F, _COMPUTE_64F = 68, 70   # cublasComputeType_t
+_COMPUTE_32F, _COMPUTE_64F, _COMPUTE_32F_FAST_TF32 = 68, 70, 77   # cublasComputeType_t
 _ALGO_DEFAULT = -1
 
 
@@ -147,6 +149,16 @@ def usable(*arrays: Any) -> bool:
     return True
 
 
+def _compute_type(dtype: str) -> int:
+    """cuBLAS compute type for inputs of `dtype`: float64 in float64; float32 in float32, or TF32 when
+    backend.tf32_enabled(); 16-bit inputs in float32 (the tensor cores, float32 accumulation)."""
+    if dtype == "float64":
+        return _COMPUTE_64F
+    if dtype == "float32" and backend.tf32_enabled():
+        return _COMPUTE_32F_FAST_TF32
+    return _COMPUTE_32F
+
+
 def matmul(a: Any, b: Any, out_dtype: Any = None, out: Any = None, alpha: float = 1.0, beta: float = 0.0) -> Any:
     """alpha * a @ b (+ beta * out) for CuPy arrays a (..., m, k), b (..., k, n) -> (..., m, n).
 
@@ -187,7 +199,7 @@ def matmul(a: Any, b: Any, out_dtype: Any = None, out: Any = None, alpha: float 
         raise ValueError("cublas.matmul: out must hold row-major matrices with one batch stride")
     ldc = c_lay[1]
     double = a.dtype == np.float64
-    compute = _COMPUTE_64F if double else _COMPUTE_32F
+    compute = _compute_type(backend.dtype_name(a.dtype))
     handle = _handle(cublas, cp)
     # column-major view: C^T (n, m) = B^T (n, k) A^T (k, m); a row-major operand is already
     # its transpose there (op N), a column-major one needs op T

@@ -230,7 +230,8 @@ class DeviceSampler:
 
     def __call__(self, logits: Any) -> Any:
         """logits (B, V) float32/float16/bfloat16 on the device (rows of any stride, last axis contiguous)
-        -> self.tokens (B,) int64, filled when the kernel has run."""
+        -> self.tokens (B,) int64 in [0, V), filled when the kernel has run. A model whose table is padded
+        past its vocabulary passes the real columns, a view `logits[:, :vocab]` (no copy)."""
         B, V = logits.shape
         if B != self.tokens.shape[0] or logits.strides[1] != logits.itemsize:
             raise ValueError(f"DeviceSampler: logits {logits.shape} (strides {logits.strides}) do not fit a "

@@ -128,19 +128,21 @@ def pieces(out: Path) -> int:
     return 0
 
 
-def tp_config(corpus: str, out: str, batch: int, steps: int, zero: int = 0, tp: int = 1) -> object:
+def tp_config(corpus: str, out: str, batch: int, steps: int, zero: int = 0, tp: int = 1, pad: int = 1) -> object:
     """dp_worker's tiny GPT (4 heads, so tp 2 and 4 divide them) with a schedule that does not depend on
-    `steps` (so a run resumed to more steps continues the same schedule)."""
+    `steps` (so a run resumed to more steps continues the same schedule); pad: its pad_vocab_to."""
     from dp_worker import tiny_config
     return dataclasses.replace(tiny_config(corpus, out, batch, steps, zero=zero), tp=tp, lr_decay_iters=8,
-                               model=dataclasses.replace(tiny_config(corpus, out, batch, steps).model, n_head=4))
+                               model=dataclasses.replace(tiny_config(corpus, out, batch, steps).model, n_head=4,
+                                                         pad_vocab_to=pad))
 
 
 def train(out: Path, corpus: str, steps: int, batch: int, tp: int, zero: int, resume: str | None,
-          device: str = "cpu", fail: bool = False) -> int:
+          device: str = "cpu", fail: bool = False, pad: int = 1) -> int:
     from tinygrad_lm.train import Trainer
     world = init()
-    cfg = dataclasses.replace(tp_config(corpus, str(out / "run"), batch, steps, zero=zero, tp=tp), device=device)
+    cfg = dataclasses.replace(tp_config(corpus, str(out / "run"), batch, steps, zero=zero, tp=tp, pad=pad),
+                              device=device)
     trainer = Trainer(cfg, world=world, log=lambda s: None, resume=resume)
 
     def work() -> int:
@@ -193,9 +195,9 @@ def main() -> int:
     if mode == "memory":
         return memory(out, sys.argv[3])
     corpus, steps, batch, tp, zero = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-    extra = dict(a.split("=", 1) for a in sys.argv[8:])  # resume=CKPT, device=cuda
+    extra = dict(a.split("=", 1) for a in sys.argv[8:])  # resume=CKPT, device=cuda, pad=PAD_VOCAB_TO
     return train(out, corpus, steps, batch, tp, zero, extra.get("resume"), extra.get("device", "cpu"),
-                 extra.get("fail") == "1")
+                 extra.get("fail") == "1", int(extra.get("pad", 1)))
 
 
 if __name__ == "__main__":
