@@ -171,8 +171,8 @@ def _supports(a: Any, b: Any, out_dtype: Any) -> bool:
 
 def _run(a: Any, b: Any, out_dtype: Any, vec: Any, epilogue: int) -> Any:
     """The fused GEMM (see matmul_bias / matmul_bgrad) or None when it does not apply."""
-    if not _supports(a, b, out_dtype) or backend.dtype_name(vec.dtype) not in _DTYPES:
-        return None
+    if not _supports(a, b, out_dtype) or backend.dtype_name(vec.dtype) not in _DTYPES or vec.data.ptr % 16:
+        return None  # (the epilogue's vector wants 16-byte alignment)
     lib = _lib()
     if lib is None:
         return None
