@@ -141,11 +141,8 @@ def _plan(lib: Any, handle: int, key: tuple) -> Any:
         _set(lib, "cublasLtMatmulDescSetAttribute", desc, attr, ctypes.c_int32(v))
     _set(lib, "cublasLtMatmulDescSetAttribute", desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
     _set(lib, "cublasLtMatmulDescSetAttribute", desc, _DESC_BIAS_DATA_TYPE, ctypes.c_int32(types[t_bias]))
-    # column-major shapes: Lt's A (n, k) stored as op(A), Lt's B (k, m), D (n, m)
     lay = []
-    for rows, cols, ld, t in (((k, n) if opa_lt == _OP_T else (n, k)) + (lda_lt, t_in),
-                              ((m, k) if opb_lt == _OP_T else (k, m)) + (ldb_lt, t_in),
-                              (n, m, n, t_out)):
+    for (rows, cols, ld), t in zip(lt_layouts(m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt), (t_in, t_in, t_out)):
         h = ctypes.c_void_p()
         _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(h), types[t], rows, cols, ld), "MatrixLayoutCreate")
         lay.append(h)
@@ -161,6 +158,23 @@ def _plan(lib: Any, handle: int, key: tuple) -> Any:
     if st != 0 or count.value < 1 or res.state != 0 or res.workspaceSize > _WORKSPACE_BYTES:
         return None  # (descriptors of a refused case are kept: a few bytes, once per case)
     return desc, lay, res.algo
+
+
+def lt_operands(a: Any, b: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """For a (m, k) @ b (k, n) (any array with strides): ((op, ld) of cuBLASLt's A, (op, ld) of its
+    B) in the column-major view, where Lt's A is our b and its B our a (a row-major operand is op N
+    there, a column-major one op T, as in cublas.py); None when an operand needs a copy."""
+    la, lb = cublas._layout(a), cublas._layout(b)
+    if la is None or lb is None:
+        return None
+    return ((_OP_N if lb[0] else _OP_T), lb[1]), ((_OP_N if la[0] else _OP_T), la[1])
+
+
+def lt_layouts(m: int, n: int, k: int, opa: int, lda: int, opb: int, ldb: int) -> list[tuple[int, int, int]]:
+    """(rows, cols, ld) of the column-major layouts of Lt's A, B and D for our (m, k) @ (k, n): op(A)
+    is (n, k), op(B) is (k, m), D is (n, m) (our row-major (m, n) result); a transposed operand is
+    stored the other way round."""
+    return [((k, n) if opa == _OP_T else (n, k)) + (lda,), ((m, k) if opb == _OP_T else (k, m)) + (ldb,), (n, m, n)]
 
 
 def _supports(a: Any, b: Any, out_dtype: Any) -> bool:
@@ -179,14 +193,12 @@ def _run(a: Any, b: Any, out_dtype: Any, vec: Any, epilogue: int) -> Any:
     m, k, n = a.shape[0], a.shape[1], b.shape[1]
     if m == 0 or n == 0 or k == 0:
         return None
-    la, lb = cublas._layout(a), cublas._layout(b)
-    if la is None or lb is None:
+    ops = lt_operands(a, b)
+    if ops is None:
         return None
+    (opa_lt, lda_lt), (opb_lt, ldb_lt) = ops
     cp = backend.cupy_module()
     out = cp.ndarray((m, n), out_dtype)
-    # Lt's A is our b, its B our a (row-major operand = op N in the column-major view, as cublas.py)
-    opa_lt, lda_lt = (_OP_N if lb[0] else _OP_T), lb[1]
-    opb_lt, ldb_lt = (_OP_N if la[0] else _OP_T), la[1]
     aligns = tuple(_alignment(x.data.ptr) for x in (b, a, out, out))
     key = (m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, backend.dtype_name(a.dtype), backend.dtype_name(out.dtype),
            backend.dtype_name(vec.dtype), epilogue, aligns)
