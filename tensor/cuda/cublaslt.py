@@ -223,10 +223,11 @@ def matmul_bias(a: Any, b: Any, bias: Any, out_dtype: Any = None) -> Any:
     16-bit a, b), the bias added in float32 to the accumulator (it may be float32 or the out dtype);
     None when cuBLASLt does not take this case."""
     out_dtype = np.dtype(out_dtype or a.dtype)
-    if bias is None or bias.ndim != 1 or b.ndim != 2 or bias.shape[0] != b.shape[1] or not bias._c_contiguous:
+    if (bias is None or not _supports(a, b, out_dtype) or not cublas.usable(bias) or bias.ndim != 1
+            or bias.shape[0] != b.shape[1] or not bias._c_contiguous):
         return None
     y = _run(a, b, out_dtype, bias, _EPILOGUE_BIAS)
-    if y is None and bias.dtype != out_dtype and backend.dtype_name(out_dtype) in _DTYPES:
+    if y is None and bias.dtype != out_dtype:
         y = _run(a, b, out_dtype, bias.astype(out_dtype), _EPILOGUE_BIAS)  # a bias in D's own dtype
     return y
 
@@ -234,12 +235,15 @@ def matmul_bias(a: Any, b: Any, bias: Any, out_dtype: Any = None) -> Any:
 def matmul_bgrad(a: Any, b: Any, out_dtype: Any = None, db_dtype: Any = np.float32) -> tuple[Any, Any] | None:
     """(a (m, k) @ b (k, n) -> (m, n) in out_dtype, a.sum(axis=1) (m,) in db_dtype) from one GEMM,
     or None when cuBLASLt does not take this case. For a Linear's backward, a = g^T (g (rows, out)),
-    b = x (rows, in): dW and db together."""
+    b = x (rows, in): dW and db together. db is written in db_dtype by the GEMM where cuBLASLt takes
+    that; else in the inputs' dtype and cast (as PyTorch's autocast has a 16-bit bias gradient)."""
     out_dtype = np.dtype(out_dtype or a.dtype)
     if a.ndim != 2:
         return None
     cp = backend.cupy_module()
     db_dtype = np.dtype(db_dtype)
+    if not _supports(a, b, out_dtype):
+        return None
     for t in dict.fromkeys((db_dtype, a.dtype)):  # db in float32, else in the inputs' dtype and a cast
         if backend.dtype_name(t) not in _DTYPES:
             continue
