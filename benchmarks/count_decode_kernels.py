@@ -49,7 +49,7 @@ def _check(status: int, what: str) -> None:
 def _kernel_name(cu: ctypes.CDLL, node: int) -> str:
     """The kernel node's function name, or '?' where this driver does not say."""
     try:
-        params = (ctypes.c_uint64 * 16)()  # CUDA_KERNEL_NODE_PARAMS(_v2): its first field is the CUfunction
+        params = (ctypes.c_uint64 * 64)()  # CUDA_KERNEL_NODE_PARAMS(_v2) (72 bytes, room to spare): func first
         get = getattr(cu, "cuGraphKernelNodeGetParams_v2", None) or cu.cuGraphKernelNodeGetParams
         if get(ctypes.c_void_p(node), params) != 0 or not params[0]:
             return "?"
