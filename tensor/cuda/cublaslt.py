@@ -105,14 +105,14 @@ def _check(status: int, what: str) -> None:
 _STATE: dict = {}   # device -> (handle, workspace array)
 
 
-def _device_state(lib: Any, cp: Any) -> tuple[int, Any]:
-    """(cuBLASLt handle, 32 MiB workspace) of the current device, made on first use."""
+def _device_state(lib: Any, cp: Any) -> tuple[int, int, Any]:
+    """(device, cuBLASLt handle, 32 MiB workspace) of the current device, made on first use."""
     dev = cp.cuda.runtime.getDevice()
     st = _STATE.get(dev)
     if st is None:
         h = ctypes.c_void_p()
         _check(lib.cublasLtCreate(ctypes.byref(h)), "cublasLtCreate")
-        st = _STATE[dev] = (h.value, cp.empty(_WORKSPACE_BYTES, dtype=np.uint8))
+        st = _STATE[dev] = (dev, h.value, cp.empty(_WORKSPACE_BYTES, dtype=np.uint8))
     return st
 
 
@@ -133,7 +133,7 @@ _PLANS: dict = {}   # case key -> (matmul desc, layouts A B D, algo) or None (no
 
 def _plan(lib: Any, handle: int, key: tuple) -> Any:
     """Descriptors and the heuristic's first algorithm for one case, or None."""
-    (m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, t_in, t_out, t_bias, epilogue, aligns) = key
+    (_, m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, t_in, t_out, t_bias, epilogue, aligns) = key
     _, types = cublas._lib()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, types["float32"]), "MatmulDescCreate")
@@ -200,9 +200,9 @@ def _run(a: Any, b: Any, out_dtype: Any, vec: Any, epilogue: int) -> Any:
     cp = backend.cupy_module()
     out = cp.ndarray((m, n), out_dtype)
     aligns = tuple(_alignment(x.data.ptr) for x in (b, a, out, out))
-    key = (m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, backend.dtype_name(a.dtype), backend.dtype_name(out.dtype),
+    dev, handle, ws = _device_state(lib, cp)
+    key = (dev, m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, backend.dtype_name(a.dtype), backend.dtype_name(out.dtype),
            backend.dtype_name(vec.dtype), epilogue, aligns)
-    handle, ws = _device_state(lib, cp)
     if key not in _PLANS:
         _PLANS[key] = _plan(lib, handle, key)
     plan = _PLANS[key]
