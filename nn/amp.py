@@ -9,6 +9,11 @@ How it works here (autocast by module, no global switch):
     parameters themselves stay float32: they ARE the master weights; the op hands back
     float32 gradients for them (on the GPU straight out of the GEMM, no cast kernel), and
     the optimizer's moments are float32 too.
+  * It also sets `out_dtype` on every LayerNorm: the norm reads the float32 residual stream,
+    keeps its statistics in float32 and writes its output straight in the compute dtype, as the
+    product it feeds (a block's c_attn / c_fc, the lm_head) would cast it anyway; one pass instead
+    of a norm and a cast (on the GPU, tensor/cuda/layernorm.py). Its gradient comes back from that
+    product in the compute dtype, as PyTorch's autocast has it.
   * Attention runs in the dtype of its qkv input: on the GPU its batched GEMMs run in 16 bits
     with float32 scores, the softmax is computed in float32 and P is kept in 16 bits.
   * Softmax, LayerNorm statistics and cross-entropy upcast half inputs to float32
@@ -48,12 +53,15 @@ def low_dtype(precision: str) -> Any:
 
 
 def autocast_(model: Module, precision: str) -> Module:
-    """Make every Linear of `model` compute in the precision's dtype (in place; returns model)."""
-    from nn.layers import Linear
+    """Make every Linear of `model` compute in the precision's dtype, and every LayerNorm write its
+    output in it (in place; returns model)."""
+    from nn.layers import LayerNorm, Linear
     dtype = low_dtype(precision)
     for m in model.modules():
         if isinstance(m, Linear):
             m.compute_dtype = dtype
+        elif isinstance(m, LayerNorm):
+            m.out_dtype = dtype
     return model
 
 

@@ -59,6 +59,7 @@ class Embedding(Module):
 
 class LayerNorm(Module):
     """Normalise the last axis (size C) to mean 0, variance 1, then scale and shift."""
+    out_dtype: Any = None  # set by nn.amp.autocast_: the output in the compute dtype of the product it feeds
 
     def __init__(self, ndim: int, eps: float = 1e-5, bias: bool = True) -> None:
         self.ndim, self.eps = ndim, eps
@@ -66,7 +67,7 @@ class LayerNorm(Module):
         self.bias = Parameter(np.zeros(ndim, dtype=np.float32)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.ndim}, eps={self.eps}"

@@ -177,10 +177,12 @@ class CrossEntropy(Function):
 
 class LayerNorm(Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis.
-    x (..., C), weight (C,) or None, bias (C,) or None -> y like x."""
+    x (..., C), weight (C,) or None, bias (C,) or None -> y of x's shape, in out_dtype (default x's
+    dtype; mixed precision asks for the compute dtype when y feeds a product, nn.amp). The
+    statistics are float32 (or wider) whatever the dtypes; dx comes back in x's dtype."""
     # dxhat = g*w;  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat));  dw = sum(g*xhat), db = sum(g)
-    def forward(self, x, weight=None, bias=None, eps=1e-5):
-        self.prepare(x, weight, bias)
+    def forward(self, x, weight=None, bias=None, eps=1e-5, out_dtype=None):
+        self.prepare(x, weight, bias, out_dtype)
         xp = array_module(x)
         x32 = to_f32(x)
         xc = x32 - x32.mean(axis=-1, keepdims=True)
@@ -189,7 +191,7 @@ class LayerNorm(Function):
         y = xhat if weight is None else xhat * weight
         y = y if bias is None else y + bias
         self.save_for_backward(xhat, rstd, weight)
-        return y.astype(x.dtype, copy=False)
+        return y.astype(self.out_dtype, copy=False)
 
     def backward(self, g):
         xhat, rstd, weight = self.saved
@@ -198,17 +200,20 @@ class LayerNorm(Function):
         dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
         lead = tuple(range(g.ndim - 1))  # every axis but the last
         dw = (g32 * xhat).sum(axis=lead).astype(weight.dtype, copy=False) if self.need_w else None
-        db = g32.sum(axis=lead).astype(g.dtype, copy=False) if self.need_b else None
+        db = g32.sum(axis=lead).astype(self.b_dtype, copy=False) if self.need_b else None
         return dx.astype(self.in_dtype, copy=False), dw, db
 
-    def prepare(self, x: Any, weight: Any, bias: Any) -> None:
-        """Check the parameter shapes; record in_dtype and has_bias (every path shares them)."""
+    def prepare(self, x: Any, weight: Any, bias: Any, out_dtype: Any = None) -> None:
+        """Check the parameter shapes; record in_dtype, out_dtype, b_dtype and has_bias (every path
+        shares them)."""
         C = x.shape[-1]
         for name, p in (("weight", weight), ("bias", bias)):
             if p is not None and p.shape != (C,):
                 raise ValueError(f"layer_norm: {name} of shape {shape_str(p)} does not match the last axis of x "
                                  f"{shape_str(x)} (expected ({C},))")
         self.has_bias, self.has_weight, self.in_dtype = bias is not None, weight is not None, x.dtype
+        self.out_dtype = x.dtype if out_dtype is None else np.dtype(out_dtype)
+        self.b_dtype = x.dtype if bias is None else bias.dtype
 
     @property
     def need_w(self) -> bool:
@@ -324,9 +329,11 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     return pick(CrossEntropy, _arr(logits), ids).apply(logits, ids, ignore_index=ignore_index)
 
 
-def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """Normalize over the last axis, then scale and shift. x (..., C); weight, bias (C,)."""
-    return pick(LayerNorm, _arr(x), _arr(weight), _arr(bias)).apply(x, weight, bias, eps=eps)
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
+               out_dtype: Any = None) -> Tensor:
+    """Normalize over the last axis, then scale and shift. x (..., C); weight, bias (C,) -> (..., C)
+    in out_dtype (default x's dtype; statistics in float32 or wider either way)."""
+    return pick(LayerNorm, _arr(x), _arr(weight), _arr(bias)).apply(x, weight, bias, eps=eps, out_dtype=out_dtype)
 
 
 def embedding(ids: Any, weight: Tensor) -> Tensor:

@@ -58,7 +58,10 @@ def layer_norm_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tup
     w = rng.standard_normal(C).astype(dtype) if has_w else None
     b = rng.standard_normal(C).astype(dtype) if has_b else None
     rg = [True, draw(st.booleans()) if has_w else False, draw(st.booleans()) if has_b else False]
-    return [x, w, b], rg, {"eps": draw(st.sampled_from([1e-5, 1e-3]))}
+    kwargs = {"eps": draw(st.sampled_from([1e-5, 1e-3]))}
+    if dtype == np.float32:  # mixed precision: the output (and so its gradient) in the compute dtype
+        kwargs["out_dtype"] = draw(st.sampled_from([None, np.float16, ml_dtypes.bfloat16]))
+    return [x, w, b], rg, kwargs
 
 
 def cross_entropy_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
@@ -162,7 +165,7 @@ def compare_on(op: str, arrays: list, rg: list, kwargs: dict, dtype_name: str, d
     g = rng.standard_normal(out.shape).astype(out.dtype)  # one upstream gradient for both
     what = (f"{fast.__name__} vs {op}, {dtype_name}, shapes {[None if a is None else a.shape for a in arrays]}, "
             f"requires_grad {rg}, {kwargs}")
-    low = kwargs.get("compute_dtype")  # 16-bit products: both paths round to that precision, differently
+    low = kwargs.get("compute_dtype", kwargs.get("out_dtype"))  # 16-bit results: both round, differently
     tol_name = backend.dtype_name(np.dtype(low)) if low is not None else dtype_name
     assert_same(run(fast, arrays, rg, kwargs, g, device), run(ref, arrays, rg, kwargs, g, device), tol_name, what)
 

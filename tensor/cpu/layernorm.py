@@ -24,8 +24,8 @@ class LayerNormCPU(LayerNorm):
         """Every NumPy input (float16/bfloat16 compute in float32, as the reference does)."""
         return type(x) is np.ndarray
 
-    def forward(self, x, weight=None, bias=None, eps=1e-5):
-        self.prepare(x, weight, bias)
+    def forward(self, x, weight=None, bias=None, eps=1e-5, out_dtype=None):
+        self.prepare(x, weight, bias, out_dtype)
         C = x.shape[-1]
         x2 = to_f32(x).reshape(-1, C)
         inv_c = 1.0 / C  # (sum * 1/C: ndarray.mean costs a Python-level wrapper per call)
@@ -40,7 +40,7 @@ class LayerNormCPU(LayerNorm):
             if bias is not None:
                 y += bias
             self.save_for_backward(xhat, rstd, weight)
-            return y.reshape(x.shape).astype(x.dtype, copy=False)
+            return y.reshape(x.shape).astype(self.out_dtype, copy=False)
         xhat, y = np.empty_like(x2), np.empty_like(x2)
         rstd = np.empty((x2.shape[0], 1), dtype=x2.dtype)
 
@@ -62,7 +62,7 @@ class LayerNormCPU(LayerNorm):
                 ys += bias
         over_blocks(piece, x2.shape[0], max(1, BLOCK // max(C, 1)))
         self.save_for_backward(xhat, rstd, weight)
-        return y.reshape(x.shape).astype(x.dtype, copy=False)
+        return y.reshape(x.shape).astype(self.out_dtype, copy=False)
 
     def backward(self, g):
         xhat, rstd, weight = self.saved
@@ -96,5 +96,5 @@ class LayerNormCPU(LayerNorm):
             ds *= rstd[i:j]
         over_blocks(piece, rows, block)
         dw = dws.sum(axis=0).astype(weight.dtype, copy=False) if need_w else None
-        db = dbs.sum(axis=0).astype(g.dtype, copy=False) if need_b else None
+        db = dbs.sum(axis=0).astype(self.b_dtype, copy=False) if need_b else None
         return dx.reshape(g.shape).astype(self.in_dtype, copy=False), dw, db

@@ -1,14 +1,17 @@
 """Linear on the GPU: the reference formulas (tensor/functional.py: Linear) with every product
 straight through cuBLAS (tensor/cuda/cublas.py), a 16-bit product's float32 gradient written by
-the GEMM itself, and the bias added by one kernel in float (tensor/cuda/layout.py: bias_add;
-CuPy's broadcast add is ~2x slower)."""
+the GEMM itself. The bias rides in the GEMM's epilogue through cuBLASLt (tensor/cuda/cublaslt.py):
+added to the accumulator in the forward, and its gradient (the column sums of g) taken by the
+weight-gradient GEMM in the backward. Where cuBLASLt declines a case, the bias is added by one
+kernel in float (tensor/cuda/layout.py: bias_add) and its gradient is a column-sum kernel
+(functional.sum_rows)."""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 
-from tensor.cuda import cublas
+from tensor.cuda import cublas, cublaslt
 from tensor.cuda.common import usable
 from tensor.cuda.layout import bias_add
 from tensor.functional import Linear, gemm, sum_rows
@@ -33,7 +36,13 @@ class LinearCUDA(Linear):
 
     def forward(self, x, weight, bias=None, compute_dtype=None):
         x, weight = self.prepare(x, weight, bias, compute_dtype)
-        y = matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
+        shape = x.shape[:-1] + (weight.shape[0],)
+        x2 = x.reshape(-1, x.shape[-1])
+        if bias is not None and x2.dtype == weight.dtype:
+            y = cublaslt.matmul_bias(x2, weight.T, bias, x2.dtype)
+            if y is not None:
+                return y.reshape(shape)
+        y = matmul(x2, weight.T).reshape(shape)
         if bias is not None:
             if usable(y, bias):
                 bias_add(y, bias)
@@ -48,6 +57,11 @@ class LinearCUDA(Linear):
         if g2.dtype != w.dtype:
             g2 = g2.astype(w.dtype)
         gx = matmul(g2, w, dx_t).reshape(x.shape[:-1] + (w.shape[1],)) if self.needs_grad[0] else None
-        gw = matmul(g2.T, x.reshape(-1, x.shape[-1]), dw_t) if self.needs_grad[1] else None
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.needs_grad[1] and self.has_bias and self.needs_grad[2]:
+            fused = cublaslt.matmul_bgrad(g2.T, x2, dw_t, db_t)  # dW = g^T x and db = sum_rows(g), one GEMM
+            if fused is not None:
+                return gx, fused[0], fused[1]
+        gw = matmul(g2.T, x2, dw_t) if self.needs_grad[1] else None
         gb = sum_rows(g2, db_t) if self.has_bias and self.needs_grad[2] else None
         return gx, gw, gb

@@ -1,0 +1,194 @@
+"""GPU checks of the fused paths of a training and decode step: the vectorized GELU kernels, the
+bias in cuBLASLt's GEMM epilogue (forward BIAS, backward BGRADB) through tensor/cuda/cublaslt.py
+and tensor/cuda/linear.py, and LayerNorm writing its output in the compute dtype; each against
+float64 formulas or the reference path, in float32/float16/bfloat16, odd shapes, no bias, and
+inside a captured CUDA graph. Skipped cleanly without CuPy or a GPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensor import Tensor, backend, dispatch
+import tensor.functional as F
+
+pytestmark = pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and an NVIDIA GPU")
+
+DTYPES = ["float32", "float16", "bfloat16"]
+TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "float16": dict(rtol=1e-2, atol=1e-2),
+       "bfloat16": dict(rtol=4e-2, atol=4e-2)}
+
+
+def _dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _gpu(a: np.ndarray, dtype=None):
+    return backend.to_device(np.ascontiguousarray(a if dtype is None else a.astype(dtype)), "cuda")
+
+
+def _host(a) -> np.ndarray:
+    return backend.to_numpy(a).astype(np.float64)
+
+
+def _gelu64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    k = np.sqrt(2 / np.pi)
+    t = np.tanh(k * (x + 0.044715 * x ** 3))
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
+
+
+# ------------------------------------------------------------------ GELU
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4097, 3 * 16384 + 5])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_gelu_kernels_equal_the_formula_vectorized_and_not(dtype: str, n: int, offset: int) -> None:
+    """offset 0: 16-byte aligned (vector loads, a tail when n is not a multiple of the vector);
+    offset 1: a view one element in (the one-element variant)."""
+    from tensor.cuda import gelu
+    rng = np.random.default_rng(n)
+    t = _dtype(dtype)
+    xh, gh = (rng.standard_normal(n + offset) * 3).astype(t), rng.standard_normal(n + offset).astype(t)
+    x, g = _gpu(xh)[offset:], _gpu(gh)[offset:]
+    assert (x.data.ptr % 16 == 0) == (offset == 0)
+    y, dx = gelu.gelu_forward(x), gelu.gelu_backward(x, g)
+    y64, d64 = _gelu64(xh[offset:].astype(np.float64))
+    np.testing.assert_allclose(_host(y), y64, **TOL[dtype])
+    np.testing.assert_allclose(_host(dx), d64 * gh[offset:].astype(np.float64), **TOL[dtype])
+
+
+# ------------------------------------------------------------------ cuBLASLt epilogues
+SHAPES = [(64, 768, 3072), (16, 96, 40), (5, 7, 3), (33, 16, 1), (1, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias_f32", [True, False])
+def test_cublaslt_bias_epilogue_equals_the_product_plus_bias(dtype: str, shape: tuple, bias_f32: bool) -> None:
+    from tensor.cuda import cublaslt
+    m, k, n = shape
+    rng = np.random.default_rng(m * k + n)
+    t = _dtype(dtype)
+    xh, wh, bh = rng.standard_normal((m, k)), rng.standard_normal((n, k)), rng.standard_normal(n)
+    x, w = _gpu(xh, t), _gpu(wh, t)
+    b = _gpu(bh, np.float32 if bias_f32 else t)
+    y = cublaslt.matmul_bias(x, w.T, b, t)
+    if y is None:
+        # the GPT's shapes (multiples of 8, aligned) must take the fused path; odd ones may decline
+        assert shape != (64, 768, 3072), f"cuBLASLt declined the bias epilogue for {shape} {dtype}"
+        return
+    assert y.dtype == t and y.shape == (m, n)
+    ref = xh.astype(t).astype(np.float64) @ wh.astype(t).astype(np.float64).T + bh.astype(b.dtype).astype(np.float64)
+    np.testing.assert_allclose(_host(y), ref, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * np.sqrt(k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cublaslt_bgradb_gives_the_weight_and_bias_gradients(dtype: str, shape: tuple) -> None:
+    """dW = g^T x in float32 and db = column sums of g from one GEMM (a = g^T, b = x)."""
+    from tensor.cuda import cublaslt
+    rows, n_in, n_out = shape
+    rng = np.random.default_rng(rows + n_in)
+    t = _dtype(dtype)
+    gh, xh = rng.standard_normal((rows, n_out)).astype(t), rng.standard_normal((rows, n_in)).astype(t)
+    res = cublaslt.matmul_bgrad(_gpu(gh).T, _gpu(xh), np.float32, np.float32)
+    if res is None:
+        assert shape != (64, 768, 3072), f"cuBLASLt declined BGRADB for {shape} {dtype}"
+        return
+    dw, db = res
+    assert dw.dtype == np.float32 and db.dtype == np.float32 and dw.shape == (n_out, n_in) and db.shape == (n_out,)
+    g64, x64 = gh.astype(np.float64), xh.astype(np.float64)
+    np.testing.assert_allclose(_host(dw), g64.T @ x64, rtol=1e-4 if dtype == "float32" else 1e-2,
+                               atol=1e-3 * np.sqrt(rows))
+    # (db may come back through the inputs' dtype where cuBLASLt takes no float32 bias gradient)
+    np.testing.assert_allclose(_host(db), g64.sum(axis=0), rtol=1e-4 if dtype == "float32" else 1e-2,
+                               atol=1e-3 * np.sqrt(rows))
+
+
+# ------------------------------------------------------------------ Linear (cuBLASLt inside) against the reference
+@pytest.mark.parametrize("compute", [None, "float16", "bfloat16"])
+@pytest.mark.parametrize("lead,n_in,n_out", [((64,), 768, 3072), ((2, 7), 33, 5), ((3,), 8, 1), ((4, 16), 96, 40)])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_linear_fused_equals_the_reference_with_gradients(compute, lead, n_in, n_out, has_bias, monkeypatch) -> None:
+    from tensor.cuda.linear import LinearCUDA
+    rng = np.random.default_rng(n_in * n_out)
+    host = [rng.standard_normal(lead + (n_in,)), rng.standard_normal((n_out, n_in)) * 0.1,
+            rng.standard_normal(n_out) if has_bias else None]
+    g = rng.standard_normal(lead + (n_out,))
+    cd = None if compute is None else _dtype(compute)
+
+    def run(cls) -> list:
+        ts = [None if a is None else Tensor(a.astype(np.float32), device="cuda", requires_grad=True) for a in host]
+        y = cls.apply(*ts, compute_dtype=cd)
+        y.backward(Tensor(g.astype(y.dtype), device="cuda"))
+        return [_host(y.data)] + [_host(t.grad) for t in ts if t is not None]
+
+    fused = run(LinearCUDA)
+    ref = run(F.Linear)
+    tol = TOL[compute or "float32"]
+    for i, (a, b) in enumerate(zip(fused, ref)):
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=f"result {i}")
+
+
+# ------------------------------------------------------------------ LayerNorm emitting the compute dtype
+@pytest.mark.parametrize("out", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("C", [768, 33, 1])
+def test_layer_norm_writes_the_compute_dtype_with_float32_statistics(out: str, C: int) -> None:
+    from tensor.cuda.layernorm import LayerNormCUDA
+    rng = np.random.default_rng(C)
+    xh = rng.standard_normal((37, C)) * 3 + 1
+    wh, bh = rng.standard_normal(C), rng.standard_normal(C)
+    g = rng.standard_normal((37, C))
+    od = _dtype(out)
+
+    def run(cls) -> list:
+        ts = [Tensor(a.astype(np.float32), device="cuda", requires_grad=True) for a in (xh, wh, bh)]
+        y = cls.apply(*ts, eps=1e-5, out_dtype=od)
+        assert y.dtype == od
+        y.backward(Tensor(g.astype(od), device="cuda"))
+        for t in ts:
+            assert t.grad.dtype == np.float32
+        return [_host(y.data)] + [_host(t.grad) for t in ts]
+
+    fused, ref = run(LayerNormCUDA), run(F.LayerNorm)
+    for i, (a, b) in enumerate(zip(fused, ref)):
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=TOL[out]["rtol"], atol=TOL[out]["atol"] * scale, err_msg=f"result {i}")
+
+
+def test_autocast_sets_the_layer_norm_output_dtype() -> None:
+    from nn.amp import autocast_
+    from tinygrad_lm.model import GPT, GPTConfig
+    m = autocast_(GPT(GPTConfig(vocab_size=31, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0).to("cuda"), "bf16")
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32), device="cuda")
+    assert str(m.transformer.ln_f(x).dtype) == "bfloat16"
+
+
+# ------------------------------------------------------------------ inside a CUDA graph, against the reference path
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_graph_step_with_the_fused_paths_equals_the_reference_path(precision: str, monkeypatch) -> None:
+    """A captured step (GELU kernels, cuBLASLt epilogues, LayerNorm in the compute dtype) against an
+    eager step with every fast path off (TINYGRAD_LM_FAST=0: the reference formulas)."""
+    from nn.amp import autocast_
+    from nn.cuda_graph import CapturedStep
+    from tensor.cuda import cublaslt
+    from tinygrad_lm.model import GPT, GPTConfig
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, pos_encoding="learned")
+    model = autocast_(GPT(cfg, seed=5).to("cuda"), precision)
+    step = CapturedStep(model, batch=4, seq=16)
+    assert any(p is not None for p in cublaslt._PLANS.values()), "no GEMM took the cuBLASLt epilogue"
+    ids = np.random.default_rng(1).integers(0, 64, (4, 17))
+    x, y = ids[:, :-1], ids[:, 1:]
+    loss = float(backend.to_numpy(step(x, y)))
+    graph = [_host(p.grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    monkeypatch.setattr(dispatch, "_env_fast", False)
+    _, eager = model(x, y)
+    eager.backward()
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=6e-2, atol=1e-2)
+    np.testing.assert_allclose(loss, eager.item(), **tol)
+    for (name, p), g in zip(model.named_parameters(), graph):
+        np.testing.assert_allclose(g, _host(p.grad), err_msg=name, **tol)
