@@ -40,7 +40,6 @@ _PREF_MAX_WORKSPACE_BYTES = 1                                     # cublasLtMatm
 _PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}            # ..._MIN_ALIGNMENT_{A,B,C,D}_BYTES
 _POINTER_MODE_HOST = 0
 _OP_N, _OP_T = 0, 1
-_COMPUTE_32F = 68                                                 # cublasComputeType_t
 _WORKSPACE_BYTES = 32 << 20
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -133,10 +132,10 @@ _PLANS: dict = {}   # case key -> (matmul desc, layouts A B D, algo) or None (no
 
 def _plan(lib: Any, handle: int, key: tuple) -> Any:
     """Descriptors and the heuristic's first algorithm for one case, or None."""
-    (_, m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, t_in, t_out, t_bias, epilogue, aligns) = key
+    (_, m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, t_in, t_out, t_bias, epilogue, aligns, compute) = key
     _, types = cublas._lib()
     desc = ctypes.c_void_p()
-    _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, types["float32"]), "MatmulDescCreate")
+    _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), compute, types["float32"]), "MatmulDescCreate")
     for attr, v in ((_DESC_POINTER_MODE, _POINTER_MODE_HOST), (_DESC_TRANSA, opa_lt), (_DESC_TRANSB, opb_lt)):
         _set(lib, "cublasLtMatmulDescSetAttribute", desc, attr, ctypes.c_int32(v))
     _set(lib, "cublasLtMatmulDescSetAttribute", desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
@@ -202,7 +201,7 @@ def _run(a: Any, b: Any, out_dtype: Any, vec: Any, epilogue: int) -> Any:
     aligns = tuple(_alignment(x.data.ptr) for x in (b, a, out, out))
     dev, handle, ws = _device_state(lib, cp)
     key = (dev, m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, backend.dtype_name(a.dtype), backend.dtype_name(out.dtype),
-           backend.dtype_name(vec.dtype), epilogue, aligns)
+           backend.dtype_name(vec.dtype), epilogue, aligns, cublas._compute_type(backend.dtype_name(a.dtype)))
     if key not in _PLANS:
         _PLANS[key] = _plan(lib, handle, key)
     plan = _PLANS[key]
