@@ -1,7 +1,7 @@
 """How many kernels does one decode step launch? ours, fp32 vs bf16 (issue 19: the graph decoder is
 launch-bound, so bf16 loses where it runs more kernels per token: casts, bias adds).
 
-    python benchmarks/count_decode_kernels.py                       # small model, batch 1, fp32 and bf16
+    python benchmarks/count_decode_kernels.py                       # small model, batch 1: fp32, bf16, bf16 unfused
     python benchmarks/count_decode_kernels.py --models small,large --batch 8
 
 The decoder (tinygrad_lm/decode_cuda.py) is set up as bench_decode_gpu.py does (bf16: autocast_ and
@@ -100,10 +100,26 @@ def count_step(model, batch: int) -> dict:
             "kernels_by_name": dict(names.most_common())}
 
 
+def count_unfused(model, batch: int) -> dict:
+    """count_step as before the fusions: LayerNorms writing float32 (the Linear casts), and the bias
+    kernels instead of cuBLASLt's epilogue (switched off for this count only)."""
+    from nn.layers import LayerNorm
+    from tensor.cuda import cublaslt
+    for m in model.modules():
+        if isinstance(m, LayerNorm):
+            m.out_dtype = None
+    keep, cublaslt._supports = cublaslt._supports, (lambda *args: False)
+    try:
+        return count_step(model, batch)
+    finally:
+        cublaslt._supports = keep
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="small")
-    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--precisions", default="fp32,bf16,bf16-unfused",
+                    help="bf16-unfused: bf16 without the LayerNorm output in bf16 and the bias epilogues")
     ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args()
     rows = []
@@ -113,13 +129,14 @@ def main() -> None:
             cfg = GPTConfig(vocab_size=65, block_size=256, pos_encoding="learned", **MODELS[name])
             model = GPT(cfg, seed=0).eval()   # as bench_decode_gpu.py
             model.to("cuda")
-            if prec == "bf16":
+            if prec.startswith("bf16"):
                 bf16_inference_(model)
-            per[prec] = count_step(model, a.batch)
+            per[prec] = count_unfused(model, a.batch) if prec == "bf16-unfused" else count_step(model, a.batch)
             rows.append({"model": name, "precision": prec, "batch": a.batch, **per[prec]})
-        if "fp32" in per and "bf16" in per:
-            rows.append({"model": name, "batch": a.batch,
-                         "bf16_vs_fp32_kernel_nodes": round(per["bf16"]["kernel_nodes"] / per["fp32"]["kernel_nodes"], 3)})
+        for low in ("bf16", "bf16-unfused"):
+            if "fp32" in per and low in per:
+                rows.append({"model": name, "batch": a.batch,
+                             f"{low}_vs_fp32_kernel_nodes": round(per[low]["kernel_nodes"] / per["fp32"]["kernel_nodes"], 3)})
     print(json.dumps({"rows": rows}, indent=1))
 
 
