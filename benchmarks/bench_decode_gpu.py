@@ -15,7 +15,7 @@ Greedy tokens of every implementation are compared with ours (eager) and the fir
     python benchmarks/bench_decode_gpu.py --device cpu --models small --batches 1 --new-tokens 16
                                                                                # the PyTorch peer's code, eager, on the CPU
 Precision bf16: ours through nn.amp.autocast_ (products in bfloat16) with the blocks' Linear weights
-stored in bfloat16 (inference keeps no float32 master copy, so no cast per product; the tied
+and biases stored in bfloat16 (inference keeps no float32 master copy, so no cast per product; the tied
 embedding / lm_head stays float32), PyTorch with all its weights in bfloat16; both KV caches bfloat16.
 """
 from __future__ import annotations
@@ -127,13 +127,16 @@ class TorchStaticGPT:
 
 # ------------------------------------------------------------------ ours
 def bf16_inference_(model) -> None:
-    """autocast_(model, "bf16") and the blocks' Linear weights stored in bfloat16 (in place)."""
+    """autocast_(model, "bf16") and the blocks' Linear weights and biases stored in bfloat16 (in place), as
+    the PyTorch twin, which is wholly bfloat16 (a float32 bias would be cast for every product's epilogue)."""
     from nn.amp import autocast_, low_dtype
     from nn.layers import Linear
     autocast_(model, "bf16")
     for m in model.transformer.h.modules():
         if isinstance(m, Linear):
             m.weight.data = m.weight.data.astype(low_dtype("bf16"))
+            if m.bias is not None:
+                m.bias.data = m.bias.data.astype(low_dtype("bf16"))
 
 
 LOOKAHEAD = 2
