@@ -3,7 +3,7 @@
     init = SeedInit(cfg, seed)                         # GPT(cfg, seed) with placeholder weights (no memory)
     model = TensorParallelGPT(init.model, grid.tp)     # this rank's shards (still placeholders)
     parts = local_parameters(model, model.tp_layout().kinds)
-    fill_parameters(parts, init.arrays(parts), grid.t, tp, cfg.vocab_size)   # GPT(cfg, seed)'s values, sliced
+    fill_parameters(parts, init.arrays(parts), grid.t, tp, cfg.padded_vocab_size)   # GPT(cfg, seed)'s values, sliced
 
 (or `load_parameters(parts, checkpoint_file, ...)`; a PipelineStage of the model may come between the
 split and the fill.) A rank never holds more than its own part plus one full parameter (drawn or

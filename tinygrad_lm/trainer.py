@@ -169,7 +169,7 @@ class Trainer:
         if self.seed_init is None:
             return
         parts = local_parameters(self.model, self.tp_layout.kinds if self.tp_layout is not None else None)
-        t, tp, V = self.grid.t, self.cfg.tp, self.model.config.vocab_size
+        t, tp, V = self.grid.t, self.cfg.tp, self.model.config.padded_vocab_size  # the table's rows (--pad-vocab-to)
         if self.ckpt is not None:
             self._load_file(lambda into, path: load_parameters(into, path, t, tp, V), parts, self.ckpt,
                             ckpt_io.MODEL_FILE)
