@@ -85,8 +85,10 @@ class KVCache:
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, like: Any) -> None:
         xp = array_module(like)
-        self.k = xp.zeros((batch, n_head, max_len, head_dim), dtype=like.dtype)
-        self.v = xp.zeros_like(self.k)
+        # k and v are the two halves of one buffer, so that a decoding step can write a token's key
+        # and value (adjacent in the fused q|k|v projection) with one copy (tinygrad_lm/decode_cpu.py)
+        self.kv = xp.zeros((2, batch, n_head, max_len, head_dim), dtype=like.dtype)
+        self.k, self.v = self.kv[0], self.kv[1]
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

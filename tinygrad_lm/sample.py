@@ -30,6 +30,7 @@ import numpy as np
 
 from tensor import backend
 from tensor.tensor import no_grad
+from tinygrad_lm.decode_cpu import cpu_decoder
 from tinygrad_lm.errors import UserError
 
 
@@ -159,6 +160,7 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
     finished_with = np.zeros(B, dtype=np.int64)
     padded = bool(pads.any())  # without padding no key mask is needed (saves a masking pass per layer)
     caches, fed = None, 0   # fed: columns of seq already inside the caches
+    fast = None             # the CPU decoding step over the caches (tinygrad_lm/decode_cpu.py), where it applies
     was_training = model.training
     model.eval()
     try:
@@ -167,14 +169,20 @@ def stream(model: Any, idx: Any, max_new_tokens: int, temperature: float = 1.0, 
                 if use_cache and seq.shape[1] <= cfg.block_size:
                     if caches is None:
                         caches = model.new_caches(B)
+                        fast = cpu_decoder(model, caches, pads)
                     _, positions, real = _window_inputs(seq, pads, cfg.block_size)
-                    logits, _ = model(seq[:, fed:], mask=real if padded else None, positions=positions[:, fed:],
-                                      caches=caches)
+                    if fast is not None and fed == seq.shape[1] - 1:  # one new token: the CPU step
+                        last = fast.step(seq[:, -1], positions[:, -1])
+                    else:  # the prompt (prefill), or any step where the fast one does not apply
+                        logits, _ = model(seq[:, fed:], mask=real if padded else None, positions=positions[:, fed:],
+                                          caches=caches)
+                        last = backend.to_numpy(logits.data[:, -1, :])
                     fed = seq.shape[1]
                 else:  # no cache, or past block_size: recompute over the cropped window
                     window, positions, real = _window_inputs(seq, pads, cfg.block_size)
                     logits, _ = model(window, mask=real if padded else None, positions=positions)
-                last = backend.to_numpy(logits.data[:, -1, :cfg.vocab_size])  # never a padding row (pad_vocab_to)
+                    last = backend.to_numpy(logits.data[:, -1, :])
+                last = last[:, :cfg.vocab_size]  # never a padding row (pad_vocab_to)
                 nxt = pick(last, temperature, top_k, top_p, rng)
                 nxt = np.where(done, finished_with, nxt)
                 if stops.size:  # (np.isin costs ~10 us a token even for no stop tokens)

@@ -107,13 +107,17 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     return o, p, keep
 
 
-def decode_attention(q: Any, k: Any, v: Any, out: Any) -> Any:
-    """One query row per head against every cached key (decoding: Tq = 1, nothing masked, no
-    dropout, float32/float64): attention_forward's formulas without its slices, bias and masks
-    (a dozen fewer NumPy calls per layer and token). q (.., 1, D), k, v (.., Tk, D); O into `out`;
-    returns P (.., 1, Tk) as the view of the transposed scores, as attention_forward keeps it."""
+def decode_attention(q: Any, k: Any, v: Any, out: Any, bias: Any = None) -> Any:
+    """One query row per head against every cached key (decoding: Tq = 1, no dropout,
+    float32/float64): attention_forward's formulas without its slices and masks (a dozen fewer
+    NumPy calls per layer and token). q (.., 1, D), k, v (.., Tk, D); O into `out`; bias: None, or
+    0/-inf per key broadcastable to (.., Tk, 1) (-inf: a masked key; at least one key per row
+    must be unmasked). Returns P (.., 1, Tk) as the view of the transposed scores, as
+    attention_forward keeps it."""
     st = np.matmul(k, q.swapaxes(-1, -2))                 # S^T (.., Tk, 1)
     st *= 1.0 / math.sqrt(q.shape[-1])
+    if bias is not None:
+        st += bias
     st -= st.max(axis=-2, keepdims=True)
     np.exp(st, out=st)
     st /= st.sum(axis=-2, keepdims=True)
