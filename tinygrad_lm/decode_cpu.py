@@ -130,6 +130,12 @@ class CPUDecoder:
         self.H, self.D = cfg.n_head, C // cfg.n_head
         self.layers = [_Layer(b) for b in tr.h]
         self.ln_f, self.head = _Norm(tr.ln_f), _Linear(model.lm_head)
+        V = cfg.vocab_size  # the head's rows past it are padding (pad_vocab_to): never computed
+        self.head.w, self.head.out_features = self.head.w[:V], V
+        if self.head.scale is not None:
+            self.head.scale = self.head.scale[:V]
+        if self.head.bias is not None:
+            self.head.bias = self.head.bias[:V]
         wte = tr.wte
         self.wte = wte.weight.data
         self.wte_scale = wte.weight_scale.data if isinstance(wte, QuantizedEmbedding) else None
