@@ -126,7 +126,7 @@ CASES = [  # dtype, D, B, H, Tq, Tk, causal, masked
     ("bfloat16", 128, 1, 2, 1, 9, True, False),      # one query (decoding) sees every key
     ("bfloat16", 128, 1, 1, 1, 1, True, True),
     ("float16", 64, 1, 2, 33, 33, False, True),      # not causal, masked
-    ("float32", 32, 1, 1, 17, 17, True, False),      # float32: the shuffle product
+    ("float32", 32, 1, 1, 17, 17, True, False),      # float32: the three-part bfloat16 product
 ]
 
 

@@ -20,8 +20,9 @@ dropout_p > 0 tensor/cuda/attention.py keeps its cuBLAS path (which draws the re
 
 Matrix products: 16-bit inputs use `mma.sync.aligned.m16n8k16` (inline PTX, float32 accumulation;
 P and dS are rounded to the input dtype before their product, as FlashAttention does); float32 uses
-the same fragment layout with the product done by warp shuffles and FMAs (`mma_f32_simt`), so one
-kernel text serves every dtype. Fragment layout of m16n8k16 (PTX ISA), groupID g = lane >> 2,
+the same fragments as float pairs, each value split into three bfloat16 parts whose six significant
+part products go through the bfloat16 mma (`mma_f32_split`: float32 accuracy on the tensor cores,
+no (T, T) rounding of P or dS), so one kernel text serves every dtype. Fragment layout of m16n8k16 (PTX ISA), groupID g = lane >> 2,
 threadID_in_group t = lane % 4, each "pair" two consecutive-k (A, B) or consecutive-column (C) values:
     A (16x16, row-major): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
     B (16x8, "col"):      b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
@@ -78,35 +79,33 @@ _SOURCE = r"""
 #define FA_FULL 0xffffffffu
 #define FA_PAD 8   // shared rows padded by 8 elements: 16-byte aligned rows, fewer bank conflicts
 
-// one warp's m16n8k16 product in float32 by shuffles: the same fragments as the tensor-core path,
-// each pair a float2 (x = lower index); every lane gathers rows g, g+8 of A and columns 2t, 2t+1 of B
-__device__ __forceinline__ void mma_f32_simt(float c[4], const float2 a[4], const float2 b[2]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    float ar[2][16], bc[2][16];
+// float32 on the tensor cores: each value split into three bfloat16 parts, x = h + m + l (the two
+// remainders are exact in float32, so h + m + l carries ~27 bits of x's 24), and the product
+// accumulated from the six part products that matter (m*l, l*m, l*l fall below float32's epsilon)
+__device__ __forceinline__ void split3(float x, unsigned& h, unsigned& m, unsigned& l) {
+    const unsigned short hb = f32_to_bf16(x);
+    const float r = x - bf16_to_f32(hb);
+    const unsigned short mb = f32_to_bf16(r);
+    h = hb; m = mb; l = f32_to_bf16(r - bf16_to_f32(mb));
+}
+__device__ __forceinline__ void split_pair(float2 p, unsigned& h, unsigned& m, unsigned& l) {
+    unsigned h0, m0, l0, h1, m1, l1;
+    split3(p.x, h0, m0, l0);
+    split3(p.y, h1, m1, l1);
+    h = h0 | (h1 << 16); m = m0 | (m1 << 16); l = l0 | (l1 << 16);
+}
+__device__ __forceinline__ void mma_f32_split(float c[4], const float2 a[4], const float2 b[2]) {
+    unsigned ah[4], am[4], al[4], bh[2], bm[2], bl[2];
 #pragma unroll
-    for (int src = 0; src < 4; ++src) {
+    for (int i = 0; i < 4; ++i) split_pair(a[i], ah[i], am[i], al[i]);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {   // a_r of lane (g, src): row g + 8 (r & 1), k = 2 src + 8 (r >> 1)
-            const int row = r & 1, kk = 2 * src + 8 * (r >> 1);
-            ar[row][kk] = __shfl_sync(FA_FULL, a[r].x, g * 4 + src);
-            ar[row][kk + 1] = __shfl_sync(FA_FULL, a[r].y, g * 4 + src);
-        }
-#pragma unroll
-        for (int cc = 0; cc < 2; ++cc)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {   // b_r of lane (2t + cc, src): k = 2 src + 8 r, column 2t + cc
-                const int kk = 2 * src + 8 * r;
-                bc[cc][kk] = __shfl_sync(FA_FULL, b[r].x, (2 * t + cc) * 4 + src);
-                bc[cc][kk + 1] = __shfl_sync(FA_FULL, b[r].y, (2 * t + cc) * 4 + src);
-            }
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        float s = c[e];
-#pragma unroll
-        for (int kk = 0; kk < 16; ++kk) s = fmaf(ar[e >> 1][kk], bc[e & 1][kk], s);
-        c[e] = s;
-    }
+    for (int i = 0; i < 2; ++i) split_pair(b[i], bh[i], bm[i], bl[i]);
+    mma_bf16(c, al, bh);   // smallest terms first
+    mma_bf16(c, ah, bl);
+    mma_bf16(c, am, bm);
+    mma_bf16(c, am, bh);
+    mma_bf16(c, ah, bm);
+    mma_bf16(c, ah, bh);
 }
 
 // dtype traits: storage S, fragment pair P, conversions and the tile product
@@ -116,7 +115,7 @@ struct Fp32 {
     static __device__ __forceinline__ S fromf(float x) { return x; }
     static __device__ __forceinline__ P pair(S lo, S hi) { return make_float2(lo, hi); }
     static __device__ __forceinline__ P pack(float lo, float hi) { return make_float2(lo, hi); }
-    static __device__ __forceinline__ void mma(float c[4], const P a[4], const P b[2]) { mma_f32_simt(c, a, b); }
+    static __device__ __forceinline__ void mma(float c[4], const P a[4], const P b[2]) { mma_f32_split(c, a, b); }
 };
 struct Fp16 {
     typedef unsigned short S; typedef unsigned P;
