@@ -506,8 +506,8 @@ def _kernels(dtype_name: str, D: int) -> dict:
 
 def fits(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True, dropout_p: float = 0.0) -> bool:
     """Whether forward/backward take these arrays: CuPy q (B, H, Tq, D), k, v (B, H, Tk, D), one float16/
-    bfloat16/float32 dtype, C-contiguous and 16-byte aligned, D in HEADS, Tq <= Tk when causal; mask None
-    or a CuPy bool (B, Tk); no dropout."""
+    bfloat16/float32 dtype, C-contiguous and 16-byte aligned, D in HEADS, Tq <= Tk when causal,
+    B * H <= 65535; mask None or a CuPy bool (B, Tk); no dropout."""
     if k is None or v is None or dropout_p != 0.0 or not usable(q, k, v):
         return False
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -515,6 +515,8 @@ def fits(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True, dropout_
     if q.shape[3] not in HEADS or not q.dtype == k.dtype == v.dtype or min(q.shape[2], k.shape[2]) == 0:
         return False
     if (causal and q.shape[2] > k.shape[2]) or any(a.data.ptr % 16 for a in (q, k, v)):
+        return False
+    if q.shape[0] * q.shape[1] > 65535:   # grid.y
         return False
     if mask is not None:
         if backend.array_module(mask) is np or mask.dtype != bool or mask.shape != (k.shape[0], k.shape[2]):
