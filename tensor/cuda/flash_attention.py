@@ -111,6 +111,7 @@ __device__ __forceinline__ void mma_f32_split(float c[4], const float2 a[4], con
 // dtype traits: storage S, fragment pair P, conversions and the tile product
 struct Fp32 {
     typedef float S; typedef float2 P;
+    static constexpr bool CACHE = false;   // A fragments reloaded at each use (RowFrags)
     static __device__ __forceinline__ float tof(S x) { return x; }
     static __device__ __forceinline__ S fromf(float x) { return x; }
     static __device__ __forceinline__ P pair(S lo, S hi) { return make_float2(lo, hi); }
@@ -119,6 +120,7 @@ struct Fp32 {
 };
 struct Fp16 {
     typedef unsigned short S; typedef unsigned P;
+    static constexpr bool CACHE = true;
     static __device__ __forceinline__ float tof(S x) { return f16_to_f32(x); }
     static __device__ __forceinline__ S fromf(float x) { return f32_to_f16(x); }
     static __device__ __forceinline__ P pair(S lo, S hi) { return (unsigned)lo | ((unsigned)hi << 16); }
@@ -127,6 +129,7 @@ struct Fp16 {
 };
 struct Bf16 {
     typedef unsigned short S; typedef unsigned P;
+    static constexpr bool CACHE = true;
     static __device__ __forceinline__ float tof(S x) { return bf16_to_f32(x); }
     static __device__ __forceinline__ S fromf(float x) { return f32_to_bf16(x); }
     static __device__ __forceinline__ P pair(S lo, S hi) { return (unsigned)lo | ((unsigned)hi << 16); }
@@ -172,6 +175,25 @@ __device__ __forceinline__ void c_to_a(typename T::P a[4], const float c0[4], co
     a[2] = T::pack(c1[0], c1[1]);
     a[3] = T::pack(c1[2], c1[3]);
 }
+// this warp's 16 rows of a (rows, D) matrix as A fragments, one per 16 columns: kept in registers
+// (16-bit types), or reloaded at each use (float32, whose fragments take twice the registers)
+template <class T, int D>
+struct RowFrags {
+    typename T::P f[T::CACHE ? D / 16 : 1][4];
+    const typename T::S* base;
+    int valid;
+    __device__ __forceinline__ void init(const typename T::S* b, int v) {
+        base = b; valid = v;
+        if constexpr (T::CACHE) {
+#pragma unroll
+            for (int kc = 0; kc < D / 16; ++kc) load_a<T>(f[kc], b + kc * 16, D, v);
+        }
+    }
+    __device__ __forceinline__ const typename T::P* get(int kc, typename T::P* tmp) const {
+        if constexpr (T::CACHE) return f[kc];
+        else { load_a<T>(tmp, base + kc * 16, D, valid); return tmp; }
+    }
+};
 // a row of C lives in the 4 lanes of a group
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(FA_FULL, x, 1));
@@ -210,9 +232,8 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     const int m0 = blockIdx.x * 64, row0 = m0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
-    P qa[D / 16][4];
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc) load_a<T>(qa[kc], q + qoff + (long long)row0 * D + kc * 16, D, Tq - row0);
+    RowFrags<T, D> qa;
+    qa.init(q + qoff + (long long)row0 * D, Tq - row0);
     float acc[D / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -227,13 +248,16 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-        for (int kc = 0; kc < D / 16; ++kc)
+        for (int kc = 0; kc < D / 16; ++kc) {
+            P tq[4];
+            const P* a = qa.get(kc, tq);
 #pragma unroll
             for (int nt = 0; nt < N / 8; ++nt) {
                 P bb[2];
                 load_b_nk<T>(bb, &sK[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(s[nt], qa[kc], bb);
+                T::mma(s[nt], a, bb);
             }
+        }
         float mx[2] = {mrun[0], mrun[1]};
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt)
@@ -318,12 +342,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
     const int k0 = blockIdx.x * 64, key0 = k0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
-    P ka[D / 16][4], va[D / 16][4];
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc) {
-        load_a<T>(ka[kc], k + koff + (long long)key0 * D + kc * 16, D, Tk - key0);
-        load_a<T>(va[kc], v + koff + (long long)key0 * D + kc * 16, D, Tk - key0);
-    }
+    RowFrags<T, D> ka, va;
+    ka.init(k + koff + (long long)key0 * D, Tk - key0);
+    va.init(v + koff + (long long)key0 * D, Tk - key0);
     float ak[D / 8][4], av[D / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt)
@@ -347,15 +368,19 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
 #pragma unroll
             for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
 #pragma unroll
-        for (int kc = 0; kc < D / 16; ++kc)
+        for (int kc = 0; kc < D / 16; ++kc) {
+            P tk[4], tv[4];
+            const P* a = ka.get(kc, tk);
+            const P* b = va.get(kc, tv);
 #pragma unroll
             for (int nt = 0; nt < N / 8; ++nt) {
                 P bb[2];
                 load_b_nk<T>(bb, &sQ[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(st[nt], ka[kc], bb);
+                T::mma(st[nt], a, bb);
                 load_b_nk<T>(bb, &sG[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(dpt[nt], va[kc], bb);
+                T::mma(dpt[nt], b, bb);
             }
+        }
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
@@ -411,12 +436,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
     const int m0 = blockIdx.x * 64, row0 = m0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
-    P qa[D / 16][4], ga[D / 16][4];
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc) {
-        load_a<T>(qa[kc], q + qoff + (long long)row0 * D + kc * 16, D, Tq - row0);
-        load_a<T>(ga[kc], go + qoff + (long long)row0 * D + kc * 16, D, Tq - row0);
-    }
+    RowFrags<T, D> qa, ga;
+    qa.init(q + qoff + (long long)row0 * D, Tq - row0);
+    ga.init(go + qoff + (long long)row0 * D, Tq - row0);
     float L[2], Dl[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -439,15 +461,19 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
 #pragma unroll
-        for (int kc = 0; kc < D / 16; ++kc)
+        for (int kc = 0; kc < D / 16; ++kc) {
+            P tq[4], tg[4];
+            const P* a = qa.get(kc, tq);
+            const P* b = ga.get(kc, tg);
 #pragma unroll
             for (int nt = 0; nt < N / 8; ++nt) {
                 P bb[2];
                 load_b_nk<T>(bb, &sK[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(s[nt], qa[kc], bb);    // S = Q K^T
+                T::mma(s[nt], a, bb);    // S = Q K^T
                 load_b_nk<T>(bb, &sV[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(dp[nt], ga[kc], bb);   // dP = dO V^T
+                T::mma(dp[nt], b, bb);   // dP = dO V^T
             }
+        }
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
