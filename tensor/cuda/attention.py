@@ -108,6 +108,8 @@ def _flash_qkv(qkv: Any, n_head: Any, mask: Any, dropout_p: float) -> bool:
         return False
     if qkv.shape[2] // (3 * n_head) not in flash_attention.HEADS or qkv.shape[1] == 0:
         return False
+    if qkv.shape[0] * n_head > 65535:   # what flash_attention.fits asks of the heads (their alignment holds)
+        return False
     return mask is None or (backend.array_module(mask) is not np and mask.dtype == bool
                             and mask.shape == qkv.shape[:2])
 
