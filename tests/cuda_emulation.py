@@ -4,7 +4,8 @@ The kernel text (the same string the CuPy module compiles) is compiled as C++ by
 with a small header that stands in for CUDA: every thread of a block is a host thread (blocks run
 one after another), `__syncthreads` is a barrier of the block, `__shfl_xor_sync` goes through a
 per-warp buffer and barrier, `__shared__` variables are function statics (one copy per kernel, as
-one block at a time runs). No cuda_fp16.h / cuda_bf16.h; the exp/log functions are the host's.
+one block at a time runs) poisoned with 0xff bytes (NaN) before every block, so a kernel that reads
+shared memory it did not write this block fails its test. No cuda_fp16.h / cuda_bf16.h; the exp/log functions are the host's.
 `build(source, launchers)` returns a ctypes library, or None when no C++ compiler is found.
 
 FRAGMENT_HOST stands in for the device-only primitives of tensor/cuda/flash_attention.py
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import shutil
 import subprocess
 import tempfile
@@ -28,7 +30,10 @@ HEADER = r"""
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 #include <pthread.h>
 using std::fmax; using std::max; using std::min;
@@ -41,7 +46,22 @@ static float shfl_buf[32][32];
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
+// __shared__ variables: function statics (one copy per kernel instantiation). _plain() follows each
+// declaration with a registration that poisons the variable (every byte 0xff: NaN in float32, float16
+// and bfloat16) when first reached, and launch() poisons every registered one before each block, as a
+// GPU's shared memory holds whatever was there before
 #define __shared__ static
+static std::mutex shared_mutex;
+static std::vector<std::pair<void*, size_t>> shared_regions;
+static bool register_shared(void* p, size_t n) {
+    std::lock_guard<std::mutex> lock(shared_mutex);
+    std::memset(p, 0xff, n);
+    shared_regions.emplace_back(p, n);
+    return true;
+}
+static void poison_shared() {
+    for (auto& r : shared_regions) std::memset(r.first, 0xff, r.second);
+}
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 struct float2 { float x, y; };
@@ -72,6 +92,7 @@ static void launch(Dim grid, Dim block, const std::function<void()>& body) {
     for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
             blockIdx = Dim{bx, by, 0};
+            poison_shared();
             pthread_barrier_init(&block_bar, nullptr, block.x);
             for (unsigned w = 0; w < (block.x + 31) / 32; ++w) pthread_barrier_init(&warp_bar[w], nullptr, 32);
             if (block.x == 1) {  // one thread: run it here
@@ -86,7 +107,80 @@ static void launch(Dim grid, Dim block, const std::function<void()>& body) {
             for (unsigned w = 0; w < (block.x + 31) / 32; ++w) pthread_barrier_destroy(&warp_bar[w]);
         }
 }
+// CuPy's way of launching: each argument a pointer to its value (cuLaunchKernel's kernelParams),
+// checked against the kernel's parameter types first (the size and kind of what the caller packed:
+// CuPy packs a Python int as 8 bytes and a float as a double, which a kernel's int or float misreads)
+template <class A> constexpr int arg_kind() {
+    return std::is_pointer<A>::value ? 1 : std::is_floating_point<A>::value ? 2 : 3;   // pointer, float, int
+}
+template <class... A, size_t... I>
+static void call_packed(void (*f)(A...), void* const* p, std::index_sequence<I...>) { f(*(const A*)p[I]...); }
+template <class... A, size_t... I>
+static int check_packed(const int* sizes, const int* kinds, std::index_sequence<I...>) {
+    int bad = 0;
+    ((bad = bad ? bad : (sizes[I] != (int)sizeof(A) || kinds[I] != arg_kind<A>()) ? (int)I + 1 : 0), ...);
+    return bad;
+}
+// 0 when launched; -1: wrong argument count; i > 0: argument i - 1 of the wrong size or kind
+template <class... A>
+static int launch_packed(void (*f)(A...), Dim grid, Dim block, int n, void* const* p, const int* sizes,
+                         const int* kinds) {
+    if (n != (int)sizeof...(A)) return -1;
+    const int bad = check_packed<A...>(sizes, kinds, std::index_sequence_for<A...>{});
+    if (bad) return bad;
+    launch(grid, block, [=] { call_packed(f, p, std::index_sequence_for<A...>{}); });
+    return 0;
+}
 """
+
+
+def packed_launcher(name: str, kernel: str) -> str:
+    """extern "C" int name(gx, gy, gz, bx, by, bz, n, args, sizes, kinds): `kernel` (a name expression)
+    launched the way CuPy launches it; see EmulatedKernel."""
+    return (f'extern "C" int {name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, '
+            f'int n, void* const* p, const int* sizes, const int* kinds) {{\n'
+            f'    return launch_packed(&{kernel}, Dim{{gx, gy, gz}}, Dim{{bx, by, bz}}, n, p, sizes, kinds);\n}}\n')
+
+
+class EmulatedKernel:
+    """Stands in for a cupy.RawKernel: `kernel(grid, block, args)` packs each argument as CuPy would
+    (a NumPy array: its data pointer; np.int32 / np.float32: 4 bytes; a Python int: 8-byte integer;
+    a Python float: double) and runs it on the CPU, after checking the packed sizes and kinds against
+    the kernel's parameters and the grid against CUDA's limits (grid.y, grid.z <= 65535, 1024 threads)."""
+
+    def __init__(self, lib: ctypes.CDLL, symbol: str, name: str):
+        self.fn, self.name = getattr(lib, symbol), name
+        self.fn.restype = ctypes.c_int
+        self.launches = 0
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+        import numpy as np
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        if not (grid[0] < 2**31 and grid[1] <= 65535 and grid[2] <= 65535 and 0 < block[0] * block[1] * block[2] <= 1024):
+            raise ValueError(f"{self.name}: launch grid {grid} block {block} beyond CUDA's limits")
+        if min(grid) < 1:
+            raise ValueError(f"{self.name}: empty grid {grid}")
+        vals, sizes, kinds = [], [], []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                v, kind = ctypes.c_void_p(a.ctypes.data), 1
+            elif isinstance(a, (np.floating, float)):
+                v, kind = (ctypes.c_float(a) if isinstance(a, np.float32) else ctypes.c_double(a)), 2
+            elif isinstance(a, (np.integer, int)):
+                v, kind = (ctypes.c_int32(a) if isinstance(a, np.int32) else ctypes.c_int64(a)), 3
+            else:
+                raise TypeError(f"{self.name}: argument of type {type(a).__name__}")
+            vals.append(v), sizes.append(ctypes.sizeof(v)), kinds.append(kind)
+        n = len(vals)
+        ptrs = (ctypes.c_void_p * n)(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
+        r = self.fn(*(ctypes.c_uint(x) for x in grid + block), ctypes.c_int(n), ptrs, (ctypes.c_int * n)(*sizes),
+                    (ctypes.c_int * n)(*kinds))
+        if r == -1:
+            raise TypeError(f"{self.name}: {n} arguments, not the kernel's count")
+        if r > 0:
+            raise TypeError(f"{self.name}: argument {r - 1} ({args[r - 1]!r:.40}) packed as {sizes[r - 1]} bytes "
+                            f"of kind {kinds[r - 1]}, not the kernel's parameter type")
+        self.launches += 1
 
 
 FRAGMENT_HOST = r"""
@@ -141,9 +235,28 @@ static inline void zero16(void* dst) { std::memset(dst, 0, 16); }
 """
 
 
+def _register_shared(source: str) -> str:
+    """Each `__shared__ T a[..], b[..];` followed by `static const bool` registrations of a and b (see
+    HEADER's register_shared: poisoned shared memory)."""
+    out, pos, n = [], 0, 0
+    for m in re.finditer(r"__shared__([^;]*);", source):
+        decl = re.sub(r"__align__\([^)]*\)", "", m.group(1))
+        names = []
+        for i, part in enumerate(decl.split(",")):
+            head = part.split("[")[0].strip()
+            names.append(re.findall(r"\w+", head)[-1] if i == 0 else head)
+        regs = "".join(f" static const bool tglm_shared_{n + j} = register_shared(&{x}, sizeof({x}));"
+                       for j, x in enumerate(names))
+        n += len(names)
+        out.append(source[pos:m.end()] + regs)
+        pos = m.end()
+    return "".join(out) + source[pos:]
+
+
 def _plain(source: str) -> str:
-    return source.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "") \
+    source = source.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>", "") \
         .replace('extern "C" __global__', "__global__")
+    return _register_shared(source)
 
 
 def build(source: str, launchers: str) -> ctypes.CDLL | None:

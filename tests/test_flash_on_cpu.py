@@ -7,103 +7,78 @@ ragged tiles, one query, Tq < Tk, causal and not, a key-padding mask with fully 
 64, 128, each dtype. tests/test_gpu_flash.py checks the same on a GPU. Skipped without a C++ compiler."""
 from __future__ import annotations
 
-import ctypes
 import math
 
 import numpy as np
 import pytest
 
-from cuda_emulation import FRAGMENT_HOST, build
+from cuda_emulation import FRAGMENT_HOST, EmulatedKernel, build, packed_launcher
 from tensor.attention import allowed_keys, sdpa_backward, sdpa_forward
 from tensor.cuda import flash_attention as FA
+from test_gpu_flash import check
 
+ml_dtypes = pytest.importorskip("ml_dtypes")
 COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32)]
-TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-5}   # max |error| / max |reference|
-
-
-def _launchers() -> str:
-    out = []
-    for dt, D in COMBOS:
-        names = FA.kernel_names(dt, D)
-        tag = f"{dt}_{D}"
-        out.append(f"""
-extern "C" void fwd_{tag}(const void* q, const void* k, const void* v, const unsigned char* mask, void* o, float* lse,
-        int BH, int H, int Tq, int Tk, int causal, int has_mask, float sl2) {{
-    typedef {FA.TRAITS[dt]}::S S;
-    launch(Dim{{(unsigned)((Tq + 63) / 64), (unsigned)BH, 1}}, Dim{{128, 1, 1}}, [=] {{
-        {names['fwd']}((const S*)q, (const S*)k, (const S*)v, mask, (S*)o, lse, H, Tq, Tk, causal, has_mask, sl2); }});
-}}
-extern "C" void bwd_{tag}(const void* q, const void* k, const void* v, const unsigned char* mask, const void* go,
-        const void* o, const float* lse, float* delta, void* dq, void* dk, void* dv, int BH, int H, int Tq, int Tk,
-        int causal, int has_mask, float sl2, float scale) {{
-    typedef {FA.TRAITS[dt]}::S S;
-    launch(Dim{{(unsigned)((BH * Tq + 3) / 4), 1, 1}}, Dim{{128, 1, 1}}, [=] {{
-        {names['delta']}((const S*)go, (const S*)o, delta, BH * Tq); }});
-    launch(Dim{{(unsigned)((Tk + 63) / 64), (unsigned)BH, 1}}, Dim{{128, 1, 1}}, [=] {{
-        {names['dkdv']}((const S*)q, (const S*)k, (const S*)v, mask, (const S*)go, lse, delta, (S*)dk, (S*)dv, H, Tq,
-                        Tk, causal, has_mask, sl2, scale); }});
-    launch(Dim{{(unsigned)((Tq + 63) / 64), (unsigned)BH, 1}}, Dim{{128, 1, 1}}, [=] {{
-        {names['dq']}((const S*)q, (const S*)k, (const S*)v, mask, (const S*)go, lse, delta, (S*)dq, H, Tq, Tk,
-                      causal, has_mask, sl2, scale); }});
-}}
-""")
-    return "".join(out)
-
-
-_lib = build(FRAGMENT_HOST + FA._SOURCE, _launchers())
+TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-5}   # max |error| / max(max |reference|, 1)
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+_SYMBOLS = {(dt, D, key): f"run_{dt}_{D}_{key}" for dt, D in COMBOS for key in FA.kernel_names(dt, D)}
+_lib = build(FRAGMENT_HOST + FA._SOURCE,
+             "".join(packed_launcher(sym, FA.kernel_names(dt, D)[key]) for (dt, D, key), sym in _SYMBOLS.items()))
 pytestmark = pytest.mark.skipif(_lib is None, reason="needs a C++ compiler (g++)")
+GUARD = 64   # bytes of poison before and after every input
 
 
-# ------------------------------------------------------------------ storage of each dtype on the host
-def to_bits(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float64 -> the dtype's storage: float32, or the uint16 bit pattern (round to nearest even)."""
-    if dtype == "float32":
-        return np.ascontiguousarray(x, np.float32)
-    if dtype == "float16":
-        return np.ascontiguousarray(x, np.float16).view(np.uint16)
+def poisoned(shape, dtype) -> np.ndarray:
+    """An array of every byte 0xff (NaN in each float dtype): what the kernels must overwrite, or never
+    read, as on a GPU whose uninitialised memory holds anything. Inputs are copied into the middle of
+    a poisoned buffer (16-byte aligned), so an out-of-bounds read that reaches a result makes it NaN."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    buf = np.full(n + 2 * GUARD + 16, 0xFF, np.uint8)
+    start = GUARD + (-(buf.ctypes.data + GUARD) % 16)
+    return buf[start:start + n].view(dtype).reshape(shape)
+
+
+def guarded(a: np.ndarray) -> np.ndarray:
+    out = poisoned(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """tensor/cuda/flash_attention.py's own forward/backward (grids, argument lists, buffers) with its
+    kernels run by the emulation and its allocations poisoned; yields the kernels (launch counts)."""
+    kernels = {}
+
+    def fake_kernels(dtype_name, D):
+        return {key: kernels.setdefault((dtype_name, D, key), EmulatedKernel(
+            _lib, _SYMBOLS[(dtype_name, D, key)], FA.kernel_names(dtype_name, D)[key]))
+            for key in FA.kernel_names(dtype_name, D)}
+    monkeypatch.setattr(FA, "_kernels", fake_kernels)
+    monkeypatch.setattr(FA, "empty", poisoned)
+    yield kernels
+
+
+def test_bf16_rounding_matches_ml_dtypes():
+    x = np.random.default_rng(0).standard_normal(10000) * np.logspace(-30, 30, 10000)
+    assert np.array_equal(np.ascontiguousarray(x, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16),
+                          _bf16_bits(x))
+
+
+def _bf16_bits(x):
     u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def from_bits(b: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "float32":
-        return b.astype(np.float64)
-    if dtype == "float16":
-        return b.view(np.float16).astype(np.float64)
-    return (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
-def test_bf16_rounding_matches_ml_dtypes():
-    ml = pytest.importorskip("ml_dtypes")
-    x = np.random.default_rng(0).standard_normal(10000) * np.logspace(-30, 30, 10000)
-    assert np.array_equal(to_bits(x, "bfloat16"), x.astype(np.float32).astype(ml.bfloat16).view(np.uint16))
-
-
 def flash(q, k, v, g, mask, causal, dtype):
-    """Forward and backward through the emulated kernels: O, L, dQ, dK, dV as float64."""
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    qb, kb, vb, gb = (to_bits(a, dtype) for a in (q, k, v, g))
-    o, dq = np.zeros_like(qb), np.zeros_like(qb)
-    dk, dv = np.zeros_like(kb), np.zeros_like(kb)
-    lse, delta = np.zeros((B, H, Tq), np.float32), np.zeros((B, H, Tq), np.float32)
-    m = np.ascontiguousarray(mask if mask is not None else np.ones((B, Tk), bool))
-    sl2, scale = math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D)
-    f = ctypes.c_float
-    tag = f"{dtype}_{D}"
-    getattr(_lib, f"fwd_{tag}")(qb.ctypes.data, kb.ctypes.data, vb.ctypes.data, m.ctypes.data, o.ctypes.data,
-                                lse.ctypes.data, B * H, H, Tq, Tk, int(causal), int(mask is not None), f(sl2))
-    getattr(_lib, f"bwd_{tag}")(qb.ctypes.data, kb.ctypes.data, vb.ctypes.data, m.ctypes.data, gb.ctypes.data,
-                                o.ctypes.data, lse.ctypes.data, delta.ctypes.data, dq.ctypes.data, dk.ctypes.data,
-                                dv.ctypes.data, B * H, H, Tq, Tk, int(causal), int(mask is not None), f(sl2), f(scale))
-    return [from_bits(a, dtype) for a in (o,)] + [lse.astype(np.float64)] + [from_bits(a, dtype) for a in (dq, dk, dv)]
-
-
-if _lib is not None:
-    _vp, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    for _dt, _D in COMBOS:
-        getattr(_lib, f"fwd_{_dt}_{_D}").argtypes = [_vp] * 6 + [_i] * 6 + [_f]
-        getattr(_lib, f"bwd_{_dt}_{_D}").argtypes = [_vp] * 11 + [_i] * 6 + [_f, _f]
+    """FA.forward then FA.backward on the emulated kernels: O, L, dQ, dK, dV as float64."""
+    dt = DTYPES[dtype]
+    qd, kd, vd, gd = (guarded(a.astype(dt)) for a in (q, k, v, g))
+    md = None if mask is None else guarded(mask)
+    o, lse = FA.forward(qd, kd, vd, md, causal)
+    grads = FA.backward(gd, qd, kd, vd, o, lse, md, causal)
+    return [a.astype(np.float64) for a in (o, lse) + tuple(grads)]
 
 
 def reference(q, k, v, g, mask, causal):
@@ -125,19 +100,20 @@ CASES = [  # dtype, D, B, H, Tq, Tk, causal, masked
     ("bfloat16", 64, 1, 1, 7, 75, True, False),      # Tq < Tk: queries at the end of the keys
     ("bfloat16", 128, 1, 2, 1, 9, True, False),      # one query (decoding) sees every key
     ("bfloat16", 128, 1, 1, 1, 1, True, True),
+    ("bfloat16", 32, 2, 3, 1, 1, True, False),       # T = 1: P = 1, the reference dQ = dK = 0 exactly
     ("float16", 64, 1, 2, 33, 33, False, True),      # not causal, masked
     ("float32", 32, 1, 1, 17, 17, True, False),      # float32: the three-part bfloat16 product
 ]
 
 
 @pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked", CASES)
-def test_flash_equals_the_reference(dtype, D, B, H, Tq, Tk, causal, masked):
+def test_flash_equals_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked):
     rng = np.random.default_rng(Tq * 1000 + Tk + D)
+    dt = DTYPES[dtype]
     # inputs exactly representable in the dtype, so both sides see the same numbers
-    q, k, v = (from_bits(to_bits(rng.standard_normal((B, H, T, D)), dtype), dtype) for T in (Tq, Tk, Tk))
-    q *= 2.0   # sharper softmax rows
-    q = from_bits(to_bits(q, dtype), dtype)
-    g = from_bits(to_bits(rng.standard_normal((B, H, Tq, D)), dtype), dtype)
+    q, k, v = (rng.standard_normal((B, H, T, D)).astype(dt).astype(np.float64) for T in (Tq, Tk, Tk))
+    q = (q * 2.0).astype(dt).astype(np.float64)   # sharper softmax rows
+    g = rng.standard_normal((B, H, Tq, D)).astype(dt).astype(np.float64)
     mask = None
     if masked:
         mask = rng.random((B, Tk)) > 0.3
@@ -146,13 +122,23 @@ def test_flash_equals_the_reference(dtype, D, B, H, Tq, Tk, causal, masked):
             mask[:] = False                  # the one key masked: O = 0, every gradient 0
     got = flash(q, k, v, g, mask, causal, dtype)
     want = reference(q, k, v, g, mask, causal)
-    for name, a, b in zip(("O", "L", "dQ", "dK", "dV"), got, want):
-        assert a.shape == b.shape, name
-        if name == "L":
-            assert np.array_equal(np.isinf(a), np.isinf(b)), name
-            a, b = np.where(np.isinf(a), 0.0, a), np.where(np.isinf(b), 0.0, b)
-            np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
-            continue
-        assert np.isfinite(a).all(), name
-        err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-        assert err <= TOL[dtype], (name, err)
+    assert sum(kern.launches for kern in emulated.values()) == 4
+    L, Lref = got.pop(1), want.pop(1)
+    assert np.array_equal(np.isinf(L), np.isinf(Lref)), "L: rows with no key (+inf) differ"
+    np.testing.assert_allclose(np.where(np.isinf(L), 0.0, L), np.where(np.isinf(Lref), 0.0, Lref), atol=1e-4,
+                               err_msg="L")
+    check(got, want, ("O", "dQ", "dK", "dV"), TOL[dtype])
+
+
+def test_arguments_are_packed_as_the_kernels_declare(emulated):
+    """A Python int reaches a kernel as 8 bytes and a float as a double (CuPy's packing), which an
+    int / float parameter misreads; the emulated launch refuses them, as this check shows."""
+    q = guarded(np.zeros((1, 1, 3, 32), np.float32))
+    kern = FA._kernels("float32", 32)["fwd"]
+    m, (H, Tq, Tk, causal, has_mask), sl2 = FA._args(q, q, None, True)
+    good = (q, q, q, m[0], poisoned(q.shape, q.dtype), poisoned((1, 1, 3), np.float32), H, Tq, Tk, causal, has_mask)
+    kern((1, 1), (128,), good + (sl2,))
+    with pytest.raises(TypeError, match="argument 11"):
+        kern((1, 1), (128,), good + (float(sl2),))
+    with pytest.raises(TypeError, match="argument 6"):
+        kern((1, 1), (128,), good[:6] + (1,) + good[7:] + (sl2,))
