@@ -13,7 +13,8 @@ FRAGMENT_HOST stands in for the device-only primitives of tensor/cuda/flash_atte
 conversions, and the warp-wide `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}` product computed
 lane by lane from the documented fragment layouts (PTX ISA; groupID g = lane >> 2, t = lane % 4):
 every lane posts its A (a0..a3) and B (b0, b1) registers to a per-warp buffer, then computes its own
-c0..c3 (rows g, g+8, columns 2t, 2t+1) from the whole warp's registers.
+c0..c3 (rows g, g+8, columns 2t, 2t+1) from the whole warp's registers; `ldmatrix` (.x4, .trans)
+likewise from the row addresses the warp's lanes post.
 """
 from __future__ import annotations
 
@@ -230,6 +231,30 @@ static void mma_host(float c[4], const unsigned a[4], const unsigned b[2]) {
 }
 static inline void mma_bf16(float c[4], const unsigned a[4], const unsigned b[2]) { mma_host<true>(c, a, b); }
 static inline void mma_f16(float c[4], const unsigned a[4], const unsigned b[2]) { mma_host<false>(c, a, b); }
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: every lane posts its row address, then takes its
+// words: r[i] = matrix i (rows at the addresses of lanes 8i .. 8i+7), row l/4, columns 2(l%4) and
+// 2(l%4)+1, or with .trans rows 2(l%4), 2(l%4)+1 of column l/4; the first element in the low half
+static const void* ldsm_buf[32][32];
+static void ldsm_host(unsigned r[4], const void* row, bool trans) {
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    if (((size_t)row) % 16) std::abort();   // ldmatrix rows must be 16-byte aligned
+    ldsm_buf[w][l] = row;
+    pthread_barrier_wait(&warp_bar[w]);
+    for (int i = 0; i < 4; ++i) {
+        unsigned short lo, hi;
+        if (!trans) {
+            const unsigned short* p = (const unsigned short*)ldsm_buf[w][8 * i + l / 4];
+            lo = p[2 * (l % 4)]; hi = p[2 * (l % 4) + 1];
+        } else {
+            lo = ((const unsigned short*)ldsm_buf[w][8 * i + 2 * (l % 4)])[l / 4];
+            hi = ((const unsigned short*)ldsm_buf[w][8 * i + 2 * (l % 4) + 1])[l / 4];
+        }
+        r[i] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+    pthread_barrier_wait(&warp_bar[w]);
+}
+static inline void ldsm_x4(unsigned r[4], const void* row) { ldsm_host(r, row, false); }
+static inline void ldsm_x4_trans(unsigned r[4], const void* row) { ldsm_host(r, row, true); }
 static inline void copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
 static inline void zero16(void* dst) { std::memset(dst, 0, 16); }
 """

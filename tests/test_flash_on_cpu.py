@@ -18,7 +18,7 @@ from tensor.cuda import flash_attention as FA
 from test_gpu_flash import check
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
-COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32)]
+COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32), ("float32", 128)]
 TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-5}   # max |error| / max(max |reference|, 1)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 _SYMBOLS = {(dt, D, key): f"run_{dt}_{D}_{key}" for dt, D in COMBOS for key in FA.kernel_names(dt, D)}
@@ -103,6 +103,8 @@ CASES = [  # dtype, D, B, H, Tq, Tk, causal, masked
     ("bfloat16", 32, 2, 3, 1, 1, True, False),       # T = 1: P = 1, the reference dQ = dK = 0 exactly
     ("float16", 64, 1, 2, 33, 33, False, True),      # not causal, masked
     ("float32", 32, 1, 1, 17, 17, True, False),      # float32: the three-part bfloat16 product
+    ("float32", 128, 1, 1, 20, 20, True, True),      # float32 D=128: backward tiles of 16 queries
+    ("bfloat16", 128, 1, 1, 40, 40, False, False),   # D=128: the dK/dV kernel reloads V's fragments
 ]
 
 

@@ -94,9 +94,12 @@ def test_flash_not_causal_and_tq_above_tk(dtype: str) -> None:
            ("O", "dQ", "dK", "dV"), TOL[dtype])
 
 
-def _counting(monkeypatch) -> dict:
-    """Count the flash kernels' forward and backward calls (proof that the dispatch took them)."""
+def _counting(monkeypatch, budget: int = 0) -> dict:
+    """Count the flash kernels' forward and backward calls (proof that the dispatch took them), with the
+    dispatch's SCORES_BUDGET set to `budget` (0: flash wherever it fits)."""
+    from tensor.cuda import attention as CA
     from tensor.cuda import flash_attention as FA
+    monkeypatch.setattr(CA, "SCORES_BUDGET", budget)
     calls = {"forward": 0, "backward": 0}
     for name in calls:
         real = getattr(FA, name)
@@ -140,6 +143,22 @@ def test_dispatch_takes_flash_and_saves_no_scores(monkeypatch, dtype: str, maske
     qt, kt, vt = (Tensor(a.astype(dt), device="cuda", requires_grad=True) for a in (q, k, v))
     scaled_dot_product_attention(qt, kt, vt, mask=None if mask is None else Tensor(mask, device="cuda")).sum().backward()
     assert calls == {"forward": 2, "backward": 2}
+
+
+def test_the_scores_budget_picks_the_path(monkeypatch) -> None:
+    """tensor/cuda/attention.py's rule: causal without a mask takes cuBLAS while its float32 scores
+    fit SCORES_BUDGET, flash beyond; a padding mask takes flash at any size."""
+    from nn.attention import causal_attention_qkv
+    B, T, H, D = 2, 64, 2, 32
+    scores = B * H * T * T * 4
+    qkv = Tensor(np.random.default_rng(0).standard_normal((B, T, 3 * H * D)).astype(np.float32), device="cuda",
+                 requires_grad=True)
+    mask = Tensor(np.ones((B, T), bool), device="cuda")
+    for budget, masked, want in ((scores, False, 0), (scores - 1, False, 1), (scores, True, 1)):
+        calls = _counting(monkeypatch, budget)
+        causal_attention_qkv(qkv, H, mask=mask if masked else None).sum().backward()
+        assert calls == {"forward": want, "backward": want}, (budget, masked, calls)
+        monkeypatch.undo()
 
 
 def test_dropout_keeps_the_cublas_path(monkeypatch) -> None:

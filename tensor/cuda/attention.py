@@ -5,7 +5,8 @@
 * flash: the fused FlashAttention-2-style kernels (tensor/cuda/flash_attention.py) for contiguous
   float16/bfloat16/float32 q, k, v with D in {32, 64, 128}, causal or not, with or without a
   (B, Tk) key-padding mask, no dropout. Memory kept for backward: Q, K, V, O and the row
-  log-sum-exp L (B*H*Tq floats); no (Tq, Tk) array is ever formed;
+  log-sum-exp L (B*H*Tq floats); no (Tq, Tk) array is ever formed. Where the cuBLAS path applies
+  too, one rule chooses (_use_flash: the scores' size against SCORES_BUDGET);
 * cuBLAS: batched GEMMs in the input dtype (tensor cores for 16 bits, no operand copies:
   tensor/cuda/cublas.py), float32 scores, the fused causal softmax and its backward
   (tensor/cuda/softmax.py), for causal attention without a padding mask, with or without dropout
@@ -114,6 +115,27 @@ def _flash_qkv(qkv: Any, n_head: Any, mask: Any, dropout_p: float) -> bool:
                             and mask.shape == qkv.shape[:2])
 
 
+# The one choice between the two training paths where both apply (causal, no padding mask, no
+# dropout, a dtype and head size the flash kernels take). Measured on an H200 (bf16, forward + backward,
+# B*T = 16k tokens, benchmarks/bench_attention_gpu.py, flash kernels of 2026-12-02 before ldmatrix): the
+# flash kernels took 1.41-1.45x the cuBLAS path's time at T = 1024..4096, but the cuBLAS path holds the
+# (B, H, Tq, Tk) float32 scores and P (3.8 GiB at B=4 H=6 T=4096 against flash's 97 MiB). So: cuBLAS while
+# its float32 scores stay within SCORES_BUDGET bytes, flash beyond it (and wherever cuBLAS does not apply:
+# a padding mask, causal=False). Set SCORES_BUDGET = 0 for flash wherever it fits (its tests do); revisit
+# the budget with each benchmark run (the JSON's ratios say which path is faster at which T).
+SCORES_BUDGET = 1 << 30
+
+
+def _use_flash(q: Any, k: Any, v: Any, mask: Any, causal: bool, dropout_p: float) -> bool:
+    """The flash kernels, by the rule above, for heads q (B, H, Tq, D), k, v (B, H, Tk, D)."""
+    if not flash_attention.fits(q, k, v, mask, causal, dropout_p):
+        return False
+    if mask is not None or not causal or not cublas.usable(q, k, v):
+        return True
+    B, H, Tq, _ = q.shape
+    return B * H * Tq * k.shape[2] * 4 > SCORES_BUDGET
+
+
 def _decoding(q: Any, k: Any, v: Any, mask: Any, dropout_p: float) -> bool:
     """One query row per (batch, head) at inference: the fused decode kernel (tensor/cuda/decode_attention.py)."""
     return not is_grad_enabled() and decode_attention.fits(q, k, v, mask, dropout_p)
@@ -138,7 +160,7 @@ class CudaScaledDotProductAttention(ScaledDotProductAttention):
         check_sdpa_args(q, k, v, causal, dropout_p)
         if _decoding(q, k, v, mask, dropout_p):  # nothing saved: no backward at inference
             return decode_attention.decode_attention(q, k, v, mask)
-        self.flash = flash_attention.fits(q, k, v, mask, causal, dropout_p)
+        self.flash = _use_flash(q, k, v, mask, causal, dropout_p)
         if self.flash:
             o, lse = flash_attention.forward(q, k, v, mask, causal)
             self.save_for_backward(q, k, v, o, lse)
@@ -175,7 +197,7 @@ class CudaCausalAttentionQKV(CausalAttentionQKV):
         heads = split_heads(qkv, n_head, 3)  # (3, B, H, T, D)
         q, k, v = heads[0], heads[1], heads[2]
         self.n_head, self.dropout_p = n_head, dropout_p
-        self.flash = flash_attention.fits(q, k, v, mask, True, dropout_p)
+        self.flash = _use_flash(q, k, v, mask, True, dropout_p)
         if self.flash:
             o, lse = flash_attention.forward(q, k, v, mask, True)
             self.save_for_backward(q, k, v, o, lse)

@@ -67,6 +67,22 @@ __device__ __forceinline__ void mma_f16(float c[4], const unsigned a[4], const u
                  "{%0,%1,%2,%3};" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+// four 8x8 b16 matrices from shared memory (ldmatrix): lanes 8i .. 8i+7 give the row addresses of
+// matrix i (16-byte aligned); lane l receives in r[i] matrix i's row l/4, columns 2(l%4), 2(l%4)+1
+// (.trans: rows 2(l%4), 2(l%4)+1 of column l/4), the lower column (row) in the low half
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
+}
 __device__ __forceinline__ void copy16(void* dst, const void* src) { *(uint4*)dst = *(const uint4*)src; }
 __device__ __forceinline__ void zero16(void* dst) { *(uint4*)dst = make_uint4(0u, 0u, 0u, 0u); }
 """
@@ -146,10 +162,17 @@ __device__ __forceinline__ void load_a(typename T::P a[4], const typename T::S* 
     const typename T::S* r0 = m + (long long)g * ld + 2 * t;
     const typename T::S* r8 = m + (long long)(g + 8) * ld + 2 * t;
     const bool v0 = g < valid, v8 = g + 8 < valid;
-    a[0] = T::pair(v0 ? r0[0] : z, v0 ? r0[1] : z);
-    a[1] = T::pair(v8 ? r8[0] : z, v8 ? r8[1] : z);
-    a[2] = T::pair(v0 ? r0[8] : z, v0 ? r0[9] : z);
-    a[3] = T::pair(v8 ? r8[8] : z, v8 ? r8[9] : z);
+    if constexpr (sizeof(typename T::S) == 2) {   // a pair is one aligned 32-bit word (rows 16-byte aligned)
+        a[0] = v0 ? *(const unsigned*)r0 : 0u;
+        a[1] = v8 ? *(const unsigned*)r8 : 0u;
+        a[2] = v0 ? *(const unsigned*)(r0 + 8) : 0u;
+        a[3] = v8 ? *(const unsigned*)(r8 + 8) : 0u;
+    } else {
+        a[0] = T::pair(v0 ? r0[0] : z, v0 ? r0[1] : z);
+        a[1] = T::pair(v8 ? r8[0] : z, v8 ? r8[1] : z);
+        a[2] = T::pair(v0 ? r0[8] : z, v0 ? r0[9] : z);
+        a[3] = T::pair(v8 ? r8[8] : z, v8 ? r8[9] : z);
+    }
 }
 // B[k][n] = m[n ld + k] (B = M^T: the keys of S = Q K^T)
 template <class T>
@@ -167,6 +190,32 @@ __device__ __forceinline__ void load_b_kn(typename T::P b[2], const typename T::
     b[0] = T::pair(c[0], c[ld]);
     b[1] = T::pair(c[8 * ld], c[9 * ld]);
 }
+// the B fragments of two adjacent 8-column tiles, b[0] for columns 0-7 and b[1] for 8-15: one
+// ldmatrix.x4 for 16-bit types (matrix i -> b[i >> 1][i & 1]), scalar loads for float32
+template <class T>
+__device__ __forceinline__ void load_b_nk2(typename T::P b[2][2], const typename T::S* m, int ld) {
+    if constexpr (sizeof(typename T::S) == 2) {
+        const int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+        unsigned x[4];
+        ldsm_x4(x, m + ((i >> 1) * 8 + r) * ld + (i & 1) * 8);   // rows n, columns k: b = row-major 8x8
+        b[0][0] = x[0]; b[0][1] = x[1]; b[1][0] = x[2]; b[1][1] = x[3];
+    } else {
+        load_b_nk<T>(b[0], m, ld);
+        load_b_nk<T>(b[1], m + 8 * ld, ld);
+    }
+}
+template <class T>
+__device__ __forceinline__ void load_b_kn2(typename T::P b[2][2], const typename T::S* m, int ld) {
+    if constexpr (sizeof(typename T::S) == 2) {
+        const int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+        unsigned x[4];
+        ldsm_x4_trans(x, m + ((i & 1) * 8 + r) * ld + (i >> 1) * 8);   // rows k, columns n: transposed
+        b[0][0] = x[0]; b[0][1] = x[1]; b[1][0] = x[2]; b[1][1] = x[3];
+    } else {
+        load_b_kn<T>(b[0], m, ld);
+        load_b_kn<T>(b[1], m + 8, ld);
+    }
+}
 // two float32 C tiles (columns 0-7 and 8-15) -> one A fragment of 16 columns, rounded to the dtype
 template <class T>
 __device__ __forceinline__ void c_to_a(typename T::P a[4], const float c0[4], const float c1[4]) {
@@ -176,21 +225,22 @@ __device__ __forceinline__ void c_to_a(typename T::P a[4], const float c0[4], co
     a[3] = T::pack(c1[2], c1[3]);
 }
 // this warp's 16 rows of a (rows, D) matrix as A fragments, one per 16 columns: kept in registers
-// (16-bit types), or reloaded at each use (float32, whose fragments take twice the registers)
-template <class T, int D>
+// (CACHE: 16-bit types by default), or reloaded at each use (float32, whose fragments take twice the
+// registers; the dK/dV kernel's V at D = 128, where K, V and two accumulators would not fit)
+template <class T, int D, bool CACHE = T::CACHE>
 struct RowFrags {
-    typename T::P f[T::CACHE ? D / 16 : 1][4];
+    typename T::P f[CACHE ? D / 16 : 1][4];
     const typename T::S* base;
     int valid;
     __device__ __forceinline__ void init(const typename T::S* b, int v) {
         base = b; valid = v;
-        if constexpr (T::CACHE) {
+        if constexpr (CACHE) {
 #pragma unroll
             for (int kc = 0; kc < D / 16; ++kc) load_a<T>(f[kc], b + kc * 16, D, v);
         }
     }
     __device__ __forceinline__ const typename T::P* get(int kc, typename T::P* tmp) const {
-        if constexpr (T::CACHE) return f[kc];
+        if constexpr (CACHE) return f[kc];
         else { load_a<T>(tmp, base + kc * 16, D, valid); return tmp; }
     }
 };
@@ -252,10 +302,11 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
             P tq[4];
             const P* a = qa.get(kc, tq);
 #pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt) {
-                P bb[2];
-                load_b_nk<T>(bb, &sK[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(s[nt], a, bb);
+            for (int nt = 0; nt < N / 8; nt += 2) {
+                P bb[2][2];
+                load_b_nk2<T>(bb, &sK[nt * 8][kc * 16], D + FA_PAD);
+                T::mma(s[nt], a, bb[0]);
+                T::mma(s[nt + 1], a, bb[1]);
             }
         }
         float mx[2] = {mrun[0], mrun[1]};
@@ -292,10 +343,11 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
             P pa[4];
             c_to_a<T>(pa, s[2 * kc], s[2 * kc + 1]);
 #pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                P bb[2];
-                load_b_kn<T>(bb, &sV[kc * 16][nt * 8], D + FA_PAD);
-                T::mma(acc[nt], pa, bb);
+            for (int nt = 0; nt < D / 8; nt += 2) {
+                P bb[2][2];
+                load_b_kn2<T>(bb, &sV[kc * 16][nt * 8], D + FA_PAD);
+                T::mma(acc[nt], pa, bb[0]);
+                T::mma(acc[nt + 1], pa, bb[1]);
             }
         }
     }
@@ -342,7 +394,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
     const int k0 = blockIdx.x * 64, key0 = k0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
-    RowFrags<T, D> ka, va;
+    RowFrags<T, D> ka;
+    RowFrags<T, D, T::CACHE && D <= 64> va;
     ka.init(k + koff + (long long)key0 * D, Tk - key0);
     va.init(v + koff + (long long)key0 * D, Tk - key0);
     float ak[D / 8][4], av[D / 8][4];
@@ -373,12 +426,14 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
             const P* a = ka.get(kc, tk);
             const P* b = va.get(kc, tv);
 #pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt) {
-                P bb[2];
-                load_b_nk<T>(bb, &sQ[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(st[nt], a, bb);
-                load_b_nk<T>(bb, &sG[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(dpt[nt], b, bb);
+            for (int nt = 0; nt < N / 8; nt += 2) {
+                P bb[2][2];
+                load_b_nk2<T>(bb, &sQ[nt * 8][kc * 16], D + FA_PAD);
+                T::mma(st[nt], a, bb[0]);
+                T::mma(st[nt + 1], a, bb[1]);
+                load_b_nk2<T>(bb, &sG[nt * 8][kc * 16], D + FA_PAD);
+                T::mma(dpt[nt], b, bb[0]);
+                T::mma(dpt[nt + 1], b, bb[1]);
             }
         }
 #pragma unroll
@@ -397,12 +452,14 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
             c_to_a<T>(pa, st[2 * kc], st[2 * kc + 1]);
             c_to_a<T>(sa, dpt[2 * kc], dpt[2 * kc + 1]);
 #pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                P bb[2];
-                load_b_kn<T>(bb, &sG[kc * 16][nt * 8], D + FA_PAD);
-                T::mma(av[nt], pa, bb);   // dV += P^T dO
-                load_b_kn<T>(bb, &sQ[kc * 16][nt * 8], D + FA_PAD);
-                T::mma(ak[nt], sa, bb);   // dK += dS^T Q
+            for (int nt = 0; nt < D / 8; nt += 2) {
+                P bb[2][2];
+                load_b_kn2<T>(bb, &sG[kc * 16][nt * 8], D + FA_PAD);
+                T::mma(av[nt], pa, bb[0]);   // dV += P^T dO
+                T::mma(av[nt + 1], pa, bb[1]);
+                load_b_kn2<T>(bb, &sQ[kc * 16][nt * 8], D + FA_PAD);
+                T::mma(ak[nt], sa, bb[0]);   // dK += dS^T Q
+                T::mma(ak[nt + 1], sa, bb[1]);
             }
         }
     }
@@ -466,12 +523,14 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
             const P* a = qa.get(kc, tq);
             const P* b = ga.get(kc, tg);
 #pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt) {
-                P bb[2];
-                load_b_nk<T>(bb, &sK[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(s[nt], a, bb);    // S = Q K^T
-                load_b_nk<T>(bb, &sV[nt * 8][kc * 16], D + FA_PAD);
-                T::mma(dp[nt], b, bb);   // dP = dO V^T
+            for (int nt = 0; nt < N / 8; nt += 2) {
+                P bb[2][2];
+                load_b_nk2<T>(bb, &sK[nt * 8][kc * 16], D + FA_PAD);
+                T::mma(s[nt], a, bb[0]);    // S = Q K^T
+                T::mma(s[nt + 1], a, bb[1]);
+                load_b_nk2<T>(bb, &sV[nt * 8][kc * 16], D + FA_PAD);
+                T::mma(dp[nt], b, bb[0]);   // dP = dO V^T
+                T::mma(dp[nt + 1], b, bb[1]);
             }
         }
 #pragma unroll
@@ -487,10 +546,11 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
             P sa[4];
             c_to_a<T>(sa, s[2 * kc], s[2 * kc + 1]);
 #pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                P bb[2];
-                load_b_kn<T>(bb, &sK[kc * 16][nt * 8], D + FA_PAD);
-                T::mma(acc[nt], sa, bb);   // dQ += dS K
+            for (int nt = 0; nt < D / 8; nt += 2) {
+                P bb[2][2];
+                load_b_kn2<T>(bb, &sK[kc * 16][nt * 8], D + FA_PAD);
+                T::mma(acc[nt], sa, bb[0]);   // dQ += dS K
+                T::mma(acc[nt + 1], sa, bb[1]);
             }
         }
     }
@@ -510,8 +570,11 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
 
 def tile(dtype_name: str, D: int, backward: bool) -> int:
     """N, the streamed tile (keys in fwd/dq, queries in dkdv): 64, or 32 where registers or the 48 KiB of
-    static shared memory would not hold 64 (float32 D=128 forward; D*itemsize > 128 in backward)."""
+    static shared memory would not hold 64 (float32 D=128 forward; D*itemsize > 128 in backward), 16
+    for float32 D=128 backward (registers: the dK/dV kernel spilled at 32)."""
     size = D * (4 if dtype_name == "float32" else 2)
+    if backward and size >= 512:
+        return 16
     return 64 if size <= (128 if backward else 256) else 32
 
 
