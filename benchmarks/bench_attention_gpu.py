@@ -3,7 +3,7 @@
 flash backend) vs our cuBLAS + fused-softmax path (tensor/cuda/attention.py: causal_forward /
 causal_backward, which forms the (B, H, T, T) probabilities).
 
-Shapes: B * T = 16384 tokens, H = 12 heads of D = 64 or H = 6 of D = 128, T in 1024 / 2048 / 4096.
+Shapes: B * T = 16384 tokens, H = 12 heads of D = 64 or H = 6 of D = 128, T in 512 / 1024 / 2048 / 4096.
 FLOP convention (the same for all three): forward 4 * B * H * T^2 * D / 2 (two GEMMs, half the
 scores under the causal mask), backward 2.5 x forward (five GEMMs, recomputation not counted);
 TFLOP/s = (forward + backward) / time. Time: CUDA events around --reps calls after warm-up.
@@ -13,8 +13,10 @@ torch.cuda.max_memory_allocated.
 
     python benchmarks/bench_attention_gpu.py [--reps 20] [--T 1024 2048 4096]
 
-Prints JSON: per shape, each contender's ms, TFLOP/s and peak MiB, and the ratios flash / torch and
-flash / cublas (time ratios > 1: flash is slower).
+Prints a summary table (one line per shape as it finishes, flash's forward and backward times apart),
+then JSON: per shape, each contender's ms, TFLOP/s and peak MiB, and the ratios flash / torch and
+flash / cublas (time ratios > 1: flash is slower; tensor/cuda/attention.py's SCORES_BUDGET rule
+should follow the flash / cublas column).
 """
 from __future__ import annotations
 
@@ -68,7 +70,9 @@ def ours(B: int, H: int, T: int, D: int, reps: int) -> dict:
         o, p, keep = causal_forward(q, k, v)
         return causal_backward(g, q, k, v, p, keep)
 
-    out = {}
+    o0, lse0 = FA.forward(q, k, v, None, True)
+    out = {"flash_fwd_ms": round(_time_cupy(cp, lambda: FA.forward(q, k, v, None, True), reps), 3),
+           "flash_bwd_ms": round(_time_cupy(cp, lambda: FA.backward(g, q, k, v, o0, lse0, None, True), reps), 3)}
     for name, fn in (("flash", flash), ("cublas", cublas)):
         try:
             ms = _time_cupy(cp, fn, reps)
@@ -111,12 +115,30 @@ def torch_sdpa(B: int, H: int, T: int, D: int, reps: int) -> dict:
     return {"ms": round(ms, 3), "tflops": round(flops(B, H, T, D) / ms / 1e9, 1), "peak_mib": round(peak / 2**20, 1)}
 
 
+HEADER = (f"{'B':>3} {'H':>3} {'T':>5} {'D':>4} | {'flash ms':>8} {'fwd':>6} {'bwd':>6} {'TF/s':>6} {'MiB':>7} | "
+          f"{'cublas ms':>9} {'TF/s':>6} {'MiB':>7} | {'torch ms':>8} {'TF/s':>6} {'MiB':>7} | "
+          f"{'fl/torch':>8} {'fl/cublas':>9}  (time ratios: > 1 = flash slower)")
+
+
+def _line(row: dict) -> str:
+    """One row of the summary table (errors as '-')."""
+    def cell(d: dict, key: str, w: int) -> str:
+        return f"{d[key]:>{w}}" if key in d else f"{'-':>{w}}"
+    fl, cb, th, r = row["flash"], row["cublas"], row["torch"], row["ratios"]
+    return (f"{row['B']:>3} {row['H']:>3} {row['T']:>5} {row['D']:>4} | {cell(fl, 'ms', 8)} "
+            f"{cell(row, 'flash_fwd_ms', 6)} {cell(row, 'flash_bwd_ms', 6)} {cell(fl, 'tflops', 6)} "
+            f"{cell(fl, 'peak_mib', 7)} | {cell(cb, 'ms', 9)} {cell(cb, 'tflops', 6)} {cell(cb, 'peak_mib', 7)} | "
+            f"{cell(th, 'ms', 8)} {cell(th, 'tflops', 6)} {cell(th, 'peak_mib', 7)} | "
+            f"{cell(r, 'time_flash_over_torch', 8)} {cell(r, 'time_flash_over_cublas', 9)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--T", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
+    print(HEADER, flush=True)
     rows = []
     for H, D in ((12, 64), (6, 128)):
         for T in args.T:
@@ -135,6 +157,7 @@ def main() -> None:
                                                                                                  1e-9), 3)
             row["ratios"] = ratios
             rows.append(row)
+            print(_line(row), flush=True)
     info = C.machine_info(1)
     try:
         import cupy
