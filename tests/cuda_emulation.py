@@ -14,7 +14,7 @@ conversions, and the warp-wide `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}
 lane by lane from the documented fragment layouts (PTX ISA; groupID g = lane >> 2, t = lane % 4):
 every lane posts its A (a0..a3) and B (b0, b1) registers to a per-warp buffer, then computes its own
 c0..c3 (rows g, g+8, columns 2t, 2t+1) from the whole warp's registers; `ldmatrix` (.x4, .trans)
-likewise from the row addresses the warp's lanes post.
+likewise from the row addresses the warp's lanes post; float atomicAdd under a mutex.
 """
 from __future__ import annotations
 
@@ -255,6 +255,13 @@ static void ldsm_host(unsigned r[4], const void* row, bool trans) {
 }
 static inline void ldsm_x4(unsigned r[4], const void* row) { ldsm_host(r, row, false); }
 static inline void ldsm_x4_trans(unsigned r[4], const void* row) { ldsm_host(r, row, true); }
+static std::mutex atomic_mutex;
+static inline float atomicAdd(float* p, float v) {
+    std::lock_guard<std::mutex> lock(atomic_mutex);
+    const float old = *p;
+    *p = old + v;
+    return old;
+}
 static inline void copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
 static inline void zero16(void* dst) { std::memset(dst, 0, 16); }
 """

@@ -12,11 +12,13 @@ dropout_p > 0 tensor/cuda/attention.py keeps its cuBLAS path (which draws the re
              Out: O in the input dtype and L = m + log(l), the row log-sum-exp of the scaled scores
              (float32, (B, H, Tq)); a row with every key masked gives O = 0 and L = +inf (then P = 0
              in backward), the reference's P = 0 row.
-    backward (FA-2, three kernels): Delta = rowsum(dO * O) (flash_bwd_delta); per block of 64 keys,
-             a loop over query tiles recomputing P = exp(S / sqrt(D) - L): dV += P^T dO, dP = dO V^T,
-             dS = P (dP - Delta), dK += dS^T Q / sqrt(D) (flash_bwd_dkdv); per block of 64 queries,
-             the same recomputation over key tiles for dQ = dS K / sqrt(D) (flash_bwd_dq: no atomics,
-             deterministic, at the cost of computing S and dP twice).
+    backward (FA-2): Delta = rowsum(dO * O) (flash_bwd_delta); per block of 64 keys, a loop over
+             query tiles recomputing P = exp(S / sqrt(D) - L): dV += P^T dO, dP = dO V^T,
+             dS = P (dP - Delta), dK += dS^T Q / sqrt(D) (flash_bwd_dkdv). dQ = dS K / sqrt(D):
+             16-bit types in the same loop (dS^T through shared memory, the tile's (N, D) product
+             added by float32 atomics into a buffer that flash_bwd_delta zeroes, then cast by
+             flash_bwd_dq_convert: summation order not deterministic); float32 by its own kernel per
+             block of 64 queries recomputing S and dP over key tiles (flash_bwd_dq, deterministic).
 
 Matrix products: 16-bit inputs use `mma.sync.aligned.m16n8k16` (inline PTX, float32 accumulation;
 P and dS are rounded to the input dtype before their product, as FlashAttention does); float32 uses
@@ -27,7 +29,10 @@ threadID_in_group t = lane % 4, each "pair" two consecutive-k (A, B) or consecut
     A (16x16, row-major): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
     B (16x8, "col"):      b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
     C (16x8, float32):    c0, c1 = C[g][2t], C[g][2t+1];  c2, c3 = C[g+8][2t], C[g+8][2t+1]
-The device-only primitives (PTX mma and conversions, 16-byte copies) are `_PRIMITIVES`; the kernels
+Shared-memory operands reach the fragments by `ldmatrix.x4` (.trans where the tile is stored k-major),
+two 8-column B tiles per instruction (16-bit types; float32 loads scalars). Rows of shared tiles are
+padded by 8 elements: 16-byte aligned for ldmatrix and free of bank conflicts at D = 32, 64, 128.
+The device-only primitives (PTX mma, ldmatrix and conversions, 16-byte copies) are `_PRIMITIVES`; the kernels
 (`_SOURCE`) use nothing else, so tests/test_flash_on_cpu.py runs `_SOURCE` on the CPU with host
 versions of those primitives (tests/cuda_emulation.py). No host sync, no data-dependent allocation,
 kernels on CuPy's current stream: capturable in a CUDA graph.
@@ -128,6 +133,7 @@ __device__ __forceinline__ void mma_f32_split(float c[4], const float2 a[4], con
 struct Fp32 {
     typedef float S; typedef float2 P;
     static constexpr bool CACHE = false;   // A fragments reloaded at each use (RowFrags)
+    static constexpr bool FUSED_DQ = false;   // dQ by its own kernel (flash_bwd_dq)
     static __device__ __forceinline__ float tof(S x) { return x; }
     static __device__ __forceinline__ S fromf(float x) { return x; }
     static __device__ __forceinline__ P pair(S lo, S hi) { return make_float2(lo, hi); }
@@ -137,6 +143,7 @@ struct Fp32 {
 struct Fp16 {
     typedef unsigned short S; typedef unsigned P;
     static constexpr bool CACHE = true;
+    static constexpr bool FUSED_DQ = true;    // dQ by atomics in the dK/dV kernel
     static __device__ __forceinline__ float tof(S x) { return f16_to_f32(x); }
     static __device__ __forceinline__ S fromf(float x) { return f32_to_f16(x); }
     static __device__ __forceinline__ P pair(S lo, S hi) { return (unsigned)lo | ((unsigned)hi << 16); }
@@ -146,6 +153,7 @@ struct Fp16 {
 struct Bf16 {
     typedef unsigned short S; typedef unsigned P;
     static constexpr bool CACHE = true;
+    static constexpr bool FUSED_DQ = true;    // dQ by atomics in the dK/dV kernel
     static __device__ __forceinline__ float tof(S x) { return bf16_to_f32(x); }
     static __device__ __forceinline__ S fromf(float x) { return f32_to_bf16(x); }
     static __device__ __forceinline__ P pair(S lo, S hi) { return (unsigned)lo | ((unsigned)hi << 16); }
@@ -215,6 +223,13 @@ __device__ __forceinline__ void load_b_kn2(typename T::P b[2][2], const typename
         load_b_kn<T>(b[0], m, ld);
         load_b_kn<T>(b[1], m + 8, ld);
     }
+}
+// A[r][k] = m[r ld + k] from shared memory (16-bit types): one ldmatrix.x4, matrix i = rows 8 (i & 1) ..,
+// columns 8 (i >> 1) .. -> a[i]
+template <class T>
+__device__ __forceinline__ void load_a_sm(typename T::P a[4], const typename T::S* m, int ld) {
+    const int lane = threadIdx.x & 31, i = lane >> 3, r = lane & 7;
+    ldsm_x4(a, m + ((i & 1) * 8 + r) * ld + (i >> 1) * 8);
 }
 // two float32 C tiles (columns 0-7 and 8-15) -> one A fragment of 16 columns, rounded to the dtype
 template <class T>
@@ -366,35 +381,51 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     }
 }
 
-// ---- backward 1: Delta = rowsum(dO * O), one warp per row; grid ceil(rows / 4), 128 threads
+// ---- backward 1: Delta = rowsum(dO * O), one warp per row; grid ceil(rows / 4), 128 threads; with
+// FUSED_DQ it also zeroes the row of the float32 dQ accumulator (rows, D) that flash_bwd_dkdv adds to
 template <class T, int D>
 __global__ void __launch_bounds__(128) flash_bwd_delta(const typename T::S* __restrict__ go,
-        const typename T::S* __restrict__ o, float* __restrict__ delta, int rows) {
+        const typename T::S* __restrict__ o, float* __restrict__ delta, float* __restrict__ dq_acc, int rows) {
     const int r = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (r >= rows) return;   // warp-uniform
     float s = 0.f;
     for (int d = lane; d < D; d += 32) s += T::tof(go[(long long)r * D + d]) * T::tof(o[(long long)r * D + d]);
     for (int w = 16; w > 0; w >>= 1) s += __shfl_xor_sync(FA_FULL, s, w);
     if (lane == 0) delta[r] = s;
+    if constexpr (T::FUSED_DQ)
+        for (int d = lane; d < D; d += 32) dq_acc[(long long)r * D + d] = 0.f;
 }
 
-// ---- backward 2: dK, dV for 64 keys per block (16 per warp), looping over query tiles of N;
-// grid (ceil(Tk / 64), B * H), 128 threads
+// ---- backward 4 (FUSED_DQ): dQ = dq_acc / sqrt(D) in the dtype, one thread per element
+template <class T, int D>
+__global__ void __launch_bounds__(256) flash_bwd_dq_convert(const float* __restrict__ dq_acc,
+        typename T::S* __restrict__ dq, long long n, float scale) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dq[i] = T::fromf(dq_acc[i] * scale);
+}
+
+// ---- backward 2: dK, dV for 64 keys per block (16 per warp), looping over query tiles of N; with
+// FUSED_DQ also dQ += dS K / sqrt(D) for each tile, added into dq_acc (float32, zeroed by
+// flash_bwd_delta) by atomics (no second recomputation of S and dP); grid (ceil(Tk / 64), B * H),
+// 128 threads
 template <class T, int D, int N>
 __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __restrict__ q,
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
         const typename T::S* __restrict__ go, const float* __restrict__ lse, const float* __restrict__ delta,
-        typename T::S* __restrict__ dk, typename T::S* __restrict__ dv, int H, int Tq, int Tk, int causal,
-        int has_mask, float scale_log2, float scale) {
+        typename T::S* __restrict__ dk, typename T::S* __restrict__ dv, float* __restrict__ dq_acc, int H, int Tq,
+        int Tk, int causal, int has_mask, float scale_log2, float scale) {
     typedef typename T::S S; typedef typename T::P P;
+    constexpr int FK = T::FUSED_DQ ? 64 : 1, FN = T::FUSED_DQ ? N : 1;   // the fused dQ's buffers
     __shared__ __align__(16) S sQ[N][D + FA_PAD];
     __shared__ __align__(16) S sG[N][D + FA_PAD];
+    __shared__ __align__(16) S sK[FK][D + FA_PAD];       // the block's keys (B operand of dS K)
+    __shared__ __align__(16) S sdS[FK][FN + FA_PAD];     // dS^T of the tile: rows = keys, columns = queries
     __shared__ float sL[N], sD[N];
     const int bh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int k0 = blockIdx.x * 64, key0 = k0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
-    RowFrags<T, D> ka;
+    RowFrags<T, D, T::CACHE && !T::FUSED_DQ> ka;   // with FUSED_DQ: K's fragments from sK by ldmatrix
     RowFrags<T, D, T::CACHE && D <= 64> va;
     ka.init(k + koff + (long long)key0 * D, Tk - key0);
     va.init(v + koff + (long long)key0 * D, Tk - key0);
@@ -403,6 +434,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
     for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) ak[nt][e] = av[nt][e] = 0.f;
+    if constexpr (T::FUSED_DQ) load_tile<T, D, FK>(sK, k + koff, k0, Tk);   // visible after the loop's barrier
     int qstart = causal ? max(0, k0 - off) : 0;   // earlier queries see none of these keys
     qstart -= qstart % N;
     for (int q0 = qstart; q0 < Tq; q0 += N) {
@@ -423,7 +455,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
 #pragma unroll
         for (int kc = 0; kc < D / 16; ++kc) {
             P tk[4], tv[4];
-            const P* a = ka.get(kc, tk);
+            const P* a = tk;
+            if constexpr (T::FUSED_DQ) load_a_sm<T>(tk, &sK[warp * 16][kc * 16], D + FA_PAD);
+            else a = ka.get(kc, tk);
             const P* b = va.get(kc, tv);
 #pragma unroll
             for (int nt = 0; nt < N / 8; nt += 2) {
@@ -462,6 +496,45 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
                 T::mma(ak[nt + 1], sa, bb[1]);
             }
         }
+        if constexpr (T::FUSED_DQ) {
+            // dS^T (rounded as for dK) to shared memory; then warp w computes rows 16 (w % MT) .. of the
+            // tile's (N, D) product dS K, columns NT * 8 (w / MT) .., and adds them to dq_acc
+#pragma unroll
+            for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    *(P*)&sdS[warp * 16 + g + 8 * h][nt * 8 + 2 * t] = T::pack(dpt[nt][2 * h], dpt[nt][2 * h + 1]);
+            __syncthreads();
+            constexpr int MT = N / 16, NT = D / 8 / (4 / MT);   // m-tiles of the tile; n-tiles per warp
+            static_assert(4 % MT == 0 && NT % 2 == 0, "flash_bwd_dkdv: fused dQ split");
+            const int mt = warp % MT, nb = (warp / MT) * NT, i = lane >> 3, r = lane & 7;
+            float dqa[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) dqa[nt][0] = dqa[nt][1] = dqa[nt][2] = dqa[nt][3] = 0.f;
+#pragma unroll
+            for (int kc = 0; kc < 4; ++kc) {   // 64 keys, 16 at a time
+                P a[4];   // A = dS (queries x keys): the transposes of sdS's 8x8 blocks
+                ldsm_x4_trans(a, &sdS[kc * 16 + (i >> 1) * 8 + r][mt * 16 + (i & 1) * 8]);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt += 2) {
+                    P bb[2][2];
+                    load_b_kn2<T>(bb, &sK[kc * 16][(nb + nt) * 8], D + FA_PAD);
+                    T::mma(dqa[nt], a, bb[0]);
+                    T::mma(dqa[nt + 1], a, bb[1]);
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int qi = q0 + mt * 16 + g + 8 * h;
+                if (qi >= Tq) continue;
+                float* row = dq_acc + ((long long)bh * Tq + qi) * D + nb * 8 + 2 * t;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    atomicAdd(row + nt * 8, dqa[nt][2 * h]);
+                    atomicAdd(row + nt * 8 + 1, dqa[nt][2 * h + 1]);
+                }
+            }
+        }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -478,8 +551,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
     }
 }
 
-// ---- backward 3: dQ for 64 queries per block (16 per warp), looping over key tiles of N;
-// grid (ceil(Tq / 64), B * H), 128 threads
+// ---- backward 3 (float32, not FUSED_DQ): dQ for 64 queries per block (16 per warp), looping over key
+// tiles of N; grid (ceil(Tq / 64), B * H), 128 threads
 template <class T, int D, int N>
 __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restrict__ q,
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
@@ -581,8 +654,19 @@ def tile(dtype_name: str, D: int, backward: bool) -> int:
 def kernel_names(dtype_name: str, D: int) -> dict:
     """The four kernels of one dtype and head size: {"fwd", "delta", "dkdv", "dq"} -> name expression."""
     tr, nf, nb = TRAITS[dtype_name], tile(dtype_name, D, False), tile(dtype_name, D, True)
-    return {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D}>",
-            "dkdv": f"flash_bwd_dkdv<{tr},{D},{nb}>", "dq": f"flash_bwd_dq<{tr},{D},{nb}>"}
+    names = {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D}>",
+             "dkdv": f"flash_bwd_dkdv<{tr},{D},{nb}>"}
+    if fused_dq(dtype_name):
+        names["dq_convert"] = f"flash_bwd_dq_convert<{tr},{D}>"
+    else:
+        names["dq"] = f"flash_bwd_dq<{tr},{D},{nb}>"
+    return names
+
+
+def fused_dq(dtype_name: str) -> bool:
+    """16-bit types add dQ into a float32 buffer by atomics in the dK/dV kernel (the traits' FUSED_DQ);
+    float32 (no ldmatrix, and its buffers would pass 48 KiB of shared memory at D=128) has its own dQ kernel."""
+    return dtype_name != "float32"
 
 
 @functools.lru_cache(maxsize=None)
@@ -644,9 +728,14 @@ def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None,
     (m,), ints, scale_log2 = _args(q, k, mask, causal)
     scale = np.float32(1.0 / math.sqrt(D))
     kern = _kernels(backend.dtype_name(q.dtype), D)
-    kern["delta"]((-(-(B * H * Tq) // 4),), (128,), (g, o, delta, np.int32(B * H * Tq)))
+    fused = fused_dq(backend.dtype_name(q.dtype))
+    dq_acc = empty(q.shape if fused else (0,), np.float32)   # float32 dQ sums (zeroed by the delta kernel)
+    kern["delta"]((-(-(B * H * Tq) // 4),), (128,), (g, o, delta, dq_acc, np.int32(B * H * Tq)))
     kern["dkdv"](
-        (-(-Tk // BLOCK), B * H), (128,), (q, k, v, m, g, lse, delta, dk, dv) + ints + (scale_log2, scale))
-    kern["dq"](
-        (-(-Tq // BLOCK), B * H), (128,), (q, k, v, m, g, lse, delta, dq) + ints + (scale_log2, scale))
+        (-(-Tk // BLOCK), B * H), (128,), (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale))
+    if fused:
+        kern["dq_convert"]((-(-dq.size // 256),), (256,), (dq_acc, dq, np.int64(dq.size), scale))
+    else:
+        kern["dq"](
+            (-(-Tq // BLOCK), B * H), (128,), (q, k, v, m, g, lse, delta, dq) + ints + (scale_log2, scale))
     return dq, dk, dv
