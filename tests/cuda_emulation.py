@@ -14,7 +14,8 @@ conversions, and the warp-wide `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}
 lane by lane from the documented fragment layouts (PTX ISA; groupID g = lane >> 2, t = lane % 4):
 every lane posts its A (a0..a3) and B (b0, b1) registers to a per-warp buffer, then computes its own
 c0..c3 (rows g, g+8, columns 2t, 2t+1) from the whole warp's registers; `ldmatrix` (.x4, .trans)
-likewise from the row addresses the warp's lanes post; float atomicAdd under a mutex.
+likewise from the row addresses the warp's lanes post; cp.async copies queued per thread and performed
+at cp.async.wait_group (so a read before the wait sees poison); float atomicAdd under a mutex.
 """
 from __future__ import annotations
 
@@ -255,6 +256,27 @@ static void ldsm_host(unsigned r[4], const void* row, bool trans) {
 }
 static inline void ldsm_x4(unsigned r[4], const void* row) { ldsm_host(r, row, false); }
 static inline void ldsm_x4_trans(unsigned r[4], const void* row) { ldsm_host(r, row, true); }
+// cp.async: a copy is only queued; commit_group closes the thread's open group, and wait_group<n>
+// performs every group but the newest n (in order). Data land in shared memory at the wait, not
+// before, so a kernel that reads a tile before waiting for it reads the poison (or a stale tile).
+struct PendingCopy { void* dst; const void* src; bool valid; };
+thread_local std::vector<PendingCopy> cp_open;
+thread_local std::vector<std::vector<PendingCopy>> cp_groups;
+static inline void cp_async16(void* dst, const void* src, bool valid) {
+    if (((size_t)dst) % 16 || ((size_t)src) % 16) std::abort();   // cp.async 16 needs aligned addresses
+    cp_open.push_back(PendingCopy{dst, src, valid});
+}
+static inline void cp_async_commit() { cp_groups.push_back(cp_open); cp_open.clear(); }
+template <int n>
+static inline void cp_async_wait() {
+    while ((int)cp_groups.size() > n) {
+        for (const PendingCopy& c : cp_groups.front()) {
+            if (c.valid) std::memcpy(c.dst, c.src, 16);
+            else std::memset(c.dst, 0, 16);
+        }
+        cp_groups.erase(cp_groups.begin());
+    }
+}
 static std::mutex atomic_mutex;
 static inline float atomicAdd(float* p, float v) {
     std::lock_guard<std::mutex> lock(atomic_mutex);

@@ -88,6 +88,15 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned r[4], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
 }
+// 16 bytes global -> shared without registers (cp.async; zero-filled when !valid, src then unread);
+// copies issued since the last commit form a group; wait<n> returns once at most n groups are pending
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int n>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(n) : "memory"); }
 __device__ __forceinline__ void copy16(void* dst, const void* src) { *(uint4*)dst = *(const uint4*)src; }
 __device__ __forceinline__ void zero16(void* dst) { *(uint4*)dst = make_uint4(0u, 0u, 0u, 0u); }
 """
@@ -279,6 +288,17 @@ __device__ __forceinline__ void load_tile(typename T::S (*dst)[D + FA_PAD], cons
         else zero16(&dst[r][c]);
     }
 }
+// load_tile by cp.async (the caller commits and waits): rows past nrows zero-filled from row 0's address
+template <class T, int D, int ROWS>
+__device__ __forceinline__ void load_tile_async(typename T::S (*dst)[D + FA_PAD], const typename T::S* src,
+                                                int row0, int nrows) {
+    constexpr int V = 16 / sizeof(typename T::S), PER_ROW = D / V;
+    for (int i = threadIdx.x; i < ROWS * PER_ROW; i += blockDim.x) {
+        const int r = i / PER_ROW, c = (i % PER_ROW) * V;
+        const bool in = row0 + r < nrows;
+        cp_async16(&dst[r][c], src + (long long)(in ? row0 + r : 0) * D + c, in);
+    }
+}
 // may query i (of Tq) see key j (of Tk)?  causal: j <= i + Tk - Tq;  mask: (B, Tk), True = attend
 __device__ __forceinline__ bool fa_allowed(int i, int j, int Tk, int off, int causal, const unsigned char* mrow) {
     return j < Tk && (!causal || j <= i + off) && (mrow == nullptr || mrow[j]);
@@ -291,8 +311,11 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
         typename T::S* __restrict__ o, float* __restrict__ lse, int H, int Tq, int Tk, int causal, int has_mask,
         float scale_log2) {
     typedef typename T::S S; typedef typename T::P P;
-    __shared__ __align__(16) S sK[N][D + FA_PAD];
-    __shared__ __align__(16) S sV[N][D + FA_PAD];
+    // K/V tiles double-buffered (ST = 2: the next tile's cp.async in flight during this one's
+    // products) where two stages fit the 48 KiB of static shared memory, else one stage
+    constexpr int ST = 4 * N * (D + FA_PAD) * (int)sizeof(S) <= 48 * 1024 ? 2 : 1;
+    __shared__ __align__(16) S sK[ST][N][D + FA_PAD];
+    __shared__ __align__(16) S sV[ST][N][D + FA_PAD];
     const int bh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.x * 64, row0 = m0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
@@ -304,10 +327,19 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
     float mrun[2] = {FA_NEG_INF, FA_NEG_INF}, lrun[2] = {0.f, 0.f};
     const int kend = causal ? min(Tk, m0 + 64 + off) : Tk;   // later key tiles are fully masked
-    for (int n0 = 0; n0 < kend; n0 += N) {
-        __syncthreads();
-        load_tile<T, D, N>(sK, k + koff, n0, Tk);
-        load_tile<T, D, N>(sV, v + koff, n0, Tk);
+    for (int n0 = 0, it = 0; n0 < kend; n0 += N, ++it) {
+        const int cur = ST == 2 ? (it & 1) : 0;
+        if (ST == 1 || it == 0) {   // this tile, unless the previous iteration prefetched it
+            load_tile_async<T, D, N>(sK[cur], k + koff, n0, Tk);
+            load_tile_async<T, D, N>(sV[cur], v + koff, n0, Tk);
+        }
+        cp_async_commit();
+        if (ST == 2 && n0 + N < kend) {   // the next tile, into the stage the last iteration finished with
+            load_tile_async<T, D, N>(sK[cur ^ 1], k + koff, n0 + N, Tk);
+            load_tile_async<T, D, N>(sV[cur ^ 1], v + koff, n0 + N, Tk);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();   // every group but the newest (the prefetch): this tile has landed
         __syncthreads();
         float s[N / 8][4];
 #pragma unroll
@@ -319,7 +351,7 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
 #pragma unroll
             for (int nt = 0; nt < N / 8; nt += 2) {
                 P bb[2][2];
-                load_b_nk2<T>(bb, &sK[nt * 8][kc * 16], D + FA_PAD);
+                load_b_nk2<T>(bb, &sK[cur][nt * 8][kc * 16], D + FA_PAD);
                 T::mma(s[nt], a, bb[0]);
                 T::mma(s[nt + 1], a, bb[1]);
             }
@@ -360,11 +392,12 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
 #pragma unroll
             for (int nt = 0; nt < D / 8; nt += 2) {
                 P bb[2][2];
-                load_b_kn2<T>(bb, &sV[kc * 16][nt * 8], D + FA_PAD);
+                load_b_kn2<T>(bb, &sV[cur][kc * 16][nt * 8], D + FA_PAD);
                 T::mma(acc[nt], pa, bb[0]);
                 T::mma(acc[nt + 1], pa, bb[1]);
             }
         }
+        __syncthreads();   // every warp done with stage cur before a later iteration refills it
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -643,12 +676,13 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
 
 def tile(dtype_name: str, D: int, backward: bool) -> int:
     """N, the streamed tile (keys in fwd/dq, queries in dkdv): 64, or 32 where registers or the 48 KiB of
-    static shared memory would not hold 64 (float32 D=128 forward; D*itemsize > 128 in backward), 16
-    for float32 D=128 backward (registers: the dK/dV kernel spilled at 32)."""
+    static shared memory would not hold 64 (forward: D*itemsize = 256, where 32 lets two stages of K/V
+    fit, and beyond; backward: D*itemsize > 128), 16 for float32 D=128 backward (registers: the dK/dV
+    kernel spilled at 32)."""
     size = D * (4 if dtype_name == "float32" else 2)
     if backward and size >= 512:
         return 16
-    return 64 if size <= (128 if backward else 256) else 32
+    return 64 if size < (256 if not backward else 129) else 32
 
 
 def kernel_names(dtype_name: str, D: int) -> dict:
