@@ -357,14 +357,26 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
             }
         }
         float mx[2] = {mrun[0], mrun[1]};
+        // every key of the tile allowed to every row of this warp (warp-uniform): no per-element test
+        const bool full = !has_mask && n0 + N <= Tk && (!causal || n0 + N - 1 <= row0 + off);
+        if (full) {
 #pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt)
+            for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = row0 + g + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
-                s[nt][e] = fa_allowed(i, j, Tk, off, causal, mrow) ? s[nt][e] * scale_log2 : FA_NEG_INF;
-                mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-            }
+                for (int e = 0; e < 4; ++e) {
+                    s[nt][e] *= scale_log2;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+                }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = row0 + g + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
+                    s[nt][e] = fa_allowed(i, j, Tk, off, causal, mrow) ? s[nt][e] * scale_log2 : FA_NEG_INF;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+                }
+        }
         float base[2], corr[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -503,12 +515,14 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
                 T::mma(dpt[nt + 1], b, bb[1]);
             }
         }
+        // every query of the tile sees every key of this warp (warp-uniform): no per-element test
+        const bool full = !has_mask && key0 + 16 <= Tk && q0 + N <= Tq && (!causal || key0 + 15 <= q0 + off);
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = key0 + g + 8 * (e >> 1), c = nt * 8 + 2 * t + (e & 1), i = q0 + c;
-                const float p = i < Tq && fa_allowed(i, j, Tk, off, causal, mrow)
+                const float p = full || (i < Tq && fa_allowed(i, j, Tk, off, causal, mrow))
                                 ? exp2f(st[nt][e] * scale_log2 - sL[c]) : 0.f;
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - sD[c]);   // dS^T (times sqrt(D) at the end)
