@@ -7,7 +7,8 @@ allowed_keys) or not; an optional key-padding mask (B, Tk) bool, True = attend. 
 dropout_p > 0 tensor/cuda/attention.py keeps its cuBLAS path (which draws the reference's keep-mask).
 
     forward  (flash_fwd, block = 64 query rows, 4 warps of 16 rows): K/V tiles of N keys streamed
-             through shared memory; S = Q K^T on the tensor cores, online softmax (running max m and
+             through shared memory (cp.async, double-buffered where two stages fit the 48 KiB of
+             static shared memory); S = Q K^T on the tensor cores, online softmax (running max m and
              sum l per row, float32, base-2 exponentials), O += P V; fully masked causal tiles skipped.
              Out: O in the input dtype and L = m + log(l), the row log-sum-exp of the scaled scores
              (float32, (B, H, Tq)); a row with every key masked gives O = 0 and L = +inf (then P = 0
