@@ -300,6 +300,20 @@ __device__ __forceinline__ void load_tile_async(typename T::S (*dst)[D + FA_PAD]
         cp_async16(&dst[r][c], src + (long long)(in ? row0 + r : 0) * D + c, in);
     }
 }
+// the dK/dV kernel's query tile at row0: Q and dO by cp.async (the caller commits and waits), L (times
+// log2(e); +inf past Tq: P = 0) and Delta by plain stores
+template <class T, int D, int N>
+__device__ __forceinline__ void load_query_tile(typename T::S (*sq)[D + FA_PAD], typename T::S (*sg)[D + FA_PAD],
+        float* sl, float* sd, const typename T::S* q, const typename T::S* go, const float* lse, const float* delta,
+        int row0, int Tq) {
+    load_tile_async<T, D, N>(sq, q, row0, Tq);
+    load_tile_async<T, D, N>(sg, go, row0, Tq);
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        const bool in = row0 + i < Tq;
+        sl[i] = in ? lse[row0 + i] * FA_LOG2E : FA_POS_INF;
+        sd[i] = in ? delta[row0 + i] : 0.f;
+    }
+}
 // may query i (of Tq) see key j (of Tk)?  causal: j <= i + Tk - Tq;  mask: (B, Tk), True = attend
 __device__ __forceinline__ bool fa_allowed(int i, int j, int Tk, int off, int causal, const unsigned char* mrow) {
     return j < Tk && (!causal || j <= i + off) && (mrow == nullptr || mrow[j]);
@@ -462,11 +476,15 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
         int Tk, int causal, int has_mask, float scale_log2, float scale) {
     typedef typename T::S S; typedef typename T::P P;
     constexpr int FK = T::FUSED_DQ ? 64 : 1, FN = T::FUSED_DQ ? N : 1;   // the fused dQ's buffers
-    __shared__ __align__(16) S sQ[N][D + FA_PAD];
-    __shared__ __align__(16) S sG[N][D + FA_PAD];
+    // query tiles (Q, dO, L, Delta) double-buffered (ST = 2: the next tile's cp.async in flight during
+    // this one's products) where two stages fit the 48 KiB of static shared memory, else one stage
+    constexpr int ST = (4 * N * (D + FA_PAD) + FK * (D + FA_PAD) + FK * (FN + FA_PAD)) * (int)sizeof(S)
+                       + 16 * N <= 48 * 1024 ? 2 : 1;
+    __shared__ __align__(16) S sQ[ST][N][D + FA_PAD];
+    __shared__ __align__(16) S sG[ST][N][D + FA_PAD];
     __shared__ __align__(16) S sK[FK][D + FA_PAD];       // the block's keys (B operand of dS K)
     __shared__ __align__(16) S sdS[FK][FN + FA_PAD];     // dS^T of the tile: rows = keys, columns = queries
-    __shared__ float sL[N], sD[N];
+    __shared__ float sL[ST][N], sD[ST][N];
     const int bh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int k0 = blockIdx.x * 64, key0 = k0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
@@ -483,15 +501,18 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
     if constexpr (T::FUSED_DQ) load_tile<T, D, FK>(sK, k + koff, k0, Tk);   // visible after the loop's barrier
     int qstart = causal ? max(0, k0 - off) : 0;   // earlier queries see none of these keys
     qstart -= qstart % N;
-    for (int q0 = qstart; q0 < Tq; q0 += N) {
-        __syncthreads();
-        load_tile<T, D, N>(sQ, q + qoff, q0, Tq);
-        load_tile<T, D, N>(sG, go + qoff, q0, Tq);
-        for (int i = threadIdx.x; i < N; i += blockDim.x) {
-            const bool in = q0 + i < Tq;
-            sL[i] = in ? lse[(long long)bh * Tq + q0 + i] * FA_LOG2E : FA_POS_INF;
-            sD[i] = in ? delta[(long long)bh * Tq + q0 + i] : 0.f;
-        }
+    for (int q0 = qstart, it = 0; q0 < Tq; q0 += N, ++it) {
+        const int cur = ST == 2 ? (it & 1) : 0;
+        // (a stage is refilled only after the closing barrier of the iteration that last read it)
+        if (ST == 1 || it == 0)   // this tile, unless the previous iteration prefetched it
+            load_query_tile<T, D, N>(sQ[cur], sG[cur], sL[cur], sD[cur], q + qoff, go + qoff, lse + (long long)bh * Tq,
+                                     delta + (long long)bh * Tq, q0, Tq);
+        cp_async_commit();
+        if (ST == 2 && q0 + N < Tq)
+            load_query_tile<T, D, N>(sQ[cur ^ 1], sG[cur ^ 1], sL[cur ^ 1], sD[cur ^ 1], q + qoff, go + qoff,
+                                     lse + (long long)bh * Tq, delta + (long long)bh * Tq, q0 + N, Tq);
+        cp_async_commit();
+        cp_async_wait<1>();   // every group but the newest (the prefetch): this tile has landed
         __syncthreads();
         float st[N / 8][4], dpt[N / 8][4];   // S^T and dP^T: rows = this warp's keys, columns = queries
 #pragma unroll
@@ -508,10 +529,10 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
 #pragma unroll
             for (int nt = 0; nt < N / 8; nt += 2) {
                 P bb[2][2];
-                load_b_nk2<T>(bb, &sQ[nt * 8][kc * 16], D + FA_PAD);
+                load_b_nk2<T>(bb, &sQ[cur][nt * 8][kc * 16], D + FA_PAD);
                 T::mma(st[nt], a, bb[0]);
                 T::mma(st[nt + 1], a, bb[1]);
-                load_b_nk2<T>(bb, &sG[nt * 8][kc * 16], D + FA_PAD);
+                load_b_nk2<T>(bb, &sG[cur][nt * 8][kc * 16], D + FA_PAD);
                 T::mma(dpt[nt], b, bb[0]);
                 T::mma(dpt[nt + 1], b, bb[1]);
             }
@@ -524,9 +545,9 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
             for (int e = 0; e < 4; ++e) {
                 const int j = key0 + g + 8 * (e >> 1), c = nt * 8 + 2 * t + (e & 1), i = q0 + c;
                 const float p = full || (i < Tq && fa_allowed(i, j, Tk, off, causal, mrow))
-                                ? exp2f(st[nt][e] * scale_log2 - sL[c]) : 0.f;
+                                ? exp2f(st[nt][e] * scale_log2 - sL[cur][c]) : 0.f;
                 st[nt][e] = p;
-                dpt[nt][e] = p * (dpt[nt][e] - sD[c]);   // dS^T (times sqrt(D) at the end)
+                dpt[nt][e] = p * (dpt[nt][e] - sD[cur][c]);   // dS^T (times sqrt(D) at the end)
             }
 #pragma unroll
         for (int kc = 0; kc < N / 16; ++kc) {
@@ -536,10 +557,10 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
 #pragma unroll
             for (int nt = 0; nt < D / 8; nt += 2) {
                 P bb[2][2];
-                load_b_kn2<T>(bb, &sG[kc * 16][nt * 8], D + FA_PAD);
+                load_b_kn2<T>(bb, &sG[cur][kc * 16][nt * 8], D + FA_PAD);
                 T::mma(av[nt], pa, bb[0]);   // dV += P^T dO
                 T::mma(av[nt + 1], pa, bb[1]);
-                load_b_kn2<T>(bb, &sQ[kc * 16][nt * 8], D + FA_PAD);
+                load_b_kn2<T>(bb, &sQ[cur][kc * 16][nt * 8], D + FA_PAD);
                 T::mma(ak[nt], sa, bb[0]);   // dK += dS^T Q
                 T::mma(ak[nt + 1], sa, bb[1]);
             }
@@ -583,6 +604,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
                 }
             }
         }
+        __syncthreads();   // every warp done with stage cur (and sdS) before a later iteration refills it
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
