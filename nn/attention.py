@@ -70,7 +70,7 @@ def causal_attention_qkv(qkv: Tensor, n_head: int, mask: Any = None, dropout_p: 
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"causal_attention_qkv: dropout_p must be in [0, 1), got {dropout_p}")
     m = _mask_array(mask, qkv)
-    cls = pick(CausalAttentionQKV, qkv.data, mask=m, dropout_p=dropout_p)
+    cls = pick(CausalAttentionQKV, qkv.data, mask=m, n_head=n_head, dropout_p=dropout_p)
     return cls.apply(qkv, n_head=n_head, mask=m, dropout_p=dropout_p, generator=generator)
 
 

@@ -1,15 +1,20 @@
-"""CUDA fast paths of attention (tensor/attention.py): cuBLAS batched GEMMs in the input dtype
-(tensor cores for 16 bits, no operand copies: tensor/cuda/cublas.py), float32 scores, the fused
-causal softmax and its backward (tensor/cuda/softmax.py), and the heads' layouts in one kernel
-pass each (tensor/cuda/layout.py).
+"""CUDA fast paths of attention (tensor/attention.py), three of them, chosen in this order:
 
-They apply to causal attention without a padding mask on contiguous float16/bfloat16/float32 CuPy
-arrays (the softmax kernel builds the causal mask itself), with or without dropout (its keep-mask
-drawn as the reference draws it), and at inference to one query row against a KV cache, with or
-without a padding mask (the fused decode kernel, tensor/cuda/decode_attention.py); anything else
-runs the reference on CuPy. Memory kept for
-backward: contiguous Q, K, V (one copy of the heads, which frees the fused qkv buffer), P in the
-input dtype and, with dropout, the bool keep-mask.
+* decode: at inference, one query row against a KV cache, with or without a padding mask (the
+  fused decode kernel, tensor/cuda/decode_attention.py);
+* flash: the fused FlashAttention-2-style kernels (tensor/cuda/flash_attention.py) for contiguous
+  float16/bfloat16/float32 q, k, v with D in {32, 64, 128}, causal or not, with or without a
+  (B, Tk) key-padding mask, no dropout. Memory kept for backward: Q, K, V, O and the row
+  log-sum-exp L (B*H*Tq floats); no (Tq, Tk) array is ever formed. Where the cuBLAS path applies
+  too, one rule chooses (_use_flash: the scores' size against SCORES_BUDGET);
+* cuBLAS: batched GEMMs in the input dtype (tensor cores for 16 bits, no operand copies:
+  tensor/cuda/cublas.py), float32 scores, the fused causal softmax and its backward
+  (tensor/cuda/softmax.py), for causal attention without a padding mask, with or without dropout
+  (its keep-mask drawn as the reference draws it; the flash kernels have no dropout). Memory kept
+  for backward: contiguous Q, K, V, P in the input dtype and, with dropout, the bool keep-mask.
+
+The heads' layouts take one kernel pass each (tensor/cuda/layout.py). Anything else runs the
+reference on CuPy.
 """
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from tensor import backend
 from tensor.attention import CausalAttentionQKV, MergeHeads, ScaledDotProductAttention, SplitHeads, check_sdpa_args
-from tensor.cuda import cublas, decode_attention
+from tensor.cuda import cublas, decode_attention, flash_attention
 from tensor.cuda.common import empty, usable
 from tensor.cuda.layout import merge_heads, split_heads
 from tensor.cuda.softmax import causal_softmax, softmax_backward
@@ -89,20 +95,61 @@ class CudaMergeHeads(MergeHeads):
         return (split_heads(g, self.n_head, 1)[0] if usable(g) else super().backward(g)[0],)
 
 
+def _grad_like(g: Any, q: Any) -> Any:
+    """The incoming gradient in q's dtype, C-contiguous (what the kernels read)."""
+    if g.dtype != q.dtype:
+        g = g.astype(q.dtype)
+    return g if g.flags.c_contiguous else g.copy()
+
+
+def _flash_qkv(qkv: Any, n_head: Any, mask: Any, dropout_p: float) -> bool:
+    """Whether the flash kernels take the heads of this qkv (B, T, 3C): D = C / n_head in their head
+    sizes, mask None or bool (B, T), no dropout (the heads themselves are contiguous after the split)."""
+    if n_head is None or qkv.ndim != 3 or qkv.shape[2] % (3 * n_head) or dropout_p != 0.0 or not usable(qkv):
+        return False
+    if qkv.shape[2] // (3 * n_head) not in flash_attention.HEADS or qkv.shape[1] == 0:
+        return False
+    if qkv.shape[0] * n_head > 65535:   # what flash_attention.fits asks of the heads (their alignment holds)
+        return False
+    return mask is None or (backend.array_module(mask) is not np and mask.dtype == bool
+                            and mask.shape == qkv.shape[:2])
+
+
+# The one choice between the two training paths where both apply (causal, no padding mask, no
+# dropout, a dtype and head size the flash kernels take). Measured on an H200 (bf16, forward + backward,
+# B*T = 16k tokens, benchmarks/bench_attention_gpu.py, flash kernels of 2026-12-02 before ldmatrix): the
+# flash kernels took 1.41-1.45x the cuBLAS path's time at T = 1024..4096, but the cuBLAS path holds the
+# (B, H, Tq, Tk) float32 scores and P (3.8 GiB at B=4 H=6 T=4096 against flash's 97 MiB). So: cuBLAS while
+# its float32 scores stay within SCORES_BUDGET bytes, flash beyond it (and wherever cuBLAS does not apply:
+# a padding mask, causal=False). Set SCORES_BUDGET = 0 for flash wherever it fits (its tests do); revisit
+# the budget with each benchmark run (the JSON's ratios say which path is faster at which T).
+SCORES_BUDGET = 1 << 30
+
+
+def _use_flash(q: Any, k: Any, v: Any, mask: Any, causal: bool, dropout_p: float) -> bool:
+    """The flash kernels, by the rule above, for heads q (B, H, Tq, D), k, v (B, H, Tk, D)."""
+    if not flash_attention.fits(q, k, v, mask, causal, dropout_p):
+        return False
+    if mask is not None or not causal or not cublas.usable(q, k, v):
+        return True
+    B, H, Tq, _ = q.shape
+    return B * H * Tq * k.shape[2] * 4 > SCORES_BUDGET
+
+
 def _decoding(q: Any, k: Any, v: Any, mask: Any, dropout_p: float) -> bool:
     """One query row per (batch, head) at inference: the fused decode kernel (tensor/cuda/decode_attention.py)."""
     return not is_grad_enabled() and decode_attention.fits(q, k, v, mask, dropout_p)
 
 
 class CudaScaledDotProductAttention(ScaledDotProductAttention):
-    """Causal attention by cuBLAS and the fused softmax kernels (no padding mask); at inference, one
-    query row (a decoding step) against a KV cache, with or without a padding mask, by the fused
-    decode-attention kernel."""
+    """At inference, one query row (a decoding step) against a KV cache by the fused decode-attention
+    kernel; else the flash kernels where they fit (padding mask and causal=False included); else
+    causal attention by cuBLAS and the fused softmax kernels (no padding mask; dropout)."""
 
     @staticmethod
     def supports(q: Any, k: Any = None, v: Any = None, mask: Any = None, causal: bool = True,
                  dropout_p: float = 0.0, **kwargs: Any) -> bool:
-        if _decoding(q, k, v, mask, dropout_p):
+        if _decoding(q, k, v, mask, dropout_p) or flash_attention.fits(q, k, v, mask, causal, dropout_p):
             return True
         # strided q, k, v too (cuBLAS takes them as they are): a decoding step's views of the KV cache;
         # one dtype (a float32 cache under bf16 queries takes the reference, which promotes)
@@ -113,26 +160,35 @@ class CudaScaledDotProductAttention(ScaledDotProductAttention):
         check_sdpa_args(q, k, v, causal, dropout_p)
         if _decoding(q, k, v, mask, dropout_p):  # nothing saved: no backward at inference
             return decode_attention.decode_attention(q, k, v, mask)
+        self.flash = _use_flash(q, k, v, mask, causal, dropout_p)
+        if self.flash:
+            o, lse = flash_attention.forward(q, k, v, mask, causal)
+            self.save_for_backward(q, k, v, o, lse)
+            self.mask, self.causal = mask, causal
+            return o
         o, p, keep = causal_forward(q, k, v, dropout_p, generator)
         self.save_for_backward(q, k, v, p, keep)
         self.dropout_p = dropout_p
         return o
 
     def backward(self, g):
+        g = _grad_like(g, self.saved[0])
+        if self.flash:
+            q, k, v, o, lse = self.saved
+            return flash_attention.backward(g, q, k, v, o, lse, self.mask, self.causal)
         q, k, v, p, keep = self.saved
-        if g.dtype != q.dtype:
-            g = g.astype(q.dtype)
-        return causal_backward(g if g.flags.c_contiguous else g.copy(), q, k, v, p, keep, self.dropout_p)
+        return causal_backward(g, q, k, v, p, keep, self.dropout_p)
 
 
 class CudaCausalAttentionQKV(CausalAttentionQKV):
-    """The fused composition: one split pass makes every head contiguous for cuBLAS's strided
-    batches, one merge pass writes the output; backward: g split in one pass, dQ, dK, dV land in
-    one buffer, merged into d(qkv) in one pass."""
+    """The fused composition: one split pass makes every head contiguous (for the flash kernels or
+    cuBLAS's strided batches), one merge pass writes the output; backward: g split in one pass, dQ,
+    dK, dV land in one buffer, merged into d(qkv) in one pass. A padding mask needs the flash
+    kernels (and n_head passed to supports, to know D)."""
 
     @staticmethod
-    def supports(qkv: Any, mask: Any = None, **kwargs: Any) -> bool:
-        return _fits(qkv, mask=mask)
+    def supports(qkv: Any, mask: Any = None, n_head: Any = None, dropout_p: float = 0.0, **kwargs: Any) -> bool:
+        return _fits(qkv, mask=mask) or _flash_qkv(qkv, n_head, mask, dropout_p)
 
     def forward(self, qkv, n_head=1, mask=None, dropout_p=0.0, generator=None):
         B, T, C3 = qkv.shape
@@ -140,17 +196,25 @@ class CudaCausalAttentionQKV(CausalAttentionQKV):
             raise ValueError(f"attention: qkv of shape {qkv.shape} does not split into 3 x {n_head} heads")
         heads = split_heads(qkv, n_head, 3)  # (3, B, H, T, D)
         q, k, v = heads[0], heads[1], heads[2]
+        self.n_head, self.dropout_p = n_head, dropout_p
+        self.flash = _use_flash(q, k, v, mask, True, dropout_p)
+        if self.flash:
+            o, lse = flash_attention.forward(q, k, v, mask, True)
+            self.save_for_backward(q, k, v, o, lse)
+            self.mask = mask
+            return merge_heads(o[None])
         o, p, keep = causal_forward(q, k, v, dropout_p, generator)
         self.save_for_backward(q, k, v, p, keep)
-        self.n_head, self.dropout_p = n_head, dropout_p
         return merge_heads(o[None])
 
     def backward(self, g):
-        q, k, v, p, keep = self.saved
-        if g.dtype != q.dtype:
-            g = g.astype(q.dtype)
-        if not g.flags.c_contiguous:
-            g = g.copy()
+        q = self.saved[0]
+        gh = split_heads(_grad_like(g, q), self.n_head, 1)[0]
         d3 = empty((3,) + q.shape, q.dtype)
-        causal_backward(split_heads(g, self.n_head, 1)[0], q, k, v, p, keep, self.dropout_p, out=(d3[0], d3[1], d3[2]))
+        if self.flash:
+            _, k, v, o, lse = self.saved
+            flash_attention.backward(gh, q, k, v, o, lse, self.mask, True, out=(d3[0], d3[1], d3[2]))
+        else:
+            _, k, v, p, keep = self.saved
+            causal_backward(gh, q, k, v, p, keep, self.dropout_p, out=(d3[0], d3[1], d3[2]))
         return (merge_heads(d3),)
