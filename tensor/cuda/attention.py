@@ -6,7 +6,7 @@
   float16/bfloat16/float32 q, k, v with D in {32, 64, 128}, causal or not, with or without a
   (B, Tk) key-padding mask, no dropout. Memory kept for backward: Q, K, V, O and the row
   log-sum-exp L (B*H*Tq floats); no (Tq, Tk) array is ever formed. Where the cuBLAS path applies
-  too, one rule chooses (_use_flash: the scores' size against SCORES_BUDGET);
+  too, one rule chooses (_use_flash: the head dim, then the scores' size against SCORES_BUDGET);
 * cuBLAS: batched GEMMs in the input dtype (tensor cores for 16 bits, no operand copies:
   tensor/cuda/cublas.py), float32 scores, the fused causal softmax and its backward
   (tensor/cuda/softmax.py), for causal attention without a padding mask, with or without dropout
@@ -117,12 +117,13 @@ def _flash_qkv(qkv: Any, n_head: Any, mask: Any, dropout_p: float) -> bool:
 
 # The one choice between the two training paths where both apply (causal, no padding mask, no
 # dropout, a dtype and head size the flash kernels take). Measured on an H200 (bf16, forward + backward,
-# B*T = 16k tokens, benchmarks/bench_attention_gpu.py, flash kernels of 2026-12-02 before ldmatrix): the
-# flash kernels took 1.41-1.45x the cuBLAS path's time at T = 1024..4096, but the cuBLAS path holds the
-# (B, H, Tq, Tk) float32 scores and P (3.8 GiB at B=4 H=6 T=4096 against flash's 97 MiB). So: cuBLAS while
-# its float32 scores stay within SCORES_BUDGET bytes, flash beyond it (and wherever cuBLAS does not apply:
-# a padding mask, causal=False). Set SCORES_BUDGET = 0 for flash wherever it fits (its tests do); revisit
-# the budget with each benchmark run (the JSON's ratios say which path is faster at which T).
+# B*T = 16k tokens, `benchmarks/bench_attention_gpu.py --reps 5 --T 1024 4096`, 2026-12-02): flash / cuBLAS
+# time 0.66 (D 64, T 1024), 0.46 (D 64, T 4096), 1.25 (D 128, T 1024), 0.91 (D 128, T 4096); the cuBLAS path
+# also holds the (B, H, Tq, Tk) float32 scores and P (7.5 GiB at B=4 H=12 T=4096 against flash's 144 MiB).
+# So: flash for head dims up to FLASH_HEAD_DIM; above it, cuBLAS while its float32 scores stay within
+# SCORES_BUDGET bytes and flash beyond (and flash wherever cuBLAS does not apply: a padding mask,
+# causal=False). Tests set SCORES_BUDGET = 0 for flash wherever it fits; revisit both with each benchmark run.
+FLASH_HEAD_DIM = 64
 SCORES_BUDGET = 1 << 30
 
 
@@ -132,8 +133,8 @@ def _use_flash(q: Any, k: Any, v: Any, mask: Any, causal: bool, dropout_p: float
         return False
     if mask is not None or not causal or not cublas.usable(q, k, v):
         return True
-    B, H, Tq, _ = q.shape
-    return B * H * Tq * k.shape[2] * 4 > SCORES_BUDGET
+    B, H, Tq, D = q.shape
+    return D <= FLASH_HEAD_DIM or B * H * Tq * k.shape[2] * 4 > SCORES_BUDGET
 
 
 def _decoding(q: Any, k: Any, v: Any, mask: Any, dropout_p: float) -> bool:
