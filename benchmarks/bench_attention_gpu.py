@@ -22,25 +22,13 @@ from __future__ import annotations
 
 import argparse
 
-import _common as C  # noqa: F401  (puts the repository root on sys.path)
+import _common as C  # (also puts the repository root on sys.path)
 import numpy as np
 
 
 def flops(B: int, H: int, T: int, D: int) -> float:
     fwd = 4.0 * B * H * T * T * D / 2
     return fwd * 3.5
-
-
-def _time_cupy(cp, fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return cp.cuda.get_elapsed_time(start, end) / reps
 
 
 def _peak_cupy(cp, fn) -> int:
@@ -59,6 +47,7 @@ def ours(B: int, H: int, T: int, D: int, reps: int) -> dict:
     from tensor.cuda import flash_attention as FA
     from tensor.cuda.attention import causal_backward, causal_forward
     cp = backend.cupy_module()
+    time_ms = C.event_timer(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time, rounds=1)
     rng = np.random.default_rng(0)
     q, k, v, g = (cp.asarray(rng.standard_normal((B, H, T, D)).astype(ml_dtypes.bfloat16)) for _ in range(4))
 
@@ -71,11 +60,11 @@ def ours(B: int, H: int, T: int, D: int, reps: int) -> dict:
         return causal_backward(g, q, k, v, p, keep)
 
     o0, lse0 = FA.forward(q, k, v, None, True)
-    out = {"flash_fwd_ms": round(_time_cupy(cp, lambda: FA.forward(q, k, v, None, True), reps), 3),
-           "flash_bwd_ms": round(_time_cupy(cp, lambda: FA.backward(g, q, k, v, o0, lse0, None, True), reps), 3)}
+    out = {"flash_fwd_ms": round(time_ms(lambda: FA.forward(q, k, v, None, True), reps), 3),
+           "flash_bwd_ms": round(time_ms(lambda: FA.backward(g, q, k, v, o0, lse0, None, True), reps), 3)}
     for name, fn in (("flash", flash), ("cublas", cublas)):
         try:
-            ms = _time_cupy(cp, fn, reps)
+            ms = time_ms(fn, reps)
             out[name] = {"ms": round(ms, 3), "tflops": round(flops(B, H, T, D) / ms / 1e9, 1),
                          "peak_mib": round(_peak_cupy(cp, fn) / 2**20, 1)}
         except Exception as e:  # the cuBLAS path's (B, H, T, T) buffers may not fit
@@ -97,16 +86,8 @@ def torch_sdpa(B: int, H: int, T: int, D: int, reps: int) -> dict:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return torch.autograd.grad(o, (q, k, v), g)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / reps
+    ms = C.event_timer(torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True),
+                       lambda a, b: a.elapsed_time(b), rounds=1)(step, reps)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     step()

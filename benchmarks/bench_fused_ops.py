@@ -17,30 +17,10 @@ from __future__ import annotations
 
 import json
 
-import _common as C  # noqa: F401  (puts the repository root on sys.path)
+import _common as C  # (also puts the repository root on sys.path)
 import numpy as np
 
 ROWS, EMB, HID = 16384, 768, 3072
-
-
-def _timer(sync, event, elapsed):
-    """time_ms(fn): ms per call of fn, the best of 3 rounds of `reps` calls between two events."""
-    def time_ms(fn, reps: int = 20) -> float:
-        for _ in range(3):
-            fn()
-        best = None
-        for _ in range(3):
-            sync()
-            a, b = event(), event()
-            a.record()
-            for _ in range(reps):
-                fn()
-            b.record()
-            b.synchronize()
-            ms = elapsed(a, b) / reps
-            best = ms if best is None else min(best, ms)
-        return best
-    return time_ms
 
 
 def ours() -> dict:
@@ -51,7 +31,7 @@ def ours() -> dict:
     from tensor import Tensor
     from tensor.cuda import cublaslt
     bf16 = low_dtype("bf16")
-    time_ms = _timer(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time)
+    time_ms = C.event_timer(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time)
     rng = cp.random.default_rng(0)
     res = {}
 
@@ -102,7 +82,7 @@ def torch_peer() -> dict:
     import torch
     import torch.nn.functional as TF
     dev = "cuda"
-    time_ms = _timer(torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))
+    time_ms = C.event_timer(torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))
     gen = torch.Generator(device=dev).manual_seed(0)
     res = {}
     x = torch.randn((ROWS, HID), device=dev, generator=gen).bfloat16().requires_grad_()

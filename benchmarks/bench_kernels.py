@@ -15,6 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import event_timer  # noqa: E402
 import cupy as cp  # noqa: E402
 
 import tensor.functional as F  # noqa: E402
@@ -54,19 +55,8 @@ def cases(dtype: str) -> dict:
     }
 
 
-def time_ms(fn, reps: int = 20) -> float:
-    fn()
-    cp.cuda.Device().synchronize()
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return cp.cuda.get_elapsed_time(start, end) / reps
-
-
 def main() -> None:
+    time_ms = event_timer(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time)
     out = {"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "cupy": cp.__version__,
            "shape": dict(B=B, T=T, C=C, H=H, V=V), "ops": {}}
     for dtype in ("float32", "float16"):
