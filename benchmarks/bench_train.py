@@ -65,6 +65,9 @@ CONFIGS = {
     # issue 18's GPT-2-sized body with a 4096-token vocabulary (89 M parameters)
     "gpt-12l": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_cpu=1, batch_cuda=16, vocab=4096),
     # GPT-2 small, the gpt2-124m preset: 50257 tokens, the table padded to 50304 rows
+    # a small body on GPT-2's padded vocabulary: a quick check of the large-vocabulary path on the CPU
+    "gpt2-vocab-tiny": dict(n_layer=2, n_head=2, n_embd=128, block_size=128, batch_cpu=16, batch_cuda=16, vocab=50257,
+                            pad_vocab_to=64),
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_cpu=1, batch_cuda=16, vocab=50257,
                       pad_vocab_to=64),
 }
