@@ -1,10 +1,13 @@
 """The CPU decoding step (tinygrad_lm/decode_cpu.py) against the reference: the model's own forward
 with KV caches (logits to float32 round-off), and generate/stream with the fast paths off (tokens)."""
+import warnings
+
 import numpy as np
 import pytest
 
 from nn.quant import quantize_
 from tensor.dispatch import reference_only
+from tensor.ops.elementwise import GELU_K
 from tensor.tensor import no_grad
 from tinygrad_lm.decode_cpu import cpu_decoder, refusal
 from tinygrad_lm.model import GPT, GPTConfig
@@ -13,8 +16,9 @@ from tinygrad_lm.sample import _prompts, _window_inputs, generate, stream
 VOCAB = 37
 
 
-def small(pos: str = "learned", norm: str = "layernorm", bias: bool = True, seed: int = 0) -> GPT:
-    cfg = GPTConfig(vocab_size=VOCAB, block_size=24, n_layer=2, n_head=4, n_embd=32, pos_encoding=pos,
+def small(pos: str = "learned", norm: str = "layernorm", bias: bool = True, seed: int = 0,
+          block_size: int = 24) -> GPT:
+    cfg = GPTConfig(vocab_size=VOCAB, block_size=block_size, n_layer=2, n_head=4, n_embd=32, pos_encoding=pos,
                     norm=norm, bias=bias)
     return GPT(cfg, seed=seed).eval()
 
@@ -55,6 +59,32 @@ def step_vs_forward(model: GPT, rows: list, steps: int = 6) -> None:
 @pytest.mark.parametrize("B,ragged", [(1, False), (8, False), (8, True), (32, True)])
 def test_step_equals_forward(pos, norm, B, ragged):
     step_vs_forward(small(pos, norm), prompts(B, ragged))
+
+
+@pytest.mark.parametrize("B,ragged", [(3, True), (32, True)])
+def test_step_equals_forward_over_a_long_cache(B, ragged):
+    """Up to 100 cached positions (the scores buffer read over the filled part only, padded rows)."""
+    step_vs_forward(small(seed=7, block_size=104), prompts(B, ragged, seed=7), steps=95)
+
+
+def test_gelu_equals_the_tanh_form_without_warnings():
+    """The step's GELU, a / (1 + exp(-2u)), equals 0.5 a (1 + tanh(u)) over the whole range,
+    where exp overflows (a < ~-10) included, in float32 and float64."""
+    for dtype in (np.float32, np.float64):
+        model = small(seed=8)
+        for p in model.parameters():
+            p.data = p.data.astype(dtype)
+        dec = cpu_decoder(model, model.new_caches(2), np.zeros(2, dtype=np.int64))
+        a = np.linspace(-60, 60, 2 * dec.fc.shape[1]).astype(dtype).reshape(2, -1)
+        a[0, :5] = [0.0, -0.0, 1e-30, -30.0, -1000.0]
+        want = 0.5 * a * (1 + np.tanh(GELU_K * (a + 0.044715 * a ** 3)))
+        got = a.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dec.gelu(got)
+        # atol: in the negative tail 1 + tanh(u) cancels (the tanh form is the less exact one there)
+        eps = np.finfo(dtype).eps
+        np.testing.assert_allclose(got, want, rtol=8 * eps, atol=8 * eps)
 
 
 def test_step_equals_forward_without_biases():

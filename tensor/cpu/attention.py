@@ -107,23 +107,25 @@ def attention_forward(q: Any, k: Any, v: Any, allowed: Any, dropout_p: float, ge
     return o, p, keep
 
 
-def decode_attention(q: Any, k: Any, v: Any, out: Any, bias: Any = None) -> Any:
+def decode_attention(q: Any, k: Any, v: Any, out: Any, bias: Any = None, scores: Any = None) -> Any:
     """One query row per head against every cached key (decoding: Tq = 1, no dropout,
     float32/float64): attention_forward's formulas without its slices and masks (a dozen fewer
     NumPy calls per layer and token). q (.., 1, D), k, v (.., Tk, D); O into `out`; bias: None, or
-    0/-inf per key broadcastable to (.., Tk, 1) (-inf: a masked key; at least one key per row
-    must be unmasked). Returns P (.., 1, Tk) as the view of the transposed scores, as
-    attention_forward keeps it."""
-    st = np.matmul(k, q.swapaxes(-1, -2))                 # S^T (.., Tk, 1)
-    st *= 1.0 / math.sqrt(q.shape[-1])
+    0/-inf per key broadcastable to (.., 1, Tk) (-inf: a masked key; at least one key per row
+    must be unmasked); scores: None, or a (.., 1, Tk) buffer for the scores (a view of one
+    preallocated for the whole generation), else one is allocated. Returns P (.., 1, Tk).
+
+    With one query the scores are a row per head, S = q K^T, so the softmax runs in place along
+    that contiguous row (the transposed layout of attention_forward pays off for many queries)."""
+    s = np.matmul(q, k.swapaxes(-1, -2), out=scores)    # S (.., 1, Tk)
+    s *= 1.0 / math.sqrt(q.shape[-1])
     if bias is not None:
-        st += bias
-    st -= st.max(axis=-2, keepdims=True)
-    np.exp(st, out=st)
-    st /= st.sum(axis=-2, keepdims=True)
-    p = st.swapaxes(-1, -2)
-    np.matmul(p, v, out=out)
-    return p
+        s += bias
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    np.matmul(s, v, out=out)
+    return s
 
 
 def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, keep: Any, dropout_p: float,
