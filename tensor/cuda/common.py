@@ -40,3 +40,14 @@ def empty(shape: Any, dtype: Any) -> Any:
 def threads(n: int) -> int:
     """Threads per block for a row of n items: a power of two in [32, 256]."""
     return int(min(256, max(32, 1 << (max(n, 1) - 1).bit_length())))
+
+
+def loaded_library(fragment: str) -> str | None:
+    """The path of the shared library this process has loaded whose file name contains `fragment`
+    (e.g. "/libcublas.so": the copy CuPy loaded, CUDA toolkit or pip wheel), from /proc/self/maps; or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            name = line.rsplit(None, 1)[-1]
+            if fragment in name:
+                return name
+    return None

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tensor import backend
+from tensor.cuda.common import loaded_library
 
 _OP_N, _OP_T = 0, 1          # cublasOperation_t
 _COMPUTE_32F, _COMPUTE_64F, _COMPUTE_32F_FAST_TF32 = 68, 70, 77   # cublasComputeType_t
@@ -44,13 +45,7 @@ def _lib() -> tuple:
     cp = backend.cupy_module()  # the clear "install the cuda extra" error when CuPy is missing
     from cupy_backends.cuda.api import runtime
     cp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas
-    path = None
-    with open("/proc/self/maps") as f:  # the copy CuPy loaded (CUDA toolkit or pip wheel)
-        for line in f:
-            name = line.rsplit(None, 1)[-1]
-            if "/libcublas.so" in name:
-                path = name
-                break
+    path = loaded_library("/libcublas.so")  # the copy CuPy loaded (CUDA toolkit or pip wheel)
     if path is None:
         raise RuntimeError("tensor.cublas: libcublas is not loaded in this process (is CuPy's CUDA set up?)")
     lib = ctypes.CDLL(path)

@@ -30,6 +30,7 @@ import numpy as np
 
 from tensor import backend
 from tensor.cuda import cublas
+from tensor.cuda.common import loaded_library
 from tensor.dispatch import fast_paths_enabled
 
 # cublasLt.h (CUDA 12 and 13)
@@ -64,13 +65,7 @@ def _lib() -> Any:
         cublas._lib()  # makes CuPy load libcublas, which loads libcublasLt
     except Exception:
         return None
-    path = None
-    with open("/proc/self/maps") as f:
-        for line in f:
-            name = line.rsplit(None, 1)[-1]
-            if "/libcublasLt.so" in name:
-                path = name
-                break
+    path = loaded_library("/libcublasLt.so")
     if path is None:
         return None
     try:
