@@ -60,12 +60,14 @@ def product(x: np.ndarray, w: np.ndarray, out: np.ndarray, spare: np.ndarray) ->
 
 
 class _Linear:
-    """One Linear's weight (out, in) float, or int8 with its scales, and its bias, as arrays."""
+    """One Linear's weight (out, in) float, or int8 with its scales, and its bias, as arrays; rows:
+    only the first rows outputs (the head of a padded vocabulary), else all."""
 
-    def __init__(self, layer: Any) -> None:
-        self.w = layer.weight.data
-        self.scale = layer.weight_scale.data if isinstance(layer, QuantizedLinear) else None
-        self.bias = None if layer.bias is None else layer.bias.data
+    def __init__(self, layer: Any, rows: int | None = None) -> None:
+        keep = slice(rows)
+        self.w = layer.weight.data[keep]
+        self.scale = layer.weight_scale.data[keep] if isinstance(layer, QuantizedLinear) else None
+        self.bias = None if layer.bias is None else layer.bias.data[keep]
         self.out_features = self.w.shape[0]
 
 
@@ -132,13 +134,8 @@ class CPUDecoder:
         self.dtype = dt = tr.ln_f.weight.data.dtype
         self.H, self.D = cfg.n_head, C // cfg.n_head
         self.layers = [_Layer(b) for b in tr.h]
-        self.ln_f, self.head = _Norm(tr.ln_f), _Linear(model.lm_head)
-        V = cfg.vocab_size  # the head's rows past it are padding (pad_vocab_to): never computed
-        self.head.w, self.head.out_features = self.head.w[:V], V
-        if self.head.scale is not None:
-            self.head.scale = self.head.scale[:V]
-        if self.head.bias is not None:
-            self.head.bias = self.head.bias[:V]
+        # the head's rows past the vocabulary are padding (pad_vocab_to): never computed
+        self.ln_f, self.head = _Norm(tr.ln_f), _Linear(model.lm_head, rows=cfg.vocab_size)
         wte = tr.wte
         self.wte = wte.weight.data
         self.wte_scale = wte.weight_scale.data if isinstance(wte, QuantizedEmbedding) else None
