@@ -226,8 +226,6 @@ def load_hf(path: str | os.PathLike, dropout: float = 0.0, block_size: int | Non
     for ours, arr in iter_hf_weights(path, block_size):
         p = params[ours]
         p.data = backend.to_device(arr, backend.device_of(p.data))
-    if model.config.pos_encoding == "learned":
-        model.transformer.wpe.num_embeddings = model.config.block_size
     return model.eval()
 
 
