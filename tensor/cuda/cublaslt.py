@@ -178,8 +178,9 @@ def _supports(a: Any, b: Any, out_dtype: Any) -> bool:
 
 
 def _run(a: Any, b: Any, out_dtype: Any, vec: Any, epilogue: int) -> Any:
-    """The fused GEMM (see matmul_bias / matmul_bgrad) or None when it does not apply."""
-    if not _supports(a, b, out_dtype) or backend.dtype_name(vec.dtype) not in _DTYPES or vec.data.ptr % 16:
+    """The fused GEMM (see matmul_bias / matmul_bgrad; the caller checked _supports) or None when it
+    does not apply."""
+    if backend.dtype_name(vec.dtype) not in _DTYPES or vec.data.ptr % 16:
         return None  # (the epilogue's vector wants 16-byte alignment)
     lib = _lib()
     if lib is None:
@@ -231,13 +232,10 @@ def matmul_bgrad(a: Any, b: Any, out_dtype: Any = None, db_dtype: Any = np.float
     or None when cuBLASLt does not take this case. For a Linear's backward, a = g^T (g (rows, out)),
     b = x (rows, in): dW and db together. db is written in db_dtype by the GEMM where cuBLASLt takes
     that; else in the inputs' dtype and cast (as PyTorch's autocast has a 16-bit bias gradient)."""
-    out_dtype = np.dtype(out_dtype or a.dtype)
-    if a.ndim != 2:
-        return None
-    cp = backend.cupy_module()
-    db_dtype = np.dtype(db_dtype)
+    out_dtype, db_dtype = np.dtype(out_dtype or a.dtype), np.dtype(db_dtype)
     if not _supports(a, b, out_dtype):
         return None
+    cp = backend.cupy_module()
     for t in dict.fromkeys((db_dtype, a.dtype)):  # db in float32, else in the inputs' dtype and a cast
         if backend.dtype_name(t) not in _DTYPES:
             continue
