@@ -138,7 +138,7 @@ def test_arguments_are_packed_as_the_kernels_declare(emulated):
     q = guarded(np.zeros((1, 1, 3, 32), np.float32))
     kern = FA._kernels("float32", 32)["fwd"]
     m, (H, Tq, Tk, causal, has_mask), sl2 = FA._args(q, q, None, True)
-    good = (q, q, q, m[0], poisoned(q.shape, q.dtype), poisoned((1, 1, 3), np.float32), H, Tq, Tk, causal, has_mask)
+    good = (q, q, q, m, poisoned(q.shape, q.dtype), poisoned((1, 1, 3), np.float32), H, Tq, Tk, causal, has_mask)
     kern((1, 1), (128,), good + (sl2,))
     with pytest.raises(TypeError, match="argument 11"):
         kern((1, 1), (128,), good + (float(sl2),))

@@ -773,7 +773,7 @@ def _args(q: Any, k: Any, mask: Any, causal: bool) -> tuple:
     Tk = k.shape[2]
     m = q if mask is None else (mask if mask.flags.c_contiguous else mask.copy())
     i32 = np.int32
-    return (m,), (i32(H), i32(Tq), i32(Tk), i32(bool(causal)), i32(mask is not None)), \
+    return m, (i32(H), i32(Tq), i32(Tk), i32(bool(causal)), i32(mask is not None)), \
         np.float32(math.log2(math.e) / math.sqrt(D))
 
 
@@ -782,7 +782,7 @@ def forward(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True) -> tu
     Check `fits` first."""
     B, H, Tq, D = q.shape
     o, lse = empty(q.shape, q.dtype), empty((B, H, Tq), np.float32)
-    (m,), ints, scale_log2 = _args(q, k, mask, causal)
+    m, ints, scale_log2 = _args(q, k, mask, causal)
     _kernels(backend.dtype_name(q.dtype), D)["fwd"](
         (-(-Tq // BLOCK), B * H), (128,), (q, k, v, m, o, lse) + ints + (scale_log2,))
     return o, lse
@@ -796,7 +796,7 @@ def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None,
     Tk = k.shape[2]
     dq, dk, dv = (empty(a.shape, a.dtype) if d is None else d for d, a in zip(out, (q, k, v)))
     delta = empty((B, H, Tq), np.float32)
-    (m,), ints, scale_log2 = _args(q, k, mask, causal)
+    m, ints, scale_log2 = _args(q, k, mask, causal)
     scale = np.float32(1.0 / math.sqrt(D))
     kern = _kernels(backend.dtype_name(q.dtype), D)
     fused = fused_dq(backend.dtype_name(q.dtype))
