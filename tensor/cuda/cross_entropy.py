@@ -93,4 +93,5 @@ class CrossEntropyCUDA(CrossEntropy):
         x, t, lse = self.saved
         scale = g.astype(np.float32) / array_module(x).maximum(self.n_valid, 1)
         dx = cross_entropy_backward(x, t, lse, scale, self.ignore_index)
-        return dx.reshape(self.in_shape).astype(self.in_dtype, copy=False), None
+        # dx itself when the logits were (N, C): a reshaped view would make the engine copy a leaf's .grad
+        return (dx if dx.shape == self.in_shape else dx.reshape(self.in_shape)), None
