@@ -14,8 +14,9 @@ What a replay cannot do, and so what the captured region must not contain:
     the recorded arguments): the batch enters through fixed input buffers, the loss scale
     through a device scalar; the optimizer, clipping and the loss scaler's overflow check
     stay outside the graph, as ordinary calls;
-  * random numbers drawn on the host: dropout (whose masks come from a NumPy Generator) must
-    be 0 -- a replay would reuse the recorded masks. Refused with a clear error.
+  * random numbers seeded on the host: dropout (whose masks come from a seed drawn from a NumPy
+    Generator at each call) must be 0 -- a replay would reuse the recorded seeds, so the recorded
+    masks. Refused with a clear error.
 Memory: the graph's temporaries live in a memory pool of their own, kept for its lifetime
 (about one step's activations), so nothing allocated outside can land in them.
 The graph reads the parameters' buffers as they were at capture: in-place updates (the

@@ -32,11 +32,16 @@ def to_f32(x: Any) -> Any:
 
 
 def uniform(generator: Any, shape: tuple, like: Any) -> Any:
-    """U[0, 1) samples of `shape` on `like`'s device. A NumPy Generator also serves GPU tensors
-    (drawn on the host, then copied), so dropout masks follow one checkpointable stream on any device."""
+    """U[0, 1) samples of `shape` on `like`'s device. A NumPy Generator also serves GPU tensors: there one
+    draw from it seeds a counter-based generator on the device (tensor/cuda/sampling.py: device_uniform;
+    drawing every number on the host and copying it cost more than the rest of a training step), so masks
+    follow the Generator's checkpointable stream on either device (the GPU's masks are not the CPU's)."""
     xp = array_module(like)
     if generator is None:
         return xp.random.random(shape)
+    if xp is not np and isinstance(generator, np.random.Generator):
+        from tensor.cuda.sampling import device_uniform
+        return device_uniform(int(generator.integers(0, 2 ** 63, dtype=np.int64)), shape)
     u = generator.random(shape, dtype=np.float32)
     return xp.asarray(u) if array_module(u) is not xp else u
 

@@ -1,6 +1,8 @@
 """GPU (CuPy) checks: skipped cleanly without CuPy or a GPU; run for real on the device machine."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from tensor import dispatch
@@ -254,19 +256,42 @@ def test_clip_grad_norm_multi_tensor_path_matches_the_formula() -> None:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_attention_qkv_on_gpu_equals_cpu(dropout: float) -> None:
+def test_attention_qkv_on_gpu_equals_the_reference(dropout: float) -> None:
     """The GPU path (cuBLAS batched GEMMs on the split heads, gradients written into one buffer)
-    against the CPU reference, with and without attention dropout (same mask stream)."""
+    against the reference: on the CPU without dropout; with attention dropout against the reference
+    on the GPU with the same Generator seed (the GPU draws its masks on the device, so they are
+    not the CPU's)."""
     from nn.functional import causal_attention_qkv
     x = np.random.default_rng(7).standard_normal((2, 6, 3 * 8))
     res = []
-    for device in ("cpu", "cuda"):
+    for device, reference in (("cpu", True), ("cuda", True), ("cuda", False)):
+        if device == "cpu" and dropout:
+            continue
         t = Tensor(x.astype(np.float32), device=device, requires_grad=True)
-        y = causal_attention_qkv(t, n_head=2, dropout_p=dropout, generator=np.random.default_rng(1))
-        (y * y).sum().backward()
+        with dispatch.reference_only() if reference else contextlib.nullcontext():
+            y = causal_attention_qkv(t, n_head=2, dropout_p=dropout, generator=np.random.default_rng(1))
+            (y * y).sum().backward()
         res.append((backend.to_numpy(y.data), backend.to_numpy(t.grad)))
-    for a, b in zip(*res):
+    for a, b in zip(res[0], res[-1]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_masks_are_drawn_on_the_device_from_the_generator() -> None:
+    """uniform() on the GPU: one draw from the NumPy Generator seeds device_uniform, whose numbers
+    equal their NumPy formula; dropout keeps ~1 - p of the elements and scales them by 1 / (1 - p);
+    the same Generator state gives the same mask."""
+    from tensor.cuda.sampling import device_uniform, uniforms_f32
+    u = backend.to_numpy(device_uniform(12345, (3, 1000)))
+    np.testing.assert_array_equal(u.reshape(-1), uniforms_f32(12345, 3000))
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
+    x = Tensor(np.ones((64, 1024), np.float32), device="cuda")
+    y1 = backend.to_numpy(F.dropout(x, 0.25, generator=np.random.default_rng(3)).data)
+    y2 = backend.to_numpy(F.dropout(x, 0.25, generator=np.random.default_rng(3)).data)
+    np.testing.assert_array_equal(y1, y2)
+    assert set(np.unique(y1)) <= {0.0, np.float32(1 / 0.75)}
+    assert abs((y1 > 0).mean() - 0.75) < 0.01   # 65,536 draws: 5 standard deviations ~ 0.008
+    y3 = backend.to_numpy(F.dropout(x, 0.25, generator=np.random.default_rng(4)).data)
+    assert (y3 != y1).any()
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

@@ -27,18 +27,22 @@ import numpy as np
 from tensor import backend
 from tensor.cuda.common import CTYPE, cupy
 
-_SOURCE = r"""
+# SplitMix64's finaliser: the hash both kernels of this module draw their uniforms from
+_MIX64 = r"""
+__device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27; x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+"""
+
+_SOURCE = _MIX64 + r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
 __device__ __forceinline__ unsigned int order_key(float f) {
     unsigned int u = __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
-    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
-    x ^= x >> 27; x *= 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
 }
 template <typename A>
 __device__ A bsum(A x, A* sh) {
@@ -175,6 +179,15 @@ __global__ void sample_rows(const T* __restrict__ logits, long long row_stride, 
 
 MIX_A, MIX_B = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
+# U[0, 1) float32 for dropout masks: u_i = (mix64(mix64(seed) + i) >> 40) / 2^24 (24 bits, all representable)
+_UNIFORM = _MIX64 + r"""
+extern "C" __global__ void uniform_f32(float* __restrict__ u, unsigned long long seed, long long n) {
+    const unsigned long long base = mix64(seed);
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        u[i] = (float)(mix64(base + (unsigned long long)i) >> 40) * (1.0f / 16777216.0f);
+}
+"""
+
 
 @functools.lru_cache(maxsize=None)
 def _module() -> Any:
@@ -200,6 +213,28 @@ def uniforms(seed: int, counter: Any, row: int, n: int) -> np.ndarray:
         base = _mix64(_mix64(_mix64(np.array([seed], dtype=np.uint64)) + c) + np.uint64(row))
         h = _mix64(base + np.arange(n, dtype=np.uint64))
     return ((h >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2.0 ** 53)
+
+
+@functools.lru_cache(maxsize=None)
+def _uniform_kernel() -> Any:
+    return cupy().RawKernel(_UNIFORM, "uniform_f32")
+
+
+def device_uniform(seed: int, shape: tuple) -> Any:
+    """U[0, 1) float32 of `shape` on the GPU, a pure function of (seed, flat index): the draws behind
+    dropout on CUDA (tensor/functional.py: uniform), made where they are used instead of on the host."""
+    u = cupy().ndarray(shape, np.float32)
+    if u.size:
+        blocks = min(-(-u.size // 256), 65536)
+        _uniform_kernel()((blocks,), (256,), (u, np.uint64(seed), np.int64(u.size)))
+    return u
+
+
+def uniforms_f32(seed: int, n: int) -> np.ndarray:
+    """device_uniform's first n numbers, in NumPy (the same formula, for tests)."""
+    with np.errstate(over="ignore"):
+        h = _mix64(_mix64(np.array([seed], dtype=np.uint64)) + np.arange(n, dtype=np.uint64))
+    return (h >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / 2 ** 24)
 
 
 class DeviceSampler:
