@@ -2,6 +2,7 @@
 
     python benchmarks/profile_gpu_kernels.py --precisions fp32,bf16 --impl ours,torch
     python benchmarks/profile_gpu_kernels.py --impl ours --mode cprofile --gc freeze   # host-side time of ours
+    python benchmarks/profile_gpu_kernels.py --config gpt2-124m --batch 16 --precisions bf16 --steps 3
 
 Records every CUDA kernel of a few full training steps (ours on CuPy, and the PyTorch twin for
 comparison) with CUPTI through torch.profiler -- CUPTI sees all kernels of the process, CuPy's
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -126,7 +128,7 @@ def twin(precision: str, batch: int, cfg, data_ids, steps: int, mode: str = "ker
     import torch.nn.functional as TF
     sys.path.insert(0, os.path.join(C._ROOT, "examples"))
     from export_to_pytorch import NanoGPT
-    model = NanoGPT(cfg).cuda().train()
+    model = NanoGPT(dataclasses.replace(cfg, vocab_size=cfg.padded_vocab_size, pad_vocab_to=1)).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=True)
     low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -150,6 +152,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--impl", default="ours,torch")
+    p.add_argument("--config", default="gpt-medium", choices=sorted(BT.CONFIGS), help="a model of bench_train.py")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--data", default=BT.DEFAULT_DATA)
@@ -158,9 +161,9 @@ def main() -> None:
     p.add_argument("--mode", default="kernels", choices=["kernels", "cprofile"],
                    help="kernels: every CUDA kernel, grouped by name; cprofile: host-side Python profile (ours only)")
     a = p.parse_args()
-    cfg = BT.model_config("gpt-medium")
-    ids = BT.token_ids(a.data)
-    out = {"config": "gpt-medium", "batch": a.batch, "steps": a.steps}
+    cfg = BT.model_config(a.config)
+    ids = BT.token_ids(a.data, cfg.vocab_size)
+    out = {"config": a.config, "batch": a.batch, "steps": a.steps}
     global GC
     GC = a.gc
     for prec in a.precisions.split(","):
