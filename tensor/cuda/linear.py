@@ -4,17 +4,23 @@ the GEMM itself. The bias rides in the GEMM's epilogue through cuBLASLt (tensor/
 added to the accumulator in the forward, and its gradient (the column sums of g) taken by the
 weight-gradient GEMM in the backward. Where cuBLASLt declines a case, the bias is added by one
 kernel in float (tensor/cuda/layout.py: bias_add) and its gradient is a column-sum kernel
-(functional.sum_rows)."""
+(functional.sum_rows).
+
+LinearGeluCUDA: gelu(x W^T + b) as one GEMM with the bias and GELU in cuBLASLt's epilogue
+(GELU_BIAS), taken when no gradient is recorded (decoding): it keeps no pre-activation for a
+backward. (The training form, GELU_AUX_BIAS forward and DGELU_BGRAD backward, is not done.)"""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 
+from tensor import autograd
 from tensor.cuda import cublas, cublaslt
 from tensor.cuda.common import usable
+from tensor.cuda.gelu import gelu_forward
 from tensor.cuda.layout import bias_add
-from tensor.functional import Linear, gemm, sum_rows
+from tensor.functional import Linear, LinearGelu, gemm, sum_rows
 
 
 def matmul(a: Any, b: Any, out_dtype: Any = None) -> Any:
@@ -65,3 +71,26 @@ class LinearCUDA(Linear):
         gw = matmul(g2.T, x2, dw_t) if self.needs_grad[1] else None
         gb = sum_rows(g2, db_t) if self.has_bias and self.needs_grad[2] else None
         return gx, gw, gb
+
+
+class LinearGeluCUDA(LinearGelu):
+    """gelu(x W^T + b) as one cuBLASLt GEMM, bias and GELU in its epilogue (no GELU kernel); where
+    cuBLASLt declines the case, LinearCUDA then the GELU kernel. Inference only: dispatch takes it
+    when no gradient is recorded (applied with one, it runs the reference, which keeps z)."""
+
+    @staticmethod
+    def supports(x: Any, weight: Any, bias: Any = None, compute_dtype: Any = None) -> bool:
+        """No gradient recorded, a bias, and CuPy float16/bfloat16/float32 contiguous x, W, b."""
+        return not autograd.grad_enabled and bias is not None and usable(x, weight, bias)
+
+    def forward(self, x, weight, bias=None, compute_dtype=None):
+        if autograd.grad_enabled:
+            return super().forward(x, weight, bias, compute_dtype)
+        lin = LinearCUDA()
+        xc, w = lin.prepare(x, weight, bias, compute_dtype)
+        x2 = xc.reshape(-1, xc.shape[-1])
+        if bias is not None and x2.dtype == w.dtype:
+            y = cublaslt.matmul_bias_gelu(x2, w.T, bias, x2.dtype)
+            if y is not None:
+                return y.reshape(xc.shape[:-1] + (w.shape[0],))
+        return gelu_forward(lin.forward(x, weight, bias, compute_dtype))
