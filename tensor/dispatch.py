@@ -32,7 +32,7 @@ FAST_PATHS: dict[str, dict[str, str]] = {
     "LayerNorm": {"cpu": "tensor.cpu.layernorm:LayerNormCPU", "cuda": "tensor.cuda.layernorm:LayerNormCUDA"},
     "CrossEntropy": {"cuda": "tensor.cuda.cross_entropy:CrossEntropyCUDA"},
     "Linear": {"cuda": "tensor.cuda.linear:LinearCUDA"},
-    "LinearGelu": {"cuda": "tensor.cuda.linear:LinearGeluCUDA"},   # an MLP's c_fc and GELU (F.linear_gelu)
+    "LinearGelu": {"cuda": "tensor.cuda.linear:LinearGeluCUDA"},   # an MLP's c_fc + GELU (F.linear_gelu)
     "LinearInt8": {"cpu": "tensor.cpu.quant:LinearInt8CPU", "cuda": "tensor.cuda.quant:LinearInt8CUDA"},
     # attention (tensor/attention.py): beneath its reference pieces and their fused composition
     "ScaledDotProductAttention": {"cpu": "tensor.cpu.attention:CpuScaledDotProductAttention",

@@ -382,7 +382,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, compute_dtype:
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, compute_dtype: Any = None) -> Tensor:
     """gelu(linear(x, weight, bias)): x (..., in), weight (out, in), bias (out,) -> (..., out). One op
-    where a fast path takes it (on the GPU with no gradient to record: the GELU in the GEMM's
+    where a fast path takes it (on the GPU; with no gradient to record, the GELU rides in the GEMM's
     epilogue), else the two ops, each through its own dispatch."""
     cls = pick(LinearGelu, _arr(x), _arr(weight), _arr(bias), compute_dtype=compute_dtype)
     if cls is LinearGelu:

@@ -6,9 +6,10 @@ weight-gradient GEMM in the backward. Where cuBLASLt declines a case, the bias i
 kernel in float (tensor/cuda/layout.py: bias_add) and its gradient is a column-sum kernel
 (functional.sum_rows).
 
-LinearGeluCUDA: gelu(x W^T + b) as one GEMM with the bias and GELU in cuBLASLt's epilogue
-(GELU_BIAS), taken when no gradient is recorded (decoding): it keeps no pre-activation for a
-backward. (The training form, GELU_AUX_BIAS forward and DGELU_BGRAD backward, is not done.)"""
+LinearGeluCUDA: gelu(x W^T + b) (an MLP's c_fc and GELU, F.linear_gelu). When no gradient is
+recorded (decoding), one GEMM with the bias and GELU in cuBLASLt's epilogue (GELU_BIAS): it keeps
+no pre-activation. With gradients it is the product and the GELU kernel as before, in one node.
+(The training form in the epilogues, GELU_AUX_BIAS forward and DGELU_BGRAD backward, is not done.)"""
 from __future__ import annotations
 
 from typing import Any
@@ -18,9 +19,10 @@ import numpy as np
 from tensor import autograd
 from tensor.cuda import cublas, cublaslt
 from tensor.cuda.common import usable
-from tensor.cuda.gelu import gelu_forward
+from tensor.cuda.gelu import gelu_backward, gelu_forward
 from tensor.cuda.layout import bias_add
 from tensor.functional import Linear, LinearGelu, gemm, sum_rows
+from tensor.tensor import Function
 
 
 def matmul(a: Any, b: Any, out_dtype: Any = None) -> Any:
@@ -74,23 +76,35 @@ class LinearCUDA(Linear):
 
 
 class LinearGeluCUDA(LinearGelu):
-    """gelu(x W^T + b) as one cuBLASLt GEMM, bias and GELU in its epilogue (no GELU kernel); where
-    cuBLASLt declines the case, LinearCUDA then the GELU kernel. Inference only: dispatch takes it
-    when no gradient is recorded (applied with one, it runs the reference, which keeps z)."""
+    """gelu(x W^T + b). With no gradient to record (decoding): one cuBLASLt GEMM with the bias and
+    the GELU in its epilogue, no GELU kernel, nothing kept. Otherwise (training): LinearCUDA, then
+    the GELU kernel, z = x W^T + b kept for the backward (GELU kernel, then LinearCUDA's)."""
 
     @staticmethod
     def supports(x: Any, weight: Any, bias: Any = None, compute_dtype: Any = None) -> bool:
-        """No gradient recorded, a bias, and CuPy float16/bfloat16/float32 contiguous x, W, b."""
-        return not autograd.grad_enabled and bias is not None and usable(x, weight, bias)
+        """CuPy float16/bfloat16/float32 contiguous x, W (and b)."""
+        return usable(x, weight, bias)
 
     def forward(self, x, weight, bias=None, compute_dtype=None):
-        if autograd.grad_enabled:
-            return super().forward(x, weight, bias, compute_dtype)
-        lin = LinearCUDA()
-        xc, w = lin.prepare(x, weight, bias, compute_dtype)
-        x2 = xc.reshape(-1, xc.shape[-1])
-        if bias is not None and x2.dtype == w.dtype:
-            y = cublaslt.matmul_bias_gelu(x2, w.T, bias, x2.dtype)
-            if y is not None:
-                return y.reshape(xc.shape[:-1] + (w.shape[0],))
-        return gelu_forward(lin.forward(x, weight, bias, compute_dtype))
+        self.linear = LinearCUDA()
+        if not autograd.grad_enabled:
+            xc, w = self.linear.prepare(x, weight, bias, compute_dtype)
+            x2 = xc.reshape(-1, xc.shape[-1])
+            if bias is not None and x2.dtype == w.dtype:
+                y = cublaslt.matmul_bias_gelu(x2, w.T, bias, x2.dtype)
+                if y is not None:
+                    return y.reshape(xc.shape[:-1] + (w.shape[0],))
+        z = self.linear.forward(x, weight, bias, compute_dtype)
+        self.save_for_backward(*self.linear.saved, z)
+        return gelu_forward(z)
+
+    def backward(self, g):
+        z = self.saved[-1]
+        if g.dtype != z.dtype or not g.flags.c_contiguous:  # the kernel takes g like z
+            g = g.astype(z.dtype, order="C")
+        self.linear.needs_grad = self.needs_grad
+        return self.linear.backward(gelu_backward(z, g))
+
+    def release(self) -> None:
+        Function.release(self)
+        self.linear.release()

@@ -90,3 +90,6 @@ class AddCUDA(Add):
     def forward(self, a, b):
         self.sa, self.sb = a.shape, b.shape
         return add_widen(a, b) if a.dtype == np.float32 else add_widen(b, a)
+
+    def backward(self, g):
+        return g, g  # one shape: nothing to sum back (the engine casts the 16-bit side's to its dtype)
