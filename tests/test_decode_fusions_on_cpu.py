@@ -63,6 +63,7 @@ def test_choose_algorithm_prefers_the_first_without_split_k_only_when_asked() ->
     assert cublaslt.choose_algorithm([(1, none), (2, inplace)], avoid_split_k=True) == 0
     assert cublaslt.choose_algorithm([(2, inplace), (3, 2)], avoid_split_k=True) == 0   # none without: the first
     assert cublaslt.choose_algorithm([(1, inplace), (0, none)], avoid_split_k=True) == 1  # 0 splits: not split
+    assert cublaslt.choose_algorithm([(-1, -1), (1, none)], avoid_split_k=True) == 1     # -1: cuBLASLt did not say
     assert cublaslt.plan_summary() == [] or all("chosen_split_k" in p for p in cublaslt.plan_summary())
 
 

@@ -236,7 +236,8 @@ def test_cublaslt_gelu_bias_epilogue_equals_gelu_of_the_product_plus_bias(dtype:
         assert shape != (64, 768, 3072), f"cuBLASLt declined the GELU_BIAS epilogue for {shape} {dtype}"
         return
     z = xh.astype(t).astype(np.float64) @ wh.astype(t).astype(np.float64).T + bh.astype(t).astype(np.float64)
-    np.testing.assert_allclose(_host(y), _gelu64(z)[0], rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"])
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == "float32" else TOL[dtype]   # (cuBLASLt's own tanh)
+    np.testing.assert_allclose(_host(y), _gelu64(z)[0], **tol)
 
 
 @pytest.mark.parametrize("compute", [None, "bfloat16", "float16"])
@@ -258,8 +259,8 @@ def test_linear_gelu_without_gradients_equals_the_reference(compute, lead, n_in,
         with dispatch.reference_only():
             want = F.LinearGelu.apply(x, w, b, compute_dtype=cd)
     assert got.dtype == want.dtype and got.shape == want.shape
-    tol = TOL[compute or "float32"]
-    np.testing.assert_allclose(_host(got.data), _host(want.data), rtol=tol["rtol"], atol=tol["atol"])
+    tol = TOL[compute] if compute else dict(rtol=1e-3, atol=1e-3)   # (cuBLASLt's own tanh)
+    np.testing.assert_allclose(_host(got.data), _host(want.data), **tol)
     if n_in == 768 and cd is not None:   # the decoder's case must take the epilogue
         assert any(p["epilogue"] == cublaslt._EPILOGUE_GELU_BIAS and p["k"] == n_in for p in cublaslt.plan_summary())
 

@@ -143,20 +143,22 @@ _PLANS: dict = {}   # case key -> (matmul desc, layouts A B D, algo, what was ch
 
 def choose_algorithm(configs: list[tuple[int, int]], avoid_split_k: bool) -> int:
     """Index of the algorithm to take among the heuristic's usable ones, best first, each given as
-    (split-K number, reduction scheme): the first, or with avoid_split_k the first that does not
-    split k (split-K <= 1 and reduction scheme NONE), else the first."""
+    (split-K number, reduction scheme), -1 where cuBLASLt did not say: the first, or with
+    avoid_split_k the first that does not split k (split-K 0 or 1 and reduction scheme NONE), else
+    the first."""
     if avoid_split_k:
         for i, (splits, scheme) in enumerate(configs):
-            if splits <= 1 and scheme == _REDUCTION_NONE:
+            if 0 <= splits <= 1 and scheme == _REDUCTION_NONE:
                 return i
     return 0
 
 
 def _config(lib: Any, algo: Any, attr: int) -> int:
+    """One uint32 configuration attribute of an algorithm, or -1 where cuBLASLt does not give it."""
     v, written = ctypes.c_uint32(0), ctypes.c_size_t(0)
-    _check(lib.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), ctypes.sizeof(v),
-                                                    ctypes.byref(written)), f"MatmulAlgoConfigGetAttribute({attr})")
-    return int(v.value)
+    st = lib.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), ctypes.sizeof(v),
+                                                  ctypes.byref(written))
+    return int(v.value) if st == 0 else -1
 
 
 def _plan(lib: Any, handle: int, key: tuple) -> Any:
