@@ -16,7 +16,8 @@ an algorithm that splits k over blocks and sums the parts in a second, reduction
 NO_SPLIT_K_ROWS > 0 the plan takes the first of the heuristic's algorithms (best first) whose
 configuration has split-K 1 (reduction scheme NONE), and the heuristic's first when none has;
 NO_SPLIT_K_ROWS = 0 takes the heuristic's first always. Which is faster only a GPU measurement
-says (benchmarks/bench_decode_gpu.py --split-k both); `plan_summary()` lists what each case chose.
+says (benchmarks/bench_decode_gpu.py --variants after-splitk,after-nosplitk); `plan_summary()`
+lists what each case chose.
 
 Layout as tensor/cuda/cublas.py (column-major library, row-major arrays): the row-major C (m, n)
 is the column-major D (n, m) = B^T A^T, so cuBLASLt's "A" is our b and its "B" is our a. Its BIAS
@@ -185,7 +186,8 @@ def _plan(lib: Any, handle: int, key: tuple) -> Any:
     st = lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, lay[0], lay[1], lay[2], lay[2], pref, _HEURISTICS,
                                             res, ctypes.byref(count))
     lib.cublasLtMatmulPreferenceDestroy(pref)
-    ok = [r for r in res[:max(count.value, 0)] if r.state == 0 and r.workspaceSize <= _WORKSPACE_BYTES] if st == 0 else []
+    found = res[:max(count.value, 0)] if st == 0 else []
+    ok = [r for r in found if r.state == 0 and r.workspaceSize <= _WORKSPACE_BYTES]
     if not ok:
         return None  # (descriptors of a refused case are kept: a few bytes, once per case)
     configs = [(_config(lib, r.algo, _CONFIG_SPLITK_NUM), _config(lib, r.algo, _CONFIG_REDUCTION_SCHEME)) for r in ok]
