@@ -14,6 +14,18 @@ Greedy tokens of every implementation are compared with ours (eager) and the fir
     python benchmarks/bench_decode_gpu.py --device cuda                        # the GPU figures
     python benchmarks/bench_decode_gpu.py --device cpu --models small --batches 1 --new-tokens 16
                                                                                # the PyTorch peer's code, eager, on the CPU
+Fusion variants (issue 19: the bf16 decoder's extra kernels), one run, ours CUDA graph only, each row
+with the kernels of one captured step (benchmarks/count_decode_kernels.py) and PyTorch's graph beside it:
+
+    python benchmarks/bench_decode_gpu.py --device cuda --variants before,after-splitk,after-nosplitk
+
+  before          the residual add of a 16-bit branch as cast + add, c_fc then the GELU kernel, and
+                  cuBLASLt's first heuristic algorithm (the code before these fusions)
+  after-splitk    one-kernel residual add, GELU in c_fc's GEMM epilogue, cuBLASLt's first algorithm
+  after-nosplitk  as after-splitk, with the first algorithm without split-K for products of <= 64 rows
+                  (tensor/cuda/cublaslt.py: NO_SPLIT_K_ROWS; its default is 64, i.e. this variant)
+It prints one compact line per row to stderr, then the JSON (with the cuBLASLt choices per case).
+
 Precision bf16: ours through nn.amp.autocast_ (products in bfloat16) with the blocks' Linear weights
 and biases stored in bfloat16 (inference keeps no float32 master copy, so no cast per product; the tied
 embedding / lm_head stays float32), PyTorch with all its weights in bfloat16; both KV caches bfloat16.
@@ -21,8 +33,10 @@ embedding / lm_head stays float32), PyTorch with all its weights in bfloat16; bo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from typing import Iterator
 
 import _common as C  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
@@ -140,6 +154,31 @@ def bf16_inference_(model) -> None:
 
 
 LOOKAHEAD = 2
+VARIANTS = ("before", "after-splitk", "after-nosplitk")
+
+
+@contextlib.contextmanager
+def decode_variant(name: str) -> Iterator[None]:
+    """Run the block inside with the issue-19 decode fusions switched as `name` says (see the module
+    docstring; "current": as the code is). The switches are the fast paths' own: AddCUDA and
+    LinearGeluCUDA declining (supports -> False) and cublaslt.NO_SPLIT_K_ROWS; restored after."""
+    from tensor.cuda import cublaslt
+    from tensor.cuda.linear import LinearGeluCUDA
+    from tensor.cuda.residual import AddCUDA
+    if name not in VARIANTS + ("current",):
+        raise ValueError(f"decode_variant: {name!r} is not one of {VARIANTS + ('current',)}")
+    saved = (AddCUDA.__dict__["supports"], LinearGeluCUDA.__dict__["supports"], cublaslt.NO_SPLIT_K_ROWS)
+    off = staticmethod(lambda *args, **kwargs: False)
+    try:
+        if name == "before":
+            AddCUDA.supports, LinearGeluCUDA.supports = off, off
+        if name in ("before", "after-splitk"):
+            cublaslt.NO_SPLIT_K_ROWS = 0
+        elif name == "after-nosplitk":
+            cublaslt.NO_SPLIT_K_ROWS = 64
+        yield
+    finally:
+        AddCUDA.supports, LinearGeluCUDA.supports, cublaslt.NO_SPLIT_K_ROWS = saved
 
 
 def ours_graph(model, prompt: np.ndarray, n: int) -> tuple:
@@ -194,6 +233,52 @@ def best(fn, repeats: int):
     return res
 
 
+def run_variants(args, res: dict) -> None:
+    """Per model, precision, batch: ours CUDA graph (us per step, kernels per captured step) under each
+    variant, PyTorch's CUDA graph once; greedy tokens of each variant against the first variant's."""
+    import torch
+
+    from count_decode_kernels import count_step
+    from tensor.cuda import cublaslt
+    variants = args.variants.split(",")
+    n = args.new_tokens
+    rng = np.random.default_rng(0)
+    for name in args.models.split(","):
+        cfg = GPTConfig(vocab_size=65, block_size=256, pos_encoding="learned", **MODELS[name])
+        for prec in args.precisions.split(","):
+            model = GPT(cfg, seed=0).eval()
+            state = model.state_dict()
+            model.to("cuda")
+            if prec == "bf16":
+                bf16_inference_(model)
+            tdtype = torch.bfloat16 if prec == "bf16" else torch.float32
+            for B in args.batches:
+                prompt = rng.integers(0, cfg.vocab_size, (B, 1))
+                twin = TorchStaticGPT(state, cfg, B, "cuda", tdtype)
+                twin.generate(prompt, 4, graph=False)
+                twin.capture()
+                _, secs = best(lambda: twin.generate(prompt, n, graph=True, timed_from=2), args.repeats)
+                torch_us = 1e6 * secs / (n - 2)
+                twin = None  # (its caches freed before ours run)
+                first = None
+                for v in variants:
+                    with decode_variant(v):
+                        kernels = count_step(model, B)["kernel_nodes"]
+                        ours_graph(model, prompt, 4)
+                        toks, secs = best(lambda: ours_graph(model, prompt, n), args.repeats)
+                    us_step = 1e6 * secs / (n - 2 - LOOKAHEAD)
+                    first = toks if first is None else first
+                    row = {"model": name, "precision": prec, "batch": B, "variant": v, "kernels_per_step": kernels,
+                           "ours_graph_us_per_step": round(us_step, 1), "torch_graph_us_per_step": round(torch_us, 1),
+                           "ours_graph_vs_torch_graph": round(torch_us / us_step, 3),
+                           f"first_mismatch_vs_{variants[0]}": first_mismatch(toks, first)}
+                    res["rows"].append(row)
+                    print(f"{name:5s} {prec:4s} B={B:<3d} {v:15s} kernels {kernels:4d}  ours {us_step:7.1f} us  "
+                          f"torch {torch_us:7.1f} us  ours/torch {torch_us / us_step:5.3f}x  "
+                          f"tokens differ from {row[f'first_mismatch_vs_{variants[0]}']}", file=sys.stderr, flush=True)
+    res["cublaslt_plans"] = [p for p in cublaslt.plan_summary() if p["m"] <= 64]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -205,6 +290,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hbm-bytes-per-s", type=float, default=4.8e12, help="H200: 4.8 TB/s")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
+    ap.add_argument("--variants", default="", help=f"comma-separated of {','.join(VARIANTS)}: the fusion "
+                    "comparison (ours CUDA graph and kernel counts only; see the module docstring)")
     args = ap.parse_args()
 
     import torch
@@ -217,6 +304,12 @@ def main() -> None:
                  "hbm_bytes_per_s": args.hbm_bytes_per_s, "rows": []}
     if cuda:
         res["gpu"] = torch.cuda.get_device_name()
+    if args.variants:
+        if not cuda:
+            raise SystemExit("--variants needs --device cuda (the CUDA-graph decoder)")
+        run_variants(args, res)
+        C.emit(res)
+        return
     rng = np.random.default_rng(0)
     for name in args.models.split(","):
         cfg = GPTConfig(vocab_size=65, block_size=256, pos_encoding="learned", **MODELS[name])
@@ -272,7 +365,7 @@ def main() -> None:
                                                            for _ in range(args.repeats)), 2)
                 res["rows"].append(row)
                 print(row, file=sys.stderr, flush=True)
-                del twin
+                twin = None
     C.emit(res)
 
 

@@ -3,6 +3,8 @@ launch-bound, so bf16 loses where it runs more kernels per token: casts, bias ad
 
     python benchmarks/count_decode_kernels.py                       # small model, batch 1: fp32, bf16, bf16 unfused
     python benchmarks/count_decode_kernels.py --models small,large --batch 8
+    python benchmarks/count_decode_kernels.py --models large --precisions bf16 --variant before   # issue 19's
+                                        # decode fusions off (bench_decode_gpu.py: decode_variant), to compare
 
 The decoder (tinygrad_lm/decode_cuda.py) is set up as bench_decode_gpu.py does (bf16: autocast_ and
 the blocks' weights stored in bfloat16), prefill and step 1 run; then one more decode step is
@@ -21,7 +23,7 @@ import json
 import _common as C  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 
-from bench_decode_gpu import MODELS, bf16_inference_
+from bench_decode_gpu import MODELS, VARIANTS, bf16_inference_, decode_variant
 from tinygrad_lm.model import GPT, GPTConfig
 
 NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "empty", 6: "wait_event",
@@ -121,6 +123,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16,bf16-unfused",
                     help="bf16-unfused: bf16 without the LayerNorm output in bf16 and the bias epilogues")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--variant", default="current", choices=("current",) + VARIANTS,
+                    help="the residual-add / GELU-epilogue / split-K switches (bench_decode_gpu.py)")
     a = ap.parse_args()
     rows = []
     for name in a.models.split(","):
@@ -131,8 +135,9 @@ def main() -> None:
             model.to("cuda")
             if prec.startswith("bf16"):
                 bf16_inference_(model)
-            per[prec] = count_unfused(model, a.batch) if prec == "bf16-unfused" else count_step(model, a.batch)
-            rows.append({"model": name, "precision": prec, "batch": a.batch, **per[prec]})
+            with decode_variant(a.variant):
+                per[prec] = count_unfused(model, a.batch) if prec == "bf16-unfused" else count_step(model, a.batch)
+            rows.append({"model": name, "precision": prec, "batch": a.batch, "variant": a.variant, **per[prec]})
         for low in ("bf16", "bf16-unfused"):
             if "fp32" in per and low in per:
                 rows.append({"model": name, "batch": a.batch,

@@ -205,7 +205,12 @@ class MLP(Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if type(self.c_fc) is Linear:  # GELU(c_fc(x)) as one op: on the GPU the GELU rides in the GEMM
+            fc = self.c_fc
+            h = F.linear_gelu(x, fc.weight, fc.bias, compute_dtype=fc.compute_dtype)
+        else:                          # a c_fc replaced (tensor-parallel, int8): its own forward
+            h = self.gelu(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(Module):

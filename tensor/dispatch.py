@@ -27,10 +27,12 @@ from tensor.backend import device_of
 
 # reference Function name -> device -> "module:FastClass" (a subclass of the reference)
 FAST_PATHS: dict[str, dict[str, str]] = {
+    "Add": {"cuda": "tensor.cuda.residual:AddCUDA"},   # asked only for adds of two dtypes (Tensor.__add__)
     "Gelu": {"cpu": "tensor.cpu.gelu:GeluCPU", "cuda": "tensor.cuda.gelu:GeluCUDA"},
     "LayerNorm": {"cpu": "tensor.cpu.layernorm:LayerNormCPU", "cuda": "tensor.cuda.layernorm:LayerNormCUDA"},
     "CrossEntropy": {"cuda": "tensor.cuda.cross_entropy:CrossEntropyCUDA"},
     "Linear": {"cuda": "tensor.cuda.linear:LinearCUDA"},
+    "LinearGelu": {"cuda": "tensor.cuda.linear:LinearGeluCUDA"},   # an MLP's c_fc + GELU (F.linear_gelu)
     "LinearInt8": {"cpu": "tensor.cpu.quant:LinearInt8CPU", "cuda": "tensor.cuda.quant:LinearInt8CUDA"},
     # attention (tensor/attention.py): beneath its reference pieces and their fused composition
     "ScaledDotProductAttention": {"cpu": "tensor.cpu.attention:CpuScaledDotProductAttention",

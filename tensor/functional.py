@@ -21,6 +21,7 @@ from tensor import backend
 from tensor.backend import array_module
 from tensor.cpu import reductions as cpu_reductions
 from tensor.dispatch import fast_paths_enabled, pick
+from tensor.ops.elementwise import Gelu
 from tensor.ops.indexing import scatter_add_rows
 from tensor.tensor import Function, Tensor, shape_str
 
@@ -304,6 +305,27 @@ class Linear(Function):
         return x, weight
 
 
+class LinearGelu(Function):
+    """gelu(x @ W.T + b): Linear, then GELU (tanh form), as one node; arguments and shapes as Linear's,
+    x (..., in) -> (..., out). The reference is the two reference ops one after the other; a fast
+    path may apply the GELU in the product's epilogue (tensor/cuda/linear.py: LinearGeluCUDA)."""
+    # z = x W^T + b, y = gelu(z):  dz = gelu'(z) g (Gelu.backward), then Linear.backward(dz)
+    def forward(self, x, weight, bias=None, compute_dtype=None):
+        self.linear, self.gelu = Linear(), Gelu()
+        y = self.gelu.forward(self.linear.forward(x, weight, bias, compute_dtype))
+        self.save_for_backward(*self.linear.saved, *self.gelu.saved)  # (seen by the in-place checks)
+        return y
+
+    def backward(self, g):
+        self.linear.needs_grad = self.needs_grad
+        return self.linear.backward(self.gelu.backward(g)[0])
+
+    def release(self) -> None:
+        super().release()
+        self.linear.release()
+        self.gelu.release()
+
+
 # ------------------------------------------------------------------ public functions
 def _arr(x: Any) -> Any:
     return x.data if isinstance(x, Tensor) else x
@@ -361,6 +383,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, compute_dtype:
     compute_dtype: run the product in this (16-bit) dtype; gradients keep each input's dtype."""
     return pick(Linear, _arr(x), _arr(weight), _arr(bias), compute_dtype=compute_dtype).apply(
         x, weight, bias, compute_dtype=compute_dtype)
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, compute_dtype: Any = None) -> Tensor:
+    """gelu(linear(x, weight, bias)): x (..., in), weight (out, in), bias (out,) -> (..., out). One op
+    where a fast path takes it (on the GPU; with no gradient to record, the GELU rides in the GEMM's
+    epilogue), else the two ops, each through its own dispatch."""
+    cls = pick(LinearGelu, _arr(x), _arr(weight), _arr(bias), compute_dtype=compute_dtype)
+    if cls is LinearGelu:
+        return gelu(linear(x, weight, bias, compute_dtype))
+    return cls.apply(x, weight, bias, compute_dtype=compute_dtype)
 
 
 def relu(x: Tensor) -> Tensor:

@@ -312,8 +312,15 @@ class Tensor:
 
     # ------------------------------------------------------------ ops (methods)
     # arithmetic, defined in tensor/ops/elementwise.py
-    def __add__(self, o): return E.Add.apply(self, _const(o, self))
-    def __radd__(self, o): return E.Add.apply(_const(o, self), self)
+    # an add of two dtypes (a 16-bit branch into a float32 residual stream) may take a fast path (one
+    # kernel, no cast: tensor/dispatch.py); any other add costs only the dtype comparison
+    def __add__(self, o):
+        o = _const(o, self)
+        if type(o) is Tensor and o.data.dtype != self.data.dtype:
+            return pick(E.Add, self.data, o.data).apply(self, o)
+        return E.Add.apply(self, o)
+
+    def __radd__(self, o): return E.Add.apply(_const(o, self), self)  # o: a constant (a Tensor took __add__)
     def __sub__(self, o): return E.Sub.apply(self, _const(o, self))
     def __rsub__(self, o): return E.Sub.apply(_const(o, self), self)
     def __mul__(self, o): return E.Mul.apply(self, _const(o, self))

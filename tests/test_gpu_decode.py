@@ -224,6 +224,42 @@ def test_decoder_step_logits_equal_the_full_forward(graph, precision):
     assert len(seq) == 5 + 24 and len(seen) == (3 if graph else 24)
 
 
+@pytest.mark.parametrize("no_split_k_rows", [0, 64])
+def test_fused_bf16_decode_step_equals_the_reference_path(no_split_k_rows, monkeypatch):
+    """The decoder as benchmarks/bench_decode_gpu.py runs it in bf16 (autocast, the blocks' weights and
+    biases stored in bfloat16): residual adds as one kernel, c_fc's GELU in its GEMM's epilogue, with
+    the heuristic's first cuBLASLt algorithms (0) or those without split-K (64). Every captured step's
+    logits against a full forward with every fast path off."""
+    from nn.amp import autocast_, low_dtype
+    from nn.layers import Linear
+    from tensor import dispatch
+    from tensor.cuda import cublaslt
+    from tensor.tensor import no_grad
+    from tinygrad_lm.decode_cuda import GPUDecoder
+    monkeypatch.setattr(cublaslt, "NO_SPLIT_K_ROWS", no_split_k_rows)
+    model = autocast_(tiny_gpt("learned", seed=6).to("cuda"), "bf16")
+    for m in model.transformer.h.modules():
+        if isinstance(m, Linear):
+            m.weight.data = m.weight.data.astype(low_dtype("bf16"))
+            m.bias.data = m.bias.data.astype(low_dtype("bf16"))
+    prompt = np.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
+    dec = GPUDecoder(model, prompt, np.array([0, 0]), 16, temperature=0, cuda_graph=True, lookahead=0)
+    seen = []
+    dec.sampler = _Recorder(dec.sampler, seen)
+    seqs = [r.tolist() for r in prompt]
+    tol = dict(rtol=5e-2, atol=0.25)
+    with no_grad():
+        for step, toks in enumerate(dec):
+            got = _host(seen[min(step, len(seen) - 1)])
+            with dispatch.reference_only():
+                for b, seq in enumerate(seqs):
+                    np.testing.assert_allclose(got[b], _ref_logits(model, seq), err_msg=f"step {step} row {b}", **tol)
+            for b, seq in enumerate(seqs):
+                seq.append(int(toks[b]))
+    assert len(seen) == 3  # prefill, the eager step, the captured one (replayed)
+    assert any(p["epilogue"] == cublaslt._EPILOGUE_GELU_BIAS for p in cublaslt.plan_summary())
+
+
 class _Recorder:
     """Stands in for the DeviceSampler: records the logits arrays it is handed, then samples."""
 

@@ -192,3 +192,103 @@ def test_cuda_graph_step_with_the_fused_paths_equals_the_reference_path(precisio
     np.testing.assert_allclose(loss, eager.item(), **tol)
     for (name, p), g in zip(model.named_parameters(), graph):
         np.testing.assert_allclose(g, _host(p.grad), err_msg=name, **tol)
+
+
+# ------------------------------------------------------------------ decoding (issue 19): residual add, GELU epilogue, split-K
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4097, 3 * 16384 + 5])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("swap", [False, True])
+def test_residual_add_kernel_is_float32_plus_the_widened_branch(dtype: str, n: int, offset: int, swap: bool) -> None:
+    """offset 0: aligned (4-wide vectors and a tail); offset 1: views one element in (one at a time)."""
+    from tensor.cuda.residual import AddCUDA
+    rng = np.random.default_rng(n)
+    ah, bh = rng.standard_normal(n + offset).astype(np.float32), rng.standard_normal(n + offset).astype(_dtype(dtype))
+    a, b = _gpu(ah)[offset:], _gpu(bh)[offset:]
+    assert AddCUDA.supports(b, a) if swap else AddCUDA.supports(a, b)
+    y = AddCUDA().forward(b, a) if swap else AddCUDA().forward(a, b)
+    assert y.dtype == np.float32 and y.shape == (n,)
+    np.testing.assert_array_equal(backend.to_numpy(y), ah[offset:] + bh[offset:].astype(np.float32))
+
+
+def test_tensor_add_of_two_dtypes_takes_the_kernel_and_keeps_the_gradient_dtypes() -> None:
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((4, 64)).astype(np.float32), device="cuda", requires_grad=True)
+    h = Tensor(rng.standard_normal((4, 64)).astype(_dtype("bfloat16")), device="cuda", requires_grad=True)
+    y = x + h
+    assert type(y._ctx).__name__ == "AddCUDA" and y.dtype == np.float32
+    y.backward(Tensor(np.ones((4, 64), np.float32), device="cuda"))
+    assert x.grad.dtype == np.float32 and h.grad.dtype == _dtype("bfloat16")
+    assert type((x + x)._ctx).__name__ == "Add"   # one dtype: the reference add, no dispatch
+    assert type((x + h[:1])._ctx).__name__ == "Add"   # broadcasting: the reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cublaslt_gelu_bias_epilogue_equals_gelu_of_the_product_plus_bias(dtype: str, shape: tuple) -> None:
+    from tensor.cuda import cublaslt
+    m, k, n = shape
+    rng = np.random.default_rng(m * k + n + 1)
+    t = _dtype(dtype)
+    xh, wh, bh = rng.standard_normal((m, k)) / np.sqrt(k), rng.standard_normal((n, k)), rng.standard_normal(n)
+    y = cublaslt.matmul_bias_gelu(_gpu(xh, t), _gpu(wh, t).T, _gpu(bh, t), t)
+    if y is None:
+        assert shape != (64, 768, 3072), f"cuBLASLt declined the GELU_BIAS epilogue for {shape} {dtype}"
+        return
+    z = xh.astype(t).astype(np.float64) @ wh.astype(t).astype(np.float64).T + bh.astype(t).astype(np.float64)
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == "float32" else TOL[dtype]   # (cuBLASLt's own tanh)
+    np.testing.assert_allclose(_host(y), _gelu64(z)[0], **tol)
+
+
+@pytest.mark.parametrize("compute", [None, "bfloat16", "float16"])
+@pytest.mark.parametrize("lead,n_in,n_out", [((1,), 768, 3072), ((32,), 384, 1536), ((2, 7), 33, 5)])
+@pytest.mark.parametrize("bias_dtype", ["float32", "compute"])
+def test_linear_gelu_without_gradients_equals_the_reference(compute, lead, n_in, n_out, bias_dtype) -> None:
+    """F.linear_gelu under no_grad (the GELU_BIAS epilogue, or LinearCUDA + the GELU kernel where
+    cuBLASLt declines) against the reference LinearGelu with every fast path off."""
+    from tensor.cuda import cublaslt
+    from tensor.tensor import no_grad
+    rng = np.random.default_rng(n_in + n_out)
+    cd = None if compute is None else _dtype(compute)
+    bt = np.float32 if bias_dtype == "float32" or cd is None else cd
+    x = Tensor(rng.standard_normal(lead + (n_in,)).astype(np.float32), device="cuda")
+    w = Tensor((rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32 if cd is None else cd), device="cuda")
+    b = Tensor(rng.standard_normal(n_out).astype(bt), device="cuda")
+    with no_grad():
+        got = F.linear_gelu(x, w, b, compute_dtype=cd)
+        with dispatch.reference_only():
+            want = F.LinearGelu.apply(x, w, b, compute_dtype=cd)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = TOL[compute] if compute else dict(rtol=1e-3, atol=1e-3)   # (cuBLASLt's own tanh)
+    np.testing.assert_allclose(_host(got.data), _host(want.data), **tol)
+    if n_in == 768 and cd is not None:   # the decoder's case must take the epilogue
+        assert any(p["epilogue"] == cublaslt._EPILOGUE_GELU_BIAS and p["k"] == n_in for p in cublaslt.plan_summary())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("m", [1, 8, 32, 64, 65])
+@pytest.mark.parametrize("k,n", [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1536, 384)])
+def test_no_split_k_choice_gives_the_same_products(dtype: str, m: int, k: int, n: int, monkeypatch) -> None:
+    """The bias GEMM with the heuristic's first algorithm (NO_SPLIT_K_ROWS = 0) and with the first
+    without split-K (64) against float64; where an algorithm other than the first was taken, it does
+    not split k. Prints what each case chose (run with -s to see it)."""
+    from tensor.cuda import cublaslt
+    rng = np.random.default_rng(m + k + n)
+    t = _dtype(dtype)
+    xh, wh, bh = rng.standard_normal((m, k)), rng.standard_normal((n, k)) / np.sqrt(k), rng.standard_normal(n)
+    x, w, b = _gpu(xh, t), _gpu(wh, t), _gpu(bh, t)
+    ref = xh.astype(t).astype(np.float64) @ wh.astype(t).astype(np.float64).T + bh.astype(t).astype(np.float64)
+    for rows in (0, 64):
+        monkeypatch.setattr(cublaslt, "NO_SPLIT_K_ROWS", rows)
+        y = cublaslt.matmul_bias(x, w.T, b, t)
+        assert y is not None, f"cuBLASLt declined the bias epilogue for {(m, k, n)} {dtype}"
+        np.testing.assert_allclose(_host(y), ref, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * 4)
+    mine = [p for p in cublaslt.plan_summary() if (p["m"], p["k"], p["n"]) == (m, k, n) and p["dtype"] == dtype
+            and p["epilogue"] == cublaslt._EPILOGUE_BIAS]
+    print(mine)
+    assert {p["avoid_split_k"] for p in mine} == ({False, True} if m <= 64 else {False})
+    for p in mine:
+        if not p["avoid_split_k"]:
+            assert p["chosen"] == 0
+        elif p["chosen"] > 0:
+            assert p["chosen_split_k"] <= 1

@@ -121,7 +121,17 @@ def merge_heads_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tu
     return [rng.standard_normal((B, H, T, D)).astype(dtype)], [True], {}
 
 
-CASES: dict[str, Callable] = {"Gelu": gelu_case, "LayerNorm": layer_norm_case, "CrossEntropy": cross_entropy_case,
+def add_case(draw: Callable, rng: np.random.Generator, dtype: Any) -> tuple:
+    """A float32 array plus a 16-bit one of the same shape (a residual add), either order; the 16-bit
+    side in dtype when that is 16-bit, else bfloat16. Sizes around the kernel's 4-wide vectors."""
+    shape = draw(st.sampled_from([(1,), (3,), (4,), (2, 5), (3, 64), (2, 1, 1027)]))
+    low = dtype if np.dtype(dtype).itemsize == 2 else ml_dtypes.bfloat16
+    a, b = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(low)
+    swap = draw(st.booleans())
+    return ([b, a] if swap else [a, b]), [draw(st.booleans()), draw(st.booleans())], {}
+
+
+CASES: dict[str, Callable] = {"Add": add_case, "LinearGelu": linear_case, "Gelu": gelu_case, "LayerNorm": layer_norm_case, "CrossEntropy": cross_entropy_case,
                               "Linear": linear_case, "LinearInt8": linear_int8_case, "ScaledDotProductAttention": sdpa_case,
                               "CausalAttentionQKV": attention_qkv_case, "SplitHeads": split_heads_case,
                               "MergeHeads": merge_heads_case}
@@ -269,14 +279,14 @@ def test_fast_paths_keep_the_reference_name() -> None:
 
 
 # ------------------------------------------------------------------ the references, gradchecked in float64
-@pytest.mark.parametrize("op", ["CrossEntropy", "Gelu", "LayerNorm", "Linear"])
+@pytest.mark.parametrize("op", ["CrossEntropy", "Gelu", "LayerNorm", "Linear", "LinearGelu"])
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_reference_gradcheck_float64(op: str, data: Any) -> None:
     ref = reference_of(op)
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
     small = {"Gelu": [(), (3,), (2, 3)], "LayerNorm": [(4,), (2, 5)], "CrossEntropy": [(3, 4), (4,)],
-             "Linear": [(2, 3), (3,)]}[op]
+             "Linear": [(2, 3), (3,)], "LinearGelu": [(2, 3), (3,)]}[op]
     shape = data.draw(st.sampled_from(small))
     if op == "Gelu":
         arrays, rg, kw = [rng.standard_normal(shape) * 2], [True], {}

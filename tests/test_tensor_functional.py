@@ -100,6 +100,13 @@ def linear_case(draw) -> Case:
     return Case(f"linear(x{x.shape}, W{w.shape}), requires_grad={rg}", F.linear, [x, w], rg)
 
 
+@st.composite
+def linear_gelu_case(draw) -> Case:
+    """The fused node itself (F.linear_gelu on the CPU runs the two ops): gelu(x W^T + b)."""
+    c = draw(linear_case())
+    return Case(c.label.replace("linear", "LinearGelu", 1), F.LinearGelu.apply, c.arrays, c.requires_grad)
+
+
 GRAD_CASES = {
     "Softmax": softmax_case(log=False),
     "LogSoftmax": softmax_case(log=True),
@@ -108,6 +115,7 @@ GRAD_CASES = {
     "Embedding": embedding_case(),
     "Dropout": dropout_case(),
     "Linear": linear_case(),
+    "LinearGelu": linear_gelu_case(),
 }
 VALUE_TESTED: set = set()
 

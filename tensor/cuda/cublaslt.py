@@ -1,12 +1,23 @@
 """A Linear's GEMM with its bias fused into the epilogue, through cuBLASLt (ctypes).
 
     matmul_bias(a, w_t, bias, out_dtype)   a (m, k) @ w_t (k, n) + bias (n,)   -> (m, n)   EPILOGUE_BIAS
+    matmul_bias_gelu(a, w_t, bias, ...)    gelu(a @ w_t + bias)                 -> (m, n)   EPILOGUE_GELU_BIAS
     matmul_bgrad(a, b, out_dtype, db_dtype) a (m, k) @ b (k, n) -> ((m, n), a summed over k (m,))  BGRADB
 
 The first is a Linear's forward (y = x W^T + b: the bias added to the float32 accumulator before
 the one rounding to the output dtype, no second pass over y); the second its weight gradient
 dW = g^T x with a = g^T, whose row sums are the bias gradient db = sum over rows of g, read by
-the GEMM while it streams g anyway (no column-sum kernel).
+the GEMM while it streams g anyway (no column-sum kernel). The GELU epilogue is cuBLASLt's tanh
+form, the same formula as ours (tensor/ops/elementwise.py: Gelu); it keeps no pre-activation, so it
+serves inference only (tensor/cuda/linear.py: LinearGeluCUDA).
+
+Split-K: for a product of few rows (m <= NO_SPLIT_K_ROWS, a decode step's) the heuristic often picks
+an algorithm that splits k over blocks and sums the parts in a second, reduction kernel. With
+NO_SPLIT_K_ROWS > 0 the plan takes the first of the heuristic's algorithms (best first) whose
+configuration has split-K 1 (reduction scheme NONE), and the heuristic's first when none has;
+NO_SPLIT_K_ROWS = 0 takes the heuristic's first always. Which is faster only a GPU measurement
+says (benchmarks/bench_decode_gpu.py --variants after-splitk,after-nosplitk); `plan_summary()`
+lists what each case chose.
 
 Layout as tensor/cuda/cublas.py (column-major library, row-major arrays): the row-major C (m, n)
 is the column-major D (n, m) = B^T A^T, so cuBLASLt's "A" is our b and its "B" is our a. Its BIAS
@@ -36,13 +47,17 @@ from tensor.dispatch import fast_paths_enabled
 # cublasLt.h (CUDA 12 and 13)
 _DESC_POINTER_MODE, _DESC_TRANSA, _DESC_TRANSB = 2, 3, 4          # cublasLtMatmulDescAttributes_t
 _DESC_EPILOGUE, _DESC_BIAS_POINTER, _DESC_BIAS_DATA_TYPE = 7, 8, 26
-_EPILOGUE_BIAS, _EPILOGUE_BGRADB = 4, 512                         # cublasLtEpilogue_t
+_EPILOGUE_BIAS, _EPILOGUE_GELU_BIAS, _EPILOGUE_BGRADB = 4, 36, 512  # cublasLtEpilogue_t (GELU_BIAS = GELU 32 | BIAS 4)
+_CONFIG_SPLITK_NUM, _CONFIG_REDUCTION_SCHEME = 2, 3               # cublasLtMatmulAlgoConfigAttributes_t
+_REDUCTION_NONE = 0                                               # cublasLtReductionScheme_t
+_HEURISTICS = 16                                                  # algorithms asked of the heuristic per case
 _PREF_MAX_WORKSPACE_BYTES = 1                                     # cublasLtMatmulPreferenceAttributes_t
 _PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}            # ..._MIN_ALIGNMENT_{A,B,C,D}_BYTES
 _POINTER_MODE_HOST = 0
 _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 << 20
 _DTYPES = ("float16", "bfloat16", "float32")
+NO_SPLIT_K_ROWS = 64   # products of at most this many rows avoid split-K algorithms (0: the heuristic's first)
 
 
 class _Algo(ctypes.Structure):
@@ -84,9 +99,11 @@ def _lib() -> Any:
     lib.cublasLtMatmulAlgoGetHeuristic.argtypes = [P, P, P, P, P, P, P, I, ctypes.POINTER(_Heuristic),
                                                    ctypes.POINTER(ctypes.c_int)]
     lib.cublasLtMatmul.argtypes = [P, P, P, P, P, P, P, P, P, P, P, P, ctypes.POINTER(_Algo), P, S, P]
+    lib.cublasLtMatmulAlgoConfigGetAttribute.argtypes = [ctypes.POINTER(_Algo), I, P, S, ctypes.POINTER(S)]
     for f in ("cublasLtCreate", "cublasLtMatmulDescCreate", "cublasLtMatmulDescSetAttribute",
               "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate", "cublasLtMatmulPreferenceSetAttribute",
-              "cublasLtMatmulPreferenceDestroy", "cublasLtMatmulAlgoGetHeuristic", "cublasLtMatmul"):
+              "cublasLtMatmulPreferenceDestroy", "cublasLtMatmulAlgoGetHeuristic", "cublasLtMatmul",
+              "cublasLtMatmulAlgoConfigGetAttribute"):
         getattr(lib, f).restype = I
     return lib
 
@@ -122,12 +139,32 @@ def _alignment(ptr: int) -> int:
     return a
 
 
-_PLANS: dict = {}   # case key -> (matmul desc, layouts A B D, algo) or None (no algorithm)
+_PLANS: dict = {}   # case key -> (matmul desc, layouts A B D, algo, what was chosen) or None (no algorithm)
+
+
+def choose_algorithm(configs: list[tuple[int, int]], avoid_split_k: bool) -> int:
+    """Index of the algorithm to take among the heuristic's usable ones, best first, each given as
+    (split-K number, reduction scheme), -1 where cuBLASLt did not say: the first, or with
+    avoid_split_k the first that does not split k (split-K 0 or 1 and reduction scheme NONE), else
+    the first."""
+    if avoid_split_k:
+        for i, (splits, scheme) in enumerate(configs):
+            if 0 <= splits <= 1 and scheme == _REDUCTION_NONE:
+                return i
+    return 0
+
+
+def _config(lib: Any, algo: Any, attr: int) -> int:
+    """One uint32 configuration attribute of an algorithm, or -1 where cuBLASLt does not give it."""
+    v, written = ctypes.c_uint32(0), ctypes.c_size_t(0)
+    st = lib.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), ctypes.sizeof(v),
+                                                  ctypes.byref(written))
+    return int(v.value) if st == 0 else -1
 
 
 def _plan(lib: Any, handle: int, key: tuple) -> Any:
-    """Descriptors and the heuristic's first algorithm for one case, or None."""
-    (_, m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, t_in, t_out, t_bias, epilogue, aligns, compute) = key
+    """Descriptors and the chosen algorithm (choose_algorithm over the heuristic's) for one case, or None."""
+    (_, m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, t_in, t_out, t_bias, epilogue, aligns, compute, avoid) = key
     _, types = cublas._lib()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), compute, types["float32"]), "MatmulDescCreate")
@@ -145,13 +182,25 @@ def _plan(lib: Any, handle: int, key: tuple) -> Any:
     _set(lib, "cublasLtMatmulPreferenceSetAttribute", pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(_WORKSPACE_BYTES))
     for name, al in zip("abcd", aligns):
         _set(lib, "cublasLtMatmulPreferenceSetAttribute", pref, _PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(al))
-    res, count = _Heuristic(), ctypes.c_int(0)
-    st = lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, lay[0], lay[1], lay[2], lay[2], pref, 1,
-                                            ctypes.byref(res), ctypes.byref(count))
+    res, count = (_Heuristic * _HEURISTICS)(), ctypes.c_int(0)
+    st = lib.cublasLtMatmulAlgoGetHeuristic(handle, desc, lay[0], lay[1], lay[2], lay[2], pref, _HEURISTICS,
+                                            res, ctypes.byref(count))
     lib.cublasLtMatmulPreferenceDestroy(pref)
-    if st != 0 or count.value < 1 or res.state != 0 or res.workspaceSize > _WORKSPACE_BYTES:
+    found = res[:max(count.value, 0)] if st == 0 else []
+    ok = [r for r in found if r.state == 0 and r.workspaceSize <= _WORKSPACE_BYTES]
+    if not ok:
         return None  # (descriptors of a refused case are kept: a few bytes, once per case)
-    return desc, lay, res.algo
+    configs = [(_config(lib, r.algo, _CONFIG_SPLITK_NUM), _config(lib, r.algo, _CONFIG_REDUCTION_SCHEME)) for r in ok]
+    i = choose_algorithm(configs, avoid)
+    info = {"m": m, "n": n, "k": k, "dtype": t_in, "epilogue": epilogue, "avoid_split_k": avoid,
+            "first_split_k": configs[0][0], "chosen": i, "chosen_split_k": configs[i][0], "algorithms": len(ok)}
+    return desc, lay, ok[i].algo, info
+
+
+def plan_summary() -> list[dict]:
+    """What each planned case (shape, dtype, epilogue) chose: the heuristic's first algorithm's split-K
+    number, the index and split-K number of the one taken (for benchmarks and tuning)."""
+    return [p[3] for p in _PLANS.values() if p is not None]
 
 
 def lt_operands(a: Any, b: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -197,13 +246,14 @@ def _run(a: Any, b: Any, out_dtype: Any, vec: Any, epilogue: int) -> Any:
     aligns = tuple(_alignment(x.data.ptr) for x in (b, a, out, out))
     dev, handle, ws = _device_state(lib, cp)
     key = (dev, m, n, k, opa_lt, lda_lt, opb_lt, ldb_lt, backend.dtype_name(a.dtype), backend.dtype_name(out.dtype),
-           backend.dtype_name(vec.dtype), epilogue, aligns, cublas._compute_type(backend.dtype_name(a.dtype)))
+           backend.dtype_name(vec.dtype), epilogue, aligns, cublas._compute_type(backend.dtype_name(a.dtype)),
+           m <= NO_SPLIT_K_ROWS)
     if key not in _PLANS:
         _PLANS[key] = _plan(lib, handle, key)
     plan = _PLANS[key]
     if plan is None:
         return None
-    desc, (la_h, lb_h, ld_h), algo = plan
+    desc, (la_h, lb_h, ld_h), algo, _ = plan
     _set(lib, "cublasLtMatmulDescSetAttribute", desc, _DESC_BIAS_POINTER, ctypes.c_void_p(vec.data.ptr))
     al, be = cublas._scalar(1.0, False), cublas._scalar(0.0, False)
     st = lib.cublasLtMatmul(handle, desc, al, b.data.ptr, la_h, a.data.ptr, lb_h, be, out.data.ptr, ld_h,
@@ -213,18 +263,25 @@ def _run(a: Any, b: Any, out_dtype: Any, vec: Any, epilogue: int) -> Any:
     return out
 
 
-def matmul_bias(a: Any, b: Any, bias: Any, out_dtype: Any = None) -> Any:
+def matmul_bias(a: Any, b: Any, bias: Any, out_dtype: Any = None, epilogue: int = _EPILOGUE_BIAS) -> Any:
     """a (m, k) @ b (k, n) + bias (n,) -> (m, n) in out_dtype (default a's dtype; float32 allowed for
     16-bit a, b), the bias added in float32 to the accumulator (it may be float32 or the out dtype);
-    None when cuBLASLt does not take this case."""
+    None when cuBLASLt does not take this case. (epilogue: BIAS, or GELU_BIAS for matmul_bias_gelu.)"""
     out_dtype = np.dtype(out_dtype or a.dtype)
     if (bias is None or not _supports(a, b, out_dtype) or not cublas.usable(bias) or bias.ndim != 1
             or bias.shape[0] != b.shape[1] or not bias._c_contiguous):
         return None
-    y = _run(a, b, out_dtype, bias, _EPILOGUE_BIAS)
+    y = _run(a, b, out_dtype, bias, epilogue)
     if y is None and bias.dtype != out_dtype:
-        y = _run(a, b, out_dtype, bias.astype(out_dtype), _EPILOGUE_BIAS)  # a bias in D's own dtype
+        y = _run(a, b, out_dtype, bias.astype(out_dtype), epilogue)  # a bias in D's own dtype
     return y
+
+
+def matmul_bias_gelu(a: Any, b: Any, bias: Any, out_dtype: Any = None) -> Any:
+    """gelu(a (m, k) @ b (k, n) + bias (n,)) -> (m, n), GELU's tanh form applied to the float32
+    accumulator plus bias before the one rounding to out_dtype; as matmul_bias otherwise (None when
+    cuBLASLt does not take this case)."""
+    return matmul_bias(a, b, bias, out_dtype, _EPILOGUE_GELU_BIAS)
 
 
 def matmul_bgrad(a: Any, b: Any, out_dtype: Any = None, db_dtype: Any = np.float32) -> tuple[Any, Any] | None:

@@ -4,17 +4,25 @@ the GEMM itself. The bias rides in the GEMM's epilogue through cuBLASLt (tensor/
 added to the accumulator in the forward, and its gradient (the column sums of g) taken by the
 weight-gradient GEMM in the backward. Where cuBLASLt declines a case, the bias is added by one
 kernel in float (tensor/cuda/layout.py: bias_add) and its gradient is a column-sum kernel
-(functional.sum_rows)."""
+(functional.sum_rows).
+
+LinearGeluCUDA: gelu(x W^T + b) (an MLP's c_fc and GELU, F.linear_gelu). When no gradient is
+recorded (decoding), one GEMM with the bias and GELU in cuBLASLt's epilogue (GELU_BIAS): it keeps
+no pre-activation. With gradients it is the product and the GELU kernel as before, in one node.
+(The training form in the epilogues, GELU_AUX_BIAS forward and DGELU_BGRAD backward, is not done.)"""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 
+from tensor import autograd
 from tensor.cuda import cublas, cublaslt
 from tensor.cuda.common import usable
+from tensor.cuda.gelu import gelu_backward, gelu_forward
 from tensor.cuda.layout import bias_add
-from tensor.functional import Linear, gemm, sum_rows
+from tensor.functional import Linear, LinearGelu, gemm, sum_rows
+from tensor.tensor import Function
 
 
 def matmul(a: Any, b: Any, out_dtype: Any = None) -> Any:
@@ -65,3 +73,38 @@ class LinearCUDA(Linear):
         gw = matmul(g2.T, x2, dw_t) if self.needs_grad[1] else None
         gb = sum_rows(g2, db_t) if self.has_bias and self.needs_grad[2] else None
         return gx, gw, gb
+
+
+class LinearGeluCUDA(LinearGelu):
+    """gelu(x W^T + b). With no gradient to record (decoding): one cuBLASLt GEMM with the bias and
+    the GELU in its epilogue, no GELU kernel, nothing kept. Otherwise (training): LinearCUDA, then
+    the GELU kernel, z = x W^T + b kept for the backward (GELU kernel, then LinearCUDA's)."""
+
+    @staticmethod
+    def supports(x: Any, weight: Any, bias: Any = None, compute_dtype: Any = None) -> bool:
+        """CuPy float16/bfloat16/float32 contiguous x, W (and b)."""
+        return usable(x, weight, bias)
+
+    def forward(self, x, weight, bias=None, compute_dtype=None):
+        self.linear = LinearCUDA()
+        if not autograd.grad_enabled:
+            xc, w = self.linear.prepare(x, weight, bias, compute_dtype)
+            x2 = xc.reshape(-1, xc.shape[-1])
+            if bias is not None and x2.dtype == w.dtype:
+                y = cublaslt.matmul_bias_gelu(x2, w.T, bias, x2.dtype)
+                if y is not None:
+                    return y.reshape(xc.shape[:-1] + (w.shape[0],))
+        z = self.linear.forward(x, weight, bias, compute_dtype)
+        self.save_for_backward(*self.linear.saved, z)
+        return gelu_forward(z)
+
+    def backward(self, g):
+        z = self.saved[-1]
+        if g.dtype != z.dtype or not g.flags.c_contiguous:  # the kernel takes g like z
+            g = g.astype(z.dtype, order="C")
+        self.linear.needs_grad = self.needs_grad
+        return self.linear.backward(gelu_backward(z, g))
+
+    def release(self) -> None:
+        Function.release(self)
+        self.linear.release()
