@@ -163,7 +163,7 @@ class Gelu(Function):
     def forward(self, a):
         t = array_module(a).tanh(GELU_K * (a + 0.044715 * a * a * a))
         self.save_for_backward(a, t)
-        return 0.5 * a * (1.0 + t)
+        return (0.5 * a * (1.0 + t)).astype(a.dtype, copy=False)   # (CuPy's tanh of bfloat16 is float32)
 
     def backward(self, g):
         a, t = self.saved
