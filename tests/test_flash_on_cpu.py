@@ -7,6 +7,7 @@ ragged tiles, one query, Tq < Tk, causal and not, a key-padding mask with fully 
 64, 128, each dtype. tests/test_gpu_flash.py checks the same on a GPU. Skipped without a C++ compiler."""
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numpy as np
@@ -21,9 +22,16 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32), ("float32", 128)]
 TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-5}   # max |error| / max(max |reference|, 1)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-_SYMBOLS = {(dt, D, key): f"run_{dt}_{D}_{key}" for dt, D in COMBOS for key in FA.kernel_names(dt, D)}
+# backward variants (FA.BWD_VARIANTS) run on these combos; the rest run BWD_DEFAULT's only
+VARIANT_COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32)]
+_NAMES = sorted({n for dt, D in COMBOS for v in (FA.BWD_VARIANTS if (dt, D) in VARIANT_COMBOS else [None])
+                 for n in FA.kernel_names(dt, D, v).values()})
+_SYMBOLS = {n: f"run_{i}" for i, n in enumerate(_NAMES)}   # name expression -> launcher
+_SMEM = {n: f"smem_{i}" for i, n in enumerate(_NAMES) if n.startswith("flash_bwd_dkdv<")}
 _lib = build(FRAGMENT_HOST + FA._SOURCE,
-             "".join(packed_launcher(sym, FA.kernel_names(dt, D)[key]) for (dt, D, key), sym in _SYMBOLS.items()))
+             "".join(packed_launcher(sym, n) for n, sym in _SYMBOLS.items())
+             + "".join(f'extern "C" int {sym}() {{ return {n.replace("flash_bwd_dkdv<", "DkdvSmem<", 1)}::BYTES; }}\n'
+                       for n, sym in _SMEM.items()))
 pytestmark = pytest.mark.skipif(_lib is None, reason="needs a C++ compiler (g++)")
 GUARD = 64   # bytes of poison before and after every input
 
@@ -51,11 +59,9 @@ def emulated(monkeypatch):
     kernels run by the emulation and its allocations poisoned; yields the kernels (launch counts)."""
     kernels = {}
 
-    def fake_kernels(dtype_name, D):
-        return {key: kernels.setdefault((dtype_name, D, key), EmulatedKernel(
-            _lib, _SYMBOLS[(dtype_name, D, key)], FA.kernel_names(dtype_name, D)[key]))
-            for key in FA.kernel_names(dtype_name, D)}
-    monkeypatch.setattr(FA, "_kernels", fake_kernels)
+    def fake_module(names):
+        return {key: kernels.setdefault(n, EmulatedKernel(_lib, _SYMBOLS[n], n)) for key, n in names}
+    monkeypatch.setattr(FA, "_module", fake_module)
     monkeypatch.setattr(FA, "empty", poisoned)
     yield kernels
 
@@ -71,13 +77,13 @@ def _bf16_bits(x):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def flash(q, k, v, g, mask, causal, dtype):
-    """FA.forward then FA.backward on the emulated kernels: O, L, dQ, dK, dV as float64."""
+def flash(q, k, v, g, mask, causal, dtype, variant=None):
+    """FA.forward then FA.backward (its `variant`) on the emulated kernels: O, L, dQ, dK, dV as float64."""
     dt = DTYPES[dtype]
     qd, kd, vd, gd = (guarded(a.astype(dt)) for a in (q, k, v, g))
     md = None if mask is None else guarded(mask)
     o, lse = FA.forward(qd, kd, vd, md, causal)
-    grads = FA.backward(gd, qd, kd, vd, o, lse, md, causal)
+    grads = FA.backward(gd, qd, kd, vd, o, lse, md, causal, variant=variant)
     return [a.astype(np.float64) for a in (o, lse) + tuple(grads)]
 
 
@@ -108,8 +114,41 @@ CASES = [  # dtype, D, B, H, Tq, Tk, causal, masked
 ]
 
 
+VARIANT_CASES = [
+    ("bfloat16", 64, 1, 2, 150, 150, True, False),   # two 128-key blocks (8 warps), three 64-key blocks, ragged
+    ("bfloat16", 32, 2, 1, 40, 70, True, True),      # Tq < Tk with a padding mask
+    ("float16", 64, 1, 1, 33, 33, False, True),      # not causal, masked
+    ("bfloat16", 128, 1, 1, 40, 40, False, False),   # D=128: query tiles of 32 (the fused dQ's split)
+    ("float32", 32, 1, 1, 17, 17, True, False),      # float32: the separate dQ kernel
+]
+
+
 @pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked", CASES)
 def test_flash_equals_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked):
+    _check_case(dtype, D, B, H, Tq, Tk, causal, masked, None, emulated)
+
+
+@pytest.mark.parametrize("variant", sorted(set(FA.BWD_VARIANTS) - {"base"}))
+@pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked", VARIANT_CASES)
+def test_backward_variants_equal_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked, variant):
+    """Every build of the dK/dV kernel (FA.BWD_VARIANTS: 8 warps, vector atomics, heavy-first grid, stages)
+    on poisoned memory, the launch's dynamic shared memory exactly what the kernel counts."""
+    _check_case(dtype, D, B, H, Tq, Tk, causal, masked, variant, emulated)
+    name = FA.kernel_names(dtype, D, variant)["dkdv"]
+    assert emulated[name].launches == 1
+
+
+def test_dkdv_shared_memory_count_matches_the_kernel():
+    """flash_attention.dkdv_smem_bytes (the launch's byte count) equals the kernel's DkdvSmem::BYTES for every
+    compiled build (a launch with fewer bytes traps on the GPU)."""
+    for dt, D in COMBOS:
+        for v in FA.BWD_VARIANTS if (dt, D) in VARIANT_COMBOS else [None]:
+            fn = getattr(_lib, _SMEM[FA.kernel_names(dt, D, v)["dkdv"]])
+            fn.restype = ctypes.c_int
+            assert fn() == FA.dkdv_smem_bytes(dt, D, v), (dt, D, v)
+
+
+def _check_case(dtype, D, B, H, Tq, Tk, causal, masked, variant, emulated):
     rng = np.random.default_rng(Tq * 1000 + Tk + D)
     dt = DTYPES[dtype]
     # inputs exactly representable in the dtype, so both sides see the same numbers
@@ -122,7 +161,7 @@ def test_flash_equals_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, ma
         mask[0, : min(4, Tk)] = False        # with causal: batch 0's first rows see no key at all
         if Tk == 1:
             mask[:] = False                  # the one key masked: O = 0, every gradient 0
-    got = flash(q, k, v, g, mask, causal, dtype)
+    got = flash(q, k, v, g, mask, causal, dtype, variant)
     want = reference(q, k, v, g, mask, causal)
     assert sum(kern.launches for kern in emulated.values()) == 4
     L, Lref = got.pop(1), want.pop(1)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -100,6 +100,18 @@ template <int n>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(n) : "memory"); }
 __device__ __forceinline__ void copy16(void* dst, const void* src) { *(uint4*)dst = *(const uint4*)src; }
 __device__ __forceinline__ void zero16(void* dst) { *(uint4*)dst = make_uint4(0u, 0u, 0u, 0u); }
+// float32 vector reductions into global memory (sm_90): p[0] += a, p[1] += b (8-byte aligned), and the
+// same for four floats (16-byte aligned); each element atomic, as atomicAdd, one instruction per vector
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(p), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+// the block's dynamic shared memory (bytes as the launch gave them: dynamic_smem_size())
+#define FA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+__device__ __forceinline__ unsigned dynamic_smem_size() {
+    unsigned r; asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r)); return r; }
 """
 
 _SOURCE = r"""
@@ -464,29 +476,59 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const float* __restr
     if (i < n) dq[i] = T::fromf(dq_acc[i] * scale);
 }
 
-// ---- backward 2: dK, dV for 64 keys per block (16 per warp), looping over query tiles of N; with
-// FUSED_DQ also dQ += dS K / sqrt(D) for each tile, added into dq_acc (float32, zeroed by
-// flash_bwd_delta) by atomics (no second recomputation of S and dP); grid (ceil(Tk / 64), B * H),
-// 128 threads
-template <class T, int D, int N>
-__global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __restrict__ q,
+// ---- backward 2: dK, dV for 16 * V::WARPS keys per block (16 per warp), looping over query tiles of N;
+// with FUSED_DQ also dQ += dS K / sqrt(D) for each tile, added into dq_acc (float32, zeroed by
+// flash_bwd_delta) by atomics (no second recomputation of S and dP); 32 * V::WARPS threads; grid
+// (ceil(Tk / KB), B * H), or (B * H, ceil(Tk / KB)) with V::HEAVY_FIRST; dynamic shared memory of
+// dkdv_smem_bytes (flash_attention.py computes the same count; a launch with less traps)
+template <int WARPS_, int ATOM_, bool HEAVY_FIRST_, int STAGES_>
+struct BwdV {
+    // 4: 64 keys per block (128 threads); 8: 128 keys (256 threads): each query tile's Q/dO loads and
+    // fused-dQ atomics serve twice the keys (half the global traffic and atomics per key), for twice
+    // the shared memory (K and dS^T of 128 keys) and half the blocks (a coarser causal tail)
+    static constexpr int WARPS = WARPS_;
+    // fused dQ's atomics: 1 = atomicAdd per float; 2 = red.global.add.v2.f32 (the two adjacent columns a
+    // lane holds: half the atomic instructions); 4 = red.v4 after one pair exchange with the lane t ^ 1
+    // (a quarter of the atomics, for two shuffles per 8 columns)
+    static constexpr int ATOM = ATOM_;
+    // grid (B * H, key blocks): blocks are dispatched in order of their linear index, so every head's
+    // first key blocks (causal: the most query tiles) start in the first wave and the short ones fill
+    // the tail; false: (key blocks, B * H), head after head
+    static constexpr bool HEAVY_FIRST = HEAVY_FIRST_;
+    // query-tile stages: 2 = the next tile's cp.async in flight during this one's products (more shared
+    // memory, fewer blocks per SM); 1 = load then compute; 0 = 2 where the total fits 48 KiB, else 1
+    static constexpr int STAGES = STAGES_;
+};
+template <class T, int D, int N, class V>
+struct DkdvSmem {
+    static constexpr bool F = T::FUSED_DQ;
+    static constexpr int KB = 16 * V::WARPS, FK = F ? KB : 1, FN = F ? N : 1;   // FK, FN: the fused dQ's buffers
+    static constexpr int tiles(int st) { return (2 * st * N * (D + FA_PAD) + FK * (D + FA_PAD) + FK * (FN + FA_PAD)); }
+    static constexpr int bytes_for(int st) { return (tiles(st) * (int)sizeof(typename T::S) + 15) / 16 * 16 + 8 * st * N; }
+    static constexpr int ST = V::STAGES ? V::STAGES : (bytes_for(2) <= 48 * 1024 ? 2 : 1);
+    static constexpr int BYTES = bytes_for(ST), FLOATS_AT = BYTES - 8 * ST * N;   // L and Delta after the tiles
+    static_assert(BYTES <= 227 * 1024, "flash_bwd_dkdv: shared memory");
+};
+template <class T, int D, int N, class V>
+__global__ void __launch_bounds__(32 * V::WARPS) flash_bwd_dkdv(const typename T::S* __restrict__ q,
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
         const typename T::S* __restrict__ go, const float* __restrict__ lse, const float* __restrict__ delta,
         typename T::S* __restrict__ dk, typename T::S* __restrict__ dv, float* __restrict__ dq_acc, int H, int Tq,
         int Tk, int causal, int has_mask, float scale_log2, float scale) {
     typedef typename T::S S; typedef typename T::P P;
-    constexpr int FK = T::FUSED_DQ ? 64 : 1, FN = T::FUSED_DQ ? N : 1;   // the fused dQ's buffers
-    // query tiles (Q, dO, L, Delta) double-buffered (ST = 2: the next tile's cp.async in flight during
-    // this one's products) where two stages fit the 48 KiB of static shared memory, else one stage
-    constexpr int ST = (4 * N * (D + FA_PAD) + FK * (D + FA_PAD) + FK * (FN + FA_PAD)) * (int)sizeof(S)
-                       + 16 * N <= 48 * 1024 ? 2 : 1;
-    __shared__ __align__(16) S sQ[ST][N][D + FA_PAD];
-    __shared__ __align__(16) S sG[ST][N][D + FA_PAD];
-    __shared__ __align__(16) S sK[FK][D + FA_PAD];       // the block's keys (B operand of dS K)
-    __shared__ __align__(16) S sdS[FK][FN + FA_PAD];     // dS^T of the tile: rows = keys, columns = queries
-    __shared__ float sL[ST][N], sD[ST][N];
-    const int bh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int k0 = blockIdx.x * 64, key0 = k0 + warp * 16, off = Tk - Tq;
+    typedef DkdvSmem<T, D, N, V> M;
+    constexpr int ST = M::ST, KB = M::KB, FK = M::FK, FN = M::FN, W = V::WARPS;
+    FA_DYNAMIC_SMEM(smem);
+    if (dynamic_smem_size() < (unsigned)M::BYTES) __trap();   // the launch's byte count disagrees with M
+    S (*sQ)[N][D + FA_PAD] = reinterpret_cast<S (*)[N][D + FA_PAD]>(smem);   // [ST]: the query tile's Q
+    S (*sG)[N][D + FA_PAD] = sQ + ST;                                        // [ST]: its dO
+    S (*sK)[D + FA_PAD] = reinterpret_cast<S (*)[D + FA_PAD]>(sG + ST);      // [FK]: the block's keys (dS K)
+    S (*sdS)[FN + FA_PAD] = reinterpret_cast<S (*)[FN + FA_PAD]>(sK + FK);   // [FK]: dS^T, rows = keys
+    float (*sL)[N] = reinterpret_cast<float (*)[N]>(smem + M::FLOATS_AT);   // [ST]
+    float (*sD)[N] = sL + ST;                                                                                 // [ST]
+    const int bh = V::HEAVY_FIRST ? blockIdx.x : blockIdx.y, kblock = V::HEAVY_FIRST ? blockIdx.y : blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k0 = kblock * KB, key0 = k0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
     RowFrags<T, D, T::CACHE && !T::FUSED_DQ> ka;   // with FUSED_DQ: K's fragments from sK by ldmatrix
@@ -574,14 +616,14 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
                 for (int h = 0; h < 2; ++h)
                     *(P*)&sdS[warp * 16 + g + 8 * h][nt * 8 + 2 * t] = T::pack(dpt[nt][2 * h], dpt[nt][2 * h + 1]);
             __syncthreads();
-            constexpr int MT = N / 16, NT = D / 8 / (4 / MT);   // m-tiles of the tile; n-tiles per warp
-            static_assert(4 % MT == 0 && NT % 2 == 0, "flash_bwd_dkdv: fused dQ split");
+            constexpr int MT = N / 16, NT = D / 8 / (W / MT);   // m-tiles of the tile; n-tiles per warp
+            static_assert(W % MT == 0 && NT % 2 == 0, "flash_bwd_dkdv: fused dQ split");
             const int mt = warp % MT, nb = (warp / MT) * NT, i = lane >> 3, r = lane & 7;
             float dqa[NT][4];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) dqa[nt][0] = dqa[nt][1] = dqa[nt][2] = dqa[nt][3] = 0.f;
 #pragma unroll
-            for (int kc = 0; kc < 4; ++kc) {   // 64 keys, 16 at a time
+            for (int kc = 0; kc < KB / 16; ++kc) {   // the block's keys, 16 at a time
                 P a[4];   // A = dS (queries x keys): the transposes of sdS's 8x8 blocks
                 ldsm_x4_trans(a, &sdS[kc * 16 + (i >> 1) * 8 + r][mt * 16 + (i & 1) * 8]);
 #pragma unroll
@@ -592,15 +634,34 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
                     T::mma(dqa[nt + 1], a, bb[1]);
                 }
             }
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int qi = q0 + mt * 16 + g + 8 * h;
-                if (qi >= Tq) continue;
-                float* row = dq_acc + ((long long)bh * Tq + qi) * D + nb * 8 + 2 * t;
+            float* tile_acc = dq_acc + ((long long)bh * Tq + q0 + mt * 16) * D + nb * 8;   // (16, NT * 8) of D
+            if constexpr (V::ATOM == 4) {
+                // lanes t, t ^ 1 swap pairs: even t then holds row g, columns 4 (t / 2) .. + 3; odd t row g + 8
+                const bool even = (t & 1) == 0;
+                const int row = g + (even ? 0 : 8);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    atomicAdd(row + nt * 8, dqa[nt][2 * h]);
-                    atomicAdd(row + nt * 8 + 1, dqa[nt][2 * h + 1]);
+                    const float s0 = even ? dqa[nt][2] : dqa[nt][0], s1 = even ? dqa[nt][3] : dqa[nt][1];
+                    const float r0 = __shfl_xor_sync(FA_FULL, s0, 1), r1 = __shfl_xor_sync(FA_FULL, s1, 1);
+                    if (q0 + mt * 16 + row < Tq) {   // (after the exchange: every lane shuffles)
+                        float* p = tile_acc + (long long)row * D + nt * 8 + 4 * (t >> 1);
+                        if (even) red_add_v4(p, dqa[nt][0], dqa[nt][1], r0, r1);
+                        else red_add_v4(p, r0, r1, dqa[nt][2], dqa[nt][3]);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    if (q0 + mt * 16 + g + 8 * h >= Tq) continue;
+                    float* p = tile_acc + (long long)(g + 8 * h) * D + 2 * t;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        if constexpr (V::ATOM == 2) red_add_v2(p + nt * 8, dqa[nt][2 * h], dqa[nt][2 * h + 1]);
+                        else {
+                            atomicAdd(p + nt * 8, dqa[nt][2 * h]);
+                            atomicAdd(p + nt * 8 + 1, dqa[nt][2 * h + 1]);
+                        }
+                    }
                 }
             }
         }
@@ -722,11 +783,59 @@ def tile(dtype_name: str, D: int, backward: bool) -> int:
     return 64 if size < (256 if not backward else 129) else 32
 
 
-def kernel_names(dtype_name: str, D: int) -> dict:
-    """The four kernels of one dtype and head size: {"fwd", "delta", "dkdv", "dq"} -> name expression."""
+class BwdVariant(NamedTuple):
+    """One build of the dK/dV kernel (BwdV in _SOURCE, where each field's trade is stated): warps per block
+    (4: 64 keys, 8: 128 keys), the fused dQ's atomic width (1, 2, 4 floats; 16-bit types only),
+    heavy_first (grid (B * H, key blocks)), query-tile stages (0: 2 where 48 KiB hold them, else 1)."""
+    warps: int = 4
+    atom: int = 1
+    heavy_first: bool = False
+    stages: int = 0
+
+
+# the backward's builds, by name; BWD_DEFAULT picks one per dtype (benchmarks/tune_flash.py times them all)
+BWD_VARIANTS = {
+    "base": BwdVariant(),                             # 64 keys per block, scalar atomics (the first build)
+    "vec2": BwdVariant(atom=2),
+    "vec4": BwdVariant(atom=4),
+    "heavy": BwdVariant(heavy_first=True),
+    "vec2_heavy_st2": BwdVariant(atom=2, heavy_first=True, stages=2),
+    "w8": BwdVariant(warps=8, stages=2),              # 128 keys per block
+    "w8_vec2": BwdVariant(warps=8, atom=2, stages=2),
+    "w8_vec2_heavy": BwdVariant(warps=8, atom=2, heavy_first=True, stages=2),
+    "w8_vec4_heavy": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2),
+}
+BWD_DEFAULT = {"float32": "base", "float16": "base", "bfloat16": "base"}
+
+
+def _variant(dtype_name: str, variant: str | None) -> BwdVariant:
+    name = BWD_DEFAULT[dtype_name] if variant is None else variant
+    if name not in BWD_VARIANTS:
+        raise ValueError(f"flash backward: variant {name!r}, expected one of {sorted(BWD_VARIANTS)}")
+    return BWD_VARIANTS[name]
+
+
+def dkdv_smem_bytes(dtype_name: str, D: int, variant: str | None = None) -> int:
+    """Dynamic shared memory of the dK/dV kernel (the count of DkdvSmem in _SOURCE: ST stages of the (N, D)
+    Q and dO tiles, K and dS^T of the block's keys with the fused dQ, rows padded by 8; then ST * N
+    float32 L and Delta); the kernel traps when launched with less."""
+    V, N, pad = _variant(dtype_name, variant), tile(dtype_name, D, True), 8
+    item = 4 if dtype_name == "float32" else 2
+    fk, fn = (16 * V.warps, N) if fused_dq(dtype_name) else (1, 1)
+
+    def nbytes(st: int) -> int:
+        return -(-(2 * st * N * (D + pad) + fk * (D + pad) + fk * (fn + pad)) * item // 16) * 16 + 8 * st * N
+    return nbytes(V.stages or (2 if nbytes(2) <= 48 * 1024 else 1))
+
+
+def kernel_names(dtype_name: str, D: int, variant: str | None = None) -> dict:
+    """The four kernels of one dtype, head size and backward variant (None: BWD_DEFAULT's):
+    {"fwd", "delta", "dkdv", "dq" or "dq_convert"} -> name expression."""
     tr, nf, nb = TRAITS[dtype_name], tile(dtype_name, D, False), tile(dtype_name, D, True)
+    V = _variant(dtype_name, variant)
+    bv = f"BwdV<{V.warps},{V.atom},{str(V.heavy_first).lower()},{V.stages}>"
     names = {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D}>",
-             "dkdv": f"flash_bwd_dkdv<{tr},{D},{nb}>"}
+             "dkdv": f"flash_bwd_dkdv<{tr},{D},{nb},{bv}>"}
     if fused_dq(dtype_name):
         names["dq_convert"] = f"flash_bwd_dq_convert<{tr},{D}>"
     else:
@@ -741,11 +850,27 @@ def fused_dq(dtype_name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(dtype_name: str, D: int) -> dict:
-    """One module per dtype and head size, compiled at its first use (NVRTC takes seconds per module)."""
-    names = kernel_names(dtype_name, D)
-    mod = cupy().RawModule(code=_PRIMITIVES + _SOURCE, options=("--std=c++17",), name_expressions=list(names.values()))
-    return {key: mod.get_function(n) for key, n in names.items()}
+def _module(names: tuple) -> dict:
+    """Kernels compiled together: {key: function} for the (key, name expression) pairs (NVRTC takes seconds
+    per module)."""
+    mod = cupy().RawModule(code=_PRIMITIVES + _SOURCE, options=("--std=c++17",), name_expressions=[n for _, n in names])
+    return {key: mod.get_function(n) for key, n in names}
+
+
+@functools.lru_cache(maxsize=None)
+def _allow_smem(kernel: Any, nbytes: int) -> Any:
+    """kernel, allowed nbytes of dynamic shared memory (CUDA's default limit is 48 KiB); once per kernel."""
+    kernel.max_dynamic_shared_size_bytes = nbytes
+    return kernel
+
+
+def _kernels(dtype_name: str, D: int, variant: str | None = None) -> dict:
+    """The kernels of kernel_names, compiled at their first use: one module per dtype and head size, and one
+    per backward variant for its dK/dV kernel."""
+    names = kernel_names(dtype_name, D, variant)
+    out = dict(_module(tuple((key, n) for key, n in names.items() if key != "dkdv")))
+    out["dkdv"] = _allow_smem(_module((("dkdv", names["dkdv"]),))["dkdv"], dkdv_smem_bytes(dtype_name, D, variant))
+    return out
 
 
 def fits(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True, dropout_p: float = 0.0) -> bool:
@@ -789,21 +914,26 @@ def forward(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True) -> tu
 
 
 def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None, causal: bool = True,
-             out: tuple = (None, None, None)) -> tuple:
+             out: tuple = (None, None, None), variant: str | None = None) -> tuple:
     """(dQ, dK, dV) in q's dtype for dL/dO = g (C-contiguous, q's dtype and shape), from forward's O and L;
-    each written into `out` where given (C-contiguous arrays of q's / k's shape)."""
+    each written into `out` where given (C-contiguous arrays of q's / k's shape). variant: a name in
+    BWD_VARIANTS (None: BWD_DEFAULT's for the dtype)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    dtype_name = backend.dtype_name(q.dtype)
+    V = _variant(dtype_name, variant)
     dq, dk, dv = (empty(a.shape, a.dtype) if d is None else d for d, a in zip(out, (q, k, v)))
     delta = empty((B, H, Tq), np.float32)
     m, ints, scale_log2 = _args(q, k, mask, causal)
     scale = np.float32(1.0 / math.sqrt(D))
-    kern = _kernels(backend.dtype_name(q.dtype), D)
-    fused = fused_dq(backend.dtype_name(q.dtype))
+    kern = _kernels(dtype_name, D, variant)
+    fused = fused_dq(dtype_name)
     dq_acc = empty(q.shape if fused else (0,), np.float32)   # float32 dQ sums (zeroed by the delta kernel)
     kern["delta"]((-(-(B * H * Tq) // 4),), (128,), (g, o, delta, dq_acc, np.int32(B * H * Tq)))
-    kern["dkdv"](
-        (-(-Tk // BLOCK), B * H), (128,), (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale))
+    kblocks = -(-Tk // (16 * V.warps))
+    kern["dkdv"]((B * H, kblocks) if V.heavy_first else (kblocks, B * H), (32 * V.warps,),
+                 (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale),
+                 shared_mem=dkdv_smem_bytes(dtype_name, D, variant))
     if fused:
         kern["dq_convert"]((-(-dq.size // 256),), (256,), (dq_acc, dq, np.int64(dq.size), scale))
     else:
