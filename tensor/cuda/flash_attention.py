@@ -13,13 +13,17 @@ dropout_p > 0 tensor/cuda/attention.py keeps its cuBLAS path (which draws the re
              Out: O in the input dtype and L = m + log(l), the row log-sum-exp of the scaled scores
              (float32, (B, H, Tq)); a row with every key masked gives O = 0 and L = +inf (then P = 0
              in backward), the reference's P = 0 row.
-    backward (FA-2): Delta = rowsum(dO * O) (flash_bwd_delta); per block of 64 keys, a loop over
+    backward (FA-2): Delta = rowsum(dO * O) (flash_bwd_delta); per block of 64 (or 128) keys, a loop over
              query tiles recomputing P = exp(S / sqrt(D) - L): dV += P^T dO, dP = dO V^T,
              dS = P (dP - Delta), dK += dS^T Q / sqrt(D) (flash_bwd_dkdv). dQ = dS K / sqrt(D):
              16-bit types in the same loop (dS^T through shared memory, the tile's (N, D) product
              added by float32 atomics into a buffer that flash_bwd_delta zeroes, then cast by
              flash_bwd_dq_convert: summation order not deterministic); float32 by its own kernel per
              block of 64 queries recomputing S and dP over key tiles (flash_bwd_dq, deterministic).
+             The dK/dV kernel's tiles live in dynamic shared memory (dkdv_smem_bytes). Its builds
+             (BWD_VARIANTS: warps per block, dQ atomic width, grid order, stages, register bound, exp2,
+             and the Delta kernel's loads) are template parameters (BwdV, each trade stated there);
+             BWD_DEFAULT picks one per dtype (benchmarks/tune_flash.py times them all).
 
 Matrix products: 16-bit inputs use `mma.sync.aligned.m16n8k16` (inline PTX, float32 accumulation;
 P and dS are rounded to the input dtype before their product, as FlashAttention does); float32 uses
@@ -108,6 +112,8 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
 __device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
+// 2^x by the MUFU unit (ex2.approx.ftz.f32: ~2 ulp; -inf gives 0, results below 2^-126 flush to 0)
+__device__ __forceinline__ float fast_exp2(float x) { float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r; }
 // the block's dynamic shared memory (bytes as the launch gave them: dynamic_smem_size())
 #define FA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 __device__ __forceinline__ unsigned dynamic_smem_size() {
@@ -453,19 +459,39 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     }
 }
 
-// ---- backward 1: Delta = rowsum(dO * O), one warp per row; grid ceil(rows / 4), 128 threads; with
-// FUSED_DQ it also zeroes the row of the float32 dQ accumulator (rows, D) that flash_bwd_dkdv adds to
-template <class T, int D>
+// ---- backward 1: Delta = rowsum(dO * O); with FUSED_DQ it also zeroes the row of the float32 dQ
+// accumulator (rows, D) that flash_bwd_dkdv adds to. 128 threads; VEC false: one warp per row, one element
+// per lane at a time (grid ceil(rows / 4)); VEC true: 16 bytes per thread (R = D * sizeof(S) / 16 threads
+// a row, 128 / R rows per block, grid ceil(rows / (128 / R))): whole 16-byte loads and stores instead of
+// 2-byte ones, for a narrower shuffle reduction
+template <class T, int D, bool VEC>
 __global__ void __launch_bounds__(128) flash_bwd_delta(const typename T::S* __restrict__ go,
         const typename T::S* __restrict__ o, float* __restrict__ delta, float* __restrict__ dq_acc, int rows) {
-    const int r = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (r >= rows) return;   // warp-uniform
+    typedef typename T::S S;
+    constexpr int E = 16 / sizeof(S), R = VEC ? D / E : 32;   // elements per load, threads per row
+    const int r = blockIdx.x * (128 / R) + threadIdx.x / R, lane = threadIdx.x % R;
+    const bool in = r < rows;   // (no early return: every lane of the warp takes part in the shuffles)
     float s = 0.f;
-    for (int d = lane; d < D; d += 32) s += T::tof(go[(long long)r * D + d]) * T::tof(o[(long long)r * D + d]);
-    for (int w = 16; w > 0; w >>= 1) s += __shfl_xor_sync(FA_FULL, s, w);
+    if constexpr (VEC) {
+        if (in) {
+            __align__(16) S a[E], b[E];
+            copy16(a, go + (long long)r * D + lane * E);
+            copy16(b, o + (long long)r * D + lane * E);
+#pragma unroll
+            for (int e = 0; e < E; ++e) s += T::tof(a[e]) * T::tof(b[e]);
+        }
+    } else if (in) {
+        for (int d = lane; d < D; d += 32) s += T::tof(go[(long long)r * D + d]) * T::tof(o[(long long)r * D + d]);
+    }
+    for (int w = R / 2; w > 0; w >>= 1) s += __shfl_xor_sync(FA_FULL, s, w);
+    if (!in) return;
     if (lane == 0) delta[r] = s;
-    if constexpr (T::FUSED_DQ)
-        for (int d = lane; d < D; d += 32) dq_acc[(long long)r * D + d] = 0.f;
+    if constexpr (T::FUSED_DQ) {
+        if constexpr (VEC)
+            for (int d = lane * 4; d < D; d += 4 * R) zero16(dq_acc + (long long)r * D + d);
+        else
+            for (int d = lane; d < D; d += 32) dq_acc[(long long)r * D + d] = 0.f;
+    }
 }
 
 // ---- backward 4 (FUSED_DQ): dQ = dq_acc / sqrt(D) in the dtype, one thread per element
@@ -481,7 +507,7 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const float* __restr
 // flash_bwd_delta) by atomics (no second recomputation of S and dP); 32 * V::WARPS threads; grid
 // (ceil(Tk / KB), B * H), or (B * H, ceil(Tk / KB)) with V::HEAVY_FIRST; dynamic shared memory of
 // dkdv_smem_bytes (flash_attention.py computes the same count; a launch with less traps)
-template <int WARPS_, int ATOM_, bool HEAVY_FIRST_, int STAGES_>
+template <int WARPS_, int ATOM_, bool HEAVY_FIRST_, int STAGES_, int MIN_BLOCKS_, bool FAST_EXP_>
 struct BwdV {
     // 4: 64 keys per block (128 threads); 8: 128 keys (256 threads): each query tile's Q/dO loads and
     // fused-dQ atomics serve twice the keys (half the global traffic and atomics per key), for twice
@@ -498,6 +524,13 @@ struct BwdV {
     // query-tile stages: 2 = the next tile's cp.async in flight during this one's products (more shared
     // memory, fewer blocks per SM); 1 = load then compute; 0 = 2 where the total fits 48 KiB, else 1
     static constexpr int STAGES = STAGES_;
+    // blocks per SM the compiler must fit (__launch_bounds__' second argument; 0: no bound): 3 blocks of 4
+    // warps cap registers at 168 (12 warps per SM to hide the mma/ldmatrix latencies instead of 8), at the
+    // price of spills where the kernel needs more
+    static constexpr int MIN_BLOCKS = MIN_BLOCKS_;
+    // P = 2^x by ex2.approx.ftz (one MUFU op; results below 2^-126 flushed to 0) instead of exp2f's
+    // denormal-safe sequence
+    static constexpr bool FAST_EXP = FAST_EXP_;
 };
 template <class T, int D, int N, class V>
 struct DkdvSmem {
@@ -510,7 +543,7 @@ struct DkdvSmem {
     static_assert(BYTES <= 227 * 1024, "flash_bwd_dkdv: shared memory");
 };
 template <class T, int D, int N, class V>
-__global__ void __launch_bounds__(32 * V::WARPS) flash_bwd_dkdv(const typename T::S* __restrict__ q,
+__global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(const typename T::S* __restrict__ q,
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
         const typename T::S* __restrict__ go, const float* __restrict__ lse, const float* __restrict__ delta,
         typename T::S* __restrict__ dk, typename T::S* __restrict__ dv, float* __restrict__ dq_acc, int H, int Tq,
@@ -587,7 +620,8 @@ __global__ void __launch_bounds__(32 * V::WARPS) flash_bwd_dkdv(const typename T
             for (int e = 0; e < 4; ++e) {
                 const int j = key0 + g + 8 * (e >> 1), c = nt * 8 + 2 * t + (e & 1), i = q0 + c;
                 const float p = full || (i < Tq && fa_allowed(i, j, Tk, off, causal, mrow))
-                                ? exp2f(st[nt][e] * scale_log2 - sL[cur][c]) : 0.f;
+                                ? (V::FAST_EXP ? fast_exp2(st[nt][e] * scale_log2 - sL[cur][c])
+                                               : exp2f(st[nt][e] * scale_log2 - sL[cur][c])) : 0.f;
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - sD[cur][c]);   // dS^T (times sqrt(D) at the end)
             }
@@ -784,13 +818,18 @@ def tile(dtype_name: str, D: int, backward: bool) -> int:
 
 
 class BwdVariant(NamedTuple):
-    """One build of the dK/dV kernel (BwdV in _SOURCE, where each field's trade is stated): warps per block
-    (4: 64 keys, 8: 128 keys), the fused dQ's atomic width (1, 2, 4 floats; 16-bit types only),
-    heavy_first (grid (B * H, key blocks)), query-tile stages (0: 2 where 48 KiB hold them, else 1)."""
+    """One build of the backward (BwdV and flash_bwd_delta in _SOURCE, where each field's trade is stated):
+    warps per dK/dV block (4: 64 keys, 8: 128 keys), the fused dQ's atomic width (1, 2, 4 floats; 16-bit
+    types only), heavy_first (grid (B * H, key blocks)), query-tile stages (0: 2 where 48 KiB hold them,
+    else 1), min_blocks per SM for the register bound (0: none), fast_exp (ex2.approx.ftz), and
+    delta_vec (the Delta kernel's 16-byte loads)."""
     warps: int = 4
     atom: int = 1
     heavy_first: bool = False
     stages: int = 0
+    min_blocks: int = 0
+    fast_exp: bool = False
+    delta_vec: bool = False
 
 
 # the backward's builds, by name; BWD_DEFAULT picks one per dtype (benchmarks/tune_flash.py times them all)
@@ -804,6 +843,9 @@ BWD_VARIANTS = {
     "w8_vec2": BwdVariant(warps=8, atom=2, stages=2),
     "w8_vec2_heavy": BwdVariant(warps=8, atom=2, heavy_first=True, stages=2),
     "w8_vec4_heavy": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2),
+    "occ3_vec2": BwdVariant(atom=2, min_blocks=3),   # 4 warps, registers capped for 3 blocks per SM
+    "vec2_heavy_fast": BwdVariant(atom=2, heavy_first=True, fast_exp=True, delta_vec=True),
+    "w8_vec4_heavy_fast": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2, fast_exp=True, delta_vec=True),
 }
 BWD_DEFAULT = {"float32": "base", "float16": "base", "bfloat16": "base"}
 
@@ -833,8 +875,9 @@ def kernel_names(dtype_name: str, D: int, variant: str | None = None) -> dict:
     {"fwd", "delta", "dkdv", "dq" or "dq_convert"} -> name expression."""
     tr, nf, nb = TRAITS[dtype_name], tile(dtype_name, D, False), tile(dtype_name, D, True)
     V = _variant(dtype_name, variant)
-    bv = f"BwdV<{V.warps},{V.atom},{str(V.heavy_first).lower()},{V.stages}>"
-    names = {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D}>",
+    b = {True: "true", False: "false"}
+    bv = f"BwdV<{V.warps},{V.atom},{b[V.heavy_first]},{V.stages},{V.min_blocks},{b[V.fast_exp]}>"
+    names = {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D},{b[V.delta_vec]}>",
              "dkdv": f"flash_bwd_dkdv<{tr},{D},{nb},{bv}>"}
     if fused_dq(dtype_name):
         names["dq_convert"] = f"flash_bwd_dq_convert<{tr},{D}>"
@@ -868,8 +911,10 @@ def _kernels(dtype_name: str, D: int, variant: str | None = None) -> dict:
     """The kernels of kernel_names, compiled at their first use: one module per dtype and head size, and one
     per backward variant for its dK/dV kernel."""
     names = kernel_names(dtype_name, D, variant)
-    out = dict(_module(tuple((key, n) for key, n in names.items() if key != "dkdv")))
-    out["dkdv"] = _allow_smem(_module((("dkdv", names["dkdv"]),))["dkdv"], dkdv_smem_bytes(dtype_name, D, variant))
+    own = ("dkdv", "delta")   # the variant's own module
+    out = dict(_module(tuple((key, n) for key, n in names.items() if key not in own)))
+    out.update(_module(tuple((key, names[key]) for key in own)))
+    out["dkdv"] = _allow_smem(out["dkdv"], dkdv_smem_bytes(dtype_name, D, variant))
     return out
 
 
@@ -929,7 +974,8 @@ def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None,
     kern = _kernels(dtype_name, D, variant)
     fused = fused_dq(dtype_name)
     dq_acc = empty(q.shape if fused else (0,), np.float32)   # float32 dQ sums (zeroed by the delta kernel)
-    kern["delta"]((-(-(B * H * Tq) // 4),), (128,), (g, o, delta, dq_acc, np.int32(B * H * Tq)))
+    rows_per_block = 128 // (D * q.dtype.itemsize // 16) if V.delta_vec else 4
+    kern["delta"]((-(-(B * H * Tq) // rows_per_block),), (128,), (g, o, delta, dq_acc, np.int32(B * H * Tq)))
     kblocks = -(-Tk // (16 * V.warps))
     kern["dkdv"]((B * H, kblocks) if V.heavy_first else (kblocks, B * H), (32 * V.warps,),
                  (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale),
