@@ -4,7 +4,10 @@ round-to-nearest-even, and the m16n8k16 tensor-core product computed lane by lan
 fragment layouts (cuda_emulation.FRAGMENT_HOST). Forward (O and the row log-sum-exp) and backward
 (dQ, dK, dV) against tensor/attention.py's reference formulas in float64 on the same rounded inputs:
 ragged tiles, one query, Tq < Tk, causal and not, a key-padding mask with fully masked rows, D = 32,
-64, 128, each dtype. tests/test_gpu_flash.py checks the same on a GPU. Skipped without a C++ compiler."""
+64, 128, each dtype; every backward build (FA.BWD_VARIANTS: 128-key blocks, red.v2/v4 dQ reductions,
+heavy-first grid, stages, register bound, fast exp2, vector Delta) on a subset, with the dK/dV kernel's
+dynamic shared memory checked against the kernel's own count. tests/test_gpu_flash.py checks the same on a
+GPU. Skipped without a C++ compiler."""
 from __future__ import annotations
 
 import ctypes
