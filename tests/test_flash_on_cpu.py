@@ -25,9 +25,12 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32), ("float32", 128)]
 TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-5}   # max |error| / max(max |reference|, 1)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-# backward variants (FA.BWD_VARIANTS) run on these combos; the rest run BWD_DEFAULT's only
-VARIANT_COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32)]
-_NAMES = sorted({n for dt, D in COMBOS for v in (FA.BWD_VARIANTS if (dt, D) in VARIANT_COMBOS else [None])
+# backward variants (FA.BWD_VARIANTS): every one on the bfloat16 combos, the two that switch every option
+# on at 4 and 8 warps on the others listed; the rest run BWD_DEFAULT's only
+ALL_ON = ["vec2_heavy_fast", "w8_vec4_heavy_fast"]
+VARIANTS = {("bfloat16", 32): list(FA.BWD_VARIANTS), ("bfloat16", 64): list(FA.BWD_VARIANTS),
+            ("bfloat16", 128): list(FA.BWD_VARIANTS), ("float16", 64): ALL_ON, ("float32", 32): ALL_ON}
+_NAMES = sorted({n for dt, D in COMBOS for v in [None] + VARIANTS.get((dt, D), [])
                  for n in FA.kernel_names(dt, D, v).values()})
 _SYMBOLS = {n: f"run_{i}" for i, n in enumerate(_NAMES)}   # name expression -> launcher
 _SMEM = {n: f"smem_{i}" for i, n in enumerate(_NAMES) if n.startswith("flash_bwd_dkdv<")}
@@ -131,11 +134,12 @@ def test_flash_equals_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, ma
     _check_case(dtype, D, B, H, Tq, Tk, causal, masked, None, emulated)
 
 
-@pytest.mark.parametrize("variant", sorted(set(FA.BWD_VARIANTS) - {"base"}))
-@pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked", VARIANT_CASES)
+@pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked,variant",
+                         [c + (v,) for c in VARIANT_CASES for v in VARIANTS[c[:2]] if v != FA.BWD_DEFAULT[c[0]]])
 def test_backward_variants_equal_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked, variant):
-    """Every build of the dK/dV kernel (FA.BWD_VARIANTS: 8 warps, vector atomics, heavy-first grid, stages)
-    on poisoned memory, the launch's dynamic shared memory exactly what the kernel counts."""
+    """The other builds of the backward (FA.BWD_VARIANTS: 8 warps, vector atomics, heavy-first grid, stages,
+    register bound, fast exp2, vector Delta) on poisoned memory, the launch's dynamic shared memory exactly
+    what the kernel counts."""
     _check_case(dtype, D, B, H, Tq, Tk, causal, masked, variant, emulated)
     name = FA.kernel_names(dtype, D, variant)["dkdv"]
     assert emulated[name].launches == 1
@@ -145,10 +149,16 @@ def test_dkdv_shared_memory_count_matches_the_kernel():
     """flash_attention.dkdv_smem_bytes (the launch's byte count) equals the kernel's DkdvSmem::BYTES for every
     compiled build (a launch with fewer bytes traps on the GPU)."""
     for dt, D in COMBOS:
-        for v in FA.BWD_VARIANTS if (dt, D) in VARIANT_COMBOS else [None]:
+        for v in [None] + VARIANTS.get((dt, D), []):
             fn = getattr(_lib, _SMEM[FA.kernel_names(dt, D, v)["dkdv"]])
             fn.restype = ctypes.c_int
             assert fn() == FA.dkdv_smem_bytes(dt, D, v), (dt, D, v)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="flash backward: variant 'nope'"):
+        FA.kernel_names("bfloat16", 64, "nope")
+    assert all(v in FA.BWD_VARIANTS for v in FA.BWD_DEFAULT.values())
 
 
 def _check_case(dtype, D, B, H, Tq, Tk, causal, masked, variant, emulated):
