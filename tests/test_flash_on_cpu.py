@@ -135,7 +135,7 @@ def test_flash_equals_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, ma
 
 
 @pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked,variant",
-                         [c + (v,) for c in VARIANT_CASES for v in VARIANTS[c[:2]] if v != FA.BWD_DEFAULT[c[0]]])
+                         [c + (v,) for c in VARIANT_CASES for v in VARIANTS[c[:2]] if v != FA.default_variant(*c[:2])])
 def test_backward_variants_equal_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked, variant):
     """The other builds of the backward (FA.BWD_VARIANTS: 8 warps, vector atomics, heavy-first grid, stages,
     register bound, fast exp2, vector Delta) on poisoned memory, the launch's dynamic shared memory exactly

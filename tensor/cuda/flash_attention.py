@@ -832,7 +832,8 @@ class BwdVariant(NamedTuple):
     delta_vec: bool = False
 
 
-# the backward's builds, by name; BWD_DEFAULT picks one per dtype (benchmarks/tune_flash.py times them all)
+# the backward's builds, by name; BWD_DEFAULT picks one per dtype, or per (dtype, head size) where such a key
+# is present (benchmarks/tune_flash.py times them all)
 BWD_VARIANTS = {
     "base": BwdVariant(),                             # 64 keys per block, scalar atomics (the first build)
     "vec2": BwdVariant(atom=2),
@@ -850,8 +851,13 @@ BWD_VARIANTS = {
 BWD_DEFAULT = {"float32": "base", "float16": "base", "bfloat16": "base"}
 
 
-def _variant(dtype_name: str, variant: str | None) -> BwdVariant:
-    name = BWD_DEFAULT[dtype_name] if variant is None else variant
+def default_variant(dtype_name: str, D: int) -> str:
+    """BWD_DEFAULT's backward build for this dtype and head size."""
+    return BWD_DEFAULT.get((dtype_name, D), BWD_DEFAULT[dtype_name])
+
+
+def _variant(dtype_name: str, D: int, variant: str | None) -> BwdVariant:
+    name = default_variant(dtype_name, D) if variant is None else variant
     if name not in BWD_VARIANTS:
         raise ValueError(f"flash backward: variant {name!r}, expected one of {sorted(BWD_VARIANTS)}")
     return BWD_VARIANTS[name]
@@ -861,7 +867,7 @@ def dkdv_smem_bytes(dtype_name: str, D: int, variant: str | None = None) -> int:
     """Dynamic shared memory of the dK/dV kernel (the count of DkdvSmem in _SOURCE: ST stages of the (N, D)
     Q and dO tiles, K and dS^T of the block's keys with the fused dQ, rows padded by 8; then ST * N
     float32 L and Delta); the kernel traps when launched with less."""
-    V, N, pad = _variant(dtype_name, variant), tile(dtype_name, D, True), 8
+    V, N, pad = _variant(dtype_name, D, variant), tile(dtype_name, D, True), 8
     item = 4 if dtype_name == "float32" else 2
     fk, fn = (16 * V.warps, N) if fused_dq(dtype_name) else (1, 1)
 
@@ -874,7 +880,7 @@ def kernel_names(dtype_name: str, D: int, variant: str | None = None) -> dict:
     """The four kernels of one dtype, head size and backward variant (None: BWD_DEFAULT's):
     {"fwd", "delta", "dkdv", "dq" or "dq_convert"} -> name expression."""
     tr, nf, nb = TRAITS[dtype_name], tile(dtype_name, D, False), tile(dtype_name, D, True)
-    V = _variant(dtype_name, variant)
+    V = _variant(dtype_name, D, variant)
     b = {True: "true", False: "false"}
     bv = f"BwdV<{V.warps},{V.atom},{b[V.heavy_first]},{V.stages},{V.min_blocks},{b[V.fast_exp]}>"
     names = {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D},{b[V.delta_vec]}>",
@@ -962,11 +968,11 @@ def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None,
              out: tuple = (None, None, None), variant: str | None = None) -> tuple:
     """(dQ, dK, dV) in q's dtype for dL/dO = g (C-contiguous, q's dtype and shape), from forward's O and L;
     each written into `out` where given (C-contiguous arrays of q's / k's shape). variant: a name in
-    BWD_VARIANTS (None: BWD_DEFAULT's for the dtype)."""
+    BWD_VARIANTS (None: default_variant's)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dtype_name = backend.dtype_name(q.dtype)
-    V = _variant(dtype_name, variant)
+    V = _variant(dtype_name, D, variant)
     dq, dk, dv = (empty(a.shape, a.dtype) if d is None else d for d, a in zip(out, (q, k, v)))
     delta = empty((B, H, Tq), np.float32)
     m, ints, scale_log2 = _args(q, k, mask, causal)
