@@ -25,11 +25,20 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32), ("float32", 128)]
 TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-5}   # max |error| / max(max |reference|, 1)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-# backward variants (FA.BWD_VARIANTS): every one on the bfloat16 combos, the two that switch every option
-# on at 4 and 8 warps on the others listed; the rest run BWD_DEFAULT's only
+# backward variants (FA.BWD_VARIANTS) beyond BWD_DEFAULT's, on a few cases each (ALL_ON: the two builds that
+# switch every option on, at 4 and 8 warps)
 ALL_ON = ["vec2_heavy_fast", "w8_vec4_heavy_fast"]
-VARIANTS = {("bfloat16", 32): list(FA.BWD_VARIANTS), ("bfloat16", 64): list(FA.BWD_VARIANTS),
-            ("bfloat16", 128): list(FA.BWD_VARIANTS), ("float16", 64): ALL_ON, ("float32", 32): ALL_ON}
+EVERY_OPTION = ["w8_vec2", "vec4", "vec2_heavy_st2", "occ3_vec2"] + ALL_ON   # each option on at least once
+VARIANT_CASES = [  # a case, and the builds it runs (the emulation's threads make each run seconds)
+    (("bfloat16", 64, 1, 1, 130, 130, True, False), EVERY_OPTION),   # two 128-key blocks, three of 64, ragged
+    (("bfloat16", 32, 2, 1, 40, 70, True, True), ALL_ON + ["w8", "heavy"]),   # Tq < Tk, padding mask
+    (("bfloat16", 128, 1, 1, 40, 40, False, False), list(FA.BWD_VARIANTS)),  # D=128: query tiles of 32
+    (("float16", 64, 1, 1, 33, 33, False, True), ALL_ON),   # not causal, masked
+    (("float32", 32, 1, 1, 17, 17, True, False), ALL_ON),   # float32: the separate dQ kernel
+]
+VARIANTS = {}   # (dtype, D) -> the builds compiled
+for (dt, D, *_), vs in VARIANT_CASES:
+    VARIANTS.setdefault((dt, D), []).extend(vs)
 _NAMES = sorted({n for dt, D in COMBOS for v in [None] + VARIANTS.get((dt, D), [])
                  for n in FA.kernel_names(dt, D, v).values()})
 _SYMBOLS = {n: f"run_{i}" for i, n in enumerate(_NAMES)}   # name expression -> launcher
@@ -120,22 +129,13 @@ CASES = [  # dtype, D, B, H, Tq, Tk, causal, masked
 ]
 
 
-VARIANT_CASES = [
-    ("bfloat16", 64, 1, 1, 130, 130, True, False),   # two 128-key blocks (8 warps), three 64-key blocks, ragged
-    ("bfloat16", 32, 2, 1, 40, 70, True, True),      # Tq < Tk with a padding mask
-    ("float16", 64, 1, 1, 33, 33, False, True),      # not causal, masked
-    ("bfloat16", 128, 1, 1, 40, 40, False, False),   # D=128: query tiles of 32 (the fused dQ's split)
-    ("float32", 32, 1, 1, 17, 17, True, False),      # float32: the separate dQ kernel
-]
-
-
 @pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked", CASES)
 def test_flash_equals_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked):
     _check_case(dtype, D, B, H, Tq, Tk, causal, masked, None, emulated)
 
 
 @pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked,variant",
-                         [c + (v,) for c in VARIANT_CASES for v in VARIANTS[c[:2]] if v != FA.default_variant(*c[:2])])
+                         [c + (v,) for c, vs in VARIANT_CASES for v in vs if v != FA.default_variant(*c[:2])])
 def test_backward_variants_equal_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked, variant):
     """The other builds of the backward (FA.BWD_VARIANTS: 8 warps, vector atomics, heavy-first grid, stages,
     register bound, fast exp2, vector Delta) on poisoned memory, the launch's dynamic shared memory exactly
