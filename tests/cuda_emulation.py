@@ -15,7 +15,8 @@ lane by lane from the documented fragment layouts (PTX ISA; groupID g = lane >> 
 every lane posts its A (a0..a3) and B (b0, b1) registers to a per-warp buffer, then computes its own
 c0..c3 (rows g, g+8, columns 2t, 2t+1) from the whole warp's registers; `ldmatrix` (.x4, .trans)
 likewise from the row addresses the warp's lanes post; cp.async copies queued per thread and performed
-at cp.async.wait_group (so a read before the wait sees poison); float atomicAdd under a mutex.
+at cp.async.wait_group (so a read before the wait sees poison); float atomicAdd and the vector reductions
+(red.global.add.v2/.v4.f32) under a mutex; dynamic shared memory one poisoned buffer of the launch's size.
 """
 from __future__ import annotations
 
@@ -61,8 +62,12 @@ static bool register_shared(void* p, size_t n) {
     shared_regions.emplace_back(p, n);
     return true;
 }
+// dynamic shared memory (extern __shared__): one buffer of the launch's byte count, poisoned likewise
+alignas(128) static unsigned char dynamic_smem[227 * 1024];
+static unsigned dynamic_smem_bytes = 0;
 static void poison_shared() {
     for (auto& r : shared_regions) std::memset(r.first, 0xff, r.second);
+    std::memset(dynamic_smem, 0xff, dynamic_smem_bytes);
 }
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
@@ -89,8 +94,9 @@ static float __shfl_sync(unsigned, float v, int src) {
     pthread_barrier_wait(&warp_bar[w]);
     return r;
 }
-static void launch(Dim grid, Dim block, const std::function<void()>& body) {
-    gridDim = grid; blockDim = block;
+static void launch(Dim grid, Dim block, const std::function<void()>& body, unsigned smem = 0) {
+    if (smem > sizeof(dynamic_smem)) std::abort();   // beyond an sm_90 block's 227 KiB
+    gridDim = grid; blockDim = block; dynamic_smem_bytes = smem;
     for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
             blockIdx = Dim{bx, by, 0};
@@ -125,35 +131,37 @@ static int check_packed(const int* sizes, const int* kinds, std::index_sequence<
 }
 // 0 when launched; -1: wrong argument count; i > 0: argument i - 1 of the wrong size or kind
 template <class... A>
-static int launch_packed(void (*f)(A...), Dim grid, Dim block, int n, void* const* p, const int* sizes,
-                         const int* kinds) {
+static int launch_packed(void (*f)(A...), Dim grid, Dim block, unsigned smem, int n, void* const* p,
+                         const int* sizes, const int* kinds) {
     if (n != (int)sizeof...(A)) return -1;
     const int bad = check_packed<A...>(sizes, kinds, std::index_sequence_for<A...>{});
     if (bad) return bad;
-    launch(grid, block, [=] { call_packed(f, p, std::index_sequence_for<A...>{}); });
+    launch(grid, block, [=] { call_packed(f, p, std::index_sequence_for<A...>{}); }, smem);
     return 0;
 }
 """
 
 
 def packed_launcher(name: str, kernel: str) -> str:
-    """extern "C" int name(gx, gy, gz, bx, by, bz, n, args, sizes, kinds): `kernel` (a name expression)
-    launched the way CuPy launches it; see EmulatedKernel."""
+    """extern "C" int name(gx, gy, gz, bx, by, bz, smem, n, args, sizes, kinds): `kernel` (a name expression)
+    launched the way CuPy launches it (smem: bytes of dynamic shared memory); see EmulatedKernel."""
     return (f'extern "C" int {name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, '
-            f'int n, void* const* p, const int* sizes, const int* kinds) {{\n'
-            f'    return launch_packed(&{kernel}, Dim{{gx, gy, gz}}, Dim{{bx, by, bz}}, n, p, sizes, kinds);\n}}\n')
+            f'unsigned smem, int n, void* const* p, const int* sizes, const int* kinds) {{\n'
+            f'    return launch_packed(&{kernel}, Dim{{gx, gy, gz}}, Dim{{bx, by, bz}}, smem, n, p, sizes, kinds);\n}}\n')
 
 
 class EmulatedKernel:
     """Stands in for a cupy.RawKernel: `kernel(grid, block, args)` packs each argument as CuPy would
     (a NumPy array: its data pointer; np.int32 / np.float32: 4 bytes; a Python int: 8-byte integer;
     a Python float: double) and runs it on the CPU, after checking the packed sizes and kinds against
-    the kernel's parameters and the grid against CUDA's limits (grid.y, grid.z <= 65535, 1024 threads)."""
+    the kernel's parameters and the grid against CUDA's limits (grid.y, grid.z <= 65535, 1024 threads,
+    dynamic shared memory up to max_dynamic_shared_size_bytes, which the caller sets above 48 KiB as on a GPU)."""
 
     def __init__(self, lib: ctypes.CDLL, symbol: str, name: str):
         self.fn, self.name = getattr(lib, symbol), name
         self.fn.restype = ctypes.c_int
         self.launches = 0
+        self.max_dynamic_shared_size_bytes = 48 * 1024   # as a CUDA function's default; set above to allow more
 
     def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
         import numpy as np
@@ -175,7 +183,10 @@ class EmulatedKernel:
             vals.append(v), sizes.append(ctypes.sizeof(v)), kinds.append(kind)
         n = len(vals)
         ptrs = (ctypes.c_void_p * n)(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-        r = self.fn(*(ctypes.c_uint(x) for x in grid + block), ctypes.c_int(n), ptrs, (ctypes.c_int * n)(*sizes),
+        if not 0 <= shared_mem <= self.max_dynamic_shared_size_bytes:
+            raise ValueError(f"{self.name}: {shared_mem} bytes of dynamic shared memory, the function allows "
+                             f"{self.max_dynamic_shared_size_bytes}")
+        r = self.fn(*(ctypes.c_uint(x) for x in grid + block), ctypes.c_uint(shared_mem), ctypes.c_int(n), ptrs, (ctypes.c_int * n)(*sizes),
                     (ctypes.c_int * n)(*kinds))
         if r == -1:
             raise TypeError(f"{self.name}: {n} arguments, not the kernel's count")
@@ -284,6 +295,24 @@ static inline float atomicAdd(float* p, float v) {
     *p = old + v;
     return old;
 }
+// red.global.add.v2/.v4.f32: each element added atomically (one lock for the vector; the operand
+// alignment the PTX demands checked)
+static inline void red_add_v2(float* p, float a, float b) {
+    if (((size_t)p) % 8) std::abort();
+    std::lock_guard<std::mutex> lock(atomic_mutex);
+    p[0] += a; p[1] += b;
+}
+static inline void red_add_v4(float* p, float a, float b, float c, float d) {
+    if (((size_t)p) % 16) std::abort();
+    std::lock_guard<std::mutex> lock(atomic_mutex);
+    p[0] += a; p[1] += b; p[2] += c; p[3] += d;
+}
+// ex2.approx.ftz.f32: the host's exp2f (the GPU's is within 2 ulp of it; neither's result is a test's)
+static inline float fast_exp2(float x) { return std::exp2(x); }
+// extern __shared__: the launch's buffer (HEADER's dynamic_smem) and its byte count
+#define FA_DYNAMIC_SMEM(name) unsigned char* name = dynamic_smem
+static inline unsigned dynamic_smem_size() { return dynamic_smem_bytes; }
+[[noreturn]] static inline void __trap() { std::abort(); }
 static inline void copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
 static inline void zero16(void* dst) { std::memset(dst, 0, 16); }
 """

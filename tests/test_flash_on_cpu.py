@@ -4,9 +4,13 @@ round-to-nearest-even, and the m16n8k16 tensor-core product computed lane by lan
 fragment layouts (cuda_emulation.FRAGMENT_HOST). Forward (O and the row log-sum-exp) and backward
 (dQ, dK, dV) against tensor/attention.py's reference formulas in float64 on the same rounded inputs:
 ragged tiles, one query, Tq < Tk, causal and not, a key-padding mask with fully masked rows, D = 32,
-64, 128, each dtype. tests/test_gpu_flash.py checks the same on a GPU. Skipped without a C++ compiler."""
+64, 128, each dtype; every backward build (FA.BWD_VARIANTS: 128-key blocks, red.v2/v4 dQ reductions,
+heavy-first grid, stages, register bound, fast exp2, vector Delta) on a subset, with the dK/dV kernel's
+dynamic shared memory checked against the kernel's own count. tests/test_gpu_flash.py checks the same on a
+GPU. Skipped without a C++ compiler."""
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numpy as np
@@ -21,9 +25,28 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 COMBOS = [("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 32), ("float32", 128)]
 TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-5}   # max |error| / max(max |reference|, 1)
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-_SYMBOLS = {(dt, D, key): f"run_{dt}_{D}_{key}" for dt, D in COMBOS for key in FA.kernel_names(dt, D)}
+# backward variants (FA.BWD_VARIANTS) beyond BWD_DEFAULT's, on a few cases each (ALL_ON: the two builds that
+# switch every option on, at 4 and 8 warps)
+ALL_ON = ["vec2_heavy_fast", "w8_vec4_heavy_fast"]
+EVERY_OPTION = ["w8_vec2", "vec4", "vec2_heavy_st2", "occ3_vec2"] + ALL_ON   # each option on at least once
+VARIANT_CASES = [  # a case, and the builds it runs (the emulation's threads make each run seconds)
+    (("bfloat16", 64, 1, 1, 130, 130, True, False), EVERY_OPTION),   # two 128-key blocks, three of 64, ragged
+    (("bfloat16", 32, 2, 1, 40, 70, True, True), ALL_ON + ["w8", "heavy"]),   # Tq < Tk, padding mask
+    (("bfloat16", 128, 1, 1, 40, 40, False, False), list(FA.BWD_VARIANTS)),  # D=128: query tiles of 32
+    (("float16", 64, 1, 1, 33, 33, False, True), ALL_ON),   # not causal, masked
+    (("float32", 32, 1, 1, 17, 17, True, False), ALL_ON),   # float32: the separate dQ kernel
+]
+VARIANTS = {}   # (dtype, D) -> the builds compiled
+for (dt, D, *_), vs in VARIANT_CASES:
+    VARIANTS.setdefault((dt, D), []).extend(vs)
+_NAMES = sorted({n for dt, D in COMBOS for v in [None] + VARIANTS.get((dt, D), [])
+                 for n in FA.kernel_names(dt, D, v).values()})
+_SYMBOLS = {n: f"run_{i}" for i, n in enumerate(_NAMES)}   # name expression -> launcher
+_SMEM = {n: f"smem_{i}" for i, n in enumerate(_NAMES) if n.startswith("flash_bwd_dkdv<")}
 _lib = build(FRAGMENT_HOST + FA._SOURCE,
-             "".join(packed_launcher(sym, FA.kernel_names(dt, D)[key]) for (dt, D, key), sym in _SYMBOLS.items()))
+             "".join(packed_launcher(sym, n) for n, sym in _SYMBOLS.items())
+             + "".join(f'extern "C" int {sym}() {{ return {n.replace("flash_bwd_dkdv<", "DkdvSmem<", 1)}::BYTES; }}\n'
+                       for n, sym in _SMEM.items()))
 pytestmark = pytest.mark.skipif(_lib is None, reason="needs a C++ compiler (g++)")
 GUARD = 64   # bytes of poison before and after every input
 
@@ -51,11 +74,9 @@ def emulated(monkeypatch):
     kernels run by the emulation and its allocations poisoned; yields the kernels (launch counts)."""
     kernels = {}
 
-    def fake_kernels(dtype_name, D):
-        return {key: kernels.setdefault((dtype_name, D, key), EmulatedKernel(
-            _lib, _SYMBOLS[(dtype_name, D, key)], FA.kernel_names(dtype_name, D)[key]))
-            for key in FA.kernel_names(dtype_name, D)}
-    monkeypatch.setattr(FA, "_kernels", fake_kernels)
+    def fake_module(names):
+        return {key: kernels.setdefault(n, EmulatedKernel(_lib, _SYMBOLS[n], n)) for key, n in names}
+    monkeypatch.setattr(FA, "_module", fake_module)
     monkeypatch.setattr(FA, "empty", poisoned)
     yield kernels
 
@@ -71,13 +92,13 @@ def _bf16_bits(x):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def flash(q, k, v, g, mask, causal, dtype):
-    """FA.forward then FA.backward on the emulated kernels: O, L, dQ, dK, dV as float64."""
+def flash(q, k, v, g, mask, causal, dtype, variant=None):
+    """FA.forward then FA.backward (its `variant`) on the emulated kernels: O, L, dQ, dK, dV as float64."""
     dt = DTYPES[dtype]
     qd, kd, vd, gd = (guarded(a.astype(dt)) for a in (q, k, v, g))
     md = None if mask is None else guarded(mask)
     o, lse = FA.forward(qd, kd, vd, md, causal)
-    grads = FA.backward(gd, qd, kd, vd, o, lse, md, causal)
+    grads = FA.backward(gd, qd, kd, vd, o, lse, md, causal, variant=variant)
     return [a.astype(np.float64) for a in (o, lse) + tuple(grads)]
 
 
@@ -110,6 +131,37 @@ CASES = [  # dtype, D, B, H, Tq, Tk, causal, masked
 
 @pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked", CASES)
 def test_flash_equals_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked):
+    _check_case(dtype, D, B, H, Tq, Tk, causal, masked, None, emulated)
+
+
+@pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked,variant",
+                         [c + (v,) for c, vs in VARIANT_CASES for v in vs if v != FA.default_variant(*c[:2])])
+def test_backward_variants_equal_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, masked, variant):
+    """The other builds of the backward (FA.BWD_VARIANTS: 8 warps, vector atomics, heavy-first grid, stages,
+    register bound, fast exp2, vector Delta) on poisoned memory, the launch's dynamic shared memory exactly
+    what the kernel counts."""
+    _check_case(dtype, D, B, H, Tq, Tk, causal, masked, variant, emulated)
+    name = FA.kernel_names(dtype, D, variant)["dkdv"]
+    assert emulated[name].launches == 1
+
+
+def test_dkdv_shared_memory_count_matches_the_kernel():
+    """flash_attention.dkdv_smem_bytes (the launch's byte count) equals the kernel's DkdvSmem::BYTES for every
+    compiled build (a launch with fewer bytes traps on the GPU)."""
+    for dt, D in COMBOS:
+        for v in [None] + VARIANTS.get((dt, D), []):
+            fn = getattr(_lib, _SMEM[FA.kernel_names(dt, D, v)["dkdv"]])
+            fn.restype = ctypes.c_int
+            assert fn() == FA.dkdv_smem_bytes(dt, D, v), (dt, D, v)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="flash backward: variant 'nope'"):
+        FA.kernel_names("bfloat16", 64, "nope")
+    assert all(v in FA.BWD_VARIANTS for v in FA.BWD_DEFAULT.values())
+
+
+def _check_case(dtype, D, B, H, Tq, Tk, causal, masked, variant, emulated):
     rng = np.random.default_rng(Tq * 1000 + Tk + D)
     dt = DTYPES[dtype]
     # inputs exactly representable in the dtype, so both sides see the same numbers
@@ -122,7 +174,7 @@ def test_flash_equals_the_reference(emulated, dtype, D, B, H, Tq, Tk, causal, ma
         mask[0, : min(4, Tk)] = False        # with causal: batch 0's first rows see no key at all
         if Tk == 1:
             mask[:] = False                  # the one key masked: O = 0, every gradient 0
-    got = flash(q, k, v, g, mask, causal, dtype)
+    got = flash(q, k, v, g, mask, causal, dtype, variant)
     want = reference(q, k, v, g, mask, causal)
     assert sum(kern.launches for kern in emulated.values()) == 4
     L, Lref = got.pop(1), want.pop(1)

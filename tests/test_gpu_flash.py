@@ -83,6 +83,70 @@ def test_flash_kernels_equal_the_reference(dtype: str, D: int, T: int, variant: 
     check(got, want, ("O", "dQ", "dK", "dV"), TOL[dtype])
 
 
+def _variants():
+    from tensor.cuda import flash_attention as FA
+    return sorted(FA.BWD_VARIANTS)
+
+
+@pytest.mark.parametrize("bwd", _variants())
+@pytest.mark.parametrize("dtype,D", [("bfloat16", 64), ("bfloat16", 128), ("float16", 32), ("float32", 64)])
+@pytest.mark.parametrize("T", [7, 200, 1024])
+@pytest.mark.parametrize("variant", ["causal", "masked"])
+def test_backward_variants_equal_the_reference(dtype: str, D: int, T: int, variant: str, bwd: str) -> None:
+    """Every build of the backward (FA.BWD_VARIANTS: 8 warps, vector atomics, heavy-first grid, stages,
+    register bound, fast exp2, vector Delta) against the reference, as the test above for the default."""
+    from tensor.cuda import flash_attention as FA
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(T * 11 + D)
+    B, H = (2, 3) if T <= 257 else (1, 2)
+    Tq = T if variant == "causal" else max(1, T // 2)
+    dt = _dtype(dtype)
+    host = [(rng.standard_normal((B, H, n, D)) * s).astype(dt) for n, s in ((Tq, 2.0), (T, 1.0), (T, 1.0))]
+    g = rng.standard_normal((B, H, Tq, D)).astype(dt)
+    mask = None
+    if variant == "masked":
+        mask = rng.random((B, T)) > 0.3
+        mask[0, : min(5, T)] = False
+    dev = [cp.asarray(a) for a in host]
+    dmask = None if mask is None else cp.asarray(mask)
+    o, lse = FA.forward(*dev, mask=dmask, causal=True)
+    grads = FA.backward(cp.asarray(g), *dev, o, lse, mask=dmask, causal=True, variant=bwd)
+    got = [cp.asnumpy(a).astype(np.float64) for a in (o,) + tuple(grads)]
+    want = _reference(*[a.astype(np.float64) for a in host], g.astype(np.float64), mask, True)
+    check(got, want, ("O", "dQ", "dK", "dV"), TOL[dtype])
+
+
+@pytest.mark.parametrize("bwd", _variants())
+def test_backward_variants_in_a_cuda_graph(bwd: str) -> None:
+    """Each backward build captured in a CUDA graph (dynamic shared memory, the grid orders) replays to the
+    eager result: same dK, dV bits (deterministic), dQ within atomics' reordering."""
+    from tensor.cuda import flash_attention as FA
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(2)
+    dt = _dtype("bfloat16")
+    q, k, v, g = (cp.asarray(rng.standard_normal((2, 2, 300, 64)).astype(dt)) for _ in range(4))
+    o, lse = FA.forward(q, k, v, causal=True)
+    want = [cp.asnumpy(a).astype(np.float64) for a in FA.backward(g, q, k, v, o, lse, causal=True, variant=bwd)]
+    out = tuple(cp.empty_like(a) for a in (q, k, v))
+    FA.backward(g, q, k, v, o, lse, causal=True, out=out, variant=bwd)   # compiled and allocated outside the capture
+    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()   # the graph's own temporaries
+    cp.cuda.Device().synchronize()
+    with stream, cp.cuda.using_allocator(pool.malloc):
+        stream.begin_capture()
+        try:
+            FA.backward(g, q, k, v, o, lse, causal=True, out=out, variant=bwd)
+        finally:
+            graph = stream.end_capture()
+        for a in out:
+            a.fill(0)
+        graph.launch()
+    stream.synchronize()
+    got = [cp.asnumpy(a).astype(np.float64) for a in out]
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-2, atol=2e-2)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_flash_not_causal_and_tq_above_tk(dtype: str) -> None:
     from tensor.cuda import flash_attention as FA

@@ -13,13 +13,17 @@ dropout_p > 0 tensor/cuda/attention.py keeps its cuBLAS path (which draws the re
              Out: O in the input dtype and L = m + log(l), the row log-sum-exp of the scaled scores
              (float32, (B, H, Tq)); a row with every key masked gives O = 0 and L = +inf (then P = 0
              in backward), the reference's P = 0 row.
-    backward (FA-2): Delta = rowsum(dO * O) (flash_bwd_delta); per block of 64 keys, a loop over
+    backward (FA-2): Delta = rowsum(dO * O) (flash_bwd_delta); per block of 64 (or 128) keys, a loop over
              query tiles recomputing P = exp(S / sqrt(D) - L): dV += P^T dO, dP = dO V^T,
              dS = P (dP - Delta), dK += dS^T Q / sqrt(D) (flash_bwd_dkdv). dQ = dS K / sqrt(D):
              16-bit types in the same loop (dS^T through shared memory, the tile's (N, D) product
              added by float32 atomics into a buffer that flash_bwd_delta zeroes, then cast by
              flash_bwd_dq_convert: summation order not deterministic); float32 by its own kernel per
              block of 64 queries recomputing S and dP over key tiles (flash_bwd_dq, deterministic).
+             The dK/dV kernel's tiles live in dynamic shared memory (dkdv_smem_bytes). Its builds
+             (BWD_VARIANTS: warps per block, dQ atomic width, grid order, stages, register bound, exp2,
+             and the Delta kernel's loads) are template parameters (BwdV, each trade stated there);
+             BWD_DEFAULT picks one per dtype (benchmarks/tune_flash.py times them all).
 
 Matrix products: 16-bit inputs use `mma.sync.aligned.m16n8k16` (inline PTX, float32 accumulation;
 P and dS are rounded to the input dtype before their product, as FlashAttention does); float32 uses
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -100,6 +104,20 @@ template <int n>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(n) : "memory"); }
 __device__ __forceinline__ void copy16(void* dst, const void* src) { *(uint4*)dst = *(const uint4*)src; }
 __device__ __forceinline__ void zero16(void* dst) { *(uint4*)dst = make_uint4(0u, 0u, 0u, 0u); }
+// float32 vector reductions into global memory (sm_90): p[0] += a, p[1] += b (8-byte aligned), and the
+// same for four floats (16-byte aligned); each element atomic, as atomicAdd, one instruction per vector
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(p), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+// 2^x by the MUFU unit (ex2.approx.ftz.f32: ~2 ulp; -inf gives 0, results below 2^-126 flush to 0)
+__device__ __forceinline__ float fast_exp2(float x) { float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r; }
+// the block's dynamic shared memory (bytes as the launch gave them: dynamic_smem_size())
+#define FA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+__device__ __forceinline__ unsigned dynamic_smem_size() {
+    unsigned r; asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r)); return r; }
 """
 
 _SOURCE = r"""
@@ -441,19 +459,39 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     }
 }
 
-// ---- backward 1: Delta = rowsum(dO * O), one warp per row; grid ceil(rows / 4), 128 threads; with
-// FUSED_DQ it also zeroes the row of the float32 dQ accumulator (rows, D) that flash_bwd_dkdv adds to
-template <class T, int D>
+// ---- backward 1: Delta = rowsum(dO * O); with FUSED_DQ it also zeroes the row of the float32 dQ
+// accumulator (rows, D) that flash_bwd_dkdv adds to. 128 threads; VEC false: one warp per row, one element
+// per lane at a time (grid ceil(rows / 4)); VEC true: 16 bytes per thread (R = D * sizeof(S) / 16 threads
+// a row, 128 / R rows per block, grid ceil(rows / (128 / R))): whole 16-byte loads and stores instead of
+// 2-byte ones, for a narrower shuffle reduction
+template <class T, int D, bool VEC>
 __global__ void __launch_bounds__(128) flash_bwd_delta(const typename T::S* __restrict__ go,
         const typename T::S* __restrict__ o, float* __restrict__ delta, float* __restrict__ dq_acc, int rows) {
-    const int r = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (r >= rows) return;   // warp-uniform
+    typedef typename T::S S;
+    constexpr int E = 16 / sizeof(S), R = VEC ? D / E : 32;   // elements per load, threads per row
+    const int r = blockIdx.x * (128 / R) + threadIdx.x / R, lane = threadIdx.x % R;
+    const bool in = r < rows;   // (no early return: every lane of the warp takes part in the shuffles)
     float s = 0.f;
-    for (int d = lane; d < D; d += 32) s += T::tof(go[(long long)r * D + d]) * T::tof(o[(long long)r * D + d]);
-    for (int w = 16; w > 0; w >>= 1) s += __shfl_xor_sync(FA_FULL, s, w);
+    if constexpr (VEC) {
+        if (in) {
+            __align__(16) S a[E], b[E];
+            copy16(a, go + (long long)r * D + lane * E);
+            copy16(b, o + (long long)r * D + lane * E);
+#pragma unroll
+            for (int e = 0; e < E; ++e) s += T::tof(a[e]) * T::tof(b[e]);
+        }
+    } else if (in) {
+        for (int d = lane; d < D; d += 32) s += T::tof(go[(long long)r * D + d]) * T::tof(o[(long long)r * D + d]);
+    }
+    for (int w = R / 2; w > 0; w >>= 1) s += __shfl_xor_sync(FA_FULL, s, w);
+    if (!in) return;
     if (lane == 0) delta[r] = s;
-    if constexpr (T::FUSED_DQ)
-        for (int d = lane; d < D; d += 32) dq_acc[(long long)r * D + d] = 0.f;
+    if constexpr (T::FUSED_DQ) {
+        if constexpr (VEC)
+            for (int d = lane * 4; d < D; d += 4 * R) zero16(dq_acc + (long long)r * D + d);
+        else
+            for (int d = lane; d < D; d += 32) dq_acc[(long long)r * D + d] = 0.f;
+    }
 }
 
 // ---- backward 4 (FUSED_DQ): dQ = dq_acc / sqrt(D) in the dtype, one thread per element
@@ -464,29 +502,66 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const float* __restr
     if (i < n) dq[i] = T::fromf(dq_acc[i] * scale);
 }
 
-// ---- backward 2: dK, dV for 64 keys per block (16 per warp), looping over query tiles of N; with
-// FUSED_DQ also dQ += dS K / sqrt(D) for each tile, added into dq_acc (float32, zeroed by
-// flash_bwd_delta) by atomics (no second recomputation of S and dP); grid (ceil(Tk / 64), B * H),
-// 128 threads
-template <class T, int D, int N>
-__global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __restrict__ q,
+// ---- backward 2: dK, dV for 16 * V::WARPS keys per block (16 per warp), looping over query tiles of N;
+// with FUSED_DQ also dQ += dS K / sqrt(D) for each tile, added into dq_acc (float32, zeroed by
+// flash_bwd_delta) by atomics (no second recomputation of S and dP); 32 * V::WARPS threads; grid
+// (ceil(Tk / KB), B * H), or (B * H, ceil(Tk / KB)) with V::HEAVY_FIRST; dynamic shared memory of
+// dkdv_smem_bytes (flash_attention.py computes the same count; a launch with less traps)
+template <int WARPS_, int ATOM_, bool HEAVY_FIRST_, int STAGES_, int MIN_BLOCKS_, bool FAST_EXP_>
+struct BwdV {
+    // 4: 64 keys per block (128 threads); 8: 128 keys (256 threads): each query tile's Q/dO loads and
+    // fused-dQ atomics serve twice the keys (half the global traffic and atomics per key), for twice
+    // the shared memory (K and dS^T of 128 keys) and half the blocks (a coarser causal tail)
+    static constexpr int WARPS = WARPS_;
+    // fused dQ's atomics: 1 = atomicAdd per float; 2 = red.global.add.v2.f32 (the two adjacent columns a
+    // lane holds: half the atomic instructions); 4 = red.v4 after one pair exchange with the lane t ^ 1
+    // (a quarter of the atomics, for two shuffles per 8 columns)
+    static constexpr int ATOM = ATOM_;
+    // grid (B * H, key blocks): blocks are dispatched in order of their linear index, so every head's
+    // first key blocks (causal: the most query tiles) start in the first wave and the short ones fill
+    // the tail; false: (key blocks, B * H), head after head
+    static constexpr bool HEAVY_FIRST = HEAVY_FIRST_;
+    // query-tile stages: 2 = the next tile's cp.async in flight during this one's products (more shared
+    // memory, fewer blocks per SM); 1 = load then compute; 0 = 2 where the total fits 48 KiB, else 1
+    static constexpr int STAGES = STAGES_;
+    // blocks per SM the compiler must fit (__launch_bounds__' second argument; 0: no bound): 3 blocks of 4
+    // warps cap registers at 168 (12 warps per SM to hide the mma/ldmatrix latencies instead of 8), at the
+    // price of spills where the kernel needs more
+    static constexpr int MIN_BLOCKS = MIN_BLOCKS_;
+    // P = 2^x by ex2.approx.ftz (one MUFU op; results below 2^-126 flushed to 0) instead of exp2f's
+    // denormal-safe sequence
+    static constexpr bool FAST_EXP = FAST_EXP_;
+};
+template <class T, int D, int N, class V>
+struct DkdvSmem {
+    static constexpr bool F = T::FUSED_DQ;
+    static constexpr int KB = 16 * V::WARPS, FK = F ? KB : 1, FN = F ? N : 1;   // FK, FN: the fused dQ's buffers
+    static constexpr int tiles(int st) { return (2 * st * N * (D + FA_PAD) + FK * (D + FA_PAD) + FK * (FN + FA_PAD)); }
+    static constexpr int bytes_for(int st) { return (tiles(st) * (int)sizeof(typename T::S) + 15) / 16 * 16 + 8 * st * N; }
+    static constexpr int ST = V::STAGES ? V::STAGES : (bytes_for(2) <= 48 * 1024 ? 2 : 1);
+    static constexpr int BYTES = bytes_for(ST), FLOATS_AT = BYTES - 8 * ST * N;   // L and Delta after the tiles
+    static_assert(BYTES <= 227 * 1024, "flash_bwd_dkdv: shared memory");
+};
+template <class T, int D, int N, class V>
+__global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(const typename T::S* __restrict__ q,
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
         const typename T::S* __restrict__ go, const float* __restrict__ lse, const float* __restrict__ delta,
         typename T::S* __restrict__ dk, typename T::S* __restrict__ dv, float* __restrict__ dq_acc, int H, int Tq,
         int Tk, int causal, int has_mask, float scale_log2, float scale) {
     typedef typename T::S S; typedef typename T::P P;
-    constexpr int FK = T::FUSED_DQ ? 64 : 1, FN = T::FUSED_DQ ? N : 1;   // the fused dQ's buffers
-    // query tiles (Q, dO, L, Delta) double-buffered (ST = 2: the next tile's cp.async in flight during
-    // this one's products) where two stages fit the 48 KiB of static shared memory, else one stage
-    constexpr int ST = (4 * N * (D + FA_PAD) + FK * (D + FA_PAD) + FK * (FN + FA_PAD)) * (int)sizeof(S)
-                       + 16 * N <= 48 * 1024 ? 2 : 1;
-    __shared__ __align__(16) S sQ[ST][N][D + FA_PAD];
-    __shared__ __align__(16) S sG[ST][N][D + FA_PAD];
-    __shared__ __align__(16) S sK[FK][D + FA_PAD];       // the block's keys (B operand of dS K)
-    __shared__ __align__(16) S sdS[FK][FN + FA_PAD];     // dS^T of the tile: rows = keys, columns = queries
-    __shared__ float sL[ST][N], sD[ST][N];
-    const int bh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int k0 = blockIdx.x * 64, key0 = k0 + warp * 16, off = Tk - Tq;
+    typedef DkdvSmem<T, D, N, V> M;
+    constexpr int ST = M::ST, KB = M::KB, FK = M::FK, FN = M::FN, W = V::WARPS;
+    FA_DYNAMIC_SMEM(smem);
+    if (dynamic_smem_size() < (unsigned)M::BYTES) __trap();   // the launch's byte count disagrees with M
+    S (*sQ)[N][D + FA_PAD] = reinterpret_cast<S (*)[N][D + FA_PAD]>(smem);   // [ST]: the query tile's Q
+    S (*sG)[N][D + FA_PAD] = sQ + ST;                                        // [ST]: its dO
+    S (*sK)[D + FA_PAD] = reinterpret_cast<S (*)[D + FA_PAD]>(sG + ST);      // [FK]: the block's keys (dS K)
+    S (*sdS)[FN + FA_PAD] = reinterpret_cast<S (*)[FN + FA_PAD]>(sK + FK);   // [FK]: dS^T, rows = keys
+    float (*sL)[N] = reinterpret_cast<float (*)[N]>(smem + M::FLOATS_AT);   // [ST]
+    float (*sD)[N] = sL + ST;                                                                                 // [ST]
+    const int bh = V::HEAVY_FIRST ? blockIdx.x : blockIdx.y, kblock = V::HEAVY_FIRST ? blockIdx.y : blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k0 = kblock * KB, key0 = k0 + warp * 16, off = Tk - Tq;
     const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
     RowFrags<T, D, T::CACHE && !T::FUSED_DQ> ka;   // with FUSED_DQ: K's fragments from sK by ldmatrix
@@ -545,7 +620,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
             for (int e = 0; e < 4; ++e) {
                 const int j = key0 + g + 8 * (e >> 1), c = nt * 8 + 2 * t + (e & 1), i = q0 + c;
                 const float p = full || (i < Tq && fa_allowed(i, j, Tk, off, causal, mrow))
-                                ? exp2f(st[nt][e] * scale_log2 - sL[cur][c]) : 0.f;
+                                ? (V::FAST_EXP ? fast_exp2(st[nt][e] * scale_log2 - sL[cur][c])
+                                               : exp2f(st[nt][e] * scale_log2 - sL[cur][c])) : 0.f;
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - sD[cur][c]);   // dS^T (times sqrt(D) at the end)
             }
@@ -574,14 +650,14 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
                 for (int h = 0; h < 2; ++h)
                     *(P*)&sdS[warp * 16 + g + 8 * h][nt * 8 + 2 * t] = T::pack(dpt[nt][2 * h], dpt[nt][2 * h + 1]);
             __syncthreads();
-            constexpr int MT = N / 16, NT = D / 8 / (4 / MT);   // m-tiles of the tile; n-tiles per warp
-            static_assert(4 % MT == 0 && NT % 2 == 0, "flash_bwd_dkdv: fused dQ split");
+            constexpr int MT = N / 16, NT = D / 8 / (W / MT);   // m-tiles of the tile; n-tiles per warp
+            static_assert(W % MT == 0 && NT % 2 == 0, "flash_bwd_dkdv: fused dQ split");
             const int mt = warp % MT, nb = (warp / MT) * NT, i = lane >> 3, r = lane & 7;
             float dqa[NT][4];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) dqa[nt][0] = dqa[nt][1] = dqa[nt][2] = dqa[nt][3] = 0.f;
 #pragma unroll
-            for (int kc = 0; kc < 4; ++kc) {   // 64 keys, 16 at a time
+            for (int kc = 0; kc < KB / 16; ++kc) {   // the block's keys, 16 at a time
                 P a[4];   // A = dS (queries x keys): the transposes of sdS's 8x8 blocks
                 ldsm_x4_trans(a, &sdS[kc * 16 + (i >> 1) * 8 + r][mt * 16 + (i & 1) * 8]);
 #pragma unroll
@@ -592,15 +668,34 @@ __global__ void __launch_bounds__(128) flash_bwd_dkdv(const typename T::S* __res
                     T::mma(dqa[nt + 1], a, bb[1]);
                 }
             }
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int qi = q0 + mt * 16 + g + 8 * h;
-                if (qi >= Tq) continue;
-                float* row = dq_acc + ((long long)bh * Tq + qi) * D + nb * 8 + 2 * t;
+            float* tile_acc = dq_acc + ((long long)bh * Tq + q0 + mt * 16) * D + nb * 8;   // (16, NT * 8) of D
+            if constexpr (V::ATOM == 4) {
+                // lanes t, t ^ 1 swap pairs: even t then holds row g, columns 4 (t / 2) .. + 3; odd t row g + 8
+                const bool even = (t & 1) == 0;
+                const int row = g + (even ? 0 : 8);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    atomicAdd(row + nt * 8, dqa[nt][2 * h]);
-                    atomicAdd(row + nt * 8 + 1, dqa[nt][2 * h + 1]);
+                    const float s0 = even ? dqa[nt][2] : dqa[nt][0], s1 = even ? dqa[nt][3] : dqa[nt][1];
+                    const float r0 = __shfl_xor_sync(FA_FULL, s0, 1), r1 = __shfl_xor_sync(FA_FULL, s1, 1);
+                    if (q0 + mt * 16 + row < Tq) {   // (after the exchange: every lane shuffles)
+                        float* p = tile_acc + (long long)row * D + nt * 8 + 4 * (t >> 1);
+                        if (even) red_add_v4(p, dqa[nt][0], dqa[nt][1], r0, r1);
+                        else red_add_v4(p, r0, r1, dqa[nt][2], dqa[nt][3]);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    if (q0 + mt * 16 + g + 8 * h >= Tq) continue;
+                    float* p = tile_acc + (long long)(g + 8 * h) * D + 2 * t;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        if constexpr (V::ATOM == 2) red_add_v2(p + nt * 8, dqa[nt][2 * h], dqa[nt][2 * h + 1]);
+                        else {
+                            atomicAdd(p + nt * 8, dqa[nt][2 * h]);
+                            atomicAdd(p + nt * 8 + 1, dqa[nt][2 * h + 1]);
+                        }
+                    }
                 }
             }
         }
@@ -722,11 +817,74 @@ def tile(dtype_name: str, D: int, backward: bool) -> int:
     return 64 if size < (256 if not backward else 129) else 32
 
 
-def kernel_names(dtype_name: str, D: int) -> dict:
-    """The four kernels of one dtype and head size: {"fwd", "delta", "dkdv", "dq"} -> name expression."""
+class BwdVariant(NamedTuple):
+    """One build of the backward (BwdV and flash_bwd_delta in _SOURCE, where each field's trade is stated):
+    warps per dK/dV block (4: 64 keys, 8: 128 keys), the fused dQ's atomic width (1, 2, 4 floats; 16-bit
+    types only), heavy_first (grid (B * H, key blocks)), query-tile stages (0: 2 where 48 KiB hold them,
+    else 1), min_blocks per SM for the register bound (0: none), fast_exp (ex2.approx.ftz), and
+    delta_vec (the Delta kernel's 16-byte loads)."""
+    warps: int = 4
+    atom: int = 1
+    heavy_first: bool = False
+    stages: int = 0
+    min_blocks: int = 0
+    fast_exp: bool = False
+    delta_vec: bool = False
+
+
+# the backward's builds, by name; BWD_DEFAULT picks one per dtype, or per (dtype, head size) where such a key
+# is present (benchmarks/tune_flash.py times them all)
+BWD_VARIANTS = {
+    "base": BwdVariant(),                             # 64 keys per block, scalar atomics (the first build)
+    "vec2": BwdVariant(atom=2),
+    "vec4": BwdVariant(atom=4),
+    "heavy": BwdVariant(heavy_first=True),
+    "vec2_heavy_st2": BwdVariant(atom=2, heavy_first=True, stages=2),
+    "w8": BwdVariant(warps=8, stages=2),              # 128 keys per block
+    "w8_vec2": BwdVariant(warps=8, atom=2, stages=2),
+    "w8_vec2_heavy": BwdVariant(warps=8, atom=2, heavy_first=True, stages=2),
+    "w8_vec4_heavy": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2),
+    "occ3_vec2": BwdVariant(atom=2, min_blocks=3),   # 4 warps, registers capped for 3 blocks per SM
+    "vec2_heavy_fast": BwdVariant(atom=2, heavy_first=True, fast_exp=True, delta_vec=True),
+    "w8_vec4_heavy_fast": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2, fast_exp=True, delta_vec=True),
+}
+BWD_DEFAULT = {"float32": "base", "float16": "base", "bfloat16": "base"}
+
+
+def default_variant(dtype_name: str, D: int) -> str:
+    """BWD_DEFAULT's backward build for this dtype and head size."""
+    return BWD_DEFAULT.get((dtype_name, D), BWD_DEFAULT[dtype_name])
+
+
+def _variant(dtype_name: str, D: int, variant: str | None) -> BwdVariant:
+    name = default_variant(dtype_name, D) if variant is None else variant
+    if name not in BWD_VARIANTS:
+        raise ValueError(f"flash backward: variant {name!r}, expected one of {sorted(BWD_VARIANTS)}")
+    return BWD_VARIANTS[name]
+
+
+def dkdv_smem_bytes(dtype_name: str, D: int, variant: str | None = None) -> int:
+    """Dynamic shared memory of the dK/dV kernel (the count of DkdvSmem in _SOURCE: ST stages of the (N, D)
+    Q and dO tiles, K and dS^T of the block's keys with the fused dQ, rows padded by 8; then ST * N
+    float32 L and Delta); the kernel traps when launched with less."""
+    V, N, pad = _variant(dtype_name, D, variant), tile(dtype_name, D, True), 8
+    item = 4 if dtype_name == "float32" else 2
+    fk, fn = (16 * V.warps, N) if fused_dq(dtype_name) else (1, 1)
+
+    def nbytes(st: int) -> int:
+        return -(-(2 * st * N * (D + pad) + fk * (D + pad) + fk * (fn + pad)) * item // 16) * 16 + 8 * st * N
+    return nbytes(V.stages or (2 if nbytes(2) <= 48 * 1024 else 1))
+
+
+def kernel_names(dtype_name: str, D: int, variant: str | None = None) -> dict:
+    """The four kernels of one dtype, head size and backward variant (None: BWD_DEFAULT's):
+    {"fwd", "delta", "dkdv", "dq" or "dq_convert"} -> name expression."""
     tr, nf, nb = TRAITS[dtype_name], tile(dtype_name, D, False), tile(dtype_name, D, True)
-    names = {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D}>",
-             "dkdv": f"flash_bwd_dkdv<{tr},{D},{nb}>"}
+    V = _variant(dtype_name, D, variant)
+    b = {True: "true", False: "false"}
+    bv = f"BwdV<{V.warps},{V.atom},{b[V.heavy_first]},{V.stages},{V.min_blocks},{b[V.fast_exp]}>"
+    names = {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D},{b[V.delta_vec]}>",
+             "dkdv": f"flash_bwd_dkdv<{tr},{D},{nb},{bv}>"}
     if fused_dq(dtype_name):
         names["dq_convert"] = f"flash_bwd_dq_convert<{tr},{D}>"
     else:
@@ -741,11 +899,29 @@ def fused_dq(dtype_name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(dtype_name: str, D: int) -> dict:
-    """One module per dtype and head size, compiled at its first use (NVRTC takes seconds per module)."""
-    names = kernel_names(dtype_name, D)
-    mod = cupy().RawModule(code=_PRIMITIVES + _SOURCE, options=("--std=c++17",), name_expressions=list(names.values()))
-    return {key: mod.get_function(n) for key, n in names.items()}
+def _module(names: tuple) -> dict:
+    """Kernels compiled together: {key: function} for the (key, name expression) pairs (NVRTC takes seconds
+    per module)."""
+    mod = cupy().RawModule(code=_PRIMITIVES + _SOURCE, options=("--std=c++17",), name_expressions=[n for _, n in names])
+    return {key: mod.get_function(n) for key, n in names}
+
+
+@functools.lru_cache(maxsize=None)
+def _allow_smem(kernel: Any, nbytes: int) -> Any:
+    """kernel, allowed nbytes of dynamic shared memory (CUDA's default limit is 48 KiB); once per kernel."""
+    kernel.max_dynamic_shared_size_bytes = nbytes
+    return kernel
+
+
+def _kernels(dtype_name: str, D: int, variant: str | None = None) -> dict:
+    """The kernels of kernel_names, compiled at their first use: one module per dtype and head size, and one
+    per backward variant for its dK/dV kernel."""
+    names = kernel_names(dtype_name, D, variant)
+    own = ("dkdv", "delta")   # the variant's own module
+    out = dict(_module(tuple((key, n) for key, n in names.items() if key not in own)))
+    out.update(_module(tuple((key, names[key]) for key in own)))
+    out["dkdv"] = _allow_smem(out["dkdv"], dkdv_smem_bytes(dtype_name, D, variant))
+    return out
 
 
 def fits(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True, dropout_p: float = 0.0) -> bool:
@@ -789,21 +965,27 @@ def forward(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True) -> tu
 
 
 def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None, causal: bool = True,
-             out: tuple = (None, None, None)) -> tuple:
+             out: tuple = (None, None, None), variant: str | None = None) -> tuple:
     """(dQ, dK, dV) in q's dtype for dL/dO = g (C-contiguous, q's dtype and shape), from forward's O and L;
-    each written into `out` where given (C-contiguous arrays of q's / k's shape)."""
+    each written into `out` where given (C-contiguous arrays of q's / k's shape). variant: a name in
+    BWD_VARIANTS (None: default_variant's)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    dtype_name = backend.dtype_name(q.dtype)
+    V = _variant(dtype_name, D, variant)
     dq, dk, dv = (empty(a.shape, a.dtype) if d is None else d for d, a in zip(out, (q, k, v)))
     delta = empty((B, H, Tq), np.float32)
     m, ints, scale_log2 = _args(q, k, mask, causal)
     scale = np.float32(1.0 / math.sqrt(D))
-    kern = _kernels(backend.dtype_name(q.dtype), D)
-    fused = fused_dq(backend.dtype_name(q.dtype))
+    kern = _kernels(dtype_name, D, variant)
+    fused = fused_dq(dtype_name)
     dq_acc = empty(q.shape if fused else (0,), np.float32)   # float32 dQ sums (zeroed by the delta kernel)
-    kern["delta"]((-(-(B * H * Tq) // 4),), (128,), (g, o, delta, dq_acc, np.int32(B * H * Tq)))
-    kern["dkdv"](
-        (-(-Tk // BLOCK), B * H), (128,), (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale))
+    rows_per_block = 128 // (D * q.dtype.itemsize // 16) if V.delta_vec else 4
+    kern["delta"]((-(-(B * H * Tq) // rows_per_block),), (128,), (g, o, delta, dq_acc, np.int32(B * H * Tq)))
+    kblocks = -(-Tk // (16 * V.warps))
+    kern["dkdv"]((B * H, kblocks) if V.heavy_first else (kblocks, B * H), (32 * V.warps,),
+                 (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale),
+                 shared_mem=dkdv_smem_bytes(dtype_name, D, variant))
     if fused:
         kern["dq_convert"]((-(-dq.size // 256),), (256,), (dq_acc, dq, np.int64(dq.size), scale))
     else:
