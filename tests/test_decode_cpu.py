@@ -67,6 +67,19 @@ def test_step_equals_forward_over_a_long_cache(B, ragged):
     step_vs_forward(small(seed=7, block_size=104), prompts(B, ragged, seed=7), steps=95)
 
 
+@pytest.mark.parametrize("B,ragged", [(2, False), (9, True)])
+def test_step_with_the_attention_split_over_two_threads_equals_forward(monkeypatch, B, ragged):
+    """The batch's second half on the worker thread (forced at any size): the same logits and caches."""
+    import tinygrad_lm.decode_cpu as DC
+    monkeypatch.setattr(DC, "SPLIT_ROWS_X_LENGTH", 1)
+    monkeypatch.setattr(DC, "_two_cores", lambda: True)
+    calls = []
+    real = DC.decode_attention
+    monkeypatch.setattr(DC, "decode_attention", lambda q, *a, **k: (calls.append(q.shape[0]), real(q, *a, **k))[1])
+    step_vs_forward(small(), prompts(B, ragged))
+    assert sorted(set(calls)) == sorted({B // 2, B - B // 2})   # only halves: every step was split
+
+
 def test_gelu_equals_the_tanh_form_without_warnings():
     """The step's GELU, a / (1 + exp(-2u)), equals 0.5 a (1 + tanh(u)) over the whole range,
     where exp overflows (a < ~-10) included, in float32 and float64."""

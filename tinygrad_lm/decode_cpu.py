@@ -22,7 +22,12 @@ shapes and allocating its output, around GEMVs of a few microseconds. Here, per 
   * GELU runs in place on the c_fc output (one temporary buffer, reused), as a / (1 + exp(-2u)):
     the tanh form's value with fewer passes (`gelu`);
   * the attention's scores go into one buffer preallocated for the generation, read and written
-    only over the filled part of the cache (tensor/cpu/attention.py: decode_attention).
+    only over the filled part of the cache (tensor/cpu/attention.py: decode_attention);
+  * with many rows and a long cache the attention is a stream over the whole cache (~75 MB a token
+    at batch 32, length 128, for the 6-layer 384-wide model) that one core reads at ~7 GB/s: then
+    the batch is split in two halves, the second on a worker thread (NumPy's matmul releases the
+    GIL), where two cores are ours (`CPUDecoder.attention`; measured in RESULTS.md: it pays from
+    rows x cache length ~4096 on, and costs more than it saves at batch 8).
 
 The products: one row (batch 1) as x @ W.T (OpenBLAS's GEMV); more rows as W @ x.T into a
 transposed buffer, copied back (tensor/cpu/reductions.py: gemm; OpenBLAS is faster in that order for
@@ -36,6 +41,9 @@ on the GPU, fast paths switched off (TINYGRAD_LM_FAST=0, `reference_only()`), mi
 from __future__ import annotations
 
 import math
+import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -46,6 +54,16 @@ from nn.rotary import rotate
 from tensor.cpu.attention import decode_attention
 from tensor.dispatch import fast_paths_enabled
 from tensor.ops.elementwise import GELU_K
+
+SPLIT_ROWS_X_LENGTH = 4096  # batch rows x cache length from which the attention runs on two threads
+
+
+def _two_cores() -> bool:
+    """Two cores are ours: the affinity allows two, and no thread count of 1 was asked for."""
+    if any(os.environ.get(k) == "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")):
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores >= 2
 
 
 def product(x: np.ndarray, w: np.ndarray, out: np.ndarray, spare: np.ndarray) -> None:
@@ -155,6 +173,11 @@ class CPUDecoder:
         self.wbuf = np.empty(max(int8), dt) if int8 else None  # int8 weights, converted per product
         max_len = caches[0].k.shape[2]
         self.scores = np.empty((B, self.H, 1, max_len), dt)  # one query's scores per head, then P
+        # a worker thread for the second half of the batch's attention (shut down with the decoder)
+        self.pool = ThreadPoolExecutor(max_workers=1) if B > 1 and B * max_len >= SPLIT_ROWS_X_LENGTH \
+            and _two_cores() else None
+        if self.pool is not None:
+            weakref.finalize(self, self.pool.shutdown, wait=False)
         self.bias = None  # 0 for real keys, -inf for the padding columns: (B, 1, 1, max_len)
         if pads.any():
             cols = np.arange(max_len)
@@ -224,6 +247,20 @@ class CPUDecoder:
             x += self.wpe[positions]
         return x
 
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, bias: Any,
+                  scores: np.ndarray) -> None:
+        """out = softmax(q K^T / sqrt(D) + bias) V over the filled cache; q (B, H, 1, D), k, v (B, H, L, D);
+        rows [h:] on the worker thread when the batch x length is large enough (`SPLIT_ROWS_X_LENGTH`)."""
+        B, L = q.shape[0], k.shape[2]
+        if self.pool is None or B * L < SPLIT_ROWS_X_LENGTH:
+            decode_attention(q, k, v, out, bias=bias, scores=scores)
+            return
+        h = B // 2
+        rest = self.pool.submit(decode_attention, q[h:], k[h:], v[h:], out[h:],
+                                bias=None if bias is None else bias[h:], scores=scores[h:])
+        decode_attention(q[:h], k[:h], v[:h], out[:h], bias=None if bias is None else bias[:h], scores=scores[:h])
+        rest.result()
+
     # ---------------------------------------------------------------- the step
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """tokens, positions (B,) ints (the new token of each row and its position) -> logits (B, V)."""
@@ -240,8 +277,8 @@ class CPUDecoder:
             cache.kv[:, :, :, L] = qkv[:, 1:].swapaxes(0, 1)   # k and v into the cache: one copy
             cache.length = L + 1
             bias = None if self.bias is None else self.bias[..., :L + 1]
-            decode_attention(qkv[:, 0, :, None, :], cache.k[:, :, :L + 1], cache.v[:, :, :L + 1],
-                             self.y.reshape(B, H, 1, D), bias=bias, scores=self.scores[..., :L + 1])
+            self.attention(qkv[:, 0, :, None, :], cache.k[:, :, :L + 1], cache.v[:, :, :L + 1],
+                           self.y.reshape(B, H, 1, D), bias, self.scores[..., :L + 1])
             x += self.linear(layer.attn_proj, self.y, self.proj)
             fc = self.linear(layer.c_fc, self.norm(layer.ln_2, x, self.h), self.fc)
             self.gelu(fc)
