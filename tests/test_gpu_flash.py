@@ -57,22 +57,29 @@ def check(got, want, names, tol: float) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("D", [32, 64, 128])
-@pytest.mark.parametrize("T", [1, 7, 64, 100, 257, 1024])
-@pytest.mark.parametrize("variant", ["causal", "masked"])
-def test_flash_kernels_equal_the_reference(dtype: str, D: int, T: int, variant: str) -> None:
-    from tensor.cuda import flash_attention as FA
-    cp = backend.cupy_module()
-    rng = np.random.default_rng(T * 7 + D)
+def _inputs(rng: np.random.Generator, dtype: str, D: int, T: int, variant: str) -> tuple:
+    """Host q, k, v (B, H, Tq|T, D), the output gradient g and the (B, T) key mask (None when causal only);
+    masked: Tq < Tk, the queries at the end, and batch 0's first keys masked (with causal, its first rows
+    may see no key)."""
     B, H = (2, 3) if T <= 257 else (1, 2)
-    Tq = T if variant == "causal" else max(1, T // 2)   # masked: Tq < Tk, queries at the end
+    Tq = T if variant == "causal" else max(1, T // 2)
     dt = _dtype(dtype)
     host = [(rng.standard_normal((B, H, n, D)) * s).astype(dt) for n, s in ((Tq, 2.0), (T, 1.0), (T, 1.0))]
     g = rng.standard_normal((B, H, Tq, D)).astype(dt)
     mask = None
     if variant == "masked":
         mask = rng.random((B, T)) > 0.3
-        mask[0, : min(5, T)] = False   # with causal: batch 0's first rows may see no key
+        mask[0, : min(5, T)] = False
+    return host, g, mask
+
+
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("T", [1, 7, 64, 100, 257, 1024])
+@pytest.mark.parametrize("variant", ["causal", "masked"])
+def test_flash_kernels_equal_the_reference(dtype: str, D: int, T: int, variant: str) -> None:
+    from tensor.cuda import flash_attention as FA
+    cp = backend.cupy_module()
+    host, g, mask = _inputs(np.random.default_rng(T * 7 + D), dtype, D, T, variant)
     dev = [cp.asarray(a) for a in host]
     dmask = None if mask is None else cp.asarray(mask)
     assert FA.fits(*dev, mask=dmask, causal=True)
@@ -97,16 +104,7 @@ def test_backward_variants_equal_the_reference(dtype: str, D: int, T: int, varia
     register bound, fast exp2, vector Delta) against the reference, as the test above for the default."""
     from tensor.cuda import flash_attention as FA
     cp = backend.cupy_module()
-    rng = np.random.default_rng(T * 11 + D)
-    B, H = (2, 3) if T <= 257 else (1, 2)
-    Tq = T if variant == "causal" else max(1, T // 2)
-    dt = _dtype(dtype)
-    host = [(rng.standard_normal((B, H, n, D)) * s).astype(dt) for n, s in ((Tq, 2.0), (T, 1.0), (T, 1.0))]
-    g = rng.standard_normal((B, H, Tq, D)).astype(dt)
-    mask = None
-    if variant == "masked":
-        mask = rng.random((B, T)) > 0.3
-        mask[0, : min(5, T)] = False
+    host, g, mask = _inputs(np.random.default_rng(T * 11 + D), dtype, D, T, variant)
     dev = [cp.asarray(a) for a in host]
     dmask = None if mask is None else cp.asarray(mask)
     o, lse = FA.forward(*dev, mask=dmask, causal=True)
