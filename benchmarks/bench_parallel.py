@@ -69,7 +69,9 @@ for d in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 CONFIGS = {"tiny": dict(n_layer=4, n_head=4, n_embd=128),
            "gpt-medium": dict(n_layer=6, n_head=6, n_embd=384),
-           "12L-768": dict(n_layer=12, n_head=12, n_embd=768)}
+           "12L-768": dict(n_layer=12, n_head=12, n_embd=768),
+           # GPT-2 small's body with 16 heads of 48, so that tp 8 divides the heads (12 does not)
+           "12L-768-16h": dict(n_layer=12, n_head=16, n_embd=768)}
 VOCAB = 65  # shakespeare-char
 BLOCK = 256  # the one-process sections' context (--block-size)
 
