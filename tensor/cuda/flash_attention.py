@@ -848,7 +848,8 @@ BWD_VARIANTS = {
     "vec2_heavy_fast": BwdVariant(atom=2, heavy_first=True, fast_exp=True, delta_vec=True),
     "w8_vec4_heavy_fast": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2, fast_exp=True, delta_vec=True),
 }
-BWD_DEFAULT = {"float32": "base", "float16": "base", "bfloat16": "base"}
+# chosen by benchmarks/tune_flash.py on the H200 (RESULTS.md): the fastest backward per head size
+BWD_DEFAULT = {"float32": "base", "float16": "occ3_vec2", "bfloat16": "occ3_vec2", ("float16", 128): "vec2_heavy_st2", ("bfloat16", 128): "vec2_heavy_st2"}
 
 
 def default_variant(dtype_name: str, D: int) -> str:
