@@ -251,14 +251,15 @@ class CPUDecoder:
                   scores: np.ndarray) -> None:
         """out = softmax(q K^T / sqrt(D) + bias) V over the filled cache; q (B, H, 1, D), k, v (B, H, L, D);
         rows [h:] on the worker thread when the batch x length is large enough (`SPLIT_ROWS_X_LENGTH`)."""
+        def rows(r: slice) -> None:
+            decode_attention(q[r], k[r], v[r], out[r], bias=None if bias is None else bias[r], scores=scores[r])
+
         B, L = q.shape[0], k.shape[2]
         if self.pool is None or B * L < SPLIT_ROWS_X_LENGTH:
-            decode_attention(q, k, v, out, bias=bias, scores=scores)
+            rows(slice(None))
             return
-        h = B // 2
-        rest = self.pool.submit(decode_attention, q[h:], k[h:], v[h:], out[h:],
-                                bias=None if bias is None else bias[h:], scores=scores[h:])
-        decode_attention(q[:h], k[:h], v[:h], out[:h], bias=None if bias is None else bias[:h], scores=scores[:h])
+        rest = self.pool.submit(rows, slice(B // 2, None))
+        rows(slice(B // 2))
         rest.result()
 
     # ---------------------------------------------------------------- the step

@@ -37,6 +37,15 @@ def empty(shape: Any, dtype: Any) -> Any:
     return cupy().ndarray(shape, dtype)
 
 
+GRID_THREADS = 256      # threads per block of a grid-stride elementwise kernel
+GRID_MAX_BLOCKS = 132 * 16  # H200: 132 SMs x 16 blocks; more items than the grid loop in its stride
+
+
+def grid_blocks(items: int) -> int:
+    """Blocks of GRID_THREADS for a grid-stride loop over `items` (one per thread), at most GRID_MAX_BLOCKS."""
+    return max(1, min(GRID_MAX_BLOCKS, -(-items // GRID_THREADS)))
+
+
 def threads(n: int) -> int:
     """Threads per block for a row of n items: a power of two in [32, 256]."""
     return int(min(256, max(32, 1 << (max(n, 1) - 1).bit_length())))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tensor import backend
-from tensor.cuda.common import CTYPE, FLOATS, cupy, empty, usable
+from tensor.cuda.common import CTYPE, FLOATS, GRID_THREADS, cupy, empty, grid_blocks, usable
 from tensor.ops.elementwise import Gelu
 
 GELU_KERNELS = r"""
@@ -68,9 +68,6 @@ __global__ void gelu_bwd(const T* __restrict__ x, const T* __restrict__ g, T* __
     if (t < n) dx[t] = (T)dgelu_f((float)x[t], (float)g[t]);
 }
 """
-_THREADS = 256
-_MAX_BLOCKS = 132 * 16   # H200: 132 SMs; more vectors than this loop in the grid stride
-
 
 def _targs(t: str, vector: bool) -> str:
     c = CTYPE[t]
@@ -94,8 +91,7 @@ def _launch(which: str, arrays: tuple, n: int) -> None:
     t = backend.dtype_name(arrays[0].dtype)
     vector = all(a.data.ptr % 16 == 0 for a in arrays)
     per = (4 if t == "float32" else 8) if vector else 1
-    blocks = max(1, min(_MAX_BLOCKS, -(-(n // per) // _THREADS)))
-    _kernel(f"gelu_{which}<{_targs(t, vector)}>")((blocks,), (_THREADS,), arrays + (np.int64(n),))
+    _kernel(f"gelu_{which}<{_targs(t, vector)}>")((grid_blocks(n // per),), (GRID_THREADS,), arrays + (np.int64(n),))
 
 
 def gelu_forward(x: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tensor import backend
-from tensor.cuda.common import CTYPE, cupy, empty, usable
+from tensor.cuda.common import CTYPE, GRID_THREADS, cupy, empty, grid_blocks, usable
 from tensor.ops.elementwise import Add
 
 ADD_WIDEN = r"""
@@ -43,8 +43,6 @@ __global__ void add_widen(const float* __restrict__ a, const B* __restrict__ b, 
 }
 """
 LOW = ("float16", "bfloat16")
-_THREADS = 256
-_MAX_BLOCKS = 132 * 8   # H200: 132 SMs; larger arrays loop in the grid stride
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,8 +63,8 @@ def add_widen(a: Any, b: Any) -> Any:
     if n:
         vector = a.data.ptr % 16 == 0 and y.data.ptr % 16 == 0 and b.data.ptr % 8 == 0
         v = 4 if vector else 1
-        blocks = max(1, min(_MAX_BLOCKS, -(-(n // v) // _THREADS)))
-        _kernel(f"add_widen<{CTYPE[backend.dtype_name(b.dtype)]},{v}>")((blocks,), (_THREADS,), (a, b, y, np.int64(n)))
+        _kernel(f"add_widen<{CTYPE[backend.dtype_name(b.dtype)]},{v}>")((grid_blocks(n // v),), (GRID_THREADS,),
+                                                                        (a, b, y, np.int64(n)))
     return y
 
 
@@ -88,7 +86,6 @@ class AddCUDA(Add):
         return widening_pair(a, b)
 
     def forward(self, a, b):
-        self.sa, self.sb = a.shape, b.shape
         return add_widen(a, b) if a.dtype == np.float32 else add_widen(b, a)
 
     def backward(self, g):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from tensor import backend
-from tensor.cuda.common import CTYPE, cupy
+from tensor.cuda.common import CTYPE, GRID_THREADS, cupy, empty, grid_blocks
 
 # SplitMix64's finaliser: the hash both kernels of this module draw their uniforms from
 _MIX64 = r"""
@@ -223,10 +223,9 @@ def _uniform_kernel() -> Any:
 def device_uniform(seed: int, shape: tuple) -> Any:
     """U[0, 1) float32 of `shape` on the GPU, a pure function of (seed, flat index): the draws behind
     dropout on CUDA (tensor/functional.py: uniform), made where they are used instead of on the host."""
-    u = cupy().ndarray(shape, np.float32)
+    u = empty(shape, np.float32)
     if u.size:
-        blocks = min(-(-u.size // 256), 65536)
-        _uniform_kernel()((blocks,), (256,), (u, np.uint64(seed), np.int64(u.size)))
+        _uniform_kernel()((grid_blocks(u.size),), (GRID_THREADS,), (u, np.uint64(seed), np.int64(u.size)))
     return u
 
 
