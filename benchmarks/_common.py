@@ -7,7 +7,6 @@ kernel), e.g.  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/be
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -133,16 +132,16 @@ def interleaved(fns: dict, min_time: float = 0.3, repeats: int = 9, warmup: int 
 
 
 def event_timer(sync: Callable[[], Any], event: Callable[[], Any], elapsed: Callable[[Any, Any], float],
-                rounds: int = 3, warmup: int = 3) -> Callable[..., float]:
-    """time_ms(fn, reps=20): a GPU call's milliseconds, the best of `rounds` rounds of `reps` calls between
-    two recorded events (after `warmup` calls). sync / event / elapsed: the library's device synchronise,
-    event factory and elapsed-ms, so CuPy and PyTorch are timed alike:
+                rounds: int = 3, warmup: int = 3, median: bool = False) -> Callable[..., float]:
+    """time_ms(fn, reps=20): a GPU call's milliseconds, the best (median=True: the median) of `rounds`
+    rounds of `reps` calls between two recorded events (after `warmup` calls). sync / event / elapsed: the
+    library's device synchronise, event factory and elapsed-ms, so CuPy and PyTorch are timed alike:
         event_timer(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time)
         event_timer(torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))"""
     def time_ms(fn: Callable[[], Any], reps: int = 20) -> float:
         for _ in range(warmup):
             fn()
-        best = math.inf
+        times = []
         for _ in range(rounds):
             sync()
             a, b = event(), event()
@@ -151,8 +150,8 @@ def event_timer(sync: Callable[[], Any], event: Callable[[], Any], elapsed: Call
                 fn()
             b.record()
             b.synchronize()
-            best = min(best, elapsed(a, b) / reps)
-        return best
+            times.append(elapsed(a, b) / reps)
+        return statistics.median(times) if median else min(times)
     return time_ms
 
 

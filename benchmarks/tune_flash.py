@@ -32,24 +32,6 @@ def flops(B: int, H: int, T: int, D: int) -> tuple:
     return fwd, 2.5 * fwd
 
 
-def median_ms(fn, reps: int, sync, event, elapsed, warmup: int = 2, inner: int = 4) -> float:
-    """Milliseconds per call: the median over reps rounds of `inner` calls queued between two CUDA events
-    (back to back, so the host's launch time hides behind the GPU's, as in a training step)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        a, b = event(), event()
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(elapsed(a, b) / inner)
-    return float(np.median(times))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15)
@@ -77,8 +59,12 @@ def main() -> None:
     with ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda j: FA._kernels("bfloat16", j[0], j[1]), jobs))
     compile_s = time.perf_counter() - t0
-    cu = (cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time)
-    th = (torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))
+    # ms per call: the median over --reps rounds of 4 calls queued between two CUDA events (back to back, so
+    # the host's launch time hides behind the GPU's, as in a training step), after 2 warm-up calls
+    cu_ms = C.event_timer(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time,
+                          rounds=args.reps, warmup=2, median=True)
+    th_ms = C.event_timer(torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True),
+                          lambda a, b: a.elapsed_time(b), rounds=args.reps, warmup=2, median=True)
     rows = []
     head = (f"{'variant':<16} {'B':>3} {'H':>3} {'T':>5} {'D':>4} | {'fwd ms':>7} {'bwd ms':>7} {'TF/s':>6} "
             f"{'bwd TF/s':>8} | {'sdpa fwd':>8} {'sdpa bwd':>8} {'TF/s':>6} | {'x sdpa':>6} {'bwd x':>6} | "
@@ -98,16 +84,16 @@ def main() -> None:
 
         def sdpa_both():
             return torch.autograd.grad(sdpa_fwd(), (tq, tk, tv), tg)
-        s_fwd = median_ms(sdpa_fwd, args.reps, *th)
-        s_all = median_ms(sdpa_both, args.reps, *th)
+        s_fwd = th_ms(sdpa_fwd, 4)
+        s_all = th_ms(sdpa_both, 4)
         torch.cuda.empty_cache()
-        fwd_ms = median_ms(lambda: FA.forward(q, k, v, None, True), args.reps, *cu)
+        fwd_ms = cu_ms(lambda: FA.forward(q, k, v, None, True), 4)
         o, lse = FA.forward(q, k, v, None, True)
         def f32(a):   # bfloat16 bits -> float32 on the GPU (integer ops only)
             return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         ref = [f32(a) for a in FA.backward(g, q, k, v, o, lse, None, True, variant=defaults[D])]
         for name in variants:
-            bwd_ms = median_ms(lambda: FA.backward(g, q, k, v, o, lse, None, True, variant=name), args.reps, *cu)
+            bwd_ms = cu_ms(lambda: FA.backward(g, q, k, v, o, lse, None, True, variant=name), 4)
             got = FA.backward(g, q, k, v, o, lse, None, True, variant=name)
             errs = [float(cp.abs(f32(a) - r).max()) for a, r in zip(got, ref)]
             total = fwd_ms + bwd_ms
