@@ -6,7 +6,8 @@ cut into consecutive non-overlapping windows of block_size (every val token pred
 up to --max-val-tokens), the mean cross-entropy over all of them; perplexity = exp(loss).
 Memory: bytes of the distinct weight arrays (nn.quant.weight_bytes). Disk: model.safetensors
 written by `export` with and without --quantize int8. Decode: generate() greedy, batch 1 and
-8, --new-tokens tokens from a one-token prompt, best of --repeats, float and int8 interleaved.
+8, --new-tokens tokens from a one-token prompt, best of --repeats, float and int8 interleaved; on the GPU
+through the CUDA-graph decoder (cuda_graph=True: a capture failure is an error, not a silent eager fallback).
 
     python -m tinygrad_lm train --preset shakespeare-char --out runs/demo      # ~2 min on 2 cores
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE taskset -c 0,1 python benchmarks/bench_int8.py --ckpt runs/demo
@@ -50,13 +51,14 @@ def val_loss(model, val: np.ndarray, block: int, batch: int, max_tokens: int | N
     return total / count, count
 
 
-def decode_tok_s(model, vocab: int, batch: int, n: int, repeats: int, sync, clock=time.perf_counter) -> float:
+def decode_tok_s(model, vocab: int, batch: int, n: int, repeats: int, sync, clock=time.perf_counter,
+                 cuda_graph: bool | None = None) -> float:
     prompt = np.random.default_rng(0).integers(0, vocab, (batch, 1))
-    generate(model, prompt, 4, temperature=0)  # warm-up (kernels compiled, caches touched)
+    generate(model, prompt, 4, temperature=0, cuda_graph=cuda_graph)  # warm-up (kernels compiled, caches touched)
     best = math.inf
     for _ in range(repeats):
         t0 = clock()
-        generate(model, prompt, n, temperature=0)
+        generate(model, prompt, n, temperature=0, cuda_graph=cuda_graph)
         sync()
         best = min(best, clock() - t0)
     return batch * n / best
@@ -112,12 +114,15 @@ def main() -> None:
     quality["ppl_change_pct"] = round(100 * (quality["int8"]["val_ppl"] / quality["float32"]["val_ppl"] - 1), 3)
     res["quality"] = quality
 
+    # on the GPU both decode through the CUDA-graph decoder; a model it cannot capture is an error, not a fallback
+    graph = True if args.device == "cuda" else None
+    res["cuda_graph"] = bool(graph)
     speed = {}
     for B in args.batches:
         row = {}
         for _ in range(2):  # interleaved: float, int8, float, int8 (best of each)
             for name, m in (("float32", fmodel), ("int8", qmodel)):
-                r = decode_tok_s(m, cfg.vocab_size, B, args.new_tokens, args.repeats, sync, clock)
+                r = decode_tok_s(m, cfg.vocab_size, B, args.new_tokens, args.repeats, sync, clock, graph)
                 row[f"{name}_tok_s"] = round(max(r, row.get(f"{name}_tok_s", 0.0)), 1)
         row["int8_vs_float32"] = round(row["int8_tok_s"] / row["float32_tok_s"], 3)
         speed[str(B)] = row
