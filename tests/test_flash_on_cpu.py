@@ -161,6 +161,44 @@ def test_unknown_variant_is_refused():
     assert all(v in FA.BWD_VARIANTS for v in FA.BWD_DEFAULT.values())
 
 
+@pytest.mark.parametrize("dtype,D,variant", [("bfloat16", 64, None), ("bfloat16", 32, "w8_vec4_heavy_fast"),
+                                             ("float32", 32, None)])
+def test_heads_read_and_written_in_place(emulated, dtype, D, variant):
+    """The fused op's layout (tensor/cuda/attention.py): q, k, v are views of one poisoned (B, T, 3, H, D) qkv
+    buffer, O is written into the heads of a (B, T, H, D) buffer, dO comes laid out as O, and dQ, dK, dV land in
+    a (B, T, 3, H, D) buffer: every kernel addresses them through their strides, equal to the reference."""
+    B, H, T = 2, 3, 70
+    rng = np.random.default_rng(D)
+    dt = DTYPES[dtype]
+    qkv = rng.standard_normal((B, T, 3, H, D)).astype(dt)
+    qkv[:, :, 0] *= 2
+    g = rng.standard_normal((B, T, H, D)).astype(dt)
+    qkv_d, g_d = guarded(qkv), guarded(g)
+    heads = qkv_d.transpose(2, 0, 3, 1, 4)   # (3, B, H, T, D) views
+    o_buf = poisoned((B, T, H, D), dt)
+    d_buf = poisoned((B, T, 3, H, D), dt)
+    d = d_buf.transpose(2, 0, 3, 1, 4)
+    assert FA.views_fit(*heads, o_buf.transpose(0, 2, 1, 3), *d)
+    o, lse = FA.forward(heads[0], heads[1], heads[2], None, True, out=o_buf.transpose(0, 2, 1, 3))
+    assert np.shares_memory(o, o_buf)
+    FA.backward(g_d.transpose(0, 2, 1, 3), heads[0], heads[1], heads[2], o, lse, None, True, out=(d[0], d[1], d[2]),
+                variant=variant)
+    f64 = [a.astype(np.float64) for a in (heads[0], heads[1], heads[2], g_d.transpose(0, 2, 1, 3))]
+    want = reference(*f64, None, True)
+    want.pop(1)
+    got = [o_buf.transpose(0, 2, 1, 3), d[0], d[1], d[2]]
+    check([a.astype(np.float64) for a in got], want, ("O", "dQ", "dK", "dV"), TOL[dtype])
+
+
+def test_views_the_kernels_cannot_address_are_refused():
+    q = np.zeros((1, 2, 8, 32), np.float32)
+    assert FA.views_fit(q) and not FA.views_fit(q[:, :, ::-1])
+    assert not FA.views_fit(q.transpose(0, 1, 3, 2)[:, :, :8, :8])   # D not contiguous
+    assert not FA.views_fit(np.zeros((1, 2, 8, 34), np.float32)[..., :32])   # rows 136 bytes apart
+    with pytest.raises(ValueError, match="flash attention backward: dO must be laid out as O"):
+        FA.backward(q.transpose(0, 2, 1, 3).copy().transpose(0, 2, 1, 3), q, q, q, q, q[..., 0])
+
+
 def _check_case(dtype, D, B, H, Tq, Tk, causal, masked, variant, emulated):
     rng = np.random.default_rng(Tq * 1000 + Tk + D)
     dt = DTYPES[dtype]
@@ -191,8 +229,11 @@ def test_arguments_are_packed_as_the_kernels_declare(emulated):
     kern = FA._kernels("float32", 32)["fwd"]
     m, (H, Tq, Tk, causal, has_mask), sl2 = FA._args(q, q, None, True)
     good = (q, q, q, m, poisoned(q.shape, q.dtype), poisoned((1, 1, 3), np.float32), H, Tq, Tk, causal, has_mask)
-    kern((1, 1), (128,), good + (sl2,))
+    strides = FA._strides(q, q, q)
+    kern((1, 1), (128,), good + (sl2,) + strides)
     with pytest.raises(TypeError, match="argument 11"):
-        kern((1, 1), (128,), good + (float(sl2),))
+        kern((1, 1), (128,), good + (float(sl2),) + strides)
     with pytest.raises(TypeError, match="argument 6"):
-        kern((1, 1), (128,), good[:6] + (1,) + good[7:] + (sl2,))
+        kern((1, 1), (128,), good[:6] + (1,) + good[7:] + (sl2,) + strides)
+    with pytest.raises(TypeError, match="argument 14"):   # a row stride is an int32
+        kern((1, 1), (128,), good + (sl2,) + strides[:2] + (int(strides[2]),) + strides[3:])

@@ -13,8 +13,9 @@
   (its keep-mask drawn as the reference draws it; the flash kernels have no dropout). Memory kept
   for backward: contiguous Q, K, V, P in the input dtype and, with dropout, the bool keep-mask.
 
-The heads' layouts take one kernel pass each (tensor/cuda/layout.py). Anything else runs the
-reference on CuPy.
+The fused op (qkv in, (B, T, C) out) gives the flash kernels the heads where they lie in the qkv buffer
+and its gradient, as strided views: no head permute. The cuBLAS path permutes them, one kernel pass each
+way (tensor/cuda/layout.py). Anything else runs the reference on CuPy.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from tensor import backend
 from tensor.attention import CausalAttentionQKV, MergeHeads, ScaledDotProductAttention, SplitHeads, check_sdpa_args
 from tensor.cuda import cublas, decode_attention, flash_attention
 from tensor.cuda.common import empty, usable
@@ -95,6 +95,13 @@ class CudaMergeHeads(MergeHeads):
         return (split_heads(g, self.n_head, 1)[0] if usable(g) else super().backward(g)[0],)
 
 
+def _head_views(x: Any, n_head: int, parts: int) -> tuple:
+    """x (B, T, parts*C) -> `parts` (B, H, T, D) views of it (D = C / n_head), no copy: the layout split_heads
+    copies into, as strides (what the flash kernels address)."""
+    B, T, C3 = x.shape
+    return tuple(x.reshape(B, T, parts, n_head, C3 // (parts * n_head)).transpose(2, 0, 3, 1, 4))
+
+
 def _grad_like(g: Any, q: Any) -> Any:
     """The incoming gradient in q's dtype, C-contiguous (what the kernels read)."""
     if g.dtype != q.dtype:
@@ -103,16 +110,12 @@ def _grad_like(g: Any, q: Any) -> Any:
 
 
 def _flash_qkv(qkv: Any, n_head: Any, mask: Any, dropout_p: float) -> bool:
-    """Whether the flash kernels take the heads of this qkv (B, T, 3C): D = C / n_head in their head
-    sizes, mask None or bool (B, T), no dropout (the heads themselves are contiguous after the split)."""
-    if n_head is None or qkv.ndim != 3 or qkv.shape[2] % (3 * n_head) or dropout_p != 0.0 or not usable(qkv):
+    """Whether the flash kernels take the heads of this contiguous qkv (B, T, 3C) where they lie
+    (flash_attention.fits on its head views): D = C / n_head in their head sizes, mask None or bool (B, T),
+    no dropout."""
+    if n_head is None or qkv.ndim != 3 or qkv.shape[2] % (3 * n_head) or qkv.shape[1] == 0 or not usable(qkv):
         return False
-    if qkv.shape[2] // (3 * n_head) not in flash_attention.HEADS or qkv.shape[1] == 0:
-        return False
-    if qkv.shape[0] * n_head > 65535:   # what flash_attention.fits asks of the heads (their alignment holds)
-        return False
-    return mask is None or (backend.array_module(mask) is not np and mask.dtype == bool
-                            and mask.shape == qkv.shape[:2])
+    return flash_attention.fits(*_head_views(qkv, n_head, 3), mask=mask, causal=True, dropout_p=dropout_p)
 
 
 # The one choice between the two training paths where both apply (causal, no padding mask, no
@@ -182,9 +185,10 @@ class CudaScaledDotProductAttention(ScaledDotProductAttention):
 
 
 class CudaCausalAttentionQKV(CausalAttentionQKV):
-    """The fused composition: one split pass makes every head contiguous (for the flash kernels or
-    cuBLAS's strided batches), one merge pass writes the output; backward: g split in one pass, dQ,
-    dK, dV land in one buffer, merged into d(qkv) in one pass. A padding mask needs the flash
+    """The fused composition. Flash: the kernels read q, k, v inside qkv and write O into the (B, T, C)
+    output, dQ, dK, dV into d(qkv) (strided head views, no copies). cuBLAS: one split pass makes every
+    head contiguous for its strided batches, one merge pass writes the output; backward: g split in one
+    pass, dQ, dK, dV land in one buffer, merged into d(qkv) in one pass. A padding mask needs the flash
     kernels (and n_head passed to supports, to know D)."""
 
     @staticmethod
@@ -195,27 +199,33 @@ class CudaCausalAttentionQKV(CausalAttentionQKV):
         B, T, C3 = qkv.shape
         if C3 % (3 * n_head):
             raise ValueError(f"attention: qkv of shape {qkv.shape} does not split into 3 x {n_head} heads")
-        heads = split_heads(qkv, n_head, 3)  # (3, B, H, T, D)
-        q, k, v = heads[0], heads[1], heads[2]
+        q, k, v = _head_views(qkv, n_head, 3)  # (B, H, T, D) views of qkv: no copy
         self.n_head, self.dropout_p = n_head, dropout_p
         self.flash = _use_flash(q, k, v, mask, True, dropout_p)
-        if self.flash:
-            o, lse = flash_attention.forward(q, k, v, mask, True)
+        if self.flash:  # the kernels read the heads in qkv and write O's heads into (B, T, C) directly
+            out = empty((B, T, C3 // 3), qkv.dtype)
+            o, lse = flash_attention.forward(q, k, v, mask, True, out=_head_views(out, n_head, 1)[0])
             self.save_for_backward(q, k, v, o, lse)
             self.mask = mask
-            return merge_heads(o[None])
+            return out
+        heads = split_heads(qkv, n_head, 3)  # (3, B, H, T, D) contiguous, for cuBLAS's strided batches
+        q, k, v = heads[0], heads[1], heads[2]
         o, p, keep = causal_forward(q, k, v, dropout_p, generator)
         self.save_for_backward(q, k, v, p, keep)
         return merge_heads(o[None])
 
     def backward(self, g):
         q = self.saved[0]
-        gh = split_heads(_grad_like(g, q), self.n_head, 1)[0]
-        d3 = empty((3,) + q.shape, q.dtype)
-        if self.flash:
+        g = _grad_like(g, q)
+        if self.flash:  # dO read, and dQ, dK, dV written, where they lie in (B, T, C) and (B, T, 3C)
             _, k, v, o, lse = self.saved
-            flash_attention.backward(gh, q, k, v, o, lse, self.mask, True, out=(d3[0], d3[1], d3[2]))
-        else:
-            _, k, v, p, keep = self.saved
-            causal_backward(gh, q, k, v, p, keep, self.dropout_p, out=(d3[0], d3[1], d3[2]))
+            B, H, T, D = q.shape
+            dqkv = empty((B, T, 3 * H * D), q.dtype)
+            flash_attention.backward(_head_views(g, H, 1)[0], q, k, v, o, lse, self.mask, True,
+                                     out=_head_views(dqkv, H, 3))
+            return (dqkv,)
+        gh = split_heads(g, self.n_head, 1)[0]
+        d3 = empty((3,) + q.shape, q.dtype)
+        _, k, v, p, keep = self.saved
+        causal_backward(gh, q, k, v, p, keep, self.dropout_p, out=(d3[0], d3[1], d3[2]))
         return (merge_heads(d3),)

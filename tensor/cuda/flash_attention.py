@@ -1,8 +1,10 @@
 """Fused attention on the GPU in the manner of FlashAttention-2: softmax(Q K^T / sqrt(D) + mask) V and
 its backward without ever forming the (Tq, Tk) scores in memory.
 
-Shapes: q (B, H, Tq, D), k and v (B, H, Tk, D), one dtype (float16, bfloat16 or float32), C-contiguous,
-16-byte aligned, D in {32, 64, 128}; causal (query i sits at i + Tk - Tq, tensor/attention.py's
+Shapes: q (B, H, Tq, D), k and v (B, H, Tk, D), one dtype (float16, bfloat16 or float32), D in {32, 64, 128}:
+views of any batch, head and row strides with D contiguous and every row 16-byte aligned (`views_fit`), so
+the heads inside a fused (B, T, 3C) qkv buffer are read where they lie and O (and dQ, dK, dV) written into
+token-major buffers, with no head permute (tensor/cuda/attention.py's fused op); causal (query i sits at i + Tk - Tq, tensor/attention.py's
 allowed_keys) or not; an optional key-padding mask (B, Tk) bool, True = attend. No dropout: with
 dropout_p > 0 tensor/cuda/attention.py keeps its cuBLAS path (which draws the reference's keep-mask).
 
@@ -274,17 +276,17 @@ template <class T, int D, bool CACHE = T::CACHE>
 struct RowFrags {
     typename T::P f[CACHE ? D / 16 : 1][4];
     const typename T::S* base;
-    int valid;
-    __device__ __forceinline__ void init(const typename T::S* b, int v) {
-        base = b; valid = v;
+    int valid, ld;
+    __device__ __forceinline__ void init(const typename T::S* b, int v, int ld_) {   // ld_: the row stride
+        base = b; valid = v; ld = ld_;
         if constexpr (CACHE) {
 #pragma unroll
-            for (int kc = 0; kc < D / 16; ++kc) load_a<T>(f[kc], b + kc * 16, D, v);
+            for (int kc = 0; kc < D / 16; ++kc) load_a<T>(f[kc], b + kc * 16, ld_, v);
         }
     }
     __device__ __forceinline__ const typename T::P* get(int kc, typename T::P* tmp) const {
         if constexpr (CACHE) return f[kc];
-        else { load_a<T>(tmp, base + kc * 16, D, valid); return tmp; }
+        else { load_a<T>(tmp, base + kc * 16, ld, valid); return tmp; }
     }
 };
 // a row of C lives in the 4 lanes of a group
@@ -296,26 +298,26 @@ __device__ __forceinline__ float quad_sum(float x) {
     x += __shfl_xor_sync(FA_FULL, x, 1);
     return x + __shfl_xor_sync(FA_FULL, x, 2);
 }
-// rows row0 .. row0 + ROWS - 1 of a contiguous (nrows, D) matrix into shared memory, zero past nrows
+// rows row0 .. row0 + ROWS - 1 of an (nrows, D) matrix of row stride ld into shared memory, zero past nrows
 template <class T, int D, int ROWS>
 __device__ __forceinline__ void load_tile(typename T::S (*dst)[D + FA_PAD], const typename T::S* src, int row0,
-                                          int nrows) {
+                                          int nrows, int ld) {
     constexpr int V = 16 / sizeof(typename T::S), PER_ROW = D / V;
     for (int i = threadIdx.x; i < ROWS * PER_ROW; i += blockDim.x) {
         const int r = i / PER_ROW, c = (i % PER_ROW) * V;
-        if (row0 + r < nrows) copy16(&dst[r][c], src + (long long)(row0 + r) * D + c);
+        if (row0 + r < nrows) copy16(&dst[r][c], src + (long long)(row0 + r) * ld + c);
         else zero16(&dst[r][c]);
     }
 }
 // load_tile by cp.async (the caller commits and waits): rows past nrows zero-filled from row 0's address
 template <class T, int D, int ROWS>
 __device__ __forceinline__ void load_tile_async(typename T::S (*dst)[D + FA_PAD], const typename T::S* src,
-                                                int row0, int nrows) {
+                                                int row0, int nrows, int ld) {
     constexpr int V = 16 / sizeof(typename T::S), PER_ROW = D / V;
     for (int i = threadIdx.x; i < ROWS * PER_ROW; i += blockDim.x) {
         const int r = i / PER_ROW, c = (i % PER_ROW) * V;
         const bool in = row0 + r < nrows;
-        cp_async16(&dst[r][c], src + (long long)(in ? row0 + r : 0) * D + c, in);
+        cp_async16(&dst[r][c], src + (long long)(in ? row0 + r : 0) * ld + c, in);
     }
 }
 // the dK/dV kernel's query tile at row0: Q and dO by cp.async (the caller commits and waits), L (times
@@ -323,15 +325,23 @@ __device__ __forceinline__ void load_tile_async(typename T::S (*dst)[D + FA_PAD]
 template <class T, int D, int N>
 __device__ __forceinline__ void load_query_tile(typename T::S (*sq)[D + FA_PAD], typename T::S (*sg)[D + FA_PAD],
         float* sl, float* sd, const typename T::S* q, const typename T::S* go, const float* lse, const float* delta,
-        int row0, int Tq) {
-    load_tile_async<T, D, N>(sq, q, row0, Tq);
-    load_tile_async<T, D, N>(sg, go, row0, Tq);
+        int row0, int Tq, int qld, int gld) {
+    load_tile_async<T, D, N>(sq, q, row0, Tq, qld);
+    load_tile_async<T, D, N>(sg, go, row0, Tq, gld);
     for (int i = threadIdx.x; i < N; i += blockDim.x) {
         const bool in = row0 + i < Tq;
         sl[i] = in ? lse[row0 + i] * FA_LOG2E : FA_POS_INF;
         sd[i] = in ? delta[row0 + i] : 0.f;
     }
 }
+// Operands are (B, H, T, D) views of any batch, head and row strides (D contiguous, in elements), e.g. the
+// heads inside the fused (B, T, 3C) qkv buffer, read and written where they lie. Head bh = b H + h starts at
+// b sb + h sh. The strides come in groups: Q (q), K (k and v), O (O and dO), dQ, dKV (dK and dV).
+__device__ __forceinline__ long long fa_head(int bh, int H, long long sb, long long sh) {
+    return (long long)(bh / H) * sb + (long long)(bh % H) * sh;
+}
+#define FA_IN_STRIDES long long qsb, long long qsh, int qst, long long ksb, long long ksh, int kst, \
+                      long long osb, long long osh, int ost
 // may query i (of Tq) see key j (of Tk)?  causal: j <= i + Tk - Tq;  mask: (B, Tk), True = attend
 __device__ __forceinline__ bool fa_allowed(int i, int j, int Tk, int off, int causal, const unsigned char* mrow) {
     return j < Tk && (!causal || j <= i + off) && (mrow == nullptr || mrow[j]);
@@ -342,7 +352,7 @@ template <class T, int D, int N>
 __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict__ q,
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
         typename T::S* __restrict__ o, float* __restrict__ lse, int H, int Tq, int Tk, int causal, int has_mask,
-        float scale_log2) {
+        float scale_log2, FA_IN_STRIDES) {
     typedef typename T::S S; typedef typename T::P P;
     // K/V tiles double-buffered (ST = 2: the next tile's cp.async in flight during this one's
     // products) where two stages fit the 48 KiB of static shared memory, else one stage
@@ -351,10 +361,10 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     __shared__ __align__(16) S sV[ST][N][D + FA_PAD];
     const int bh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.x * 64, row0 = m0 + warp * 16, off = Tk - Tq;
-    const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
+    const long long qoff = fa_head(bh, H, qsb, qsh), koff = fa_head(bh, H, ksb, ksh), ooff = fa_head(bh, H, osb, osh);
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
     RowFrags<T, D> qa;
-    qa.init(q + qoff + (long long)row0 * D, Tq - row0);
+    qa.init(q + qoff + (long long)row0 * qst, Tq - row0, qst);
     float acc[D / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -363,13 +373,13 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     for (int n0 = 0, it = 0; n0 < kend; n0 += N, ++it) {
         const int cur = ST == 2 ? (it & 1) : 0;
         if (ST == 1 || it == 0) {   // this tile, unless the previous iteration prefetched it
-            load_tile_async<T, D, N>(sK[cur], k + koff, n0, Tk);
-            load_tile_async<T, D, N>(sV[cur], v + koff, n0, Tk);
+            load_tile_async<T, D, N>(sK[cur], k + koff, n0, Tk, kst);
+            load_tile_async<T, D, N>(sV[cur], v + koff, n0, Tk, kst);
         }
         cp_async_commit();
         if (ST == 2 && n0 + N < kend) {   // the next tile, into the stage the last iteration finished with
-            load_tile_async<T, D, N>(sK[cur ^ 1], k + koff, n0 + N, Tk);
-            load_tile_async<T, D, N>(sV[cur ^ 1], v + koff, n0 + N, Tk);
+            load_tile_async<T, D, N>(sK[cur ^ 1], k + koff, n0 + N, Tk, kst);
+            load_tile_async<T, D, N>(sV[cur ^ 1], v + koff, n0 + N, Tk, kst);
         }
         cp_async_commit();
         cp_async_wait<1>();   // every group but the newest (the prefetch): this tile has landed
@@ -452,8 +462,8 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
         const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) {
-            o[qoff + (long long)i * D + nt * 8 + 2 * t] = T::fromf(acc[nt][2 * h] * inv);
-            o[qoff + (long long)i * D + nt * 8 + 2 * t + 1] = T::fromf(acc[nt][2 * h + 1] * inv);
+            o[ooff + (long long)i * ost + nt * 8 + 2 * t] = T::fromf(acc[nt][2 * h] * inv);
+            o[ooff + (long long)i * ost + nt * 8 + 2 * t + 1] = T::fromf(acc[nt][2 * h + 1] * inv);
         }
         if (t == 0) lse[(long long)bh * Tq + i] = l > 0.f ? (mrun[h] + log2f(l)) * FA_LN2 : FA_POS_INF;
     }
@@ -466,22 +476,24 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
 // 2-byte ones, for a narrower shuffle reduction
 template <class T, int D, bool VEC>
 __global__ void __launch_bounds__(128) flash_bwd_delta(const typename T::S* __restrict__ go,
-        const typename T::S* __restrict__ o, float* __restrict__ delta, float* __restrict__ dq_acc, int rows) {
+        const typename T::S* __restrict__ o, float* __restrict__ delta, float* __restrict__ dq_acc, int rows, int H,
+        int Tq, long long osb, long long osh, int ost) {
     typedef typename T::S S;
     constexpr int E = 16 / sizeof(S), R = VEC ? D / E : 32;   // elements per load, threads per row
     const int r = blockIdx.x * (128 / R) + threadIdx.x / R, lane = threadIdx.x % R;
     const bool in = r < rows;   // (no early return: every lane of the warp takes part in the shuffles)
+    const long long ro = in ? fa_head(r / Tq, H, osb, osh) + (long long)(r % Tq) * ost : 0;   // row r of O, dO
     float s = 0.f;
     if constexpr (VEC) {
         if (in) {
             __align__(16) S a[E], b[E];
-            copy16(a, go + (long long)r * D + lane * E);
-            copy16(b, o + (long long)r * D + lane * E);
+            copy16(a, go + ro + lane * E);
+            copy16(b, o + ro + lane * E);
 #pragma unroll
             for (int e = 0; e < E; ++e) s += T::tof(a[e]) * T::tof(b[e]);
         }
     } else if (in) {
-        for (int d = lane; d < D; d += 32) s += T::tof(go[(long long)r * D + d]) * T::tof(o[(long long)r * D + d]);
+        for (int d = lane; d < D; d += 32) s += T::tof(go[ro + d]) * T::tof(o[ro + d]);
     }
     for (int w = R / 2; w > 0; w >>= 1) s += __shfl_xor_sync(FA_FULL, s, w);
     if (!in) return;
@@ -494,12 +506,15 @@ __global__ void __launch_bounds__(128) flash_bwd_delta(const typename T::S* __re
     }
 }
 
-// ---- backward 4 (FUSED_DQ): dQ = dq_acc / sqrt(D) in the dtype, one thread per element
+// ---- backward 4 (FUSED_DQ): dQ = dq_acc / sqrt(D) in the dtype (dQ strides), one thread per element
 template <class T, int D>
 __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const float* __restrict__ dq_acc,
-        typename T::S* __restrict__ dq, long long n, float scale) {
+        typename T::S* __restrict__ dq, long long n, float scale, int H, int Tq, long long dsb, long long dsh,
+        int dst) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dq[i] = T::fromf(dq_acc[i] * scale);
+    if (i >= n) return;
+    const int row = (int)(i / D);   // of B * H * Tq (< 2^31 rows)
+    dq[fa_head(row / Tq, H, dsb, dsh) + (long long)(row % Tq) * dst + i % D] = T::fromf(dq_acc[i] * scale);
 }
 
 // ---- backward 2: dK, dV for 16 * V::WARPS keys per block (16 per warp), looping over query tiles of N;
@@ -547,7 +562,8 @@ __global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(c
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
         const typename T::S* __restrict__ go, const float* __restrict__ lse, const float* __restrict__ delta,
         typename T::S* __restrict__ dk, typename T::S* __restrict__ dv, float* __restrict__ dq_acc, int H, int Tq,
-        int Tk, int causal, int has_mask, float scale_log2, float scale) {
+        int Tk, int causal, int has_mask, float scale_log2, float scale, FA_IN_STRIDES, long long dsb, long long dsh,
+        int dst) {
     typedef typename T::S S; typedef typename T::P P;
     typedef DkdvSmem<T, D, N, V> M;
     constexpr int ST = M::ST, KB = M::KB, FK = M::FK, FN = M::FN, W = V::WARPS;
@@ -562,30 +578,31 @@ __global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(c
     const int bh = V::HEAVY_FIRST ? blockIdx.x : blockIdx.y, kblock = V::HEAVY_FIRST ? blockIdx.y : blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int k0 = kblock * KB, key0 = k0 + warp * 16, off = Tk - Tq;
-    const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
+    const long long qoff = fa_head(bh, H, qsb, qsh), koff = fa_head(bh, H, ksb, ksh), goff = fa_head(bh, H, osb, osh);
+    const long long dkoff = fa_head(bh, H, dsb, dsh);   // dK and dV: the dKV strides
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
     RowFrags<T, D, T::CACHE && !T::FUSED_DQ> ka;   // with FUSED_DQ: K's fragments from sK by ldmatrix
     RowFrags<T, D, T::CACHE && D <= 64> va;
-    ka.init(k + koff + (long long)key0 * D, Tk - key0);
-    va.init(v + koff + (long long)key0 * D, Tk - key0);
+    ka.init(k + koff + (long long)key0 * kst, Tk - key0, kst);
+    va.init(v + koff + (long long)key0 * kst, Tk - key0, kst);
     float ak[D / 8][4], av[D / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) ak[nt][e] = av[nt][e] = 0.f;
-    if constexpr (T::FUSED_DQ) load_tile<T, D, FK>(sK, k + koff, k0, Tk);   // visible after the loop's barrier
+    if constexpr (T::FUSED_DQ) load_tile<T, D, FK>(sK, k + koff, k0, Tk, kst);   // visible after the loop's barrier
     int qstart = causal ? max(0, k0 - off) : 0;   // earlier queries see none of these keys
     qstart -= qstart % N;
     for (int q0 = qstart, it = 0; q0 < Tq; q0 += N, ++it) {
         const int cur = ST == 2 ? (it & 1) : 0;
         // (a stage is refilled only after the closing barrier of the iteration that last read it)
         if (ST == 1 || it == 0)   // this tile, unless the previous iteration prefetched it
-            load_query_tile<T, D, N>(sQ[cur], sG[cur], sL[cur], sD[cur], q + qoff, go + qoff, lse + (long long)bh * Tq,
-                                     delta + (long long)bh * Tq, q0, Tq);
+            load_query_tile<T, D, N>(sQ[cur], sG[cur], sL[cur], sD[cur], q + qoff, go + goff, lse + (long long)bh * Tq,
+                                     delta + (long long)bh * Tq, q0, Tq, qst, ost);
         cp_async_commit();
         if (ST == 2 && q0 + N < Tq)
-            load_query_tile<T, D, N>(sQ[cur ^ 1], sG[cur ^ 1], sL[cur ^ 1], sD[cur ^ 1], q + qoff, go + qoff,
-                                     lse + (long long)bh * Tq, delta + (long long)bh * Tq, q0 + N, Tq);
+            load_query_tile<T, D, N>(sQ[cur ^ 1], sG[cur ^ 1], sL[cur ^ 1], sD[cur ^ 1], q + qoff, go + goff,
+                                     lse + (long long)bh * Tq, delta + (long long)bh * Tq, q0 + N, Tq, qst, ost);
         cp_async_commit();
         cp_async_wait<1>();   // every group but the newest (the prefetch): this tile has landed
         __syncthreads();
@@ -709,7 +726,7 @@ __global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(c
         for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-                const long long idx = koff + (long long)j * D + nt * 8 + 2 * t + c;
+                const long long idx = dkoff + (long long)j * dst + nt * 8 + 2 * t + c;
                 dk[idx] = T::fromf(ak[nt][2 * h + c] * scale);
                 dv[idx] = T::fromf(av[nt][2 * h + c]);
             }
@@ -723,17 +740,17 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
         const typename T::S* __restrict__ go, const float* __restrict__ lse, const float* __restrict__ delta,
         typename T::S* __restrict__ dq, int H, int Tq, int Tk, int causal, int has_mask, float scale_log2,
-        float scale) {
+        float scale, FA_IN_STRIDES, long long dsb, long long dsh, int dst) {
     typedef typename T::S S; typedef typename T::P P;
     __shared__ __align__(16) S sK[N][D + FA_PAD];
     __shared__ __align__(16) S sV[N][D + FA_PAD];
     const int bh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int m0 = blockIdx.x * 64, row0 = m0 + warp * 16, off = Tk - Tq;
-    const long long qoff = (long long)bh * Tq * D, koff = (long long)bh * Tk * D;
+    const long long qoff = fa_head(bh, H, qsb, qsh), koff = fa_head(bh, H, ksb, ksh), goff = fa_head(bh, H, osb, osh);
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
     RowFrags<T, D> qa, ga;
-    qa.init(q + qoff + (long long)row0 * D, Tq - row0);
-    ga.init(go + qoff + (long long)row0 * D, Tq - row0);
+    qa.init(q + qoff + (long long)row0 * qst, Tq - row0, qst);
+    ga.init(go + goff + (long long)row0 * ost, Tq - row0, ost);
     float L[2], Dl[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -747,8 +764,8 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
     const int kend = causal ? min(Tk, m0 + 64 + off) : Tk;
     for (int n0 = 0; n0 < kend; n0 += N) {
         __syncthreads();
-        load_tile<T, D, N>(sK, k + koff, n0, Tk);
-        load_tile<T, D, N>(sV, v + koff, n0, Tk);
+        load_tile<T, D, N>(sK, k + koff, n0, Tk, kst);
+        load_tile<T, D, N>(sV, v + koff, n0, Tk, kst);
         __syncthreads();
         float s[N / 8][4], dp[N / 8][4];
 #pragma unroll
@@ -800,7 +817,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq(const typename T::S* __restr
         for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
             for (int c = 0; c < 2; ++c)
-                dq[qoff + (long long)i * D + nt * 8 + 2 * t + c] = T::fromf(acc[nt][2 * h + c] * scale);
+                dq[fa_head(bh, H, dsb, dsh) + (long long)i * dst + nt * 8 + 2 * t + c] = T::fromf(acc[nt][2 * h + c] * scale);
     }
 }
 """
@@ -925,17 +942,39 @@ def _kernels(dtype_name: str, D: int, variant: str | None = None) -> dict:
     return out
 
 
+def views_fit(*arrays: Any) -> bool:
+    """Whether the kernels address these (B, H, T, D) arrays as they lie: D contiguous, every row 16-byte
+    aligned (the pointer and the batch, head and row strides multiples of 16 bytes, none negative), the row
+    stride within int32."""
+    for a in arrays:
+        st, ptr = a.strides, a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr   # (NumPy: the CPU tests)
+        if a.ndim != 4 or st[3] != a.itemsize or ptr % 16 or any(x < 0 or x % 16 for x in st[:3]):
+            return False
+        if st[2] // a.itemsize >= 2**31:
+            return False
+    return True
+
+
+def _strides(*arrays: Any) -> tuple:
+    """The kernels' stride arguments of (B, H, T, D) arrays, in elements: batch and head as int64, row as int32."""
+    out: tuple = ()
+    for a in arrays:
+        sb, sh, st, _ = (x // a.itemsize for x in a.strides)
+        out += (np.int64(sb), np.int64(sh), np.int32(st))
+    return out
+
+
 def fits(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True, dropout_p: float = 0.0) -> bool:
     """Whether forward/backward take these arrays: CuPy q (B, H, Tq, D), k, v (B, H, Tk, D), one float16/
-    bfloat16/float32 dtype, C-contiguous and 16-byte aligned, D in HEADS, Tq <= Tk when causal,
-    B * H <= 65535; mask None or a CuPy bool (B, Tk); no dropout."""
-    if k is None or v is None or dropout_p != 0.0 or not usable(q, k, v):
+    bfloat16/float32 dtype, views the kernels address in place (views_fit; k and v of one layout), D in HEADS,
+    Tq <= Tk when causal, B * H <= 65535; mask None or a CuPy bool (B, Tk); no dropout."""
+    if k is None or v is None or dropout_p != 0.0 or not usable(q, k, v, contiguous=False):
         return False
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         return False
     if q.shape[3] not in HEADS or not q.dtype == k.dtype == v.dtype or min(q.shape[2], k.shape[2]) == 0:
         return False
-    if (causal and q.shape[2] > k.shape[2]) or any(a.data.ptr % 16 for a in (q, k, v)):
+    if (causal and q.shape[2] > k.shape[2]) or not views_fit(q, k, v) or k.strides != v.strides:
         return False
     if q.shape[0] * q.shape[1] > 65535:   # grid.y
         return False
@@ -954,27 +993,44 @@ def _args(q: Any, k: Any, mask: Any, causal: bool) -> tuple:
         np.float32(math.log2(math.e) / math.sqrt(D))
 
 
-def forward(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True) -> tuple:
+def _out_view(name: str, a: Any, like: Any) -> Any:
+    """`a` (a given output), checked: like's shape and dtype, a view the kernels address (views_fit)."""
+    if a.shape != like.shape or a.dtype != like.dtype or not views_fit(a):
+        raise ValueError(f"flash attention: {name} must be a {like.shape} {like.dtype} view with D contiguous and "
+                         f"16-byte aligned rows, got {a.shape} {a.dtype} strides {a.strides}")
+    return a
+
+
+def forward(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True, out: Any = None) -> tuple:
     """(O (B, H, Tq, D) in q's dtype, L (B, H, Tq) float32 row log-sum-exp) of softmax(Q K^T / sqrt(D) + mask) V.
-    Check `fits` first."""
+    Check `fits` first. out: where to write O (a view of q's shape, e.g. the heads of a (B, Tq, H, D) buffer);
+    default a new C-contiguous array."""
     B, H, Tq, D = q.shape
-    o, lse = empty(q.shape, q.dtype), empty((B, H, Tq), np.float32)
+    o = empty(q.shape, q.dtype) if out is None else _out_view("out", out, q)
+    lse = empty((B, H, Tq), np.float32)
     m, ints, scale_log2 = _args(q, k, mask, causal)
     _kernels(backend.dtype_name(q.dtype), D)["fwd"](
-        (-(-Tq // BLOCK), B * H), (128,), (q, k, v, m, o, lse) + ints + (scale_log2,))
+        (-(-Tq // BLOCK), B * H), (128,), (q, k, v, m, o, lse) + ints + (scale_log2,) + _strides(q, k, o))
     return o, lse
 
 
 def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None, causal: bool = True,
              out: tuple = (None, None, None), variant: str | None = None) -> tuple:
-    """(dQ, dK, dV) in q's dtype for dL/dO = g (C-contiguous, q's dtype and shape), from forward's O and L;
-    each written into `out` where given (C-contiguous arrays of q's / k's shape). variant: a name in
-    BWD_VARIANTS (None: default_variant's)."""
+    """(dQ, dK, dV) in q's dtype for dL/dO = g (q's dtype and shape, laid out as O: the same strides), from
+    forward's O and L; each written into `out` where given (views of q's / k's shape the kernels address; dK
+    and dV of one layout), else into new C-contiguous arrays. variant: a name in BWD_VARIANTS (None:
+    default_variant's)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dtype_name = backend.dtype_name(q.dtype)
     V = _variant(dtype_name, D, variant)
-    dq, dk, dv = (empty(a.shape, a.dtype) if d is None else d for d, a in zip(out, (q, k, v)))
+    if g.shape != o.shape or g.dtype != o.dtype or g.strides != o.strides:
+        raise ValueError(f"flash attention backward: dO must be laid out as O ({o.shape} {o.dtype} strides "
+                         f"{o.strides}), got {g.shape} {g.dtype} strides {g.strides}")
+    dq, dk, dv = (empty(a.shape, a.dtype) if d is None else _out_view(name, d, a)
+                  for d, a, name in zip(out, (q, k, v), ("dq", "dk", "dv")))
+    if dk.strides != dv.strides:
+        raise ValueError(f"flash attention backward: dk and dv must share strides, got {dk.strides} and {dv.strides}")
     delta = empty((B, H, Tq), np.float32)
     m, ints, scale_log2 = _args(q, k, mask, causal)
     scale = np.float32(1.0 / math.sqrt(D))
@@ -982,14 +1038,18 @@ def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None,
     fused = fused_dq(dtype_name)
     dq_acc = empty(q.shape if fused else (0,), np.float32)   # float32 dQ sums (zeroed by the delta kernel)
     rows_per_block = 128 // (D * q.dtype.itemsize // 16) if V.delta_vec else 4
-    kern["delta"]((-(-(B * H * Tq) // rows_per_block),), (128,), (g, o, delta, dq_acc, np.int32(B * H * Tq)))
+    kern["delta"]((-(-(B * H * Tq) // rows_per_block),), (128,),
+                  (g, o, delta, dq_acc, np.int32(B * H * Tq), np.int32(H), np.int32(Tq)) + _strides(o))
+    strides = _strides(q, k, o)
     kblocks = -(-Tk // (16 * V.warps))
     kern["dkdv"]((B * H, kblocks) if V.heavy_first else (kblocks, B * H), (32 * V.warps,),
-                 (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale),
+                 (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale) + strides + _strides(dk),
                  shared_mem=dkdv_smem_bytes(dtype_name, D, variant))
     if fused:
-        kern["dq_convert"]((-(-dq.size // 256),), (256,), (dq_acc, dq, np.int64(dq.size), scale))
+        kern["dq_convert"]((-(-dq.size // 256),), (256,),
+                           (dq_acc, dq, np.int64(dq.size), scale, np.int32(H), np.int32(Tq)) + _strides(dq))
     else:
         kern["dq"](
-            (-(-Tq // BLOCK), B * H), (128,), (q, k, v, m, g, lse, delta, dq) + ints + (scale_log2, scale))
+            (-(-Tq // BLOCK), B * H), (128,),
+            (q, k, v, m, g, lse, delta, dq) + ints + (scale_log2, scale) + strides + _strides(dq))
     return dq, dk, dv
