@@ -112,6 +112,19 @@ def test_adam_multi_equals_adam_step_per_tensor() -> None:
     cuda_adam.adam_multi([])                                           # nothing to do: no launch
 
 
+def test_adam_multi_misaligned_arrays_take_the_scalar_loop() -> None:
+    """Arrays 4 bytes off a 16-byte boundary (slices [1:]) cannot take the 16-byte loads: same result."""
+    from tensor.cuda import adam as cuda_adam
+    host = _state(np.random.default_rng(4), cuda_adam.CHUNK + 7, np.float32)
+    multi = [backend.to_device(a.copy(), "cuda")[1:] for a in host]
+    single = [backend.to_device(a.copy(), "cuda")[1:] for a in host]
+    assert multi[0].data.ptr % 16 == 4 and cuda_adam.supports_multi(*multi)
+    cuda_adam.adam_multi([(*multi, 1e-3, 0.99, 0.9, 0.999, 1e-8, 3)])
+    cuda_adam.adam_step(*single, 1e-3, 0.9, 0.999, 1e-8, 3, 0.99)
+    for name, j in (("p", 0), ("m", 2), ("v", 3)):
+        np.testing.assert_allclose(_f64(multi[j]), _f64(single[j]), rtol=2.4e-7, atol=0, err_msg=name)
+
+
 @pytest.mark.parametrize("cls, wd", [("AdamW", 0.1), ("Adam", 0.1), ("Adam", 0.0)])
 def test_optimizer_on_the_gpu_equals_the_cpu_and_the_reference(cls: str, wd: float, monkeypatch) -> None:
     """float32 parameters on the GPU go through adam_multi (one launch), 16-bit ones through

@@ -64,6 +64,14 @@ _ADAM_MULTI = r"""
 // which belongs to tensor chunk_tensor[b] and starts at chunk_offset[b]. Per tensor: pointers to
 // p, g, m, v and 7 numbers: lr, decay, beta1, beta2, eps, 1 - beta1^t, sqrt(1 - beta2^t).
 //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p = p*decay - lr/bc1 * m / (sqrt(v)/sqrt_bc2 + eps)
+__device__ __forceinline__ void adam_one(float& p, float g, float& m, float& v, const double* h) {
+    double gd = (double)g;
+    double md = h[2] * (double)m + (1.0 - h[2]) * gd;
+    double vd = h[3] * (double)v + (1.0 - h[3]) * gd * gd;
+    m = (float)md;
+    v = (float)vd;
+    p = (float)((double)p * h[1] - (h[0] / h[5]) * md / (sqrt(vd) / h[6] + h[4]));
+}
 extern "C" __global__ void adam_multi(const unsigned long long* ptrs, const long long* sizes, const double* hp,
                                       const int* chunk_tensor, const long long* chunk_offset, int chunk) {
     int t = chunk_tensor[blockIdx.x];
@@ -73,16 +81,23 @@ extern "C" __global__ void adam_multi(const unsigned long long* ptrs, const long
     const float* g = (const float*)ptrs[4 * t + 1];
     float* m = (float*)ptrs[4 * t + 2];
     float* v = (float*)ptrs[4 * t + 3];
-    const double* h = hp + 7 * t;
-    double lr = h[0], decay = h[1], b1 = h[2], b2 = h[3], eps = h[4], bc1 = h[5], sbc2 = h[6];
-    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-        double gd = (double)g[i];
-        double md = b1 * (double)m[i] + (1.0 - b1) * gd;
-        double vd = b2 * (double)v[i] + (1.0 - b2) * gd * gd;
-        m[i] = (float)md;
-        v[i] = (float)vd;
-        p[i] = (float)((double)p[i] * decay - (lr / bc1) * md / (sqrt(vd) / sbc2 + eps));
+    const double* h = hp + 7 * t;   // lr, decay, b1, b2, eps, bc1, sqrt_bc2
+    long long i = start;
+    // 16-byte loads and stores where the four arrays allow them (chunks start at multiples of 4 elements)
+    if (((ptrs[4 * t] | ptrs[4 * t + 1] | ptrs[4 * t + 2] | ptrs[4 * t + 3]) & 15) == 0) {
+        const long long vend = start + (end - start) / 4 * 4;
+        for (long long j = start + 4 * threadIdx.x; j < vend; j += 4 * blockDim.x) {
+            float4 pv = *(float4*)(p + j), mv = *(float4*)(m + j), vv = *(float4*)(v + j);
+            const float4 gv = *(const float4*)(g + j);
+            adam_one(pv.x, gv.x, mv.x, vv.x, h);
+            adam_one(pv.y, gv.y, mv.y, vv.y, h);
+            adam_one(pv.z, gv.z, mv.z, vv.z, h);
+            adam_one(pv.w, gv.w, mv.w, vv.w, h);
+            *(float4*)(p + j) = pv; *(float4*)(m + j) = mv; *(float4*)(v + j) = vv;
+        }
+        i = vend;
     }
+    for (i += threadIdx.x; i < end; i += blockDim.x) adam_one(p[i], g[i], m[i], v[i], h);
 }
 """
 
