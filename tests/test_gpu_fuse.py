@@ -1,6 +1,6 @@
 """GPU checks of the fused paths of a training and decode step: the vectorized GELU kernels, the
 bias in cuBLASLt's GEMM epilogue (forward BIAS, backward BGRADB) through tensor/cuda/cublaslt.py
-and tensor/cuda/linear.py, and LayerNorm writing its output in the compute dtype; each against
+and tensor/cuda/linear.py, LayerNorm writing its output in the compute dtype and the cross-entropy kernels; each against
 float64 formulas or the reference path, in float32/float16/bfloat16, odd shapes, no bias, and
 inside a captured CUDA graph. Skipped cleanly without CuPy or a GPU."""
 from __future__ import annotations
