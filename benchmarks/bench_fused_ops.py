@@ -11,10 +11,18 @@ ours against PyTorch (autocast bf16) in one run (issue 18):
               ours writing bfloat16 directly and ours as LayerNorm + cast, PyTorch's LayerNorm + cast
               (autocast keeps layer_norm in float32; its Linear casts)
 
+    python benchmarks/bench_fused_ops.py --ce-only [--rows 16384 --vocab 50304]   # cross-entropy alone
+
+  cross_entropy  bfloat16 logits (rows, vocab) (the GPT's lm head output), forward and forward +
+              backward through F.cross_entropy, and the two kernels alone (ce_fwd, ce_bwd) at 256 and
+              512 threads a row, with the bytes each moves as TB/s; PyTorch's F.cross_entropy on the
+              same bfloat16 logits
+
 CUDA events around `reps` calls after a warm-up; the best of 3 rounds.
 """
 from __future__ import annotations
 
+import argparse
 import json
 
 import _common as C  # (also puts the repository root on sys.path)
@@ -119,7 +127,74 @@ def torch_peer() -> dict:
     return res
 
 
+def ce_ours(rows: int, vocab: int) -> dict:
+    import cupy as cp
+
+    import tensor.functional as F
+    from nn.amp import low_dtype
+    from tensor import Tensor
+    from tensor.cuda import cross_entropy as ce
+    time_ms = C.event_timer(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time)
+    rng = cp.random.default_rng(0)
+    x = Tensor(rng.standard_normal((rows, vocab), dtype=np.float32).astype(low_dtype("bf16")), requires_grad=True)
+    t = rng.integers(0, vocab, rows).astype(np.int64)
+
+    def fb():
+        x.grad = None
+        F.cross_entropy(x, t).backward()
+    res = {"fwd": time_ms(lambda: F.cross_entropy(x, t)), "fwd_bwd": time_ms(fb)}
+    keep = ce.MAX_THREADS
+    try:
+        for nt in (256, 512):
+            ce.MAX_THREADS = nt
+            lse, _ = ce.cross_entropy_forward(x.data, t, -100)
+            scale = cp.full(1, 1.0 / rows, np.float32)
+            res[f"kernel_fwd_{nt}"] = time_ms(lambda: ce.cross_entropy_forward(x.data, t, -100))
+            res[f"kernel_bwd_{nt}"] = time_ms(lambda: ce.cross_entropy_backward(x.data, t, lse, scale, -100))
+    finally:
+        ce.MAX_THREADS = keep
+    return res
+
+
+def ce_torch(rows: int, vocab: int) -> dict:
+    import torch
+    import torch.nn.functional as TF
+    time_ms = C.event_timer(torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn((rows, vocab), device="cuda", generator=gen).bfloat16().requires_grad_()
+    t = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+
+    def fb():
+        x.grad = None
+        TF.cross_entropy(x, t).backward()
+    with torch.no_grad():
+        fwd = time_ms(lambda: TF.cross_entropy(x, t))
+    return {"fwd": fwd, "fwd_bwd": time_ms(fb)}
+
+
+def ce_results(rows: int, vocab: int) -> dict:
+    o, t = ce_ours(rows, vocab), ce_torch(rows, vocab)
+    nbytes = rows * vocab * 2   # one bfloat16 pass over the logits
+    out = {
+        "shapes": {"rows": rows, "vocab": vocab, "dtype": "bfloat16"},
+        "ours_ms": {k: round(v, 4) for k, v in o.items()},
+        "torch_ms": {k: round(v, 4) for k, v in t.items()},
+        "kernel_tb_per_s": {k: round((nbytes if "fwd" in k else 2 * nbytes) / v / 1e9, 2)
+                            for k, v in o.items() if k.startswith("kernel_")},
+        "torch_over_ours": {"fwd": round(t["fwd"] / o["fwd"], 3), "fwd_bwd": round(t["fwd_bwd"] / o["fwd_bwd"], 3)},
+    }
+    return out
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ce-only", action="store_true", help="only cross-entropy (bfloat16 logits (rows, vocab))")
+    ap.add_argument("--rows", type=int, default=ROWS)
+    ap.add_argument("--vocab", type=int, default=50304)
+    args = ap.parse_args()
+    if args.ce_only:
+        print(json.dumps(ce_results(args.rows, args.vocab), indent=1))
+        return
     o, t = ours(), torch_peer()
     gelu_bytes = 2 * ROWS * HID * 2
     out = {
@@ -137,6 +212,7 @@ def main() -> None:
             "layer_norm_bf16_cast": round(t["layer_norm_bf16_fwd_bwd"] / o["layer_norm_bf16_fwd_bwd_cast"], 3),
         },
     }
+    out["cross_entropy"] = ce_results(args.rows, args.vocab)
     print(json.dumps(out, indent=1))
 
 

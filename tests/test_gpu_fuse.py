@@ -1,6 +1,6 @@
 """GPU checks of the fused paths of a training and decode step: the vectorized GELU kernels, the
 bias in cuBLASLt's GEMM epilogue (forward BIAS, backward BGRADB) through tensor/cuda/cublaslt.py
-and tensor/cuda/linear.py, and LayerNorm writing its output in the compute dtype; each against
+and tensor/cuda/linear.py, LayerNorm writing its output in the compute dtype and the cross-entropy kernels; each against
 float64 formulas or the reference path, in float32/float16/bfloat16, odd shapes, no bias, and
 inside a captured CUDA graph. Skipped cleanly without CuPy or a GPU."""
 from __future__ import annotations
@@ -292,3 +292,69 @@ def test_no_split_k_choice_gives_the_same_products(dtype: str, m: int, k: int, n
             assert p["chosen"] == 0
         elif p["chosen"] > 0:
             assert p["chosen_split_k"] <= 1
+
+
+# ------------------------------------------------------------------ cross-entropy kernels against the reference
+CE_TOL = {"float64": dict(loss=1e-10, rtol=1e-9, atol=1e-13), "float32": dict(loss=2e-5, rtol=1e-4, atol=1e-6),
+          "float16": dict(loss=2e-5, rtol=2e-3, atol=1e-3), "bfloat16": dict(loss=2e-5, rtol=1e-2, atol=4e-3)}
+
+
+def _ce_run(cls, xh: np.ndarray, tg: np.ndarray, g: float, ignore_index: int = -100) -> tuple:
+    """(loss, dlogits) of cls.apply on the GPU, on the same (16-bit: same 16-bit) logits."""
+    x = Tensor(_gpu(xh), requires_grad=True)
+    loss = cls.apply(x, _gpu(tg), ignore_index=ignore_index)
+    loss.backward(Tensor(_gpu(np.asarray(g, dtype=loss.dtype))))
+    assert x.grad.dtype == xh.dtype and x.grad.shape == xh.shape
+    return float(_host(loss.data)), _host(x.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ["float64"])
+@pytest.mark.parametrize("C", [5, 65, 4104, 50257, 50304])
+@pytest.mark.parametrize("N", [3, 37])
+def test_cross_entropy_kernels_equal_the_reference(dtype: str, C: int, N: int) -> None:
+    """CrossEntropyCUDA (one-pass online log-sum-exp forward; 16-byte loads where C * itemsize % 16 == 0,
+    here 4104 and 50304, else one element a load) against the reference CrossEntropy on the same inputs
+    (16-bit logits: the reference computes in float32): the loss and the logits' gradient. Every third
+    target ignored (nll 0, dx exactly 0); the last row has its first half at -inf and targets C - 1.
+    (float64 is dispatched to the reference; its kernels are called here directly, through apply.)"""
+    from tensor.cuda import cross_entropy as ce
+    rng = np.random.default_rng(C * 100 + N)
+    t = _dtype(dtype)
+    xh = (rng.standard_normal((N, C)) * 4).astype(t)
+    xh[-1, :C // 2] = -np.inf
+    tg = rng.integers(0, C, N)
+    tg[::3], tg[-1] = -100, C - 1
+    vec = (C * t.itemsize) % 16 == 0
+    assert (ce._plan(_gpu(xh))[1] > 1) == vec
+    assert ce.CrossEntropyCUDA.supports(_gpu(xh)) == (dtype != "float64")
+    loss, dx = _ce_run(ce.CrossEntropyCUDA, xh, tg, 0.7)
+    ref_loss, ref_dx = _ce_run(F.CrossEntropy, xh, tg, 0.7)
+    tol = CE_TOL[dtype]
+    scale = 0.7 / int((tg != -100).sum())
+    print(f"cross_entropy {dtype} C={C} N={N} vec={vec}: loss {loss:.8g} (reference {ref_loss:.8g}), "
+          f"max |ddx| {np.abs(dx - ref_dx).max() / scale:.3g} * scale")
+    np.testing.assert_allclose(loss, ref_loss, rtol=tol["loss"])
+    assert np.all(dx[tg == -100] == 0) and np.all(dx[-1, :C // 2] == 0)
+    np.testing.assert_allclose(dx, ref_dx, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cross_entropy_kernels_on_a_misaligned_view_and_with_every_target_ignored(dtype: str) -> None:
+    """A view one element into its buffer (rows a whole number of vectors, the base not 16-byte aligned):
+    the one-element kernels, equal to the reference; every target ignored: loss 0 and dx 0."""
+    from tensor.cuda import cross_entropy as ce
+    rng = np.random.default_rng(1)
+    t = _dtype(dtype)
+    N, C = 6, 4104
+    buf = _gpu(rng.standard_normal(N * C + 1).astype(t))
+    x = buf[1:].reshape(N, C)
+    assert ce._plan(x)[1] == 1
+    tg = _gpu(rng.integers(0, C, N))
+    got, ref = (cls.apply(Tensor(x), tg) for cls in (ce.CrossEntropyCUDA, F.CrossEntropy))
+    np.testing.assert_allclose(_host(got.data), _host(ref.data), rtol=2e-5)
+    lse, nll = ce.cross_entropy_forward(x, tg, -100)
+    dx = ce.cross_entropy_backward(x, tg, lse, _gpu(np.array([0.5], np.float32)), -100)
+    ref_dx = _ce_run(F.CrossEntropy, backend.to_numpy(x), backend.to_numpy(tg), 0.5 * N)[1]
+    np.testing.assert_allclose(_host(dx), ref_dx, rtol=CE_TOL[dtype]["rtol"], atol=CE_TOL[dtype]["atol"] * 0.5)
+    loss, dxi = _ce_run(ce.CrossEntropyCUDA, rng.standard_normal((4, 64)).astype(t), np.full(4, 7), 1.0, ignore_index=7)
+    assert loss == 0 and np.all(dxi == 0)
