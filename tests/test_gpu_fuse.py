@@ -303,7 +303,7 @@ def _ce_run(cls, xh: np.ndarray, tg: np.ndarray, g: float, ignore_index: int = -
     """(loss, dlogits) of cls.apply on the GPU, on the same (16-bit: same 16-bit) logits."""
     x = Tensor(_gpu(xh), requires_grad=True)
     loss = cls.apply(x, _gpu(tg), ignore_index=ignore_index)
-    loss.backward(Tensor(_gpu(np.asarray(g, dtype=loss.dtype))))
+    loss.backward(Tensor(backend.to_device(np.full(loss.shape, g, dtype=loss.dtype), "cuda")))  # (0-d: not _gpu)
     assert x.grad.dtype == xh.dtype and x.grad.shape == xh.shape
     return float(_host(loss.data)), _host(x.grad)
 
