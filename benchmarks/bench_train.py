@@ -33,7 +33,10 @@ CUDA the GPU memory: CuPy's pool high-water total_bytes() / torch.cuda.max_memor
 belongs to one implementation. The parent alternates them (ours, torch, ours, torch, ...)
 so drift of a shared machine hits both alike, and reports the ratios ours / torch.
 tokens/s = batch * block / (median time of a timed step); on CUDA every timed step ends
-with a device synchronisation. On the CPU each implementation's step is also split into its
+with a device synchronisation, unless `--sync-every N`: then the timed steps run in groups of N
+between synchronisations (0: one group), each step of a group timed as the group's mean -- how a
+training loop runs that reads the loss once per log interval (tinygrad_lm's Trainer and nanoGPT's
+train.py: every 10 steps), so the host queues the next step's work while the GPU finishes this one. On the CPU each implementation's step is also split into its
 parts (forward, backward, clip, optimizer, zero_grad: `phases_ms`, medians). On CUDA the fp32 ours-worker also times our KV-cached sampler
 (tinygrad_lm.sample.generate, greedy, 256 new tokens from a one-token prompt, batch 1 and 8)
 on the trained model, in float32 as `python -m tinygrad_lm sample` runs it.
@@ -176,18 +179,24 @@ class Phases:
         return {k: round(statistics.median(v[skip:]) * 1e3, 3) for k, v in self.times.items() if v[skip:]}
 
 
-def time_steps(step, data: list, sync, warmup: int) -> tuple[list, list]:
-    """Run step(x, y) over the batches, each timed between device synchronisations;
-    returns (seconds of the steps after `warmup`, every step's loss as returned)."""
+def time_steps(step, data: list, sync, warmup: int, every: int = 1) -> tuple[list, list]:
+    """Run step(x, y) over the batches, the steps after `warmup` timed between device synchronisations,
+    in groups of `every` steps (1: each step alone; 0: all of them as one group), each step of a group
+    counted as the group's mean; returns (seconds per timed step, every step's loss as returned)."""
     times, losses = [], []
-    for i, (x, y) in enumerate(data):
+    for x, y in data[:warmup]:
+        losses.append(step(x, y))
+        sync()
+    timed = data[warmup:]
+    every = every or len(timed)
+    for g in range(0, len(timed), every):
+        group = timed[g:g + every]
         sync()
         t0 = time.perf_counter()
-        loss = step(x, y)
+        for x, y in group:
+            losses.append(step(x, y))
         sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss)
+        times += [(time.perf_counter() - t0) / len(group)] * len(group)
     return times, losses
 
 
@@ -255,7 +264,7 @@ def worker_ours(a: argparse.Namespace, graph: bool = False) -> dict:
         return loss
 
     freeze_gc()
-    times, losses = time_steps(step, data, sync, a.warmup)  # losses stay on the device
+    times, losses = time_steps(step, data, sync, a.warmup, a.sync_every)  # losses stay on the device
     losses = [float(backend.to_numpy(v)) for v in losses]
     res = {"step_times_s": times, "losses": losses, "rss_after_import_mib": rss_import,
            "optimizer": "nn.optim.AdamW (per-parameter)", "phases_ms": phases.medians_ms(a.warmup)}
@@ -362,7 +371,7 @@ def worker_torch(a: argparse.Namespace, compiled: bool = False) -> dict:
         return loss.detach()
 
     freeze_gc()
-    times, losses = time_steps(step, data, sync, a.warmup)
+    times, losses = time_steps(step, data, sync, a.warmup, a.sync_every)
     res = {"step_times_s": times, "losses": [float(v) for v in losses], "rss_after_import_mib": rss_import,
            "optimizer": "torch.optim.AdamW " + ("fused" if fused else "foreach (default)"),
            "compiled": compiled, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
@@ -410,7 +419,7 @@ def spawn(a: argparse.Namespace, impl: str, precision: str, weights: str) -> dic
     warmup = max(a.warmup, 3) if impl == "torch-compile" else a.warmup  # the first steps compile
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--precision", precision,
            "--device", a.device, "--config", a.config, "--batch-size", str(a.batch_size), "--steps", str(a.steps),
-           "--warmup", str(warmup), "--threads", str(a.threads), "--weights", weights, "--data", a.data or "",
+           "--warmup", str(warmup), "--sync-every", str(a.sync_every), "--threads", str(a.threads), "--weights", weights, "--data", a.data or "",
            "--decode-tokens", str(a.decode_tokens), "--decode-batches", ",".join(map(str, a.decode_batches))]
     p = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(a.threads))
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -428,6 +437,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the config's batch for the device")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--sync-every", type=int, default=1,
+                    help="CUDA: timed steps between device synchronisations (1: every step; 0: once at the end)")
     ap.add_argument("--repeats", type=int, default=2, help="ours, torch, ours, torch, ... per precision")
     ap.add_argument("--impls", default="ours,torch",
                     help="from ours, ours-graph (CUDA: forward+backward replayed as a CUDA graph, "
