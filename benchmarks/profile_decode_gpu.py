@@ -1,0 +1,77 @@
+"""Which GPU kernels does one decode step run, and for how long? (issue 19)
+
+    python benchmarks/profile_decode_gpu.py --models large --precisions bf16 --batches 1 32
+
+Ours: the CUDA-graph decoder (tinygrad_lm/decode_cuda.py, as bench_decode_gpu.py sets it up); the peer:
+PyTorch's static-cache twin with its decode step captured as a CUDA graph (bench_decode_gpu.TorchStaticGPT).
+Both decode --new-tokens greedy tokens from a one-token prompt under torch.profiler (CUPTI records every
+kernel, those replayed from a graph included, CuPy's and cuBLAS's too); kernels are grouped by name and
+reported per decode step (time in µs and launches), largest first, with the summed kernel time per step.
+The prefill and the capture run before the profiled generation. Prints JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import _common as C  # noqa: F401  (puts the repository root on sys.path)
+import numpy as np
+
+from bench_decode_gpu import MODELS, TorchStaticGPT, bf16_inference_, ours_graph
+from tinygrad_lm.model import GPT, GPTConfig
+
+
+def kernels_per_step(run, steps: int, top: int) -> dict:
+    """run() under torch.profiler (CUDA activity): {kernel_us_per_step, kernels: [name, us, launches per step]}."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += e.time_range.elapsed_us()
+            per[e.name][1] += 1
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])
+    return {"kernel_us_per_step": round(sum(v[0] for v in per.values()) / steps, 1),
+            "launches_per_step": round(sum(v[1] for v in per.values()) / steps, 1),
+            "kernels": [[k[:90], round(v[0] / steps, 2), round(v[1] / steps, 2)] for k, v in rows[:top]]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="large")
+    ap.add_argument("--precisions", default="bf16")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    import torch
+    n, out = args.new_tokens, {"new_tokens": n, "rows": []}
+    rng = np.random.default_rng(0)
+    for name in args.models.split(","):
+        cfg = GPTConfig(vocab_size=65, block_size=256, pos_encoding="learned", **MODELS[name])
+        for prec in args.precisions.split(","):
+            model = GPT(cfg, seed=0).eval()
+            state = model.state_dict()
+            model.to("cuda")
+            if prec == "bf16":
+                bf16_inference_(model)
+            for B in args.batches:
+                prompt = rng.integers(0, cfg.vocab_size, (B, 1))
+                ours_graph(model, prompt, 4)  # compiled, captured once
+                twin = TorchStaticGPT(state, cfg, B, "cuda", torch.bfloat16 if prec == "bf16" else torch.float32)
+                twin.generate(prompt, 4, graph=False)
+                twin.capture()
+                out["rows"].append({"model": name, "precision": prec, "batch": B,
+                                    "ours_graph": kernels_per_step(lambda: ours_graph(model, prompt, n), n, args.top),
+                                    "torch_graph": kernels_per_step(lambda: twin.generate(prompt, n, graph=True), n,
+                                                                    args.top)})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
