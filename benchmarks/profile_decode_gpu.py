@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=14)
     args = ap.parse_args()
     import torch
-    n, out = args.new_tokens, {"new_tokens": n, "rows": []}
+    n = args.new_tokens
+    out: dict = {"new_tokens": n, "rows": []}
     rng = np.random.default_rng(0)
     for name in args.models.split(","):
         cfg = GPTConfig(vocab_size=65, block_size=256, pos_encoding="learned", **MODELS[name])
