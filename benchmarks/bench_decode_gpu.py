@@ -236,47 +236,52 @@ def best(fn, repeats: int):
 def run_variants(args, res: dict) -> None:
     """Per model, precision, batch: ours CUDA graph (us per step, kernels per captured step) under each
     variant, PyTorch's CUDA graph once; greedy tokens of each variant against the first variant's."""
-    import torch
-
     from count_decode_kernels import count_step
     from tensor.cuda import cublaslt
     variants = args.variants.split(",")
     n = args.new_tokens
+    for name, prec, model, B, prompt, twin in graph_cases(args.models, args.precisions, args.batches):
+        _, secs = best(lambda: twin.generate(prompt, n, graph=True, timed_from=2), args.repeats)
+        torch_us = 1e6 * secs / (n - 2)
+        twin = None  # (its caches freed before ours run)
+        first = None
+        for v in variants:
+            with decode_variant(v):
+                kernels = count_step(model, B)["kernel_nodes"]
+                ours_graph(model, prompt, 4)
+                toks, secs = best(lambda: ours_graph(model, prompt, n), args.repeats)
+            us_step = 1e6 * secs / (n - 2 - LOOKAHEAD)
+            first = toks if first is None else first
+            row = {"model": name, "precision": prec, "batch": B, "variant": v, "kernels_per_step": kernels,
+                   "ours_graph_us_per_step": round(us_step, 1), "torch_graph_us_per_step": round(torch_us, 1),
+                   "ours_graph_vs_torch_graph": round(torch_us / us_step, 3),
+                   f"first_mismatch_vs_{variants[0]}": first_mismatch(toks, first)}
+            res["rows"].append(row)
+            print(f"{name:5s} {prec:4s} B={B:<3d} {v:15s} kernels {kernels:4d}  ours {us_step:7.1f} us  "
+                  f"torch {torch_us:7.1f} us  ours/torch {torch_us / us_step:5.3f}x  "
+                  f"tokens differ from {row[f'first_mismatch_vs_{variants[0]}']}", file=sys.stderr, flush=True)
+    res["cublaslt_plans"] = [p for p in cublaslt.plan_summary() if p["m"] <= 64]
+
+
+def graph_cases(models: str, precisions: str, batches: list) -> Iterator[tuple]:
+    """(model name, precision, our model on the GPU, batch, a 1-token prompt (B, 1), PyTorch's twin with its
+    decode step captured) for every model x precision x batch (bf16: bf16_inference_ and an all-bf16 twin)."""
+    import torch
     rng = np.random.default_rng(0)
-    for name in args.models.split(","):
+    for name in models.split(","):
         cfg = GPTConfig(vocab_size=65, block_size=256, pos_encoding="learned", **MODELS[name])
-        for prec in args.precisions.split(","):
+        for prec in precisions.split(","):
             model = GPT(cfg, seed=0).eval()
             state = model.state_dict()
             model.to("cuda")
             if prec == "bf16":
                 bf16_inference_(model)
-            tdtype = torch.bfloat16 if prec == "bf16" else torch.float32
-            for B in args.batches:
+            for B in batches:
                 prompt = rng.integers(0, cfg.vocab_size, (B, 1))
-                twin = TorchStaticGPT(state, cfg, B, "cuda", tdtype)
+                twin = TorchStaticGPT(state, cfg, B, "cuda", torch.bfloat16 if prec == "bf16" else torch.float32)
                 twin.generate(prompt, 4, graph=False)
                 twin.capture()
-                _, secs = best(lambda: twin.generate(prompt, n, graph=True, timed_from=2), args.repeats)
-                torch_us = 1e6 * secs / (n - 2)
-                twin = None  # (its caches freed before ours run)
-                first = None
-                for v in variants:
-                    with decode_variant(v):
-                        kernels = count_step(model, B)["kernel_nodes"]
-                        ours_graph(model, prompt, 4)
-                        toks, secs = best(lambda: ours_graph(model, prompt, n), args.repeats)
-                    us_step = 1e6 * secs / (n - 2 - LOOKAHEAD)
-                    first = toks if first is None else first
-                    row = {"model": name, "precision": prec, "batch": B, "variant": v, "kernels_per_step": kernels,
-                           "ours_graph_us_per_step": round(us_step, 1), "torch_graph_us_per_step": round(torch_us, 1),
-                           "ours_graph_vs_torch_graph": round(torch_us / us_step, 3),
-                           f"first_mismatch_vs_{variants[0]}": first_mismatch(toks, first)}
-                    res["rows"].append(row)
-                    print(f"{name:5s} {prec:4s} B={B:<3d} {v:15s} kernels {kernels:4d}  ours {us_step:7.1f} us  "
-                          f"torch {torch_us:7.1f} us  ours/torch {torch_us / us_step:5.3f}x  "
-                          f"tokens differ from {row[f'first_mismatch_vs_{variants[0]}']}", file=sys.stderr, flush=True)
-    res["cublaslt_plans"] = [p for p in cublaslt.plan_summary() if p["m"] <= 64]
+                yield name, prec, model, B, prompt, twin
 
 
 def main() -> None:

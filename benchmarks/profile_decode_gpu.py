@@ -18,10 +18,8 @@ import collections
 import json
 
 import _common as C  # noqa: F401  (puts the repository root on sys.path)
-import numpy as np
 
-from bench_decode_gpu import MODELS, TorchStaticGPT, bf16_inference_, ours_graph
-from tinygrad_lm.model import GPT, GPTConfig
+from bench_decode_gpu import graph_cases, ours_graph
 
 
 def kernels_per_step(run, steps: int, top: int) -> dict:
@@ -65,28 +63,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--top", type=int, default=14)
     args = ap.parse_args()
-    import torch
     n = args.new_tokens
     out: dict = {"new_tokens": n, "rows": []}
-    rng = np.random.default_rng(0)
-    for name in args.models.split(","):
-        cfg = GPTConfig(vocab_size=65, block_size=256, pos_encoding="learned", **MODELS[name])
-        for prec in args.precisions.split(","):
-            model = GPT(cfg, seed=0).eval()
-            state = model.state_dict()
-            model.to("cuda")
-            if prec == "bf16":
-                bf16_inference_(model)
-            for B in args.batches:
-                prompt = rng.integers(0, cfg.vocab_size, (B, 1))
-                ours_graph(model, prompt, 4)  # compiled, captured once
-                twin = TorchStaticGPT(state, cfg, B, "cuda", torch.bfloat16 if prec == "bf16" else torch.float32)
-                twin.generate(prompt, 4, graph=False)
-                twin.capture()
-                out["rows"].append({"model": name, "precision": prec, "batch": B,
-                                    "ours_graph": kernels_per_step(lambda: ours_graph(model, prompt, n), n, args.top),
-                                    "torch_graph": kernels_per_step(lambda: twin.generate(prompt, n, graph=True), n,
-                                                                    args.top)})
+    for name, prec, model, B, prompt, twin in graph_cases(args.models, args.precisions, args.batches):
+        ours_graph(model, prompt, 4)  # compiled, captured once
+        out["rows"].append({"model": name, "precision": prec, "batch": B,
+                            "ours_graph": kernels_per_step(lambda: ours_graph(model, prompt, n), n, args.top),
+                            "torch_graph": kernels_per_step(lambda: twin.generate(prompt, n, graph=True), n, args.top)})
     print(json.dumps(out))
 
 
