@@ -72,7 +72,7 @@ __global__ void gemv_int8(const T* __restrict__ x, const signed char* __restrict
     if (n0 >= N) return;                      // the whole warp leaves together (n0 is per warp)
     const signed char* qn[GEMV_CHANNELS];     // channels past N read the last row, never written
     #pragma unroll
-    for (int c = 0; c < GEMV_CHANNELS; ++c) qn[c] = q + (long long)min(n0 + c, N - 1) * K;
+    for (int c = 0; c < GEMV_CHANNELS; ++c) qn[c] = q + (long long)(n0 + c < N ? n0 + c : N - 1) * K;
     for (int m0 = 0; m0 < M; m0 += GEMV_GROUP) {
         float acc[GEMV_GROUP * GEMV_CHANNELS];
         #pragma unroll
