@@ -38,17 +38,6 @@ _SOURCE = r"""
 // W consecutive elements read with one load (W * sizeof(E) is 1, 4, 8 or 16 bytes, aligned to it)
 template <typename E, int W>
 struct alignas(W * sizeof(E)) Chunk { E v[W]; };
-// y (M, N) = (x (M, K) @ q (N, K)^T) * s (N) + b (N), float32 sums.
-// Each warp owns GEMV_CHANNELS consecutive channels n0.. and passes over the rows GEMV_GROUP at a
-// time. Lane l reads V int8 weights of each channel at k = V l + 32 V i (V = 16: a uint4 per row of
-// q, V = 4: an int, V = 1: a byte; the caller picks V from K and the pointers' alignment), then,
-// S = min(V, 16 / sizeof(T)) columns at a time, the matching S values of each input row with one
-// load (float4 for float32, 8 halves as a uint4) and adds them into all GEMV_CHANNELS channels:
-// each x value read serves GEMV_CHANNELS channels instead of one, cutting the x traffic per
-// channel (M K values, which dominate from M = 8 on) by that factor without shared memory (which
-// would need a k tiling at M = 32, K = 3072 float32: 384 KiB). The 32 sums (rows x channels) are
-// reduced across the warp with a halving exchange (31 shuffles, halve below), after which lane l
-// holds sum l = r * GEMV_CHANNELS + c, the output y[m0 + r, n0 + c].
 // One step of the halving exchange of 2 O sums across the warp: the lanes with bit O set keep sums
 // O..2O-1 (moved down to 0..O-1) and add their partner's copies, the others keep 0..O-1. After
 // O = 16, 8, 4, 2, 1 lane l holds the warp's total of sum l.
@@ -62,6 +51,17 @@ __device__ __forceinline__ void halve(float* acc, int lane) {
         acc[i] = keep + __shfl_xor_sync(0xffffffff, send, O);
     }
 }
+// y (M, N) = (x (M, K) @ q (N, K)^T) * s (N) + b (N), float32 sums.
+// Each warp owns GEMV_CHANNELS consecutive channels n0.. and passes over the rows GEMV_GROUP at a
+// time. Lane l reads V int8 weights of each channel at k = V l + 32 V i (V = 16: a uint4 per row of
+// q, V = 4: an int, V = 1: a byte; the caller picks V from K and the pointers' alignment), then,
+// S = min(V, 16 / sizeof(T)) columns at a time, the matching S values of each input row with one
+// load (float4 for float32, 8 halves as a uint4) and adds them into all GEMV_CHANNELS channels:
+// each x value read serves GEMV_CHANNELS channels instead of one, cutting the x traffic per
+// channel (M K values, which dominate from M = 8 on) by that factor without shared memory (which
+// would need a k tiling at M = 32, K = 3072 float32: 384 KiB). The 32 sums (rows x channels) are
+// reduced across the warp with a halving exchange (31 shuffles, halve below), after which lane l
+// holds sum l = r * GEMV_CHANNELS + c, the output y[m0 + r, n0 + c].
 template <typename T, int V>
 __global__ void gemv_int8(const T* __restrict__ x, const signed char* __restrict__ q,
                           const float* __restrict__ s, const T* __restrict__ b, T* __restrict__ y,
