@@ -4,8 +4,6 @@ reference, a quantized GPT against the float one, the export / load round trip, 
 its refusals. GPU tests skip without CuPy."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -280,25 +278,38 @@ def test_quantized_model_refuses_training():
 
 
 # ------------------------------------------------------------------ GPU (the lead runs these)
+def _width(K: int) -> int:
+    """The int8 weights per load gemv_int8 takes for fresh (aligned) arrays of row length K."""
+    return 16 if K % 16 == 0 else 4 if K % 4 == 0 else 1
+
+
+# (N, K): odd N (a warp's 4 channels run past N); K taking 16-wide loads (384, 1536), 4-wide
+# (200) and single bytes (390: even but not a multiple of 4, 33: odd, shorter than a warp's lanes)
+GPU_SHAPES = [(72, 200), (65, 384), (1155, 1536), (65, 390), (1155, 33)]
+
+
 @gpu
-@pytest.mark.parametrize("rows", [1, 5, 8, 9, 32, 33, 100])
+@pytest.mark.parametrize("rows", [1, 5, 7, 8, 9, 31, 32, 33, 100])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gpu_linear_int8_kernels_equal_the_reference(rows, dtype, bias):
-    from tensor.cuda.quant import GEMV_ROWS, LinearInt8CUDA
+def test_gpu_linear_int8_kernels_equal_the_reference(rows, shape, dtype, bias):
+    from tensor.cuda.quant import GEMV_ROWS, LinearInt8CUDA, vector_width
     from tensor.dispatch import pick
     from tensor.quant import LinearInt8
     from test_gpu import _dtype
     cp = backend.cupy_module()
     dt = _dtype(dtype)
+    N, K = shape
     rng = np.random.default_rng(rows)
-    q, s = quantize_int8(weights(72, 200, seed=rows))
-    x = rng.standard_normal((rows, 200)).astype(dt)          # exactly representable in dt: the
-    b = rng.standard_normal(72).astype(dt) if bias else None  # reference sees the same inputs
+    q, s = quantize_int8(weights(N, K, seed=rows))
+    x = rng.standard_normal((rows, K)).astype(dt)          # exactly representable in dt: the
+    b = rng.standard_normal(N).astype(dt) if bias else None  # reference sees the same inputs
     args = (cp.asarray(x), cp.asarray(q), cp.asarray(s), None if b is None else cp.asarray(b))
     assert pick(LinearInt8, *args) is LinearInt8CUDA
+    assert vector_width(args[0], args[1]) == _width(K)
     y = linear_int8(*(None if a is None else Tensor(a) for a in args))
-    assert y.dtype == dt and y.shape == (rows, 72)
+    assert y.dtype == dt and y.shape == (rows, N)
     want = float_linear(x.astype(np.float64), q, s, None if b is None else b.astype(np.float64))
     got = backend.to_numpy(y.data).astype(np.float64)
     tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
@@ -307,22 +318,52 @@ def test_gpu_linear_int8_kernels_equal_the_reference(rows, dtype, bias):
 
 
 @gpu
-@pytest.mark.parametrize("rows", [1, 8, 40])
-def test_gpu_linear_int8_takes_strided_rows(rows):
+@pytest.mark.parametrize("rows", [1, 8, 31, 32, 40])
+@pytest.mark.parametrize("K", [200, 384, 33])
+def test_gpu_linear_int8_takes_strided_rows(rows, K):
     """A strided x (a decoding step's merged heads) stays on the CUDA path, which copies it to rows
     (the reference would call CuPy's cuBLAS, which a CUDA-graph capture refuses)."""
     from tensor.cuda.quant import LinearInt8CUDA
     from tensor.dispatch import pick
     from tensor.quant import LinearInt8
     cp = backend.cupy_module()
-    q, s = quantize_int8(weights(72, 200, seed=rows))
-    wide_x = np.random.default_rng(rows).standard_normal((rows, 400)).astype(np.float32)
-    x = wide_x[:, ::2]  # (rows, 200), every other column: strided for any rows (a transposed (200, 1) would not be)
+    q, s = quantize_int8(weights(73, K, seed=rows))
+    wide_x = np.random.default_rng(rows).standard_normal((rows, 2 * K)).astype(np.float32)
+    x = wide_x[:, ::2]  # (rows, K), every other column: strided for any rows (a transposed (K, 1) would not be)
     args = (cp.asarray(wide_x)[:, ::2], cp.asarray(q), cp.asarray(s), None)
     assert not args[0].flags.c_contiguous and pick(LinearInt8, *args) is LinearInt8CUDA
     got = backend.to_numpy(linear_int8(*(None if a is None else Tensor(a) for a in args)).data)
     want = float_linear(x.astype(np.float64), q, s, None)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@gpu
+@pytest.mark.parametrize("rows", [7, 32])
+@pytest.mark.parametrize("dtype, x_offset, q_offset, width", [
+    ("float32", 0, 0, 16), ("float32", 4, 0, 16), ("float32", 1, 0, 1), ("float32", 0, 4, 4), ("float32", 0, 1, 1),
+    ("float16", 0, 0, 16), ("float16", 4, 0, 4), ("float16", 1, 0, 1), ("float16", 0, 4, 4), ("bfloat16", 4, 0, 4),
+    ("bfloat16", 2, 8, 1)])
+def test_gpu_linear_int8_takes_misaligned_views(rows, dtype, x_offset, q_offset, width):
+    """Contiguous x and q views starting x_offset elements / q_offset bytes into a buffer: the GEMV
+    reads them with the widest loads their alignment allows (x: 16 bytes for 16 weights, 4 elements
+    for 4; q: the weights' bytes), down to one element, and gets the same values."""
+    from tensor.cuda.quant import vector_width
+    from test_gpu import _dtype
+    cp = backend.cupy_module()
+    dt = _dtype(dtype)
+    N, K = 67, 96
+    q, s = quantize_int8(weights(N, K, seed=rows))
+    x = np.random.default_rng(rows).standard_normal((rows, K)).astype(dt)
+    x_buf = cp.zeros(x_offset + x.size, dt)
+    x_buf[x_offset:] = cp.asarray(x.ravel())
+    q_buf = cp.zeros(q_offset + q.size, np.int8)
+    q_buf[q_offset:] = cp.asarray(q.ravel())
+    xv, qv = x_buf[x_offset:].reshape(rows, K), q_buf[q_offset:].reshape(N, K)
+    assert xv.flags.c_contiguous and qv.flags.c_contiguous and vector_width(xv, qv) == width
+    got = backend.to_numpy(linear_int8(Tensor.wrap(xv), Tensor.wrap(qv), Tensor(cp.asarray(s))).data).astype(np.float64)
+    want = float_linear(x.astype(np.float64), q, s, None)
+    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
 @gpu
