@@ -46,6 +46,11 @@ def grid_blocks(items: int) -> int:
     return max(1, min(GRID_MAX_BLOCKS, -(-items // GRID_THREADS)))
 
 
+def element_strides(a: Any) -> tuple:
+    """An array's strides counted in elements instead of bytes."""
+    return tuple(s // a.itemsize for s in a.strides)
+
+
 def threads(n: int) -> int:
     """Threads per block for a row of n items: a power of two in [32, 256]."""
     return int(min(256, max(32, 1 << (max(n, 1) - 1).bit_length())))

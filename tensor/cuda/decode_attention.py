@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tensor import backend
-from tensor.cuda.common import CTYPE, cupy, empty, usable
+from tensor.cuda.common import CTYPE, cupy, element_strides, empty, usable
 
 MAX_HEAD = 128        # D <= 32 * EPL_MAX
 WARPS = 4             # warps per block of pass 1; each takes every WARPS-th key of the chunk
@@ -152,10 +152,6 @@ def _module() -> Any:
     return cupy().RawModule(code=_SOURCE, options=("--std=c++14",), name_expressions=names)
 
 
-def _strides(a: Any) -> tuple:
-    return tuple(s // a.itemsize for s in a.strides)
-
-
 def fits(q: Any, k: Any, v: Any, mask: Any = None, dropout_p: float = 0.0) -> bool:
     """Whether decode_attention takes these arrays: CuPy q (B, H, 1, D), k, v (B, H, Tk, D) of one
     float dtype with D <= 128 and the last axis contiguous; mask None or bool (B, Tk), last axis
@@ -195,7 +191,7 @@ def decode_attention(q: Any, k: Any, v: Any, mask: Any = None, splits: int | Non
     out = empty((B, H, 1, D), q.dtype)
     ctype = CTYPE[backend.dtype_name(q.dtype)]
     epl = -(-D // 32)
-    qs, ks, vs = _strides(q), _strides(k), _strides(v)
+    qs, ks, vs = element_strides(q), element_strides(k), element_strides(v)
     has_mask = mask is not None
     m = mask if has_mask else q
     msb = mask.strides[0] if has_mask else 0
@@ -222,7 +218,7 @@ def kv_cache_write(cache_k: Any, cache_v: Any, k: Any, v: Any, col: Any) -> None
     if any(a.strides[-1] != a.itemsize for a in (k, v, cache_k)) or col.dtype != np.int32:
         raise ValueError("kv_cache_write: the last axes must be contiguous and col a device int32")
     n = B * H * D
-    ks, vs, cs = _strides(k), _strides(v), _strides(cache_k)
+    ks, vs, cs = element_strides(k), element_strides(v), element_strides(cache_k)
     i64 = np.int64
     _write_kernel()(
         (-(-n // 256),), (256,),

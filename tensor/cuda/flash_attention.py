@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tensor import backend
-from tensor.cuda.common import cupy, empty, usable
+from tensor.cuda.common import cupy, element_strides, empty, usable
 
 HEADS = (32, 64, 128)   # head sizes compiled
 BLOCK = 64              # rows (queries in fwd/dq, keys in dkdv) per block: 4 warps x 16
@@ -959,7 +959,7 @@ def _strides(*arrays: Any) -> tuple:
     """The kernels' stride arguments of (B, H, T, D) arrays, in elements: batch and head as int64, row as int32."""
     out: tuple = ()
     for a in arrays:
-        sb, sh, st, _ = (x // a.itemsize for x in a.strides)
+        sb, sh, st, _ = element_strides(a)
         out += (np.int64(sb), np.int64(sh), np.int32(st))
     return out
 
