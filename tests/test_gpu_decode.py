@@ -38,9 +38,11 @@ def _host(a) -> np.ndarray:
                                       (1, 4, 5, 128), (2, 1, 70, 8)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("splits", [None, 1, 7])
-def test_decode_attention_equals_reference(dtype, B, H, Tk, D, masked, splits):
+@pytest.mark.parametrize("kernel", [None, "scalar"])
+def test_decode_attention_equals_reference(dtype, B, H, Tk, D, masked, splits, kernel):
     """Odd lengths, head sizes not a multiple of 32, one split or many, strided views of a larger
-    cache, padding masks (one row fully masked -> zeros, as the reference)."""
+    cache, padding masks (one row fully masked -> zeros, as the reference); the default kernel (the
+    16-byte-load one at D 64 and 128) and the scalar one."""
     import cupy as cp
     from tensor.attention import ScaledDotProductAttention
     from tensor.cuda.decode_attention import decode_attention, fits
@@ -58,7 +60,7 @@ def test_decode_attention_equals_reference(dtype, B, H, Tk, D, masked, splits):
             m[0, :] = False                      # a fully masked row
         mask = cp.asarray(m)[:, :Tk]
     assert fits(q, k, v, mask)
-    got = decode_attention(q, k, v, mask, splits=splits)
+    got = decode_attention(q, k, v, mask, splits=splits, kernel=kernel)
     want = ScaledDotProductAttention().forward(q, k, v, mask=mask, causal=True)
     assert got.shape == want.shape == (B, H, 1, D) and got.dtype == q.dtype
     np.testing.assert_allclose(_host(got), _host(want), **TOL[dtype])

@@ -65,3 +65,16 @@ def loaded_library(fragment: str) -> str | None:
             if fragment in name:
                 return name
     return None
+
+
+def views_fit(*arrays: Any) -> bool:
+    """Whether a kernel of 16-byte row loads (flash attention, decode attention) addresses these (B, H, T, D)
+    arrays as they lie: D contiguous, every row 16-byte aligned (the pointer and the batch, head and row
+    strides multiples of 16 bytes, none negative), the row stride within int32."""
+    for a in arrays:
+        st, ptr = a.strides, a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr   # (NumPy: the CPU tests)
+        if a.ndim != 4 or st[3] != a.itemsize or ptr % 16 or any(x < 0 or x % 16 for x in st[:3]):
+            return False
+        if st[2] // a.itemsize >= 2**31:
+            return False
+    return True

@@ -21,12 +21,16 @@ from typing import Any
 import numpy as np
 
 from tensor import backend
-from tensor.cuda.common import CTYPE, cupy, element_strides, empty, usable
+from tensor.cuda.common import CTYPE, cupy, element_strides, empty, usable, views_fit
 
 MAX_HEAD = 128        # D <= 32 * EPL_MAX
 WARPS = 4             # warps per block of pass 1; each takes every WARPS-th key of the chunk
 MIN_CHUNK = 32        # keys per split at least
 TARGET_BLOCKS = 264   # enough blocks of pass 1 to fill the GPU (2 per SM of an H100/H200)
+VEC_HEADS = (32, 64, 128)   # head sizes of the 16-byte-load kernel (decode_attn_vec)
+VEC_TARGET_BLOCKS = 528     # its blocks of pass 1 (4 per SM of an H100/H200)
+VEC_MIN_CHUNK = 64          # its keys per split at least
+MAX_CHUNK = 1024            # its keys per split at most (the scores of a chunk sit in shared memory)
 
 _SOURCE = r"""
 #include <cuda_fp16.h>
@@ -119,6 +123,114 @@ __global__ void decode_attn_combine(const float* __restrict__ part_acc, const fl
     }
     out[(long long)bh * D + d] = (T)(L > 0.f ? a / L : 0.f);
 }
+
+// The same chunk, with 16-byte loads: G = D / VEC lanes hold one key (or value) row, VEC elements each,
+// so a block of 128 threads reads KPB = 128 / G rows at a time and U such batches are in flight before
+// any is used. Phase 1 puts the chunk's scores in shared memory (masked keys: -inf, never read); then the
+// block's max M and p_j = exp(s_j - M) in place, L = sum p_j; phase 2 accumulates p_j v_j per group and
+// sums the groups. With one split (gridDim.y == 1) the block writes O itself (no combine pass).
+template <typename T, int D>
+__global__ void __launch_bounds__(128) decode_attn_vec(const T* __restrict__ q, const T* __restrict__ k,
+        const T* __restrict__ v, const unsigned char* __restrict__ mask, float* __restrict__ part_acc,
+        float* __restrict__ part_ml, T* __restrict__ out, int H, int Tk, int chunk,
+        long long qsb, long long qsh, long long ksb, long long ksh, long long kst,
+        long long vsb, long long vsh, long long vst, long long msb, int has_mask, float scale) {
+    constexpr int NT = 128, VEC = 16 / sizeof(T), G = D / VEC, KPB = NT / G, U = 4;
+    __shared__ float s_p[MAX_CHUNK];
+    __shared__ float s_red[KPB * D];
+    __shared__ float s_wm[NT / 32], s_wl[NT / 32];
+    const int bh = blockIdx.x, b = bh / H, h = bh % H, split = blockIdx.y, S = gridDim.y;
+    const int t = threadIdx.x, grp = t / G, sub = t % G, lane = t & 31, warp = t >> 5;
+    const int start = split * chunk, n = min(chunk, Tk - start);
+    const T* kp = k + b * ksb + h * ksh + (long long)start * kst + sub * VEC;
+    const T* vp = v + b * vsb + h * vsh + (long long)start * vst + sub * VEC;
+    const unsigned char* mp = mask + b * msb + start;
+    float qf[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) qf[e] = (float)q[b * qsb + h * qsh + sub * VEC + e] * scale;
+    // phase 1: the scores (every thread runs the same trips: the shuffles need the whole warp)
+    for (int base = 0; base < n; base += KPB * U) {
+        uint4 kr[U];
+        bool ok[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = base + u * KPB + grp;
+            ok[u] = j < n && (!has_mask || mp[j]);
+            if (ok[u]) kr[u] = *reinterpret_cast<const uint4*>(kp + (long long)j * kst);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            float s = 0.f;
+            if (ok[u]) {
+                const T* e = reinterpret_cast<const T*>(&kr[u]);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) s += qf[i] * (float)e[i];
+            }
+#pragma unroll
+            for (int o = G / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+            const int j = base + u * KPB + grp;
+            if (sub == 0 && j < n) s_p[j] = ok[u] ? s : NEG_INF;
+        }
+    }
+    __syncthreads();
+    float M = NEG_INF;
+    for (int j = t; j < n; j += NT) M = fmaxf(M, s_p[j]);
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffff, M, o));
+    if (lane == 0) s_wm[warp] = M;
+    __syncthreads();
+    M = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) M = fmaxf(M, s_wm[w]);
+    float L = 0.f;
+    for (int j = t; j < n; j += NT) {
+        const float p = M == NEG_INF ? 0.f : expf(s_p[j] - M);
+        s_p[j] = p;
+        L += p;
+    }
+    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffff, L, o);
+    if (lane == 0) s_wl[warp] = L;
+    __syncthreads();
+    L = 0.f;
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) L += s_wl[w];
+    // phase 2: sum_j p_j v_j, a group per row, U rows in flight per thread
+    float acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+    for (int base = 0; base < n; base += KPB * U) {
+        uint4 vr[U];
+        float p[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = base + u * KPB + grp;
+            p[u] = j < n ? s_p[j] : 0.f;
+            if (p[u] != 0.f) vr[u] = *reinterpret_cast<const uint4*>(vp + (long long)j * vst);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (p[u] != 0.f) {
+                const T* e = reinterpret_cast<const T*>(&vr[u]);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) acc[i] += p[u] * (float)e[i];
+            }
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) s_red[grp * D + sub * VEC + e] = acc[e];
+    __syncthreads();
+    if (t < D) {
+        float a = 0.f;
+#pragma unroll 4
+        for (int g = 0; g < KPB; ++g) a += s_red[g * D + t];
+        if (S == 1) {
+            out[(long long)bh * D + t] = (T)(L > 0.f ? a / L : 0.f);
+        } else {
+            const long long idx = (long long)bh * S + split;
+            part_acc[idx * D + t] = a;
+            if (t == 0) { part_ml[2 * idx] = M; part_ml[2 * idx + 1] = L; }
+        }
+    }
+}
 """
 
 
@@ -148,8 +260,10 @@ def _write_kernel() -> Any:
 @functools.lru_cache(maxsize=None)
 def _module() -> Any:
     names = [f"decode_attn_partial<{CTYPE[t]},{e}>" for t in ("float32", "float16", "bfloat16") for e in (1, 2, 3, 4)]
+    names += [f"decode_attn_vec<{CTYPE[t]},{d}>" for t in ("float32", "float16", "bfloat16") for d in VEC_HEADS]
     names += [f"decode_attn_combine<{CTYPE[t]}>" for t in ("float32", "float16", "bfloat16")]
-    return cupy().RawModule(code=_SOURCE, options=("--std=c++14",), name_expressions=names)
+    return cupy().RawModule(code=_SOURCE, options=("--std=c++14", f"-DMAX_CHUNK={MAX_CHUNK}"),
+                            name_expressions=names)
 
 
 def fits(q: Any, k: Any, v: Any, mask: Any = None, dropout_p: float = 0.0) -> bool:
@@ -172,18 +286,36 @@ def fits(q: Any, k: Any, v: Any, mask: Any = None, dropout_p: float = 0.0) -> bo
     return True
 
 
-def num_splits(batch_heads: int, tk: int) -> int:
-    """S, the chunks of the key axis: enough blocks to fill the GPU, chunks of MIN_CHUNK keys at least."""
-    want = max(1, -(-TARGET_BLOCKS // batch_heads))
-    return max(1, min(want, -(-tk // MIN_CHUNK)))
+def num_splits(batch_heads: int, tk: int, vector: bool = False) -> int:
+    """S, the chunks of the key axis: enough blocks to fill the GPU, chunks of MIN_CHUNK keys at least
+    (the vector kernel: VEC_TARGET_BLOCKS and VEC_MIN_CHUNK, and at most MAX_CHUNK keys a chunk)."""
+    target, least = (VEC_TARGET_BLOCKS, VEC_MIN_CHUNK) if vector else (TARGET_BLOCKS, MIN_CHUNK)
+    want = max(1, -(-target // batch_heads))
+    S = max(1, min(want, -(-tk // least)))
+    return max(S, -(-tk // MAX_CHUNK)) if vector else S
 
 
-def decode_attention(q: Any, k: Any, v: Any, mask: Any = None, splits: int | None = None) -> Any:
+def vector_fits(q: Any, k: Any, v: Any) -> bool:
+    """Whether the 16-byte-load kernel takes these (on top of `fits`): D in VEC_HEADS, and k, v views
+    of 16-byte-aligned rows (common.views_fit)."""
+    return q.shape[3] in VEC_HEADS and views_fit(k, v)
+
+
+def decode_attention(q: Any, k: Any, v: Any, mask: Any = None, splits: int | None = None,
+                     kernel: str | None = None) -> Any:
     """softmax(q k^T / sqrt(D) + mask) v for q (B, H, 1, D), k, v (B, H, Tk, D) -> (B, H, 1, D) in q's
-    dtype; mask (B, Tk) bool (True = attend) or None. Check `fits` first. splits: S (default num_splits)."""
+    dtype; mask (B, Tk) bool (True = attend) or None. Check `fits` first. splits: S (default num_splits);
+    kernel: "vector" (16-byte loads, where `vector_fits`), "scalar" (any D, any alignment) or None (the
+    vector kernel where it fits)."""
     B, H, _, D = q.shape
     Tk = k.shape[2]
-    S = splits or num_splits(B * H, Tk)
+    vector = vector_fits(q, k, v) if kernel is None else kernel == "vector"
+    if vector and not vector_fits(q, k, v):
+        raise ValueError(f"decode_attention: the vector kernel needs D in {VEC_HEADS} and 16-byte-aligned k, v; "
+                         f"got D={D}, k strides {k.strides}, v strides {v.strides}")
+    S = splits or num_splits(B * H, Tk, vector)
+    if vector:
+        S = max(S, -(-Tk // MAX_CHUNK))
     chunk = -(-Tk // S)
     S = -(-Tk // chunk)
     part_acc = empty((B * H * S * D,), np.float32)
@@ -197,11 +329,18 @@ def decode_attention(q: Any, k: Any, v: Any, mask: Any = None, splits: int | Non
     msb = mask.strides[0] if has_mask else 0
     mod = _module()
     i64 = np.int64
-    mod.get_function(f"decode_attn_partial<{ctype},{epl}>")(
-        (B * H, S), (32 * WARPS,),
-        (q, k, v, m, part_acc, part_ml, np.int32(H), np.int32(D), np.int32(Tk), np.int32(chunk),
-         i64(qs[0]), i64(qs[1]), i64(ks[0]), i64(ks[1]), i64(ks[2]), i64(vs[0]), i64(vs[1]), i64(vs[2]),
-         i64(msb), np.int32(has_mask), np.float32(1.0 / math.sqrt(D))))
+    strides = (i64(qs[0]), i64(qs[1]), i64(ks[0]), i64(ks[1]), i64(ks[2]), i64(vs[0]), i64(vs[1]), i64(vs[2]),
+               i64(msb), np.int32(has_mask), np.float32(1.0 / math.sqrt(D)))
+    if vector:
+        mod.get_function(f"decode_attn_vec<{ctype},{D}>")(
+            (B * H, S), (128,), (q, k, v, m, part_acc, part_ml, out, np.int32(H), np.int32(Tk), np.int32(chunk))
+            + strides)
+        if S == 1:
+            return out
+    else:
+        mod.get_function(f"decode_attn_partial<{ctype},{epl}>")(
+            (B * H, S), (32 * WARPS,),
+            (q, k, v, m, part_acc, part_ml, np.int32(H), np.int32(D), np.int32(Tk), np.int32(chunk)) + strides)
     mod.get_function(f"decode_attn_combine<{ctype}>")(
         (B * H,), (32 * epl,), (part_acc, part_ml, out, np.int32(D), np.int32(S)))
     return out

@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tensor import backend
-from tensor.cuda.common import cupy, element_strides, empty, usable
+from tensor.cuda.common import cupy, element_strides, empty, usable, views_fit
 
 HEADS = (32, 64, 128)   # head sizes compiled
 BLOCK = 64              # rows (queries in fwd/dq, keys in dkdv) per block: 4 warps x 16
@@ -940,19 +940,6 @@ def _kernels(dtype_name: str, D: int, variant: str | None = None) -> dict:
     out.update(_module(tuple((key, names[key]) for key in own)))
     out["dkdv"] = _allow_smem(out["dkdv"], dkdv_smem_bytes(dtype_name, D, variant))
     return out
-
-
-def views_fit(*arrays: Any) -> bool:
-    """Whether the kernels address these (B, H, T, D) arrays as they lie: D contiguous, every row 16-byte
-    aligned (the pointer and the batch, head and row strides multiples of 16 bytes, none negative), the row
-    stride within int32."""
-    for a in arrays:
-        st, ptr = a.strides, a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr   # (NumPy: the CPU tests)
-        if a.ndim != 4 or st[3] != a.itemsize or ptr % 16 or any(x < 0 or x % 16 for x in st[:3]):
-            return False
-        if st[2] // a.itemsize >= 2**31:
-            return False
-    return True
 
 
 def _strides(*arrays: Any) -> tuple:
