@@ -1,12 +1,12 @@
-"""The decoding kernels' CUDA source (tensor/cuda/decode_attention.py, tensor/cuda/sampling.py,
-tinygrad_lm/decode_cuda.py) run on the CPU through tests/cuda_emulation.py (host threads for CUDA
-threads), against the reference attention formula and the CPU sampler's filters: the kernels' logic
-checked on any machine. float32 only; tests/test_gpu_decode.py checks every dtype on a GPU.
+"""The decoding kernels' CUDA source (the sampler in tensor/cuda/sampling.py, the cache write in
+tensor/cuda/decode_attention.py, the position advance in tinygrad_lm/decode_cuda.py) run on the CPU through
+tests/cuda_emulation.py (host threads for CUDA threads), against the CPU sampler's filters and the cache's
+layout: the kernels' logic checked on any machine. The decode-attention kernels have their own file,
+tests/test_decode_attention_on_cpu.py. float32 only; tests/test_gpu_decode.py checks every dtype on a GPU.
 Skipped without a C++ compiler."""
 from __future__ import annotations
 
 import ctypes
-import math
 
 import numpy as np
 import pytest
@@ -25,17 +25,6 @@ extern "C" void run_sample(int threads, const float* logits, long long rs, int V
         sample_rows<float>(logits, rs, V, greedy, inv_temp, top_k, top_p, seed, counter, tokens, done, finished,
                            stops, n_stops); });
 }
-extern "C" void run_attn(int epl, const float* q, const float* k, const float* v, const unsigned char* mask,
-        float* pacc, float* pml, float* out, int B, int H, int D, int Tk, int S, int chunk, const long long* st,
-        int has_mask, float scale) {
-    launch(Dim{(unsigned)(B * H), (unsigned)S, 1}, Dim{128, 1, 1}, [=] {
-        auto f = epl == 1 ? decode_attn_partial<float, 1> : epl == 2 ? decode_attn_partial<float, 2>
-               : epl == 3 ? decode_attn_partial<float, 3> : decode_attn_partial<float, 4>;
-        f(q, k, v, mask, pacc, pml, H, D, Tk, chunk, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8],
-          has_mask, scale); });
-    launch(Dim{(unsigned)(B * H), 1, 1}, Dim{(unsigned)(32 * epl), 1, 1}, [=] {
-        decode_attn_combine<float>(pacc, pml, out, D, S); });
-}
 extern "C" void run_write(const float* k, const float* v, float* ck, float* cv, const int* col, int H, int D,
         const long long* st, int n) {
     launch(Dim{(unsigned)((n + 255) / 256), 1, 1}, Dim{256, 1, 1}, [=] {
@@ -47,13 +36,12 @@ extern "C" void run_advance(int threads, int* col, long long* pos, unsigned char
 }
 """
 
-_lib = build(SM._SOURCE + DA._SOURCE + DA._WRITE_SOURCE + DC._ADVANCE, LAUNCHERS)
+_lib = build(SM._SOURCE + DA._WRITE_SOURCE + DC._ADVANCE, LAUNCHERS)
 pytestmark = pytest.mark.skipif(_lib is None, reason="needs a C++ compiler (g++)")
 
 if _lib is not None:
     vp, ll, i32, f64 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_double
     _lib.run_sample.argtypes = [i32, vp, ll, i32, i32, i32, f64, i32, f64, ctypes.c_ulonglong, vp, vp, vp, vp, vp, i32]
-    _lib.run_attn.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, i32, i32, i32, vp, i32, ctypes.c_float]
     _lib.run_write.argtypes = [vp, vp, vp, vp, vp, i32, i32, vp, i32]
     _lib.run_advance.argtypes = [i32, vp, vp, vp, vp, i32, i32]
 
@@ -115,43 +103,7 @@ def test_stop_tokens():
     assert tok.tolist() == [2, 4, 6] and done.tolist() == [1, 0, 1]
 
 
-# ------------------------------------------------------------------ decode attention, cache write, advance
-def ref_attention(q, k, v, mask):
-    s = (q @ k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        s = np.where(mask[:, None, None, :], s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    e = np.exp(s - np.where(np.isfinite(m), m, 0.0))
-    z = e.sum(-1, keepdims=True)
-    return (e / np.where(z == 0, 1.0, z)) @ v
-
-
-@pytest.mark.parametrize("B,H,Tk,D,splits", [(1, 1, 1, 64, None), (2, 3, 37, 64, None), (2, 1, 100, 16, 3),
-                                             (1, 2, 70, 96, 1), (1, 1, 5, 128, None), (2, 1, 40, 8, 7)])
-@pytest.mark.parametrize("masked", [False, True])
-def test_decode_attention_equals_the_formula(B, H, Tk, D, splits, masked):
-    rng = np.random.default_rng(Tk)
-    cap = Tk + 9   # k and v are views of a bigger cache
-    q = rng.standard_normal((B, H, 1, D)).astype(np.float32)
-    kc, vc = (rng.standard_normal((B, H, cap, D)).astype(np.float32) for _ in range(2))
-    m = rng.random((B, cap)) > 0.3
-    if B > 1:
-        m[0] = False   # a fully masked row gives zeros
-    S = splits or DA.num_splits(B * H, Tk)
-    chunk = -(-Tk // S)
-    S = -(-Tk // chunk)
-    epl = -(-D // 32)
-    pacc, pml = np.zeros(B * H * S * D, np.float32), np.zeros(B * H * S * 2, np.float32)
-    out = np.zeros((B, H, 1, D), np.float32)
-    st = np.array([H * D, D, H * cap * D, cap * D, D, H * cap * D, cap * D, D, cap], np.int64)
-    _lib.run_attn(epl, q.ctypes.data, kc.ctypes.data, vc.ctypes.data, m.ctypes.data, pacc.ctypes.data,
-                  pml.ctypes.data, out.ctypes.data, B, H, D, Tk, S, chunk, st.ctypes.data, int(masked),
-                  1.0 / math.sqrt(D))
-    want = ref_attention(q.astype(np.float64), kc[:, :, :Tk].astype(np.float64), vc[:, :, :Tk].astype(np.float64),
-                         m[:, :Tk] if masked else None)
-    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
-
-
+# ------------------------------------------------------------------ cache write, advance
 def test_cache_write_and_advance():
     rng = np.random.default_rng(2)
     ck, cv = np.zeros((2, 3, 10, 8), np.float32), np.zeros((2, 3, 10, 8), np.float32)

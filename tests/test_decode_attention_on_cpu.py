@@ -37,7 +37,7 @@ struct __half {
 };
 """
 _NAMES = [f"decode_attn_vec<{CTYPE[t]},{d}>" for t in DTYPES for d in DA.VEC_HEADS]
-_NAMES += [f"decode_attn_partial<{CTYPE[t]},{e}>" for t in DTYPES for e in (1, 2, 4)]
+_NAMES += [f"decode_attn_partial<{CTYPE[t]},{e}>" for t in DTYPES for e in (1, 2, 3, 4)]
 _NAMES += [f"decode_attn_combine<{CTYPE[t]}>" for t in DTYPES]
 _SYMBOLS = {n: f"run_{i}" for i, n in enumerate(_NAMES)}
 _lib = build(f"#define MAX_CHUNK {DA.MAX_CHUNK}\n" + FRAGMENT_HOST + HOST_TYPES + DA._SOURCE,
@@ -92,6 +92,10 @@ CASES = [  # dtype, B, H, Tk, D, masked, splits, kernel
     ("float32", 1, 1, 5, 32, False, 1, "vector"),
     ("bfloat16", 2, 2, 40, 64, True, 3, "scalar"),
     ("float32", 1, 2, 17, 48, False, None, None),           # D 48: the scalar kernel by default
+    ("float32", 1, 1, 1, 64, False, None, "scalar"),        # one key
+    ("float32", 2, 1, 100, 16, True, 3, None),              # D 16: one element a lane
+    ("float32", 1, 2, 70, 96, True, 1, None),               # D 96: three elements a lane
+    ("float32", 2, 1, 40, 8, True, 7, None),                # D 8: lanes past D idle
 ]
 
 
