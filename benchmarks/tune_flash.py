@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=None, help="write the JSON here (instead of to stdout)")
     ap.add_argument("--variants", nargs="+", default=None, help="names in BWD_VARIANTS (default: all)")
+    ap.add_argument("--fwd-row-tiles", type=int, nargs="+", default=None,
+                    help="also time the forward with each of these query tiles per warp (FWD_ROW_TILES' MT)")
     args = ap.parse_args()
     import ml_dtypes
     import torch
@@ -89,6 +91,20 @@ def main() -> None:
         torch.cuda.empty_cache()
         fwd_ms = cu_ms(lambda: FA.forward(q, k, v, None, True), 4)
         o, lse = FA.forward(q, k, v, None, True)
+        if args.fwd_row_tiles:   # the forward's builds by query tiles per warp, against the default's O
+            keep = dict(FA.FWD_ROW_TILES)
+            by_mt = {}
+            for mt in args.fwd_row_tiles:
+                FA.FWD_ROW_TILES[("bfloat16", D)] = mt
+                o2, _ = FA.forward(q, k, v, None, True)
+                bits = [(a.view(np.uint16).astype(np.uint32) << 16).view(np.float32) for a in (o2, o)]
+                err = float(cp.abs(bits[0] - bits[1]).max())
+                by_mt[mt] = {"fwd_ms": round(cu_ms(lambda: FA.forward(q, k, v, None, True), 4), 4), "max_err": err}
+            FA.FWD_ROW_TILES.clear()
+            FA.FWD_ROW_TILES.update(keep)
+            rows.append({"B": B, "H": H, "T": T, "D": D, "fwd_by_row_tiles": by_mt, "sdpa_fwd_ms": round(s_fwd, 4)})
+            lines.append(f"forward {B}x{H}x{T}x{D}: sdpa {s_fwd:.3f} ms; by query tiles per warp: "
+                         + ", ".join(f"{mt}: {r['fwd_ms']:.3f} ms (max |O - default O| {r['max_err']:.2g})" for mt, r in by_mt.items()))
         def f32(a):   # bfloat16 bits -> float32 on the GPU (integer ops only)
             return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         ref = [f32(a) for a in FA.backward(g, q, k, v, o, lse, None, True, variant=defaults[D])]
@@ -112,6 +128,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     best = {}
     for r in rows:
+        if "variant" not in r:
+            continue
         key = f"T{r['T']}_D{r['D']}"
         if key not in best or r["bwd_ms"] < best[key]["bwd_ms"]:
             best[key] = {"variant": r["variant"], "bwd_ms": r["bwd_ms"], "x_sdpa": r["x_sdpa"]}

@@ -57,6 +57,9 @@ from tensor.cuda.common import cupy, element_strides, empty, usable, views_fit
 
 HEADS = (32, 64, 128)   # head sizes compiled
 BLOCK = 64              # rows (queries in fwd/dq, keys in dkdv) per block: 4 warps x 16
+# the forward's query tiles of 16 rows per warp (flash_fwd's MT; 1 where absent): with 2 a block takes 128
+# rows and each K/V fragment read from shared memory feeds two products (registers: 16-bit types, D <= 64)
+FWD_ROW_TILES = {("bfloat16", 32): 2, ("bfloat16", 64): 2, ("float16", 32): 2, ("float16", 64): 2}
 TRAITS = {"float32": "Fp32", "float16": "Fp16", "bfloat16": "Bf16"}
 
 # device-only primitives; tests/cuda_emulation.py's FRAGMENT_HOST defines the same names on the host
@@ -347,8 +350,9 @@ __device__ __forceinline__ bool fa_allowed(int i, int j, int Tk, int off, int ca
     return j < Tk && (!causal || j <= i + off) && (mrow == nullptr || mrow[j]);
 }
 
-// ---- forward: grid (ceil(Tq / 64), B * H), 128 threads
-template <class T, int D, int N>
+// ---- forward: grid (ceil(Tq / (64 MT)), B * H), 128 threads; each warp takes MT tiles of 16 query rows
+// (16 MT consecutive rows), so every K and V fragment read from shared memory feeds MT products
+template <class T, int D, int N, int MT>
 __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict__ q,
         const typename T::S* __restrict__ k, const typename T::S* __restrict__ v, const unsigned char* __restrict__ mask,
         typename T::S* __restrict__ o, float* __restrict__ lse, int H, int Tq, int Tk, int causal, int has_mask,
@@ -360,16 +364,21 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     __shared__ __align__(16) S sK[ST][N][D + FA_PAD];
     __shared__ __align__(16) S sV[ST][N][D + FA_PAD];
     const int bh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int m0 = blockIdx.x * 64, row0 = m0 + warp * 16, off = Tk - Tq;
+    const int m0 = blockIdx.x * 64 * MT, row0 = m0 + warp * 16 * MT, off = Tk - Tq;
     const long long qoff = fa_head(bh, H, qsb, qsh), koff = fa_head(bh, H, ksb, ksh), ooff = fa_head(bh, H, osb, osh);
     const unsigned char* mrow = has_mask ? mask + (long long)(bh / H) * Tk : nullptr;
-    RowFrags<T, D> qa;
-    qa.init(q + qoff + (long long)row0 * qst, Tq - row0, qst);
-    float acc[D / 8][4];
+    RowFrags<T, D> qa[MT];
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-    float mrun[2] = {FA_NEG_INF, FA_NEG_INF}, lrun[2] = {0.f, 0.f};
-    const int kend = causal ? min(Tk, m0 + 64 + off) : Tk;   // later key tiles are fully masked
+    for (int mt = 0; mt < MT; ++mt) qa[mt].init(q + qoff + (long long)(row0 + 16 * mt) * qst, Tq - row0 - 16 * mt, qst);
+    float acc[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+    float mrun[MT][2], lrun[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) { mrun[mt][0] = mrun[mt][1] = FA_NEG_INF; lrun[mt][0] = lrun[mt][1] = 0.f; }
+    const int kend = causal ? min(Tk, m0 + 64 * MT + off) : Tk;   // later key tiles are fully masked
     for (int n0 = 0, it = 0; n0 < kend; n0 += N, ++it) {
         const int cur = ST == 2 ? (it & 1) : 0;
         if (ST == 1 || it == 0) {   // this tile, unless the previous iteration prefetched it
@@ -384,89 +393,106 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
         cp_async_commit();
         cp_async_wait<1>();   // every group but the newest (the prefetch): this tile has landed
         __syncthreads();
-        float s[N / 8][4];
+        float s[MT][N / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < N / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < D / 16; ++kc) {
-            P tq[4];
-            const P* a = qa.get(kc, tq);
+            P tq[MT][4];
+            const P* a[MT];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) a[mt] = qa[mt].get(kc, tq[mt]);
 #pragma unroll
             for (int nt = 0; nt < N / 8; nt += 2) {
                 P bb[2][2];
                 load_b_nk2<T>(bb, &sK[cur][nt * 8][kc * 16], D + FA_PAD);
-                T::mma(s[nt], a, bb[0]);
-                T::mma(s[nt + 1], a, bb[1]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    T::mma(s[mt][nt], a[mt], bb[0]);
+                    T::mma(s[mt][nt + 1], a[mt], bb[1]);
+                }
             }
         }
-        float mx[2] = {mrun[0], mrun[1]};
-        // every key of the tile allowed to every row of this warp (warp-uniform): no per-element test
-        const bool full = !has_mask && n0 + N <= Tk && (!causal || n0 + N - 1 <= row0 + off);
-        if (full) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const int r0 = row0 + 16 * mt;
+            float mx[2] = {mrun[mt][0], mrun[mt][1]};
+            // every key of the tile allowed to every row of this m-tile (warp-uniform): no per-element test
+            const bool full = !has_mask && n0 + N <= Tk && (!causal || n0 + N - 1 <= r0 + off);
+            if (full) {
+#pragma unroll
+                for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[mt][nt][e] *= scale_log2;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
+                    }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = r0 + g + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
+                        s[mt][nt][e] = fa_allowed(i, j, Tk, off, causal, mrow) ? s[mt][nt][e] * scale_log2 : FA_NEG_INF;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
+                    }
+            }
+            float base[2], corr[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                mx[h] = quad_max(mx[h]);
+                base[h] = mx[h] == FA_NEG_INF ? 0.f : mx[h];   // a row masked so far: every p is 0
+                corr[h] = exp2f(mrun[mt][h] - base[h]);
+                mrun[mt][h] = mx[h];
+                lrun[mt][h] *= corr[h];
+            }
 #pragma unroll
             for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    s[nt][e] *= scale_log2;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+                    s[mt][nt][e] = exp2f(s[mt][nt][e] - base[e >> 1]);
+                    lrun[mt][e >> 1] += s[mt][nt][e];
                 }
-        } else {
 #pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt)
+            for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = row0 + g + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
-                    s[nt][e] = fa_allowed(i, j, Tk, off, causal, mrow) ? s[nt][e] * scale_log2 : FA_NEG_INF;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-                }
+                for (int e = 0; e < 4; ++e) acc[mt][nt][e] *= corr[e >> 1];
         }
-        float base[2], corr[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            mx[h] = quad_max(mx[h]);
-            base[h] = mx[h] == FA_NEG_INF ? 0.f : mx[h];   // a row masked so far: every p is 0
-            corr[h] = exp2f(mrun[h] - base[h]);
-            mrun[h] = mx[h];
-            lrun[h] *= corr[h];
-        }
-#pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
-                lrun[e >> 1] += s[nt][e];
-            }
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[nt][e] *= corr[e >> 1];
 #pragma unroll
         for (int kc = 0; kc < N / 16; ++kc) {
-            P pa[4];
-            c_to_a<T>(pa, s[2 * kc], s[2 * kc + 1]);
+            P pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) c_to_a<T>(pa[mt], s[mt][2 * kc], s[mt][2 * kc + 1]);
 #pragma unroll
             for (int nt = 0; nt < D / 8; nt += 2) {
                 P bb[2][2];
                 load_b_kn2<T>(bb, &sV[cur][kc * 16][nt * 8], D + FA_PAD);
-                T::mma(acc[nt], pa, bb[0]);
-                T::mma(acc[nt + 1], pa, bb[1]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    T::mma(acc[mt][nt], pa[mt], bb[0]);
+                    T::mma(acc[mt][nt + 1], pa[mt], bb[1]);
+                }
             }
         }
         __syncthreads();   // every warp done with stage cur before a later iteration refills it
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const float l = quad_sum(lrun[h]);
-        const int i = row0 + g + 8 * h;
-        if (i >= Tq) continue;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-            o[ooff + (long long)i * ost + nt * 8 + 2 * t] = T::fromf(acc[nt][2 * h] * inv);
-            o[ooff + (long long)i * ost + nt * 8 + 2 * t + 1] = T::fromf(acc[nt][2 * h + 1] * inv);
+        for (int h = 0; h < 2; ++h) {
+            const float l = quad_sum(lrun[mt][h]);
+            const int i = row0 + 16 * mt + g + 8 * h;
+            if (i >= Tq) continue;
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                o[ooff + (long long)i * ost + nt * 8 + 2 * t] = T::fromf(acc[mt][nt][2 * h] * inv);
+                o[ooff + (long long)i * ost + nt * 8 + 2 * t + 1] = T::fromf(acc[mt][nt][2 * h + 1] * inv);
+            }
+            if (t == 0) lse[(long long)bh * Tq + i] = l > 0.f ? (mrun[mt][h] + log2f(l)) * FA_LN2 : FA_POS_INF;
         }
-        if (t == 0) lse[(long long)bh * Tq + i] = l > 0.f ? (mrun[h] + log2f(l)) * FA_LN2 : FA_POS_INF;
-    }
 }
 
 // ---- backward 1: Delta = rowsum(dO * O); with FUSED_DQ it also zeroes the row of the float32 dQ
@@ -901,13 +927,19 @@ def kernel_names(dtype_name: str, D: int, variant: str | None = None) -> dict:
     V = _variant(dtype_name, D, variant)
     b = {True: "true", False: "false"}
     bv = f"BwdV<{V.warps},{V.atom},{b[V.heavy_first]},{V.stages},{V.min_blocks},{b[V.fast_exp]}>"
-    names = {"fwd": f"flash_fwd<{tr},{D},{nf}>", "delta": f"flash_bwd_delta<{tr},{D},{b[V.delta_vec]}>",
+    names = {"fwd": f"flash_fwd<{tr},{D},{nf},{fwd_row_tiles(dtype_name, D)}>", "delta": f"flash_bwd_delta<{tr},{D},{b[V.delta_vec]}>",
              "dkdv": f"flash_bwd_dkdv<{tr},{D},{nb},{bv}>"}
     if fused_dq(dtype_name):
         names["dq_convert"] = f"flash_bwd_dq_convert<{tr},{D}>"
     else:
         names["dq"] = f"flash_bwd_dq<{tr},{D},{nb}>"
     return names
+
+
+def fwd_row_tiles(dtype_name: str, D: int) -> int:
+    """MT, the forward's 16-row query tiles per warp (64 MT rows a block): FWD_ROW_TILES's entry for
+    (dtype, D), else 1."""
+    return FWD_ROW_TILES.get((dtype_name, D), 1)
 
 
 def fused_dq(dtype_name: str) -> bool:
@@ -996,8 +1028,10 @@ def forward(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = True, out: 
     o = empty(q.shape, q.dtype) if out is None else _out_view("out", out, q)
     lse = empty((B, H, Tq), np.float32)
     m, ints, scale_log2 = _args(q, k, mask, causal)
-    _kernels(backend.dtype_name(q.dtype), D)["fwd"](
-        (-(-Tq // BLOCK), B * H), (128,), (q, k, v, m, o, lse) + ints + (scale_log2,) + _strides(q, k, o))
+    name = backend.dtype_name(q.dtype)
+    _kernels(name, D)["fwd"](
+        (-(-Tq // (BLOCK * fwd_row_tiles(name, D))), B * H), (128,),
+        (q, k, v, m, o, lse) + ints + (scale_log2,) + _strides(q, k, o))
     return o, lse
 
 
