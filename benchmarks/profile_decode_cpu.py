@@ -80,6 +80,7 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     from tensor import backend
     backend.tune_host_allocator()
+    backend.tune_blas_wait()  # as `python -m tinygrad_lm sample` does
     C.set_threads(args.threads)
     cfg = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, pos_encoding="learned")
     model = GPT(cfg, seed=0).eval()

@@ -188,6 +188,98 @@ def tune_host_allocator() -> bool:
         return False
 
 
+BLAS_WAIT_LOG2 = 16  # tune_blas_wait's default: idle OpenBLAS workers sleep after 2^16 cycles (~25 µs)
+
+
+def _openblas() -> Any:
+    """The OpenBLAS library NumPy loaded into this process (found in /proc/self/maps, Linux), or None
+    (another BLAS, another OS, or an OpenBLAS without the thread-server entry points)."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if all(hasattr(lib, s) for s in ("openblas_read_env", "blas_thread_shutdown_", "blas_thread_init")):
+            return lib
+    return None
+
+
+class BlasThreads:
+    """OpenBLAS's thread count for the calls that follow (process-wide; ~0.5 µs a change).
+
+    `BlasThreads.find()` is None where NumPy's BLAS is not OpenBLAS. The CPU decoder
+    (tinygrad_lm/decode_cpu.py) runs its small BLAS calls (a head's scores and output, a
+    LayerNorm's means) on one thread and its weight products on all: OpenBLAS splits a product
+    over its threads from ~9,000 multiply-adds on, and for a 64 x 256 score row the hand-off to
+    a worker costs more than the product."""
+
+    _PREFIXES = ("openblas_", "scipy_openblas_")
+    _SUFFIXES = ("64_", "_64_", "")
+
+    def __init__(self, get: Any, set_: Any) -> None:
+        self._get, self._set = get, set_
+
+    @classmethod
+    def find(cls) -> "BlasThreads | None":
+        import ctypes
+        lib = _openblas()
+        if lib is None:
+            return None
+        for pre in cls._PREFIXES:
+            for suf in cls._SUFFIXES:
+                get, set_ = (getattr(lib, f"{pre}{op}_num_threads{suf}", None) for op in ("get", "set"))
+                if get is not None and set_ is not None:
+                    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                    return cls(get, set_)
+        return None
+
+    def get(self) -> int:
+        return int(self._get())
+
+    def set(self, n: int) -> None:
+        self._set(int(n))
+
+
+def tune_blas_wait(log2_cycles: int | None = None) -> bool:
+    """Let OpenBLAS's idle worker threads sleep after 2^log2_cycles cycles without work (4..30).
+
+    After each threaded product, OpenBLAS keeps its workers spinning for 2^28 cycles (~0.1 s) in
+    case another product follows. The CPU decoder (tinygrad_lm/decode_cpu.py) runs half of a
+    large batch's attention on a thread of its own between the products; a worker spinning on the
+    core that thread needs slows the attention and the step (benchmarks/RESULTS.md:
+    bench_decode_cpu_threads.py). A short wait frees the core; a product then wakes its worker.
+
+    OpenBLAS reads the setting (the OPENBLAS_THREAD_TIMEOUT environment variable) when it starts
+    its threads: this sets the variable and restarts them. Call it once, before other threads use
+    BLAS (the sample CLI does; importing `tensor` does not: no side effects at import). None: the
+    default BLAS_WAIT_LOG2, unless OPENBLAS_THREAD_TIMEOUT is already set (the user's choice stands);
+    a no-op with TINYGRAD_LM_BLAS_WAIT=0 or without OpenBLAS. Returns whether the setting was applied.
+    """
+    import os
+    if os.environ.get("TINYGRAD_LM_BLAS_WAIT", "1") == "0":
+        return False
+    if log2_cycles is None:
+        if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+            return False
+        log2_cycles = BLAS_WAIT_LOG2
+    if not 4 <= int(log2_cycles) <= 30:
+        raise ValueError(f"tune_blas_wait: log2_cycles must be in 4..30 (OpenBLAS's range), got {log2_cycles}")
+    lib = _openblas()
+    if lib is None:
+        return False
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(int(log2_cycles))
+    lib.openblas_read_env()
+    lib.blas_thread_shutdown_()
+    lib.blas_thread_init()
+    return True
+
+
 class HostToDevice:
     """Asynchronous host -> GPU copies, staged through pinned (page-locked) memory.
 

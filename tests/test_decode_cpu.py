@@ -80,6 +80,37 @@ def test_step_with_the_attention_split_over_two_threads_equals_forward(monkeypat
     assert sorted(set(calls)) == sorted({B // 2, B - B // 2})   # only halves: every step was split
 
 
+
+class _CountingBlas:
+    """A stand-in for tensor.backend.BlasThreads: records the thread count each call ran under."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.log = n, []
+
+    def get(self) -> int:
+        return self.n
+
+    def set(self, n: int) -> None:
+        self.n = n
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_products_on_every_blas_thread_and_the_small_calls_on_one(monkeypatch, threads):
+    """During a step the weight products run with the caller's BLAS thread count, the attention's small
+    products with one; the count is restored after each step (and nothing changes when it is one)."""
+    import tinygrad_lm.decode_cpu as DC
+    blas = _CountingBlas(threads)
+    monkeypatch.setattr(DC.BlasThreads, "find", classmethod(lambda cls: blas))
+    real_product, real_attention = DC.product, DC.decode_attention
+    monkeypatch.setattr(DC, "product", lambda *a: (blas.log.append(("product", blas.n)), real_product(*a))[1])
+    monkeypatch.setattr(DC, "decode_attention",
+                        lambda *a, **k: (blas.log.append(("attention", blas.n)), real_attention(*a, **k))[1])
+    step_vs_forward(small(), prompts(4, True), steps=3)
+    assert {n for op, n in blas.log if op == "product"} == {threads}
+    assert {n for op, n in blas.log if op == "attention"} == {1}
+    assert blas.n == threads
+
+
 def test_gelu_equals_the_tanh_form_without_warnings():
     """The step's GELU, a / (1 + exp(-2u)), equals 0.5 a (1 + tanh(u)) over the whole range,
     where exp overflows (a < ~-10) included, in float32 and float64."""

@@ -532,11 +532,12 @@ def test_model_too_big_for_memory_is_refused_before_loading(tmp_path):
     assert code == 2 and "--block-size 100000" in err and "attention" in err, err
 
 
-def test_cli_tunes_the_host_allocator(tmp_path, monkeypatch):
+def test_cli_tunes_the_host_allocator_and_the_blas_wait(tmp_path, monkeypatch):
     from tensor import backend
     calls = []
-    monkeypatch.setattr(backend, "tune_host_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(backend, "tune_host_allocator", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr(backend, "tune_blas_wait", lambda: calls.append("blas") or True)
     d, _ = make_ckpt(tmp_path)
     code, err = run_main("sample", "--ckpt", str(d), "--max-new-tokens", "2")
     assert code == 0, err
-    assert calls == [1]
+    assert calls == ["malloc", "blas"]

@@ -12,6 +12,7 @@ The case builders (CASES) serve tests/test_gpu.py as well, for the CUDA entries.
 from __future__ import annotations
 
 import importlib
+import os
 import inspect
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from tensor import dispatch
+from tensor import backend, dispatch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -380,3 +381,50 @@ def test_environment_switch_forces_the_reference_in_a_new_process() -> None:
         out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
                              env={**__import__("os").environ, "TINYGRAD_LM_FAST": flag})
         assert out.stdout.strip() == want, (flag, out.stdout, out.stderr)
+
+
+_SPIN = r"""
+import json, os, sys, time
+import numpy as np
+from tensor import backend
+a = np.random.default_rng(0).random((1500, 1500), dtype=np.float32)
+def idle_cpu():   # CPU seconds this process spends while its only thread sleeps after a threaded product
+    a @ a
+    t0 = time.process_time(); time.sleep(0.1); return time.process_time() - t0
+before = idle_cpu()
+want = a @ a
+applied = backend.tune_blas_wait(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+print(json.dumps({"applied": applied, "before": before, "after": min(idle_cpu(), idle_cpu()),
+                  "same": bool(np.array_equal(a @ a, want)), "env": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}))
+"""
+
+
+def _spin(*args: str, **env: str) -> dict:
+    import json
+    root = Path(__file__).resolve().parents[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "TINYGRAD_LM_BLAS_WAIT")}
+    out = subprocess.run([sys.executable, "-c", _SPIN, *args], capture_output=True, text=True, timeout=120,
+                         cwd=str(root), env={**base, "OPENBLAS_NUM_THREADS": "2", **env})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_tune_blas_wait_lets_idle_openblas_workers_sleep() -> None:
+    """OpenBLAS's workers spin ~0.1 s after a product by default (CPU time while the caller sleeps);
+    after tune_blas_wait they sleep at once, and products give the same results."""
+    r = _spin("4")
+    if not r["applied"]:
+        pytest.skip("NumPy's BLAS is not a threaded OpenBLAS with its thread-server entry points")
+    assert r["same"] and r["env"] == "4"
+    if r["before"] < 0.03:
+        pytest.skip(f"no spinning worker to begin with (idle CPU {r['before']:.3f} s: one core, or one thread)")
+    assert r["after"] < 0.3 * r["before"], r
+
+
+def test_tune_blas_wait_leaves_a_set_environment_and_the_switch_alone() -> None:
+    assert _spin(OPENBLAS_THREAD_TIMEOUT="28")["applied"] is False          # the user's setting stands
+    assert _spin("4", TINYGRAD_LM_BLAS_WAIT="0")["applied"] is False
+    r = _spin()
+    assert r["env"] in (None, str(backend.BLAS_WAIT_LOG2)) and r["applied"] == (r["env"] is not None)
+    with pytest.raises(ValueError, match="tune_blas_wait: log2_cycles must be in 4..30"):
+        backend.tune_blas_wait(2)

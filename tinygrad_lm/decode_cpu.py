@@ -26,8 +26,14 @@ shapes and allocating its output, around GEMVs of a few microseconds. Here, per 
   * with many rows and a long cache the attention is a stream over the whole cache (~75 MB a token
     at batch 32, length 128, for the 6-layer 384-wide model) that one core reads at ~7 GB/s: then
     the batch is split in two halves, the second on a worker thread (NumPy's matmul releases the
-    GIL), where two cores are ours (`CPUDecoder.attention`; measured in RESULTS.md: it pays from
-    rows x cache length ~4096 on, and costs more than it saves at batch 8).
+    GIL), where two cores are ours (`CPUDecoder.attention`), from rows x cache length 1024 on; it
+    pays once OpenBLAS's idle workers no longer spin on the core that thread needs
+    (backend.tune_blas_wait, which `python -m tinygrad_lm sample` calls; measured on Intel in
+    RESULTS.md with benchmarks/bench_decode_cpu_threads.py);
+  * OpenBLAS runs the small calls (a head's scores and output over the cache, the norms' means) on
+    one thread and only the weight products on all (`step`, backend.BlasThreads): it splits any
+    product of ~9,000 multiply-adds over its threads, and a worker's wake-up costs more than a
+    64 x 256 score row.
 
 The products: one row (batch 1) as x @ W.T (OpenBLAS's GEMV); more rows as W @ x.T into a
 transposed buffer, copied back (tensor/cpu/reductions.py: gemm; OpenBLAS is faster in that order for
@@ -51,11 +57,12 @@ import numpy as np
 from nn.layers import LayerNorm, Linear, RMSNorm
 from nn.quant import QuantizedEmbedding, QuantizedLinear
 from nn.rotary import rotate
+from tensor.backend import BlasThreads
 from tensor.cpu.attention import decode_attention
 from tensor.dispatch import fast_paths_enabled
 from tensor.ops.elementwise import GELU_K
 
-SPLIT_ROWS_X_LENGTH = 4096  # batch rows x cache length from which the attention runs on two threads
+SPLIT_ROWS_X_LENGTH = 1024  # batch rows x cache length from which the attention runs on two threads
 
 
 def _two_cores() -> bool:
@@ -178,6 +185,7 @@ class CPUDecoder:
             and _two_cores() else None
         if self.pool is not None:
             weakref.finalize(self, self.pool.shutdown, wait=False)
+        self.blas, self.wide = BlasThreads.find(), 0   # wide: the products' BLAS threads during a step
         self.bias = None  # 0 for real keys, -inf for the padding columns: (B, 1, 1, max_len)
         if pads.any():
             cols = np.arange(max_len)
@@ -190,7 +198,11 @@ class CPUDecoder:
         if lin.scale is not None:
             w = self.wbuf[:w.size].reshape(w.shape)
             np.copyto(w, lin.w)  # int8 -> float, into the reused buffer
+        if self.wide:   # the products on every BLAS thread, the small calls between them on one (`step`)
+            self.blas.set(self.wide)
         product(x, w, out, self.spare)
+        if self.wide:
+            self.blas.set(1)
         if lin.scale is not None:
             out *= lin.scale
         if lin.bias is not None:
@@ -264,7 +276,22 @@ class CPUDecoder:
 
     # ---------------------------------------------------------------- the step
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """tokens, positions (B,) ints (the new token of each row and its position) -> logits (B, V)."""
+        """tokens, positions (B,) ints (the new token of each row and its position) -> logits (B, V).
+
+        OpenBLAS runs the step's small calls (a head's scores and output, the norms' means) on one
+        thread and only the weight products (`linear`) on all of them; its count is restored after."""
+        n = self.blas.get() if self.blas is not None else 1
+        if n == 1:
+            return self._step(tokens, positions)
+        self.wide = n
+        self.blas.set(1)
+        try:
+            return self._step(tokens, positions)
+        finally:
+            self.wide = 0
+            self.blas.set(n)
+
+    def _step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         B, H, D = self.x.shape[0], self.H, self.D
         x = self.embed(tokens, positions)
         L = self.caches[0].length

@@ -376,6 +376,7 @@ def _cli_graph(args: argparse.Namespace, prompt_len: int, block_size: int) -> bo
 
 def cli_sample(args: argparse.Namespace) -> int:
     backend.tune_host_allocator()
+    backend.tune_blas_wait()  # idle BLAS workers sleep: a core for the CPU decoder's attention thread
     check_cli_args(args)  # bad input raises UserError: `error: ...`, exit 2 (tinygrad_lm/cli.py)
     backend.set_tf32(args.tf32)
     if args.hf:
