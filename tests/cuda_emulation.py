@@ -8,8 +8,8 @@ one block at a time runs) poisoned with 0xff bytes (NaN) before every block, so 
 shared memory it did not write this block fails its test. No cuda_fp16.h / cuda_bf16.h; the exp/log functions are the host's.
 `build(source, launchers)` returns a ctypes library, or None when no C++ compiler is found.
 
-FRAGMENT_HOST stands in for the device-only primitives of tensor/cuda/flash_attention.py
-(`_PRIMITIVES`): float16/bfloat16 kept as uint16 bit patterns with round-to-nearest-even
+FRAGMENT_HOST stands in for the device-only primitives of tensor/cuda/flash_tiles.py
+(`PRIMITIVES`): float16/bfloat16 kept as uint16 bit patterns with round-to-nearest-even
 conversions, and the warp-wide `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}` product computed
 lane by lane from the documented fragment layouts (PTX ISA; groupID g = lane >> 2, t = lane % 4):
 every lane posts its A (a0..a3) and B (b0, b1) registers to a per-warp buffer, then computes its own
