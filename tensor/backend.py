@@ -8,6 +8,7 @@ GEMMs on the GPU (`set_tf32`, as PyTorch's `torch.backends.cuda.matmul.allow_tf3
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Any
@@ -191,9 +192,10 @@ def tune_host_allocator() -> bool:
 BLAS_WAIT_LOG2 = 16  # tune_blas_wait's default: idle OpenBLAS workers sleep after 2^16 cycles (~25 µs)
 
 
+@functools.lru_cache(maxsize=None)
 def _openblas() -> Any:
     """The OpenBLAS library NumPy loaded into this process (found in /proc/self/maps, Linux), or None
-    (another BLAS, another OS, or an OpenBLAS without the thread-server entry points)."""
+    (another BLAS, another OS, or an OpenBLAS without the thread-server entry points). Looked up once."""
     import ctypes
     try:
         with open("/proc/self/maps") as f:
