@@ -3,7 +3,7 @@ workers spin before they sleep (backend.tune_blas_wait, 2^N cycles; 28 is OpenBL
 from which batch rows x cache length the attention is split over two threads
 (decode_cpu.SPLIT_ROWS_X_LENGTH).
 
-Each configuration "N:ROWSxLEN" decodes the same greedy tokens as bench_sample.py (its model: 6L/6H/384,
+Each configuration "WAIT:SPLIT" decodes the same greedy tokens as bench_sample.py (its model: 6L/6H/384,
 vocab 65, random init, a one-token prompt, --new-tokens tokens). The runs are interleaved, round after
 round: the twin, then every configuration, so that a machine's drift hits all alike; each configuration's
 figure is the median over rounds of (the twin's time in that round / its own), and the best-of ratio.

@@ -131,7 +131,8 @@ def main() -> None:
     res: dict = {"machine": C.machine_info(args.threads),
                  "model": {**cfg.to_dict(), "params": sum(p.data.size for p in model.parameters())},
                  "openblas_wait_log2": blas_wait and backend.BLAS_WAIT_LOG2,
-                 "split_rows_x_length": decode_cpu.SPLIT_ROWS_X_LENGTH, "new_tokens": n, "prompt_tokens": 1, "quantize": args.quantize, "clock": args.clock, "batches": {}}
+                 "split_rows_x_length": decode_cpu.SPLIT_ROWS_X_LENGTH,
+                 "new_tokens": n, "prompt_tokens": 1, "quantize": args.quantize, "clock": args.clock, "batches": {}}
     if args.ttft_prompt:  # prefill + the first token, batch 1, interleaved with the twin
         prompt = rng.integers(0, cfg.vocab_size, (1, min(args.ttft_prompt, cfg.block_size - 1)))
         fns = {"ours": lambda: generate(model, prompt, 1, temperature=0), "torch": lambda: twin.generate_greedy(prompt, 1)}

@@ -89,6 +89,8 @@ def main() -> None:
         s_fwd = th_ms(sdpa_fwd, 4)
         s_all = th_ms(sdpa_both, 4)
         torch.cuda.empty_cache()
+        def f32(a):   # bfloat16 bits -> float32 on the GPU (integer ops only)
+            return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         fwd_ms = cu_ms(lambda: FA.forward(q, k, v, None, True), 4)
         o, lse = FA.forward(q, k, v, None, True)
         if args.fwd_row_tiles:   # the forward's builds by query tiles per warp, against the default's O
@@ -97,16 +99,13 @@ def main() -> None:
             for mt in args.fwd_row_tiles:
                 FA.FWD_ROW_TILES[("bfloat16", D)] = mt
                 o2, _ = FA.forward(q, k, v, None, True)
-                bits = [(a.view(np.uint16).astype(np.uint32) << 16).view(np.float32) for a in (o2, o)]
-                err = float(cp.abs(bits[0] - bits[1]).max())
+                err = float(cp.abs(f32(o2) - f32(o)).max())
                 by_mt[mt] = {"fwd_ms": round(cu_ms(lambda: FA.forward(q, k, v, None, True), 4), 4), "max_err": err}
             FA.FWD_ROW_TILES.clear()
             FA.FWD_ROW_TILES.update(keep)
             rows.append({"B": B, "H": H, "T": T, "D": D, "fwd_by_row_tiles": by_mt, "sdpa_fwd_ms": round(s_fwd, 4)})
             lines.append(f"forward {B}x{H}x{T}x{D}: sdpa {s_fwd:.3f} ms; by query tiles per warp: "
                          + ", ".join(f"{mt}: {r['fwd_ms']:.3f} ms (max |O - default O| {r['max_err']:.2g})" for mt, r in by_mt.items()))
-        def f32(a):   # bfloat16 bits -> float32 on the GPU (integer ops only)
-            return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         ref = [f32(a) for a in FA.backward(g, q, k, v, o, lse, None, True, variant=defaults[D])]
         for name in variants:
             bwd_ms = cu_ms(lambda: FA.backward(g, q, k, v, o, lse, None, True, variant=name), 4)

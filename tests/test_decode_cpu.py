@@ -80,9 +80,8 @@ def test_step_with_the_attention_split_over_two_threads_equals_forward(monkeypat
     assert sorted(set(calls)) == sorted({B // 2, B - B // 2})   # only halves: every step was split
 
 
-
 class _CountingBlas:
-    """A stand-in for tensor.backend.BlasThreads: records the thread count each call ran under."""
+    """A stand-in for tensor.backend.BlasThreads: its count, and a log the test's wrappers fill."""
 
     def __init__(self, n: int) -> None:
         self.n, self.log = n, []

@@ -12,8 +12,8 @@ The case builders (CASES) serve tests/test_gpu.py as well, for the CUDA entries.
 from __future__ import annotations
 
 import importlib
-import os
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -379,7 +379,7 @@ def test_environment_switch_forces_the_reference_in_a_new_process() -> None:
     root = __file__.rsplit("/tests/", 1)[0]
     for flag, want in (("0", "Gelu"), ("1", "GeluCPU")):
         out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
-                             env={**__import__("os").environ, "TINYGRAD_LM_FAST": flag})
+                             env={**os.environ, "TINYGRAD_LM_FAST": flag})
         assert out.stdout.strip() == want, (flag, out.stdout, out.stderr)
 
 
