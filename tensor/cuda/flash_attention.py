@@ -275,8 +275,8 @@ def backward(g: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, mask: Any = None,
                  (q, k, v, m, g, lse, delta, dk, dv, dq_acc) + ints + (scale_log2, scale) + strides + _strides(dk),
                  shared_mem=dkdv_smem_bytes(dtype_name, D, variant))
     if fused:
-        kern["dq_convert"]((-(-dq.size // 256),), (256,),
-                           (dq_acc, dq, np.int64(dq.size), scale, np.int32(H), np.int32(Tq)) + _strides(dq))
+        kern["dq_convert"]((-(-(dq.size // 8) // 256),), (256,),   # 8 elements a thread
+                           (dq_acc, dq, np.int64(dq.size // 8), scale, np.int32(H), np.int32(Tq)) + _strides(dq))
     else:
         kern["dq"](
             (-(-Tq // BLOCK), B * H), (128,),

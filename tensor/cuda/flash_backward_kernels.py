@@ -40,15 +40,23 @@ __global__ void __launch_bounds__(128) flash_bwd_delta(const typename T::S* __re
     }
 }
 
-// ---- backward 4 (FUSED_DQ): dQ = dq_acc / sqrt(D) in the dtype (dQ strides), one thread per element
+// ---- backward 4 (FUSED_DQ): dQ = dq_acc / sqrt(D) in the dtype (dQ strides), 8 elements per thread: two
+// 16-byte loads of float32 sums, one 16-byte store (D is a multiple of 8, dQ's rows 16-byte aligned)
 template <class T, int D>
 __global__ void __launch_bounds__(256) flash_bwd_dq_convert(const float* __restrict__ dq_acc,
-        typename T::S* __restrict__ dq, long long n, float scale, int H, int Tq, long long dsb, long long dsh,
+        typename T::S* __restrict__ dq, long long n8, float scale, int H, int Tq, long long dsb, long long dsh,
         int dst) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const int row = (int)(i / D);   // of B * H * Tq (< 2^31 rows)
-    dq[fa_head(row / Tq, H, dsb, dsh) + (long long)(row % Tq) * dst + i % D] = T::fromf(dq_acc[i] * scale);
+    if (i >= n8) return;
+    const long long e = i * 8;
+    const int row = (int)(e / D), col = (int)(e % D);   // row of B * H * Tq (< 2^31 rows)
+    __align__(16) float a[8];
+    __align__(16) typename T::S o[8];
+    copy16(a, dq_acc + e);
+    copy16(a + 4, dq_acc + e + 4);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) o[c] = T::fromf(a[c] * scale);
+    copy16(dq + fa_head(row / Tq, H, dsb, dsh) + (long long)(row % Tq) * dst + col, o);
 }
 
 // ---- backward 2: dK, dV for 16 * V::WARPS keys per block (16 per warp), looping over query tiles of N;
