@@ -98,6 +98,11 @@ BWD_VARIANTS = {
     "occ3_vec2": BwdVariant(atom=2, min_blocks=3),   # 4 warps, registers capped for 3 blocks per SM
     "vec2_heavy_fast": BwdVariant(atom=2, heavy_first=True, fast_exp=True, delta_vec=True),
     "w8_vec4_heavy_fast": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2, fast_exp=True, delta_vec=True),
+    "occ3_vec4_dvec": BwdVariant(atom=4, min_blocks=3, delta_vec=True),
+    "occ3_vec4_heavy_st2_dvec": BwdVariant(atom=4, heavy_first=True, stages=2, min_blocks=3, delta_vec=True),
+    "vec2_heavy_st2_dvec": BwdVariant(atom=2, heavy_first=True, stages=2, delta_vec=True),
+    "vec4_heavy_st2_dvec": BwdVariant(atom=4, heavy_first=True, stages=2, delta_vec=True),
+    "w8_vec4_heavy_dvec": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2, delta_vec=True),
 }
 # chosen by benchmarks/tune_flash.py on the H200 (RESULTS.md): the fastest backward per head size
 BWD_DEFAULT = {"float32": "base", "float16": "occ3_vec2", "bfloat16": "occ3_vec2", ("float16", 128): "vec2_heavy_st2", ("bfloat16", 128): "vec2_heavy_st2"}

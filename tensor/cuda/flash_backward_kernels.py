@@ -89,6 +89,25 @@ struct BwdV {
     // denormal-safe sequence
     static constexpr bool FAST_EXP = FAST_EXP_;
 };
+// P = 2^(S^T scale_log2 - L) and dS^T = P (dP^T - Delta) (times sqrt(D) at the end), in place on a warp's
+// (16 keys from key0, N queries from q0) fragments; L and Delta of the tile's queries in sl, sd. ALL: every
+// pair is allowed, no per-element test; two builds, so that the common (full) tiles carry no branches
+template <bool ALL, bool FAST_EXP, int N>
+__device__ __forceinline__ void softmax_grad(float (&st)[N / 8][4], float (&dpt)[N / 8][4], const float* sl,
+        const float* sd, float scale_log2, int key0, int q0, int Tq, int Tk, int off, int causal,
+        const unsigned char* mrow) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int j = key0 + g + 8 * (e >> 1), c = nt * 8 + 2 * t + (e & 1), i = q0 + c;
+            const float x = st[nt][e] * scale_log2 - sl[c];
+            const float p = ALL || (i < Tq && fa_allowed(i, j, Tk, off, causal, mrow)) ? (FAST_EXP ? fast_exp2(x) : exp2f(x)) : 0.f;
+            st[nt][e] = p;
+            dpt[nt][e] = p * (dpt[nt][e] - sd[c]);
+        }
+}
 template <class T, int D, int N, class V>
 struct DkdvSmem {
     static constexpr bool F = T::FUSED_DQ;
@@ -139,11 +158,11 @@ __global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(c
         const int cur = ST == 2 ? (it & 1) : 0;
         // (a stage is refilled only after the closing barrier of the iteration that last read it)
         if (ST == 1 || it == 0)   // this tile, unless the previous iteration prefetched it
-            load_query_tile<T, D, N>(sQ[cur], sG[cur], sL[cur], sD[cur], q + qoff, go + goff, lse + (long long)bh * Tq,
+            load_query_tile<T, D, N, 32 * W>(sQ[cur], sG[cur], sL[cur], sD[cur], q + qoff, go + goff, lse + (long long)bh * Tq,
                                      delta + (long long)bh * Tq, q0, Tq, qst, ost);
         cp_async_commit();
         if (ST == 2 && q0 + N < Tq)
-            load_query_tile<T, D, N>(sQ[cur ^ 1], sG[cur ^ 1], sL[cur ^ 1], sD[cur ^ 1], q + qoff, go + goff,
+            load_query_tile<T, D, N, 32 * W>(sQ[cur ^ 1], sG[cur ^ 1], sL[cur ^ 1], sD[cur ^ 1], q + qoff, go + goff,
                                      lse + (long long)bh * Tq, delta + (long long)bh * Tq, q0 + N, Tq, qst, ost);
         cp_async_commit();
         cp_async_wait<1>();   // every group but the newest (the prefetch): this tile has landed
@@ -171,19 +190,11 @@ __global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(c
                 T::mma(dpt[nt + 1], b, bb[1]);
             }
         }
-        // every query of the tile sees every key of this warp (warp-uniform): no per-element test
-        const bool full = !has_mask && key0 + 16 <= Tk && q0 + N <= Tq && (!causal || key0 + 15 <= q0 + off);
-#pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = key0 + g + 8 * (e >> 1), c = nt * 8 + 2 * t + (e & 1), i = q0 + c;
-                const float p = full || (i < Tq && fa_allowed(i, j, Tk, off, causal, mrow))
-                                ? (V::FAST_EXP ? fast_exp2(st[nt][e] * scale_log2 - sL[cur][c])
-                                               : exp2f(st[nt][e] * scale_log2 - sL[cur][c])) : 0.f;
-                st[nt][e] = p;
-                dpt[nt][e] = p * (dpt[nt][e] - sD[cur][c]);   // dS^T (times sqrt(D) at the end)
-            }
+        // every query of the tile sees every key of this warp (warp-uniform): the build without a test
+        if (!has_mask && key0 + 16 <= Tk && q0 + N <= Tq && (!causal || key0 + 15 <= q0 + off))
+            softmax_grad<true, V::FAST_EXP, N>(st, dpt, sL[cur], sD[cur], scale_log2, key0, q0, Tq, Tk, off, causal, mrow);
+        else
+            softmax_grad<false, V::FAST_EXP, N>(st, dpt, sL[cur], sD[cur], scale_log2, key0, q0, Tq, Tk, off, causal, mrow);
 #pragma unroll
         for (int kc = 0; kc < N / 16; ++kc) {
             P pa[4], sa[4];

@@ -34,13 +34,13 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
     for (int n0 = 0, it = 0; n0 < kend; n0 += N, ++it) {
         const int cur = ST == 2 ? (it & 1) : 0;
         if (ST == 1 || it == 0) {   // this tile, unless the previous iteration prefetched it
-            load_tile_async<T, D, N>(sK[cur], k + koff, n0, Tk, kst);
-            load_tile_async<T, D, N>(sV[cur], v + koff, n0, Tk, kst);
+            load_tile_async<T, D, N, 128>(sK[cur], k + koff, n0, Tk, kst);
+            load_tile_async<T, D, N, 128>(sV[cur], v + koff, n0, Tk, kst);
         }
         cp_async_commit();
         if (ST == 2 && n0 + N < kend) {   // the next tile, into the stage the last iteration finished with
-            load_tile_async<T, D, N>(sK[cur ^ 1], k + koff, n0 + N, Tk, kst);
-            load_tile_async<T, D, N>(sV[cur ^ 1], v + koff, n0 + N, Tk, kst);
+            load_tile_async<T, D, N, 128>(sK[cur ^ 1], k + koff, n0 + N, Tk, kst);
+            load_tile_async<T, D, N, 128>(sV[cur ^ 1], v + koff, n0 + N, Tk, kst);
         }
         cp_async_commit();
         cp_async_wait<1>();   // every group but the newest (the prefetch): this tile has landed

@@ -270,26 +270,33 @@ __device__ __forceinline__ void load_tile(typename T::S (*dst)[D + FA_PAD], cons
         else zero16(&dst[r][c]);
     }
 }
-// load_tile by cp.async (the caller commits and waits): rows past nrows zero-filled from row 0's address
-template <class T, int D, int ROWS>
+// load_tile by cp.async (the caller commits and waits), by a block of THREADS threads: each thread copies
+// the same 16-byte column of every (THREADS / PER_ROW)-th row, an unrolled loop of compile-time length (a
+// per-iteration tile load costs a few instructions per copy); rows past nrows zero-filled from row 0's address
+template <class T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile_async(typename T::S (*dst)[D + FA_PAD], const typename T::S* src,
                                                 int row0, int nrows, int ld) {
-    constexpr int V = 16 / sizeof(typename T::S), PER_ROW = D / V;
-    for (int i = threadIdx.x; i < ROWS * PER_ROW; i += blockDim.x) {
-        const int r = i / PER_ROW, c = (i % PER_ROW) * V;
+    constexpr int V = 16 / sizeof(typename T::S), PER_ROW = D / V, STEP = THREADS / PER_ROW;
+    static_assert(THREADS % PER_ROW == 0, "load_tile_async: a thread's column must not change between rows");
+    const int c = (threadIdx.x % PER_ROW) * V;
+#pragma unroll
+    for (int r = threadIdx.x / PER_ROW, k = 0; k < (ROWS + STEP - 1) / STEP; ++k, r += STEP) {
+        if (ROWS % STEP != 0 && r >= ROWS) break;
         const bool in = row0 + r < nrows;
         cp_async16(&dst[r][c], src + (long long)(in ? row0 + r : 0) * ld + c, in);
     }
 }
-// the dK/dV kernel's query tile at row0: Q and dO by cp.async (the caller commits and waits), L (times
-// log2(e); +inf past Tq: P = 0) and Delta by plain stores
-template <class T, int D, int N>
+// the dK/dV kernel's query tile at row0 (THREADS threads): Q and dO by cp.async (the caller commits and
+// waits), L (times log2(e); +inf past Tq: P = 0) and Delta by plain stores
+template <class T, int D, int N, int THREADS>
 __device__ __forceinline__ void load_query_tile(typename T::S (*sq)[D + FA_PAD], typename T::S (*sg)[D + FA_PAD],
         float* sl, float* sd, const typename T::S* q, const typename T::S* go, const float* lse, const float* delta,
         int row0, int Tq, int qld, int gld) {
-    load_tile_async<T, D, N>(sq, q, row0, Tq, qld);
-    load_tile_async<T, D, N>(sg, go, row0, Tq, gld);
-    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+    load_tile_async<T, D, N, THREADS>(sq, q, row0, Tq, qld);
+    load_tile_async<T, D, N, THREADS>(sg, go, row0, Tq, gld);
+#pragma unroll
+    for (int i = threadIdx.x, k = 0; k < (N + THREADS - 1) / THREADS; ++k, i += THREADS) {
+        if (i >= N) break;
         const bool in = row0 + i < Tq;
         sl[i] = in ? lse[row0 + i] * FA_LOG2E : FA_POS_INF;
         sd[i] = in ? delta[row0 + i] : 0.f;
