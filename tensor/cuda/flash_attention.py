@@ -105,7 +105,8 @@ BWD_VARIANTS = {
     "w8_vec4_heavy_dvec": BwdVariant(warps=8, atom=4, heavy_first=True, stages=2, delta_vec=True),
 }
 # chosen by benchmarks/tune_flash.py on the H200 (RESULTS.md): the fastest backward per head size
-BWD_DEFAULT = {"float32": "base", "float16": "occ3_vec2", "bfloat16": "occ3_vec2", ("float16", 128): "vec2_heavy_st2", ("bfloat16", 128): "vec2_heavy_st2"}
+BWD_DEFAULT = {"float32": "base", "float16": "occ3_vec2", "bfloat16": "occ3_vec2",
+               **{(dt, D): "vec2_heavy_st2_dvec" for dt in ("float16", "bfloat16") for D in (64, 128)}}
 
 
 def default_variant(dtype_name: str, D: int) -> str:
