@@ -42,11 +42,9 @@ __device__ __forceinline__ void mma_f16(float c[4], const unsigned a[4], const u
 // four 8x8 b16 matrices from shared memory (ldmatrix): lanes 8i .. 8i+7 give the row addresses of
 // matrix i (16-byte aligned); lane l receives in r[i] matrix i's row l/4, columns 2(l%4), 2(l%4)+1
 // (.trans: rows 2(l%4), 2(l%4)+1 of column l/4), the lower column (row) in the low half
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
+// (the intrinsic, not an asm cvta: the compiler folds a constant offset of p into the 32-bit address, so an
+// unrolled loop's ldmatrix calls share one address register with immediate offsets)
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void ldsm_x4(unsigned r[4], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
