@@ -123,14 +123,15 @@ def _variant(dtype_name: str, D: int, variant: str | None) -> BwdVariant:
 
 def dkdv_smem_bytes(dtype_name: str, D: int, variant: str | None = None) -> int:
     """Dynamic shared memory of the dK/dV kernel (the count of DkdvSmem in _SOURCE: ST stages of the (N, D)
-    Q and dO tiles, K and dS^T of the block's keys with the fused dQ, rows padded by 8; then ST * N
+    Q and dO tiles, K and dS^T of the block's keys with the fused dQ (and V above D = 64), rows padded by 8; then ST * N
     float32 L and Delta); the kernel traps when launched with less."""
     V, N, pad = _variant(dtype_name, D, variant), tile(dtype_name, D, True), 8
     item = 4 if dtype_name == "float32" else 2
     fk, fn = (16 * V.warps, N) if fused_dq(dtype_name) else (1, 1)
+    fv = 16 * V.warps if fused_dq(dtype_name) and D > 64 else 0   # V of the block's keys (DkdvSmem::VS)
 
     def nbytes(st: int) -> int:
-        return -(-(2 * st * N * (D + pad) + fk * (D + pad) + fk * (fn + pad)) * item // 16) * 16 + 8 * st * N
+        return -(-(2 * st * N * (D + pad) + fk * (D + pad) + fk * (fn + pad) + fv * (D + pad)) * item // 16) * 16 + 8 * st * N
     return nbytes(V.stages or (2 if nbytes(2) <= 48 * 1024 else 1))
 
 

@@ -112,7 +112,12 @@ template <class T, int D, int N, class V>
 struct DkdvSmem {
     static constexpr bool F = T::FUSED_DQ;
     static constexpr int KB = 16 * V::WARPS, FK = F ? KB : 1, FN = F ? N : 1;   // FK, FN: the fused dQ's buffers
-    static constexpr int tiles(int st) { return (2 * st * N * (D + FA_PAD) + FK * (D + FA_PAD) + FK * (FN + FA_PAD)); }
+    // VS: V of the block's keys in shared memory too, its fragments read by ldmatrix at each use (with K's
+    // fragments beside two (16, D) accumulators, registers hold V's only up to D = 64; above that they
+    // were reloaded from global memory at each use)
+    static constexpr bool VS = F && D > 64;
+    static constexpr int FV = VS ? KB : 0;
+    static constexpr int tiles(int st) { return (2 * st * N * (D + FA_PAD) + FK * (D + FA_PAD) + FK * (FN + FA_PAD) + FV * (D + FA_PAD)); }
     static constexpr int bytes_for(int st) { return (tiles(st) * (int)sizeof(typename T::S) + 15) / 16 * 16 + 8 * st * N; }
     static constexpr int ST = V::STAGES ? V::STAGES : (bytes_for(2) <= 48 * 1024 ? 2 : 1);
     static constexpr int BYTES = bytes_for(ST), FLOATS_AT = BYTES - 8 * ST * N;   // L and Delta after the tiles
@@ -134,6 +139,7 @@ __global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(c
     S (*sG)[N][D + FA_PAD] = sQ + ST;                                        // [ST]: its dO
     S (*sK)[D + FA_PAD] = reinterpret_cast<S (*)[D + FA_PAD]>(sG + ST);      // [FK]: the block's keys (dS K)
     S (*sdS)[FN + FA_PAD] = reinterpret_cast<S (*)[FN + FA_PAD]>(sK + FK);   // [FK]: dS^T, rows = keys
+    S (*sV)[D + FA_PAD] = reinterpret_cast<S (*)[D + FA_PAD]>(sdS + FK);     // [FV]: the block's values (VS)
     float (*sL)[N] = reinterpret_cast<float (*)[N]>(smem + M::FLOATS_AT);   // [ST]
     float (*sD)[N] = sL + ST;                                                                                 // [ST]
     const int bh = V::HEAVY_FIRST ? blockIdx.x : blockIdx.y, kblock = V::HEAVY_FIRST ? blockIdx.y : blockIdx.x;
@@ -152,6 +158,7 @@ __global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(c
 #pragma unroll
         for (int e = 0; e < 4; ++e) ak[nt][e] = av[nt][e] = 0.f;
     if constexpr (T::FUSED_DQ) load_tile<T, D, FK>(sK, k + koff, k0, Tk, kst);   // visible after the loop's barrier
+    if constexpr (M::VS) load_tile<T, D, M::FV>(sV, v + koff, k0, Tk, kst);
     int qstart = causal ? max(0, k0 - off) : 0;   // earlier queries see none of these keys
     qstart -= qstart % N;
     for (int q0 = qstart, it = 0; q0 < Tq; q0 += N, ++it) {
@@ -178,7 +185,9 @@ __global__ void __launch_bounds__(32 * V::WARPS, V::MIN_BLOCKS) flash_bwd_dkdv(c
             const P* a = tk;
             if constexpr (T::FUSED_DQ) load_a_sm<T>(tk, &sK[warp * 16][kc * 16], D + FA_PAD);
             else a = ka.get(kc, tk);
-            const P* b = va.get(kc, tv);
+            const P* b = tv;
+            if constexpr (M::VS) load_a_sm<T>(tv, &sV[warp * 16][kc * 16], D + FA_PAD);
+            else b = va.get(kc, tv);
 #pragma unroll
             for (int nt = 0; nt < N / 8; nt += 2) {
                 P bb[2][2];
