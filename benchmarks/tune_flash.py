@@ -8,7 +8,7 @@ dV against the default variant's (max |difference|; atomics make dQ's summation 
 so a few bf16 ulps are expected). FLOP convention as benchmarks/bench_attention_gpu.py: forward
 4 B H T^2 D / 2, backward 2.5x forward; TFLOP/s of the whole call (fwd + bwd).
 
-    python benchmarks/tune_flash.py [--reps 15] [--out tune.json] [--variants base w8 ...]
+    python benchmarks/tune_flash.py [--reps 15] [--out tune.json] [--variants base w8 ...] [--fwd-row-tiles 1 2] [--fwd-key-tiles 32 64]
 
 Prints the JSON (or writes it to --out instead), then one table (one line per variant x shape; 'x sdpa' = our
 TFLOP/s over SDPA's for the whole call, the goal is >= 0.8; 'bwd x' the same for the backward alone) and
@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=None, help="names in BWD_VARIANTS (default: all)")
     ap.add_argument("--fwd-row-tiles", type=int, nargs="+", default=None,
                     help="also time the forward with each of these query tiles per warp (FWD_ROW_TILES' MT)")
+    ap.add_argument("--fwd-key-tiles", type=int, nargs="+", default=None,
+                    help="also time the forward with each of these key tiles (FWD_KEY_TILES' N)")
     args = ap.parse_args()
     import ml_dtypes
     import torch
@@ -106,6 +108,19 @@ def main() -> None:
             rows.append({"B": B, "H": H, "T": T, "D": D, "fwd_by_row_tiles": by_mt, "sdpa_fwd_ms": round(s_fwd, 4)})
             lines.append(f"forward {B}x{H}x{T}x{D}: sdpa {s_fwd:.3f} ms; by query tiles per warp: "
                          + ", ".join(f"{mt}: {r['fwd_ms']:.3f} ms (max |O - default O| {r['max_err']:.2g})" for mt, r in by_mt.items()))
+        if args.fwd_key_tiles:   # the forward's builds by key tile, against the default's O
+            keep = dict(FA.FWD_KEY_TILES)
+            by_n = {}
+            for n in args.fwd_key_tiles:
+                FA.FWD_KEY_TILES[("bfloat16", D)] = n
+                o2, _ = FA.forward(q, k, v, None, True)
+                err = float(cp.abs(f32(o2) - f32(o)).max())
+                by_n[n] = {"fwd_ms": round(cu_ms(lambda: FA.forward(q, k, v, None, True), 4), 4), "max_err": err}
+            FA.FWD_KEY_TILES.clear()
+            FA.FWD_KEY_TILES.update(keep)
+            rows.append({"B": B, "H": H, "T": T, "D": D, "fwd_by_key_tile": by_n, "sdpa_fwd_ms": round(s_fwd, 4)})
+            lines.append(f"forward {B}x{H}x{T}x{D}: sdpa {s_fwd:.3f} ms; by key tile: "
+                         + ", ".join(f"{n}: {r['fwd_ms']:.3f} ms (max |O - default O| {r['max_err']:.2g})" for n, r in by_n.items()))
         ref = [f32(a) for a in FA.backward(g, q, k, v, o, lse, None, True, variant=defaults[D])]
         for name in variants:
             bwd_ms = cu_ms(lambda: FA.backward(g, q, k, v, o, lse, None, True, variant=name), 4)
