@@ -40,7 +40,7 @@ VARIANTS = {}   # (dtype, D) -> the builds compiled
 for (dt, D, *_), vs in VARIANT_CASES:
     VARIANTS.setdefault((dt, D), []).extend(vs)
 _NAMES = sorted({n for dt, D in COMBOS for v in [None] + VARIANTS.get((dt, D), [])
-                 for n in FA.kernel_names(dt, D, v).values()})
+                 for n in FA.kernel_names(dt, D, v).values()} | {"flash_fwd<Bf16,128,64,1>", "flash_fwd<Bf16,128,32,1>"})
 _SYMBOLS = {n: f"run_{i}" for i, n in enumerate(_NAMES)}   # name expression -> launcher
 _SMEM = {n: f"smem_{i}" for i, n in enumerate(_NAMES) if n.startswith("flash_bwd_dkdv<")}
 _lib = build(FRAGMENT_HOST + FA._SOURCE,
@@ -125,8 +125,17 @@ CASES = [  # dtype, D, B, H, Tq, Tk, causal, masked
     ("float16", 64, 1, 2, 33, 33, False, True),      # not causal, masked
     ("float32", 32, 1, 1, 17, 17, True, False),      # float32: the three-part bfloat16 product
     ("float32", 128, 1, 1, 20, 20, True, True),      # float32 D=128: backward tiles of 16 queries
-    ("bfloat16", 128, 1, 1, 40, 40, False, False),   # D=128: the dK/dV kernel reloads V's fragments
+    ("bfloat16", 128, 1, 1, 40, 40, False, False),   # D=128: the dK/dV kernel reads V's fragments from shared memory
 ]
+
+
+@pytest.mark.parametrize("N", [32, 64])
+def test_forward_key_tiles(emulated, monkeypatch, N):
+    """The forward's builds by key tile (FA.FWD_KEY_TILES) at bfloat16 D = 128: 32 keys in two stages, 64 in one;
+    ragged tiles, causal."""
+    monkeypatch.setitem(FA.FWD_KEY_TILES, ("bfloat16", 128), N)
+    _check_case("bfloat16", 128, 1, 2, 70, 70, True, False, None, emulated)
+    assert emulated[f"flash_fwd<Bf16,128,{N},1>"].launches == 1
 
 
 @pytest.mark.parametrize("dtype,D,B,H,Tq,Tk,causal,masked", CASES)

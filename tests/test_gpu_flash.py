@@ -77,9 +77,25 @@ def _inputs(rng: np.random.Generator, dtype: str, D: int, T: int, variant: str) 
 @pytest.mark.parametrize("T", [1, 7, 64, 100, 257, 1024])
 @pytest.mark.parametrize("variant", ["causal", "masked"])
 def test_flash_kernels_equal_the_reference(dtype: str, D: int, T: int, variant: str) -> None:
+    _against_the_reference(dtype, D, T, variant, T * 7 + D)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("N", [32, 64])
+@pytest.mark.parametrize("T", [1, 7, 100, 257, 1024])
+@pytest.mark.parametrize("variant", ["causal", "masked"])
+def test_forward_key_tiles_equal_the_reference(monkeypatch, dtype: str, N: int, T: int, variant: str) -> None:
+    """The forward's builds by key tile at D = 128 (FA.FWD_KEY_TILES: 32 keys in two stages, 64 in one)."""
+    from tensor.cuda import flash_attention as FA
+    monkeypatch.setitem(FA.FWD_KEY_TILES, (dtype, 128), N)
+    assert FA.kernel_names(dtype, 128)["fwd"].startswith(f"flash_fwd<{FA.TRAITS[dtype]},128,{N},")
+    _against_the_reference(dtype, 128, T, variant, T * 5 + N)
+
+
+def _against_the_reference(dtype: str, D: int, T: int, variant: str, seed: int) -> None:
     from tensor.cuda import flash_attention as FA
     cp = backend.cupy_module()
-    host, g, mask = _inputs(np.random.default_rng(T * 7 + D), dtype, D, T, variant)
+    host, g, mask = _inputs(np.random.default_rng(seed), dtype, D, T, variant)
     dev = [cp.asarray(a) for a in host]
     dmask = None if mask is None else cp.asarray(mask)
     assert FA.fits(*dev, mask=dmask, causal=True)
