@@ -25,7 +25,8 @@ dropout_p > 0 tensor/cuda/attention.py keeps its cuBLAS path (which draws the re
              The dK/dV kernel's tiles live in dynamic shared memory (dkdv_smem_bytes). Its builds
              (BWD_VARIANTS: warps per block, dQ atomic width, grid order, stages, register bound, exp2,
              and the Delta kernel's loads) are template parameters (BwdV, each trade stated there);
-             BWD_DEFAULT picks one per dtype (benchmarks/tune_flash.py times them all).
+             BWD_DEFAULT picks one per dtype and head size (benchmarks/tune_flash.py times them all).
+             Above D = 64 the block's V sits in shared memory beside K (DkdvSmem::VS).
 
 The kernels are CUDA C++ text: flash_tiles.py (the PTX primitives, the dtype traits, the fragment and
 tile loads, and the fragment layout of the tensor-core products), flash_forward_kernel.py and
