@@ -228,20 +228,23 @@ def test_dispatch_takes_flash_and_saves_no_scores(monkeypatch, dtype: str, maske
 
 
 def test_the_scores_budget_picks_the_path(monkeypatch) -> None:
-    """tensor/cuda/attention.py's rule: head dims up to FLASH_HEAD_DIM take flash; above it, causal
-    without a mask takes cuBLAS while its float32 scores fit SCORES_BUDGET, flash beyond; a padding mask
-    takes flash at any size."""
+    """tensor/cuda/attention.py's rule: head dims up to FLASH_HEAD_DIM take flash; above it, flash from
+    FLASH_KEYS keys on, and below that causal without a mask takes cuBLAS while its float32 scores fit
+    SCORES_BUDGET, flash beyond; a padding mask takes flash at any size."""
     from nn.attention import causal_attention_qkv
+    from tensor.cuda import attention as CA
     B, T, H = 2, 64, 2
     scores = B * H * T * T * 4
     mask = Tensor(np.ones((B, T), bool), device="cuda")
-    for D, budget, masked, want in ((128, scores, False, 0), (128, scores - 1, False, 1), (128, scores, True, 1),
-                                    (64, scores, False, 1)):
+    for D, budget, keys, masked, want in ((128, scores, T + 1, False, 0), (128, scores - 1, T + 1, False, 1),
+                                          (128, scores, T + 1, True, 1), (128, scores, T, False, 1),
+                                          (64, scores, T + 1, False, 1)):
         qkv = Tensor(np.random.default_rng(0).standard_normal((B, T, 3 * H * D)).astype(np.float32), device="cuda",
                      requires_grad=True)
         calls = _counting(monkeypatch, budget)
+        monkeypatch.setattr(CA, "FLASH_KEYS", keys)
         causal_attention_qkv(qkv, H, mask=mask if masked else None).sum().backward()
-        assert calls == {"forward": want, "backward": want}, (D, budget, masked, calls)
+        assert calls == {"forward": want, "backward": want}, (D, budget, keys, masked, calls)
         monkeypatch.undo()
 
 

@@ -6,7 +6,7 @@
   float16/bfloat16/float32 q, k, v with D in {32, 64, 128}, causal or not, with or without a
   (B, Tk) key-padding mask, no dropout. Memory kept for backward: Q, K, V, O and the row
   log-sum-exp L (B*H*Tq floats); no (Tq, Tk) array is ever formed. Where the cuBLAS path applies
-  too, one rule chooses (_use_flash: the head dim, then the scores' size against SCORES_BUDGET);
+  too, one rule chooses (_use_flash: the head dim, the key count, then the scores' size against SCORES_BUDGET);
 * cuBLAS: batched GEMMs in the input dtype (tensor cores for 16 bits, no operand copies:
   tensor/cuda/cublas.py), float32 scores, the fused causal softmax and its backward
   (tensor/cuda/softmax.py), for causal attention without a padding mask, with or without dropout
@@ -120,13 +120,15 @@ def _flash_qkv(qkv: Any, n_head: Any, mask: Any, dropout_p: float) -> bool:
 
 # The one choice between the two training paths where both apply (causal, no padding mask, no
 # dropout, a dtype and head size the flash kernels take). Measured on an H200 (bf16, forward + backward,
-# B*T = 16k tokens, `benchmarks/bench_attention_gpu.py --reps 5 --T 1024 4096`, 2026-12-02): flash / cuBLAS
-# time 0.66 (D 64, T 1024), 0.46 (D 64, T 4096), 1.25 (D 128, T 1024), 0.91 (D 128, T 4096); the cuBLAS path
-# also holds the (B, H, Tq, Tk) float32 scores and P (7.5 GiB at B=4 H=12 T=4096 against flash's 144 MiB).
-# So: flash for head dims up to FLASH_HEAD_DIM; above it, cuBLAS while its float32 scores stay within
-# SCORES_BUDGET bytes and flash beyond (and flash wherever cuBLAS does not apply: a padding mask,
-# causal=False). Tests set SCORES_BUDGET = 0 for flash wherever it fits; revisit both with each benchmark run.
+# B*T = 16k tokens, `benchmarks/bench_attention_gpu.py --reps 5 --T 256 512 1024 2048 4096`, 2026-12-03,
+# benchmarks/RESULTS.md): flash / cuBLAS time 0.66 / 0.60 / 0.43 / 0.28 / 0.26 at D 64 and 1.14 / 1.02 / 0.81 /
+# 0.54 / 0.51 at D 128; the cuBLAS path also holds the (B, H, Tq, Tk) float32 scores and P (7.5 GiB at B=4
+# H=12 T=4096 against flash's 144 MiB). So: flash for head dims up to FLASH_HEAD_DIM, and above it from
+# FLASH_KEYS keys on; below that, cuBLAS while its float32 scores stay within SCORES_BUDGET bytes and flash
+# beyond (and flash wherever cuBLAS does not apply: a padding mask, causal=False). Tests set SCORES_BUDGET = 0
+# for flash wherever it fits; revisit all three with each benchmark run.
 FLASH_HEAD_DIM = 64
+FLASH_KEYS = 1024
 SCORES_BUDGET = 1 << 30
 
 
@@ -137,7 +139,8 @@ def _use_flash(q: Any, k: Any, v: Any, mask: Any, causal: bool, dropout_p: float
     if mask is not None or not causal or not cublas.usable(q, k, v):
         return True
     B, H, Tq, D = q.shape
-    return D <= FLASH_HEAD_DIM or B * H * Tq * k.shape[2] * 4 > SCORES_BUDGET
+    Tk = k.shape[2]
+    return D <= FLASH_HEAD_DIM or Tk >= FLASH_KEYS or B * H * Tq * Tk * 4 > SCORES_BUDGET
 
 
 def _decoding(q: Any, k: Any, v: Any, mask: Any, dropout_p: float) -> bool:
