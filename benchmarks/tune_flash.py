@@ -95,32 +95,23 @@ def main() -> None:
             return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         fwd_ms = cu_ms(lambda: FA.forward(q, k, v, None, True), 4)
         o, lse = FA.forward(q, k, v, None, True)
-        if args.fwd_row_tiles:   # the forward's builds by query tiles per warp, against the default's O
-            keep = dict(FA.FWD_ROW_TILES)
-            by_mt = {}
-            for mt in args.fwd_row_tiles:
-                FA.FWD_ROW_TILES[("bfloat16", D)] = mt
+        # the forward's builds by query tiles per warp (FWD_ROW_TILES) and by key tile (FWD_KEY_TILES), each
+        # against the default's O
+        for table, values, key, what in ((FA.FWD_ROW_TILES, args.fwd_row_tiles, "fwd_by_row_tiles", "query tiles per warp"),
+                                         (FA.FWD_KEY_TILES, args.fwd_key_tiles, "fwd_by_key_tile", "key tile")):
+            if not values:
+                continue
+            keep, by = dict(table), {}
+            for n in values:
+                table[("bfloat16", D)] = n
                 o2, _ = FA.forward(q, k, v, None, True)
                 err = float(cp.abs(f32(o2) - f32(o)).max())
-                by_mt[mt] = {"fwd_ms": round(cu_ms(lambda: FA.forward(q, k, v, None, True), 4), 4), "max_err": err}
-            FA.FWD_ROW_TILES.clear()
-            FA.FWD_ROW_TILES.update(keep)
-            rows.append({"B": B, "H": H, "T": T, "D": D, "fwd_by_row_tiles": by_mt, "sdpa_fwd_ms": round(s_fwd, 4)})
-            lines.append(f"forward {B}x{H}x{T}x{D}: sdpa {s_fwd:.3f} ms; by query tiles per warp: "
-                         + ", ".join(f"{mt}: {r['fwd_ms']:.3f} ms (max |O - default O| {r['max_err']:.2g})" for mt, r in by_mt.items()))
-        if args.fwd_key_tiles:   # the forward's builds by key tile, against the default's O
-            keep = dict(FA.FWD_KEY_TILES)
-            by_n = {}
-            for n in args.fwd_key_tiles:
-                FA.FWD_KEY_TILES[("bfloat16", D)] = n
-                o2, _ = FA.forward(q, k, v, None, True)
-                err = float(cp.abs(f32(o2) - f32(o)).max())
-                by_n[n] = {"fwd_ms": round(cu_ms(lambda: FA.forward(q, k, v, None, True), 4), 4), "max_err": err}
-            FA.FWD_KEY_TILES.clear()
-            FA.FWD_KEY_TILES.update(keep)
-            rows.append({"B": B, "H": H, "T": T, "D": D, "fwd_by_key_tile": by_n, "sdpa_fwd_ms": round(s_fwd, 4)})
-            lines.append(f"forward {B}x{H}x{T}x{D}: sdpa {s_fwd:.3f} ms; by key tile: "
-                         + ", ".join(f"{n}: {r['fwd_ms']:.3f} ms (max |O - default O| {r['max_err']:.2g})" for n, r in by_n.items()))
+                by[n] = {"fwd_ms": round(cu_ms(lambda: FA.forward(q, k, v, None, True), 4), 4), "max_err": err}
+            table.clear()
+            table.update(keep)
+            rows.append({"B": B, "H": H, "T": T, "D": D, key: by, "sdpa_fwd_ms": round(s_fwd, 4)})
+            lines.append(f"forward {B}x{H}x{T}x{D}: sdpa {s_fwd:.3f} ms; by {what}: "
+                         + ", ".join(f"{n}: {r['fwd_ms']:.3f} ms (max |O - default O| {r['max_err']:.2g})" for n, r in by.items()))
         ref = [f32(a) for a in FA.backward(g, q, k, v, o, lse, None, True, variant=defaults[D])]
         for name in variants:
             bwd_ms = cu_ms(lambda: FA.backward(g, q, k, v, o, lse, None, True, variant=name), 4)
