@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import _common as C
 import numpy as np
 
+from profile_decode_cpu import direct_product, transposed_product
 from tensor import backend
 from tensor.cpu.attention import decode_attention
 
@@ -52,14 +53,12 @@ def product_ways(W: list, x: dict, y: dict, B: int, blas: backend.BlasThreads, p
     def transposed() -> None:
         blas.set(threads)
         for w in every:
-            t = spare[:w.shape[0] * B].reshape(w.shape[0], B)
-            np.matmul(w, x[w.shape[1]].T, out=t)
-            y[w.shape[0]][...] = t.T
+            transposed_product(x[w.shape[1]], w, y[w.shape[0]], spare)
 
     def direct() -> None:
         blas.set(threads)
         for w in every:
-            np.matmul(x[w.shape[1]], w.T, out=y[w.shape[0]])
+            direct_product(x[w.shape[1]], w, y[w.shape[0]], spare)
 
     def stored_wt() -> None:
         blas.set(threads)

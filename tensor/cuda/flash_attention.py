@@ -52,8 +52,9 @@ BLOCK = 64              # rows (queries in fwd/dq, keys in dkdv) per block: 4 wa
 # the forward's query tiles of 16 rows per warp (flash_fwd's MT; 1 where absent): with 2 a block takes 128
 # rows and each K/V fragment read from shared memory feeds two products (registers: 16-bit types, D <= 64)
 FWD_ROW_TILES = {("bfloat16", 32): 2, ("bfloat16", 64): 2, ("float16", 32): 2, ("float16", 64): 2}
-# the forward's key tile N where it differs from tile()'s (64 keys for 16-bit D = 128: one stage of K/V in
-# the 48 KiB, no prefetch, half the barriers per key); benchmarks/tune_flash.py --fwd-key-tiles times them
+# the forward's key tile N per (dtype, D) where it differs from tile()'s; empty: 64-key tiles at 16-bit D = 128
+# (one stage of K/V in the 48 KiB, no prefetch) measured slower than 32 (RESULTS.md); tests keep that build
+# correct, benchmarks/tune_flash.py --fwd-key-tiles times it
 FWD_KEY_TILES: dict = {}
 TRAITS = {"float32": "Fp32", "float16": "Fp16", "bfloat16": "Bf16"}
 # the module's text: the PTX primitives (device only), then what tests/test_flash_on_cpu.py also runs on the CPU
