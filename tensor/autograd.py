@@ -3,7 +3,8 @@
   * grad mode: `with no_grad():` records no graph (the only global state besides the default device);
   * `run_backward(root, gradient)`: orders the graph topologically (iteratively: graphs thousands
     of nodes deep must work), then visits it in reverse, calling each op's `backward(grad_out)`,
-    which returns one gradient per input; gradients reaching a leaf accumulate in its `.grad`;
+    which returns one gradient per input; gradients reaching a leaf accumulate in its `.grad`
+    (an op with `adds_to_first_grad` is also handed the sum so far for its first input, to add in);
   * `unbroadcast`: the rule every backward uses to sum a gradient back to its input's shape.
 """
 from __future__ import annotations
@@ -114,7 +115,8 @@ def run_backward(root: Any, gradient: Any, retain_graph: bool = False) -> None:
                                "backward(); call backward(retain_graph=True) the first time to "
                                "backpropagate through it twice")
         fn.check_versions()
-        in_grads = fn.backward(g)
+        acc = grads.pop(id(fn.inputs[0]), None) if fn.adds_to_first_grad and fn.needs_grad[0] else None
+        in_grads = fn.backward(g) if acc is None else fn.backward(g, acc=acc)  # acc: the sum so far for input 0
         if not retain_graph:
             fn.release()
         for inp, ig, need in zip(fn.inputs, in_grads, fn.needs_grad):

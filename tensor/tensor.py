@@ -34,6 +34,11 @@ class Function:
     """
 
     differentiable = True
+    # an op that can fold the gradient already waiting for its first input into its own result (one pass
+    # instead of its backward and then the engine's add) sets this and takes it as `backward(grad, acc=...)`,
+    # returning input 0's gradient plus acc (LayerNorm on the GPU: x is the residual stream, whose other
+    # gradient, from the residual add, arrives first)
+    adds_to_first_grad = False
     # per-op state, set on the instance when the op runs (class-level defaults keep creating an
     # op cheap: apply() runs for every op of every step)
     saved: tuple | None = ()

@@ -76,6 +76,7 @@ static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 static inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
 #define __syncthreads() pthread_barrier_wait(&block_bar)
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 static inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 static inline double __longlong_as_double(unsigned long long x) { double d; std::memcpy(&d, &x, 8); return d; }
 static float __shfl_xor_sync(unsigned, float v, int o) {

@@ -1,6 +1,7 @@
 """GPU checks of the fused paths of a training and decode step: the vectorized GELU kernels, the
 bias in cuBLASLt's GEMM epilogue (forward BIAS, backward BGRADB) through tensor/cuda/cublaslt.py
-and tensor/cuda/linear.py, LayerNorm writing its output in the compute dtype and the cross-entropy kernels; each against
+and tensor/cuda/linear.py, LayerNorm writing its output in the compute dtype (both builds, and the one-warp-a-row
+kernel adding the residual's gradient) and the cross-entropy kernels; each against
 float64 formulas or the reference path, in float32/float16/bfloat16, odd shapes, no bias, and
 inside a captured CUDA graph. Skipped cleanly without CuPy or a GPU."""
 from __future__ import annotations
@@ -134,7 +135,7 @@ def test_linear_fused_equals_the_reference_with_gradients(compute, lead, n_in, n
 
 # ------------------------------------------------------------------ LayerNorm emitting the compute dtype
 @pytest.mark.parametrize("out", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("C", [768, 33, 1])
+@pytest.mark.parametrize("C", [768, 33, 1, 128, 1024, 1152])
 def test_layer_norm_writes_the_compute_dtype_with_float32_statistics(out: str, C: int) -> None:
     from tensor.cuda.layernorm import LayerNormCUDA
     rng = np.random.default_rng(C)
@@ -158,6 +159,51 @@ def test_layer_norm_writes_the_compute_dtype_with_float32_statistics(out: str, C
         np.testing.assert_allclose(a, b, rtol=TOL[out]["rtol"], atol=TOL[out]["atol"] * scale, err_msg=f"result {i}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C, rows", [(384, 37), (768, 5000), (128, 1), (1024, 2113)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_one_warp_a_row_adds_the_residual_gradient(dtype: str, C: int, rows: int, affine: bool) -> None:
+    """The residual pattern h = x + f(LayerNorm(x)) with x in each dtype: the kernel that adds the residual's
+    gradient into dx (and sums dweight, dbias in its blocks, several rows a warp at 5000 rows) against the
+    reference LayerNorm and the engine's add."""
+    from tensor.cuda import layernorm as LN
+    assert LN.warp_nv(np.empty((1, C), np.float32))
+    rng = np.random.default_rng(rows)
+    xh = rng.standard_normal((rows, C)) * 2 + 0.5
+    wh, bh = rng.standard_normal(C), rng.standard_normal(C)
+    gh = rng.standard_normal((rows, C))
+    dt = _dtype(dtype)
+
+    def run(cls) -> list:
+        ts = [Tensor(a.astype(dt), device="cuda", requires_grad=True) for a in ((xh, wh, bh) if affine else (xh,))]
+        n = cls.apply(*ts, eps=1e-5)
+        h = ts[0] + n * Tensor(gh.astype(dt), device="cuda")
+        h.backward(Tensor(np.ones((rows, C), dt), device="cuda"))
+        return [_host(n.data)] + [_host(t.grad) for t in ts]
+
+    fused, ref = run(LN.LayerNormCUDA), run(F.LayerNorm)
+    for i, (a, b) in enumerate(zip(fused, ref)):
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale, err_msg=f"result {i}")
+
+
+def test_layer_norm_backward_folds_the_waiting_gradient_in_the_kernel(monkeypatch) -> None:
+    """In a block (x + attn(ln_1(x))), ln_1's backward is handed x's residual gradient and adds it in the kernel."""
+    from tensor.cuda import layernorm as LN
+    seen = []
+    real = LN.layer_norm_backward_rows
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] is not None)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(LN, "layer_norm_backward_rows", spy)
+    from nn.layers import Block
+    blk = Block(128, 2).to("cuda")
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 8, 128)).astype(np.float32), device="cuda", requires_grad=True)
+    blk(x).sum().backward()
+    assert seen == [True, True]
+
+
 def test_autocast_sets_the_layer_norm_output_dtype() -> None:
     from nn.amp import autocast_
     from tinygrad_lm.model import GPT, GPTConfig
@@ -168,14 +214,15 @@ def test_autocast_sets_the_layer_norm_output_dtype() -> None:
 
 # ------------------------------------------------------------------ inside a CUDA graph, against the reference path
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_cuda_graph_step_with_the_fused_paths_equals_the_reference_path(precision: str, monkeypatch) -> None:
+@pytest.mark.parametrize("n_embd", [64, 128])
+def test_cuda_graph_step_with_the_fused_paths_equals_the_reference_path(precision: str, n_embd: int, monkeypatch) -> None:
     """A captured step (GELU kernels, cuBLASLt epilogues, LayerNorm in the compute dtype) against an
     eager step with every fast path off (TINYGRAD_LM_FAST=0: the reference formulas)."""
     from nn.amp import autocast_
     from nn.cuda_graph import CapturedStep
     from tensor.cuda import cublaslt
     from tinygrad_lm.model import GPT, GPTConfig
-    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, pos_encoding="learned")
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=n_embd, pos_encoding="learned")
     model = autocast_(GPT(cfg, seed=5).to("cuda"), precision)
     step = CapturedStep(model, batch=4, seq=16)
     assert any(p is not None for p in cublaslt._PLANS.values()), "no GEMM took the cuBLASLt epilogue"
@@ -209,6 +256,13 @@ def test_residual_add_kernel_is_float32_plus_the_widened_branch(dtype: str, n: i
     y = AddCUDA().forward(b, a) if swap else AddCUDA().forward(a, b)
     assert y.dtype == np.float32 and y.shape == (n,)
     np.testing.assert_array_equal(backend.to_numpy(y), ah[offset:] + bh[offset:].astype(np.float32))
+    # the backward: g to the float32 side, g narrowed to the 16-bit side's dtype (round to nearest even)
+    op = AddCUDA()
+    op.forward(b, a) if swap else op.forward(a, b)
+    g = _gpu(rng.standard_normal(n + offset).astype(np.float32) * 3)[offset:]
+    ga, gb = op.backward(g)[::-1] if swap else op.backward(g)
+    assert ga is g and gb.dtype == _dtype(dtype)
+    np.testing.assert_array_equal(backend.to_numpy(gb).view(np.uint16), backend.to_numpy(g).astype(_dtype(dtype)).view(np.uint16))
 
 
 def test_tensor_add_of_two_dtypes_takes_the_kernel_and_keeps_the_gradient_dtypes() -> None:

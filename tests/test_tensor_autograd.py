@@ -348,3 +348,32 @@ def test_zero_dim_results_are_arrays():
     y.backward()
     assert type(x.grad) is np.ndarray and x.grad.shape == ()
     assert x.grad == pytest.approx(3.0 * math.exp(2.0), rel=1e-15)
+
+
+# ------------------------------------------------------------------ an op adding the waiting gradient itself
+class _Scale3(tensor.Function):
+    """y = 3 x, whose backward adds the gradient already waiting for x (adds_to_first_grad) and counts it."""
+    adds_to_first_grad = True
+    folded: list = []
+
+    def forward(self, x):
+        return 3 * x
+
+    def backward(self, g, acc=None):
+        _Scale3.folded.append(acc is not None)
+        return (3 * g if acc is None else acc + 3 * g,)
+
+
+def test_an_op_that_adds_to_the_first_grad_gets_the_sum_so_far():
+    """The residual pattern h = x + f(x): the add's gradient for x waits while f's backward runs; f adds it in,
+    and the result equals the plain engine's (d/dx of sum(x + 3x + x^2) = 4 + 2x)."""
+    _Scale3.folded.clear()
+    x = t64([1.0, -2.0, 0.5])
+    (x + _Scale3.apply(x) + x * x).sum().backward()
+    np.testing.assert_allclose(x.grad, 4 + 2 * x.data)
+    assert _Scale3.folded == [True]
+    _Scale3.folded.clear()
+    y = t64([1.0, 2.0])
+    _Scale3.apply(y).sum().backward()   # nothing waiting: plain backward
+    np.testing.assert_allclose(y.grad, [3.0, 3.0])
+    assert _Scale3.folded == [False]
