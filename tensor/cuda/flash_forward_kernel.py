@@ -70,24 +70,21 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             const int r0 = row0 + 16 * mt;
-            float mx[2] = {mrun[mt][0], mrun[mt][1]};
+            float mx[2] = {mrun[mt][0], mrun[mt][1]};   // (unscaled scores: the scale goes into the exponent's FMA)
             // every key of the tile allowed to every row of this m-tile (warp-uniform): no per-element test
             const bool full = !has_mask && n0 + N <= Tk && (!causal || n0 + N - 1 <= r0 + off);
             if (full) {
 #pragma unroll
                 for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        s[mt][nt][e] *= scale_log2;
-                        mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
-                    }
+                    for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
             } else {
 #pragma unroll
                 for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int i = r0 + g + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
-                        s[mt][nt][e] = fa_allowed(i, j, Tk, off, causal, mrow) ? s[mt][nt][e] * scale_log2 : FA_NEG_INF;
+                        if (!fa_allowed(i, j, Tk, off, causal, mrow)) s[mt][nt][e] = FA_NEG_INF;
                         mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][nt][e]);
                     }
             }
@@ -95,16 +92,16 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 mx[h] = quad_max(mx[h]);
-                base[h] = mx[h] == FA_NEG_INF ? 0.f : mx[h];   // a row masked so far: every p is 0
-                corr[h] = exp2f(mrun[mt][h] - base[h]);
+                base[h] = mx[h] == FA_NEG_INF ? 0.f : mx[h] * scale_log2;   // a row masked so far: every p is 0
+                corr[h] = fast_exp2(mrun[mt][h] * scale_log2 - base[h]);
                 mrun[mt][h] = mx[h];
                 lrun[mt][h] *= corr[h];
             }
 #pragma unroll
             for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[mt][nt][e] = exp2f(s[mt][nt][e] - base[e >> 1]);
+                for (int e = 0; e < 4; ++e) {   // p = 2^(s scale_log2 - base): one FMA and one MUFU op
+                    s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], scale_log2, -base[e >> 1]));
                     lrun[mt][e >> 1] += s[mt][nt][e];
                 }
 #pragma unroll
@@ -143,7 +140,7 @@ __global__ void __launch_bounds__(128) flash_fwd(const typename T::S* __restrict
                 o[ooff + (long long)i * ost + nt * 8 + 2 * t] = T::fromf(acc[mt][nt][2 * h] * inv);
                 o[ooff + (long long)i * ost + nt * 8 + 2 * t + 1] = T::fromf(acc[mt][nt][2 * h + 1] * inv);
             }
-            if (t == 0) lse[(long long)bh * Tq + i] = l > 0.f ? (mrun[mt][h] + log2f(l)) * FA_LN2 : FA_POS_INF;
+            if (t == 0) lse[(long long)bh * Tq + i] = l > 0.f ? (mrun[mt][h] * scale_log2 + log2f(l)) * FA_LN2 : FA_POS_INF;
         }
 }
 """
