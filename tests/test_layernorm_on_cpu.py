@@ -76,3 +76,8 @@ def test_warp_kernels_equal_the_formulas(emulated, nv: int, rows: int, affine: b
 def test_the_warp_build_applies_to_gpt_widths_only() -> None:
     assert [LN.warp_nv(np.empty((2, C), np.float32)) for C in (128, 384, 768, 1024, 1152, 64, 770)] == [1, 3, 6, 8, 0, 0, 0]
     assert LN.warp_nv(np.empty((2, 768), np.float64)) == 0
+
+
+def test_resident_blocks_follow_the_register_count() -> None:
+    # 157 registers -> 160 a thread, 5120 a warp, 20480 a block of 4 warps: 3 blocks in 65536
+    assert [LN.resident_blocks(r) for r in (32, 64, 128, 157, 214, 255)] == [16, 8, 4, 3, 2, 2]

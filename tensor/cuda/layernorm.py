@@ -253,8 +253,14 @@ def max_bwd_blocks(kernel: Any) -> int:
     """The most blocks of the one-warp-a-row backward: as many as are resident at once (its registers decide;
     more would run as a second, partial wave: each block loops over its rows), whose partial sums are the rows
     of the column sum that finishes dweight and dbias."""
-    per_sm = cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, 32 * BWD_WARPS, 0)
-    return max(1, per_sm) * _sm_count(cupy().cuda.runtime.getDevice())
+    return resident_blocks(kernel.num_regs) * _sm_count(cupy().cuda.runtime.getDevice())
+
+
+def resident_blocks(regs: int, warps: int = BWD_WARPS) -> int:
+    """Blocks of `warps` warps an SM holds at `regs` registers a thread (65536 registers an SM, allocated 256 a
+    warp at a time; at most 16 blocks)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(1, min(16, 65536 // (warps * per_warp)))
 
 
 def layer_norm_forward(x: Any, w: Any, b: Any, eps: float, out_dtype: Any = None) -> tuple[Any, Any, Any]:
