@@ -199,8 +199,10 @@ def test_layer_norm_backward_folds_the_waiting_gradient_in_the_kernel(monkeypatc
     monkeypatch.setattr(LN, "layer_norm_backward_rows", spy)
     from nn.layers import Block
     blk = Block(128, 2).to("cuda")
-    x = Tensor(np.random.default_rng(0).standard_normal((2, 8, 128)).astype(np.float32), device="cuda", requires_grad=True)
-    blk(x).sum().backward()
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 8, 128)).astype(np.float32), device="cuda", requires_grad=True)
+    # (a contiguous seed: sum()'s backward would hand ln_2 a broadcast view, which the engine's add takes instead)
+    blk(x).backward(Tensor(rng.standard_normal((2, 8, 128)).astype(np.float32), device="cuda"))
     assert seen == [True, True]
 
 
