@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(32 * WARPS) ln_bwd_warp(const T* __restrict__ 
     }
 }
 """
-WARP_MAX_NV = 8   # C <= 1024: x, g, the two partial sums and the weight of 4 NV columns in registers
+WARP_MAX_NV = 8   # C <= 1024: the backward holds x, g and the two partial sums of 4 NV columns in registers
 BWD_WARPS = 4     # warps per backward block
 
 
@@ -338,18 +338,17 @@ class LayerNormCUDA(LayerNorm):
             g = g.astype(x.dtype)
         g = array_module(x).ascontiguousarray(g)
         need_w, need_b = self.need_w, self.need_b
-        if warp_nv(x) and _aligned(x, weight, g):
-            fold = acc is not None and acc.shape == x.shape and acc.dtype == x.dtype and acc.flags.c_contiguous \
-                and _aligned(acc)
+        by_warp = bool(warp_nv(x)) and _aligned(x, weight, g)   # the one-warp-a-row build
+        fold = by_warp and acc is not None and acc.shape == x.shape and acc.dtype == x.dtype and acc.flags.c_contiguous \
+            and _aligned(acc)   # acc added by the kernel
+        if by_warp:
             dx, part = layer_norm_backward_rows(x, weight, g, mean, rstd, acc if fold else None, need_w or need_b)
-            if acc is not None and not fold:
-                dx += acc
             dw = sum_rows(part[0], weight.dtype) if need_w else None
             db = sum_rows(part[1], self.b_dtype) if need_b else None
-            return dx, dw, db
-        dx, gxhat = layer_norm_backward(x, weight, g, mean, rstd, want_gxhat=need_w)
-        if acc is not None:
+        else:
+            dx, gxhat = layer_norm_backward(x, weight, g, mean, rstd, want_gxhat=need_w)
+            dw = sum_rows(gxhat, weight.dtype) if need_w else None
+            db = sum_rows(g, self.b_dtype) if need_b else None
+        if acc is not None and not fold:
             dx += acc
-        dw = sum_rows(gxhat, weight.dtype) if need_w else None
-        db = sum_rows(g, self.b_dtype) if need_b else None
         return dx, dw, db
